@@ -1,0 +1,1616 @@
+#!/usr/bin/env python3
+"""socks_filter.py - a filtering proxy that lets a sandbox reach only allowed destinations.
+
+WHAT IT IS
+    A small daemon that listens on a unix domain socket (or TCP, for tests and benchmarks) and
+    relays connections to the destinations its allow list names, and nowhere else. bw-claude
+    bind-mounts the socket into a sandbox that has no network of its own, so this proxy is the
+    sandbox's only way out. One listener speaks three protocols, chosen by the first byte:
+
+        0x05          SOCKS5 (RFC 1928), CONNECT only, no authentication
+        0x04          SOCKS4 and SOCKS4a
+        ASCII letter  HTTP: "CONNECT host:port" tunnels, and absolute-form "GET http://host/..."
+
+    Claude Code, Gemini CLI, npm and pip speak only HTTP CONNECT (HTTPS_PROXY=http://...);
+    curl and git also speak SOCKS (ALL_PROXY=socks5h://...).
+
+USAGE
+    socks_filter.py --listen /run/user/1000/bw/proxy.sock --allow api.anthropic.com
+    socks_filter.py --listen 127.0.0.1:0 --allow '*.example.com:443' --allow 127.0.0.1:8080 \\
+                    --deny ads.example.com --log proxy.jsonl --verbose
+
+    When every listener accepts connections it writes "ready ADDR [ADDR ...]" to --ready-fd (or
+    stdout). SIGTERM or SIGINT stops it: it closes every connection, removes its socket file and
+    prints a one-line summary to stderr. It also stops when the process that started it dies.
+
+RULES (--allow, --deny, and --allow-file with one rule per line, '#' comments)
+    example.com          that name only (any letter case, with or without a trailing dot)
+    *.example.com        any name below example.com, but not example.com itself
+    1.2.3.4  10.0.0.0/8  [::1]  [2001:db8::]/32      IP addresses and networks
+    Any rule may end in :PORT (example.com:443, [::1]:8080); without one it matches every port.
+    Deny rules win over allow rules. Rules too broad to mean anything (*, *.com, a single label,
+    *.co.uk, *.github.io, 0.0.0.0/0) are refused at start.
+
+HOW A REQUEST IS DECIDED (all of it before any DNS lookup of a denied name)
+    1. The requested host is classified. A name with a character outside [A-Za-z0-9.-], an empty
+       label, a label over 63 or a name over 253 bytes is denied ("bad-name"). Any spelling of an
+       IP address (127.1, 0x7f.1, 2130706433, 0177.0.0.1, [::ffff:127.0.0.1]) is that address.
+    2. A name passes only by a name rule; an IP address only by an IP rule.
+    3. An allowed name is resolved once; every address it resolves to is checked and the
+       connection goes to one of those checked addresses, never to a second lookup. Loopback,
+       private, CGNAT, link-local, multicast, reserved and documentation addresses, and IPv6
+       wrappings of them (IPv4-mapped, NAT64, 6to4), are refused ("private-address") unless
+       --allow-private is given or an IP rule names the address.
+    4. TLS tunnels to port 443 of a name: the ClientHello's server name (SNI) must be that name,
+       else the tunnel is closed ("sni-mismatch"). A hello without SNI, or a stream that is not
+       TLS, is let through and logged. Encrypted ClientHello (ECH) hides the real name from any
+       proxy; this check cannot see through it.
+
+    --mode audit lets through everything that passes the name and address checks (and is not
+    named by a --deny rule) and logs what enforce mode would have decided: run a tool once this
+    way to learn which destinations it needs.
+
+LOG (--log FILE: one JSON object per line)
+    {"event": "decision", "ts", "id", "proto", "host", "port", "decision", "reason", "mode"}
+    {"event": "close", ... "address", "bytes_up", "bytes_down", "duration"}  (allowed ones)
+    In audit mode a decision that was not enforced carries "enforced": false.
+
+LIMITS
+    The allow list decides where bytes may go, not what they say: an allowed API is a capability
+    (anything can be sent to it, including to an account the sender controls). A client that
+    ignores the proxy variables is stopped only by the sandbox having no network of its own.
+"""
+
+import argparse
+import collections
+import concurrent.futures
+import errno
+import heapq
+import ipaddress
+import itertools
+import json
+import os
+import re
+import resource
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+
+HANDSHAKE_TIMEOUT = 10.0      # seconds a client may take to say where it wants to go
+CONNECT_TIMEOUT = 10.0        # seconds for the lookup and the upstream connect together
+CLOSING_TIMEOUT = 5.0         # seconds to deliver a failure reply before closing anyway
+MAX_HEAD_BYTES = 16384        # largest HTTP request head accepted
+MAX_CLIENT_HELLO = 65536      # largest TLS ClientHello gathered for the SNI check
+RELAY_CHUNK = 262144          # one read while relaying; one shared buffer of this size
+DNS_WORKERS = 8
+OVERFLOW_CONNECTIONS = 64     # over the limit, this many more get a proper refusal
+ACCEPT_BACKOFF = 0.1          # pause accepting this long when out of file descriptors
+
+DEFAULT_MAX_CONNECTIONS = 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and addresses
+
+class BadName(ValueError):
+    """A requested host that is not a plausible DNS name or IP address."""
+
+
+class RuleError(ValueError):
+    """An allow or deny rule that cannot be used."""
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9.-]+\Z")
+NUMERIC_LABEL_RE = re.compile(r"(?:[0-9]+|0[xX][0-9A-Fa-f]*)\Z")
+
+# Networks no sandboxed tool has a reason to reach unless an IP rule names them.
+BLOCKED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+    "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
+    "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    "::/96", "::1/128", "64:ff9b:1::/48", "100::/64", "2001::/32", "2001:db8::/32",
+    "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+))
+NAT64_NETWORK = ipaddress.ip_network("64:ff9b::/96")
+SIXTOFOUR_NETWORK = ipaddress.ip_network("2002::/16")
+
+# Suffixes under which anyone can get a name of their own: a wildcard over one allows strangers.
+SHARED_SUFFIXES = frozenset((
+    "co.uk", "org.uk", "ac.uk", "gov.uk", "me.uk", "com.au", "net.au", "org.au", "co.jp",
+    "co.nz", "co.in", "co.kr", "co.za", "com.br", "com.cn", "com.mx", "com.tr",
+    "github.io", "gitlab.io", "herokuapp.com", "appspot.com", "blogspot.com", "cloudfront.net",
+    "amazonaws.com", "azurewebsites.net", "vercel.app", "netlify.app", "pages.dev",
+    "workers.dev", "web.app", "firebaseapp.com", "ngrok.io", "ngrok-free.app",
+    "trycloudflare.com", "googleusercontent.com", "repl.co", "glitch.me",
+))
+
+
+def _parse_ipv4_part(text):
+    """One part of an inet_aton() spelling: decimal, 0x hex or 0-prefixed octal."""
+    if text[:2] in ("0x", "0X"):
+        return int(text[2:], 16) if text[2:] else None
+    if len(text) > 1 and text[0] == "0":
+        return int(text, 8) if all(c in "01234567" for c in text) else None
+    return int(text)
+
+
+def parse_ip_spelling(text):
+    """Return the IP address that `text` reaches through getaddrinfo()/inet_aton(), or None.
+
+    Covers dotted quads and the forms libc also accepts (127.1, 0x7f.1, 2130706433, 0177.0.0.1),
+    IPv6 with or without brackets, and returns IPv4-mapped IPv6 as the IPv4 address it is.
+    """
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+        if ":" not in text:
+            return None
+    if ":" in text:
+        try:
+            address = ipaddress.IPv6Address(text)
+        except ValueError:
+            return None
+        return address.ipv4_mapped or address
+    if text.endswith("."):
+        text = text[:-1]
+    parts = text.split(".")
+    if not 1 <= len(parts) <= 4 or not all(NUMERIC_LABEL_RE.match(p) for p in parts):
+        return None
+    values = [_parse_ipv4_part(p) for p in parts]
+    if None in values:
+        return None
+    *head, last = values
+    if any(v > 255 for v in head) or last >= 1 << (8 * (4 - len(head))):
+        return None
+    number = last
+    for shift, value in enumerate(reversed(head), start=4 - len(head)):
+        number |= value << (8 * shift)
+    return ipaddress.IPv4Address(number)
+
+
+def canonical_name(text):
+    """Return `text` as a canonical DNS name (lowercase, no trailing dot) or raise BadName."""
+    if not text:
+        raise BadName("empty name")
+    name = text[:-1] if text.endswith(".") else text
+    if not NAME_RE.match(name):
+        raise BadName("characters outside [A-Za-z0-9.-]")
+    if len(name) > 253:
+        raise BadName("longer than 253 bytes")
+    labels = name.split(".")
+    if "" in labels:
+        raise BadName("empty label")
+    if any(len(label) > 63 for label in labels):
+        raise BadName("label longer than 63 bytes")
+    if NUMERIC_LABEL_RE.match(labels[-1]):
+        raise BadName("numeric, but not a valid IP address")
+    return name.lower()
+
+
+def classify_host(text):
+    """Return ("ip", address) or ("name", canonical name) for a requested host; raise BadName."""
+    address = parse_ip_spelling(text)
+    if address is not None:
+        return "ip", address
+    return "name", canonical_name(text)
+
+
+def embedded_ipv4(address):
+    """IPv4 addresses an IPv6 address carries inside it (NAT64, 6to4, IPv4-mapped)."""
+    if address.version != 6:
+        return []
+    found = []
+    if address.ipv4_mapped:
+        found.append(address.ipv4_mapped)
+    if address in NAT64_NETWORK:
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    if address.sixtofour:
+        found.append(address.sixtofour)
+    return found
+
+
+def is_public_address(address):
+    """True only for a globally routable unicast address, looking inside IPv6 wrappings."""
+    if any(address in network for network in BLOCKED_NETWORKS if network.version == address.version):
+        return False
+    if not address.is_global or address.is_multicast:
+        return False
+    return all(is_public_address(inner) for inner in embedded_ipv4(address))
+
+
+def display_host(text):
+    """The host as the log and messages show it: canonical when it parses, else as received."""
+    try:
+        kind, value = classify_host(text)
+    except BadName:
+        return text[:255]
+    return str(value)
+
+
+def format_address(address, port):
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules and policy
+
+class Rule:
+    """One allow or deny rule: a name, a wildcard below a name, or an IP network; maybe a port."""
+
+    def __init__(self, text, kind, value, port):
+        self.text, self.kind, self.value, self.port = text, kind, value, port
+
+    def matches_name(self, name, port):
+        if self.port is not None and self.port != port:
+            return False
+        if self.kind == "name":
+            return name == self.value
+        if self.kind == "wildcard":
+            return name.endswith("." + self.value)
+        return False
+
+    def matches_address(self, address, port):
+        if self.port is not None and self.port != port:
+            return False
+        return self.kind == "ip" and address.version == self.value.version and address in self.value
+
+    def __repr__(self):
+        return f"Rule({self.text!r})"
+
+
+def _parse_port(text, rule):
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise RuleError(f"rule {rule!r}: port must be a number from 1 to 65535")
+    return int(text)
+
+
+def _parse_network(text, rule):
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError as error:
+        raise RuleError(f"rule {rule!r}: not a valid IP address or network ({error})") from None
+    if network.version == 6 and network.network_address.ipv4_mapped and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+    if network.prefixlen < (8 if network.version == 4 else 16):
+        raise RuleError(f"rule {rule!r}: network is too broad (shorter than /8 for IPv4, /16 for IPv6)")
+    return network
+
+
+def parse_rule(text):
+    """Parse one rule (see the module docstring) into a Rule, or raise RuleError saying why."""
+    rule = text.strip()
+    if not rule:
+        raise RuleError("empty rule")
+    if not rule.isascii():
+        raise RuleError(f"rule {rule!r}: write internationalised names in punycode (xn--...)")
+    port = None
+    if rule.startswith("["):
+        close = rule.find("]")
+        if close < 0:
+            raise RuleError(f"rule {rule!r}: missing ']'")
+        host, rest = rule[1:close], rule[close + 1:]
+        prefix = ""
+        if rest.startswith("/"):
+            prefix, _, rest = rest.partition(":")
+            rest = ":" + rest if _ else ""
+        if rest:
+            if not rest.startswith(":"):
+                raise RuleError(f"rule {rule!r}: unexpected text after ']'")
+            port = _parse_port(rest[1:], rule)
+        return Rule(rule, "ip", _parse_network(host + prefix, rule), port)
+    if rule.count(":") > 1:
+        raise RuleError(f"rule {rule!r}: write IPv6 addresses in brackets, e.g. [::1] or [::1]:443")
+    host, colon, port_text = rule.partition(":")
+    if colon:
+        port = _parse_port(port_text, rule)
+    if "/" in host:
+        return Rule(rule, "ip", _parse_network(host, rule), port)
+    if all(NUMERIC_LABEL_RE.match(label) for label in host.rstrip(".").split(".")):
+        return Rule(rule, "ip", _parse_network(host, rule), port)
+    kind = "name"
+    if host.startswith("*."):
+        kind, host = "wildcard", host[2:]
+    if "*" in host:
+        raise RuleError(f"rule {rule!r}: '*' is allowed only as a leading '*.' label")
+    try:
+        name = canonical_name(host)
+    except BadName as error:
+        raise RuleError(f"rule {rule!r}: not a valid name ({error})") from None
+    if name.count(".") == 0:
+        raise RuleError(f"rule {rule!r}: too broad or not a full name (a single label)")
+    if kind == "wildcard" and name in SHARED_SUFFIXES:
+        raise RuleError(f"rule {rule!r}: too broad ({name} is a suffix anyone can register under)")
+    return Rule(rule, kind, name, port)
+
+
+def read_rule_file(path):
+    """Rules from a file: one per line, '#' starts a comment. Errors name the file and line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise RuleError(f"cannot read rule file {path}: {error}") from None
+    rules = []
+    for number, line in enumerate(lines, start=1):
+        text = line.split("#", 1)[0].strip()
+        if text:
+            try:
+                rules.append(parse_rule(text))
+            except RuleError as error:
+                raise RuleError(f"{path}:{number}: {error}") from None
+    return rules
+
+
+class Verdict:
+    """The answer to "may this go through?": allowed, a reason word, and a detail for people.
+
+    enforced is False when audit mode lets through what enforce mode would deny.
+    """
+
+    def __init__(self, allowed, reason, detail="", enforced=True):
+        self.allowed, self.reason, self.detail, self.enforced = allowed, reason, detail, enforced
+
+    @property
+    def decision(self):
+        """What enforce mode decides (the log's "decision" field)."""
+        return "allow" if self.allowed and self.enforced else "deny"
+
+    def __repr__(self):
+        return f"Verdict({self.decision}, {self.reason!r}, enforced={self.enforced})"
+
+
+class Policy:
+    """The allow and deny rules and the address checks; pure, no sockets."""
+
+    def __init__(self, allow=(), deny=(), allow_private=False, mode="enforce"):
+        if mode not in ("enforce", "audit"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.allow, self.deny = list(allow), list(deny)
+        self.allow_private, self.mode = allow_private, mode
+
+    def _unlisted(self, reason, detail):
+        if self.mode == "audit":
+            return Verdict(True, reason, detail, enforced=False)
+        return Verdict(False, reason, detail)
+
+    def check_request(self, host, port):
+        """Decide on a requested host (name or IP spelling) and port, before any lookup."""
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            return Verdict(False, "bad-port", f"port {port!r} is not 1-65535")
+        try:
+            kind, value = classify_host(host)
+        except BadName as error:
+            return Verdict(False, "bad-name", str(error))
+        if kind == "ip":
+            return self.check_address(value, port, literal=True)
+        if any(rule.matches_name(value, port) for rule in self.deny):
+            return Verdict(False, "denied-by-rule", f"{value} matches a deny rule")
+        for rule in self.allow:
+            if rule.matches_name(value, port):
+                return Verdict(True, "allowed-by-rule", f"rule {rule.text}")
+        return self._unlisted("not-in-allowlist", f"no allow rule matches {value}:{port}")
+
+    def check_address(self, address, port, literal=False):
+        """Decide on an IP address: one that was asked for (literal) or that a name resolved to."""
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        shown = format_address(address, port)
+        if any(rule.matches_address(address, port) for rule in self.deny):
+            return Verdict(False, "denied-by-rule", f"{shown} matches a deny rule")
+        for rule in self.allow:
+            if rule.matches_address(address, port):
+                return Verdict(True, "allowed-by-rule", f"rule {rule.text}")
+        if not self.allow_private and not is_public_address(address):
+            return Verdict(False, "private-address", f"{shown} is not a public address")
+        if literal:
+            return self._unlisted("ip-literal-not-allowed", f"no IP rule covers {shown}")
+        return Verdict(True, "allowed-by-rule", f"resolved to {shown}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocol parsing: pure functions over the bytes received so far. Each returns None when more
+# bytes are needed, or raises ProtocolError for bytes that can never become a valid request.
+
+class ProtocolError(Exception):
+    """A malformed or unsupported request; carries the reply code each protocol should send."""
+
+    def __init__(self, message, socks5=0x01, http=400):
+        super().__init__(message)
+        self.socks5, self.http = socks5, http
+
+
+class Request:
+    """Where a client asked to go, in whatever protocol it asked."""
+
+    def __init__(self, proto, host, port, head=b"", body_length=0):
+        self.proto, self.host, self.port = proto, host, port
+        self.head, self.body_length = head, body_length
+
+
+def parse_socks5_greeting(data):
+    """Return (offered methods, bytes used)."""
+    if len(data) < 2:
+        return None
+    if data[1] == 0:
+        raise ProtocolError("SOCKS5 greeting offers no methods")
+    end = 2 + data[1]
+    return (bytes(data[2:end]), end) if len(data) >= end else None
+
+
+def parse_socks5_request(data):
+    """Return (Request, bytes used) for a SOCKS5 CONNECT request."""
+    if len(data) < 5:
+        return None
+    version, command, reserved, address_type = data[0], data[1], data[2], data[3]
+    if version != 5 or reserved != 0:
+        raise ProtocolError("malformed SOCKS5 request")
+    if command != 1:
+        raise ProtocolError(f"SOCKS5 command {command} is not supported", socks5=0x07)
+    if address_type == 1:
+        end = 4 + 4 + 2
+        host = lambda: str(ipaddress.IPv4Address(bytes(data[4:8])))
+    elif address_type == 4:
+        end = 4 + 16 + 2
+        host = lambda: str(ipaddress.IPv6Address(bytes(data[4:20])))
+    elif address_type == 3:
+        end = 5 + data[4] + 2
+        host = lambda: bytes(data[5:5 + data[4]]).decode("latin-1")
+    else:
+        raise ProtocolError(f"SOCKS5 address type {address_type} is not supported", socks5=0x08)
+    if len(data) < end:
+        return None
+    port = struct.unpack("!H", data[end - 2:end])[0]
+    return Request("socks5", host(), port), end
+
+
+def _read_cstring(data, start, limit=256):
+    """Index of the NUL ending a string at `start`, or None when not yet received."""
+    end = data.find(b"\0", start, start + limit)
+    if end < 0:
+        if len(data) - start >= limit:
+            raise ProtocolError("SOCKS4 string too long")
+        return None
+    return end
+
+
+def parse_socks4_request(data):
+    """Return (Request, bytes used) for SOCKS4 or SOCKS4a CONNECT."""
+    if len(data) < 8:
+        return None
+    if data[1] != 1:
+        raise ProtocolError(f"SOCKS4 command {data[1]} is not supported")
+    port = struct.unpack("!H", data[2:4])[0]
+    user_end = _read_cstring(data, 8)
+    if user_end is None:
+        return None
+    if data[4:7] == b"\0\0\0" and data[7] != 0:
+        name_end = _read_cstring(data, user_end + 1)
+        if name_end is None:
+            return None
+        return Request("socks4a", bytes(data[user_end + 1:name_end]).decode("latin-1"), port), name_end + 1
+    return Request("socks4a", str(ipaddress.IPv4Address(bytes(data[4:8]))), port), user_end + 1
+
+
+TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+FIELD_VALUE_RE = re.compile(rb"[\t\x20-\x7e]*\Z")
+AUTHORITY_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?\Z")
+HOP_BY_HOP = frozenset((
+    "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate",
+    "te", "trailer", "transfer-encoding", "upgrade",
+))
+
+
+def parse_authority(text, default_port=None):
+    """Split "host:port" or "[v6]:port" strictly; return (host, port)."""
+    match = AUTHORITY_RE.match(text)
+    if not match:
+        raise ProtocolError(f"malformed host {text[:100]!r}")
+    host, port = match.group(1), match.group(2)
+    if port is None:
+        if default_port is None:
+            raise ProtocolError(f"missing port in {text[:100]!r}")
+        return host, default_port
+    if not 1 <= int(port) <= 65535:
+        raise ProtocolError(f"port out of range in {text[:100]!r}")
+    return host, int(port)
+
+
+def _same_host(a, b):
+    """Compare two host spellings the way the policy sees them."""
+    try:
+        return classify_host(a) == classify_host(b)
+    except BadName:
+        return False
+
+
+def split_http_head(data):
+    """Return (request line, [(name, value)], bytes used) for a complete, strictly formed head."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        if len(data) > MAX_HEAD_BYTES:
+            raise ProtocolError("request head too large", http=431)
+        return None
+    if end + 4 > MAX_HEAD_BYTES:
+        raise ProtocolError("request head too large", http=431)
+    lines = bytes(data[:end]).split(b"\r\n")
+    if any(b"\r" in line or b"\n" in line or b"\0" in line for line in lines):
+        raise ProtocolError("bare CR, LF or NUL in request head")
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not TOKEN_RE.match(name) or not FIELD_VALUE_RE.match(value):
+            raise ProtocolError("malformed header line")
+        headers.append((name.decode("ascii"), value.strip(b" \t").decode("ascii")))
+    return lines[0], headers, end + 4
+
+
+def parse_http_request(data):
+    """Return (Request, bytes used) for "CONNECT host:port" or an absolute-form http:// request."""
+    split = split_http_head(data)
+    if split is None:
+        return None
+    request_line, headers, used = split
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not TOKEN_RE.match(parts[0]) or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise ProtocolError("malformed request line")
+    method, target, version = (p.decode("ascii", "replace") for p in parts)
+    if not target.isascii() or not target.isprintable():
+        raise ProtocolError("malformed request target")
+    names = [name.lower() for name, _ in headers]
+    hosts = [value for name, value in headers if name.lower() == "host"]
+    if len(hosts) > 1:
+        raise ProtocolError("more than one Host header")
+    if method == "CONNECT":
+        host, port = parse_authority(target)
+        if hosts and not _same_host(parse_authority(hosts[0], port)[0], host):
+            raise ProtocolError("Host header does not match the CONNECT target")
+        return Request("http-connect", host.strip("[]") if host.startswith("[") else host, port), used
+    if target[:7].lower() != "http://":
+        if target.startswith("/"):
+            raise ProtocolError("this is a proxy: send absolute-form (http://host/...) or CONNECT")
+        raise ProtocolError("only http:// URLs can be proxied; use CONNECT for https")
+    authority, slash, rest = target[7:].partition("/")
+    authority, query, after = authority.partition("?")
+    path = "/" + rest if slash else "/"
+    if query:
+        path = "/?" + after
+    if "@" in authority or "#" in path:
+        raise ProtocolError("user info or fragment in URL")
+    host, port = parse_authority(authority, 80)
+    if hosts:
+        header_host, header_port = parse_authority(hosts[0], 80)
+        if header_port != port or not _same_host(header_host, host):
+            raise ProtocolError("Host header does not match the URL")
+    if "transfer-encoding" in names:
+        raise ProtocolError("chunked request bodies are not supported through this proxy", http=411)
+    lengths = {value for name, value in headers if name.lower() == "content-length"}
+    if len(lengths) > 1 or not all(v.isdigit() for v in lengths):
+        raise ProtocolError("conflicting or malformed Content-Length")
+    body_length = int(lengths.pop()) if lengths else 0
+    listed = {token.strip().lower() for name, value in headers if name.lower() == "connection"
+              for token in value.split(",")}
+    kept = [f"{name}: {value}\r\n" for name, value in headers
+            if name.lower() not in HOP_BY_HOP and name.lower() not in listed and name.lower() != "host"]
+    head = f"{method} {path} {version}\r\nHost: {authority}\r\n{''.join(kept)}Connection: close\r\n\r\n"
+    host = host.strip("[]") if host.startswith("[") else host
+    return Request("http", host, port, head.encode("ascii"), body_length), used
+
+
+def parse_client_hello(data):
+    """Look at the first bytes of a tunnel: return None (need more), ("not-tls", None),
+    ("no-sni", None) or ("sni", name). Raise ProtocolError for a malformed TLS ClientHello."""
+    if not data:
+        return None
+    if data[0] != 0x16:
+        return "not-tls", None
+    handshake = bytearray()
+    offset = 0
+    while True:
+        if len(data) < offset + 5:
+            return None
+        if data[offset] != 0x16 or data[offset + 1] != 3:
+            raise ProtocolError("malformed TLS record")
+        length = struct.unpack("!H", data[offset + 3:offset + 5])[0]
+        if len(data) < offset + 5 + length:
+            return None
+        handshake += data[offset + 5:offset + 5 + length]
+        offset += 5 + length
+        if len(handshake) >= 4:
+            if handshake[0] != 1:
+                raise ProtocolError("first TLS handshake message is not a ClientHello")
+            total = 4 + int.from_bytes(handshake[1:4], "big")
+            if total > MAX_CLIENT_HELLO:
+                raise ProtocolError("ClientHello too large")
+            if len(handshake) >= total:
+                return _find_sni(bytes(handshake[4:total]))
+
+
+def _find_sni(hello):
+    try:
+        position = 2 + 32
+        position += 1 + hello[position]
+        position += 2 + struct.unpack("!H", hello[position:position + 2])[0]
+        position += 1 + hello[position]
+        if position == len(hello):
+            return "no-sni", None
+        end = position + 2 + struct.unpack("!H", hello[position:position + 2])[0]
+        position += 2
+        while position + 4 <= end:
+            kind, length = struct.unpack("!HH", hello[position:position + 4])
+            position += 4
+            if kind == 0:
+                entries = hello[position + 2:position + length]
+                if entries[0] != 0:
+                    raise ProtocolError("SNI entry is not a host name")
+                name_length = struct.unpack("!H", entries[1:3])[0]
+                return "sni", entries[3:3 + name_length].decode("latin-1")
+            position += length
+        return "no-sni", None
+    except (IndexError, struct.error):
+        raise ProtocolError("truncated ClientHello") from None
+
+
+def socks5_reply(code, address=None, port=0):
+    """A full-length SOCKS5 reply (clients read at least 10 bytes)."""
+    if address is not None and address.version == 6:
+        return bytes((5, code, 0, 4)) + address.packed + struct.pack("!H", port)
+    packed = address.packed if address is not None else b"\0\0\0\0"
+    return bytes((5, code, 0, 1)) + packed + struct.pack("!H", port)
+
+
+def socks4_reply(granted):
+    return bytes((0, 0x5A if granted else 0x5B)) + b"\0" * 6
+
+
+HTTP_PHRASES = {400: "Bad Request", 403: "Forbidden", 411: "Length Required",
+                431: "Request Header Fields Too Large", 502: "Bad Gateway",
+                503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+def http_reply(status, message, proxy_error):
+    """A complete HTTP error response with a short plain-text body, closing the connection."""
+    body = (message + "\n").encode("utf-8", "replace")
+    head = (f"HTTP/1.1 {status} {HTTP_PHRASES[status]}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\nX-Proxy-Error: {proxy_error}\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+def denial_message(host, port, verdict):
+    """What a denied HTTP client is told: who was refused, why, and which rule would allow it."""
+    host = display_host(host)
+    shown = f"[{host}]" if ":" in host else host
+    text = f"socks_filter: connection to {shown}:{port} denied ({verdict.reason}: {verdict.detail})."
+    if verdict.reason in ("not-in-allowlist", "ip-literal-not-allowed", "private-address"):
+        text += f"\nTo allow it, add the allow rule '{shown}:{port}'."
+    return text
+
+
+# Upstream failures: the log reason, the SOCKS5 code and the HTTP status for each.
+CONNECT_FAILURES = {
+    errno.ECONNREFUSED: ("connect-refused", 0x05, 502),
+    errno.ENETUNREACH: ("unreachable", 0x03, 502),
+    errno.EHOSTUNREACH: ("unreachable", 0x04, 502),
+    errno.ETIMEDOUT: ("connect-timeout", 0x04, 504),
+}
+LOOKUP_FAILED = ("lookup-failed", 0x04, 502)
+CONNECT_TIMED_OUT = ("connect-timeout", 0x04, 504)
+OTHER_FAILURE = ("connect-failed", 0x01, 502)
+
+
+# ---------------------------------------------------------------------------------------------
+# The server: one selectors loop, non-blocking sockets, lookups in a small thread pool.
+
+class Direction:
+    """Bytes flowing one way between two sockets, with at most one read's worth pending."""
+
+    def __init__(self, source, target, limit=None):
+        self.source, self.target = source, target
+        self.pending = b""
+        self.limit = limit          # bytes still to forward, or None for no limit
+        self.ended = False          # the source finished (EOF or limit reached)
+        self.shut = False           # the end was passed on to the target
+        self.count = 0
+
+
+class Connection:
+    """One client: handshake, decision, upstream connect, then a relay in both directions."""
+
+    def __init__(self, server, client, refusing=False):
+        self.server, self.client = server, client
+        self.id = next(server.ids)
+        self.started = time.monotonic()
+        self.inbuf = bytearray()
+        self.stage = "start"
+        self.refusing = refusing
+        self.request = None
+        self.upstream = None
+        self.candidates = []
+        self.address = None
+        self.up = self.down = None
+        self.closed = False
+        self.deadline = None
+        self.verdict = self.kind = self.target = None
+        self.client_pending = b""
+        self.logged_decision = False
+        self.closed_logged = False
+
+    # -- handshake --------------------------------------------------------------------------
+
+    def on_client_data(self, data):
+        self.inbuf += data
+        try:
+            self.advance()
+        except ProtocolError as error:
+            self.reject_malformed(error)
+
+    def advance(self):
+        """Move through the handshake as far as the bytes received allow."""
+        if self.stage == "start":
+            first = self.inbuf[0]
+            if first == 5:
+                self.stage = "socks5-greeting"
+            elif first == 4:
+                self.stage = "socks4"
+            elif chr(first).isalpha() and chr(first).isascii():
+                self.stage = "http"
+            else:
+                raise ProtocolError("unknown protocol")
+        if self.stage == "socks5-greeting":
+            parsed = parse_socks5_greeting(self.inbuf)
+            if parsed is None:
+                return
+            methods, used = parsed
+            del self.inbuf[:used]
+            if 0 not in methods:
+                self.finish_with(b"\x05\xff")
+                return
+            self.send_to_client(b"\x05\x00")
+            self.stage = "socks5-request"
+        parser = {"socks5-request": parse_socks5_request, "socks4": parse_socks4_request,
+                  "http": parse_http_request}.get(self.stage)
+        if parser is None or not self.inbuf:
+            return
+        parsed = parser(self.inbuf)
+        if parsed is not None:
+            self.request, used = parsed
+            del self.inbuf[:used]
+            self.decide()
+
+    def reject_malformed(self, error):
+        proto = {"socks5-greeting": "socks5", "socks5-request": "socks5", "socks4": "socks4a",
+                 "http": "http"}.get(self.stage, "unknown")
+        self.server.log_decision(self, proto, "", 0, Verdict(False, "bad-request", str(error)))
+        if self.stage.startswith("socks5"):
+            self.finish_with(socks5_reply(error.socks5))
+        elif self.stage == "socks4":
+            self.finish_with(socks4_reply(False))
+        elif self.stage == "http":
+            self.finish_with(http_reply(error.http, f"socks_filter: {error}", "bad-request"))
+        else:
+            self.close()
+
+    def refusal(self, socks5_code, http_status, message, proxy_error):
+        proto = self.request.proto
+        if proto == "socks5":
+            return socks5_reply(socks5_code)
+        if proto == "socks4a":
+            return socks4_reply(False)
+        return http_reply(http_status, message, proxy_error)
+
+    def decide(self):
+        request = self.request
+        if self.refusing:
+            verdict = Verdict(False, "too-many-connections", "the proxy is at its connection limit")
+            self.server.log_decision(self, request.proto, request.host, request.port, verdict)
+            self.finish_with(self.refusal(0x01, 503, denial_message(request.host, request.port, verdict),
+                                          "too-many-connections"))
+            return
+        verdict = self.server.policy.check_request(request.host, request.port)
+        if not verdict.allowed:
+            self.deny(verdict)
+            return
+        kind, value = classify_host(request.host)
+        self.verdict = verdict
+        self.kind, self.target = kind, value
+        self.server.unwatch(self.client)
+        self.stage = "connecting"
+        self.server.set_deadline(self, CONNECT_TIMEOUT)
+        if kind == "ip":
+            self.log_allowed(verdict)
+            self.candidates = [value]
+            self.connect_next()
+        else:
+            self.server.resolve(self, value, request.port)
+
+    def deny(self, verdict):
+        request = self.request
+        self.server.log_decision(self, request.proto, request.host, request.port, verdict)
+        self.finish_with(self.refusal(0x02, 403, denial_message(request.host, request.port, verdict),
+                                      "blocked-by-allowlist"))
+
+    def log_allowed(self, verdict):
+        self.logged_decision = True
+        self.server.log_decision(self, self.request.proto, self.log_host(), self.request.port, verdict)
+
+    def log_host(self):
+        return str(self.target) if self.kind == "ip" else self.target
+
+    def on_resolved(self, addresses, error):
+        if self.closed or self.stage != "connecting":
+            return
+        if error is not None or not addresses:
+            self.log_allowed(self.verdict)
+            self.fail(LOOKUP_FAILED, f"lookup of {self.target} failed")
+            return
+        for address in addresses:
+            verdict = self.server.policy.check_address(address, self.request.port)
+            if not verdict.allowed:
+                self.deny(Verdict(False, verdict.reason, f"{self.target} resolves to {verdict.detail}"))
+                return
+        self.log_allowed(self.verdict)
+        self.candidates = list(addresses)
+        self.connect_next()
+
+    # -- upstream connect -------------------------------------------------------------------
+
+    def connect_next(self, failure=OTHER_FAILURE):
+        if not self.candidates:
+            self.fail(failure, f"cannot connect to {self.log_host()}:{self.request.port}")
+            return
+        address = self.candidates.pop(0)
+        self.address = address
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        try:
+            upstream = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            self.fail(OTHER_FAILURE, "out of sockets")
+            return
+        upstream.setblocking(False)
+        self.upstream = upstream
+        code = upstream.connect_ex((str(address), self.request.port))
+        if code in (0, errno.EINPROGRESS):
+            self.server.watch(upstream, self, "upstream", selectors.EVENT_WRITE)
+        else:
+            self.drop_upstream()
+            self.connect_next(CONNECT_FAILURES.get(code, OTHER_FAILURE))
+
+    def drop_upstream(self):
+        self.server.unwatch(self.upstream)
+        self.upstream.close()
+        self.upstream = None
+
+    def on_upstream_connected(self):
+        code = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code != 0:
+            self.drop_upstream()
+            self.connect_next(CONNECT_FAILURES.get(code, OTHER_FAILURE))
+            return
+        self.server.clear_deadline(self)
+        self.upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        request = self.request
+        if request.proto == "socks5":
+            bound_host, bound_port = self.upstream.getsockname()[:2]
+            self.send_to_client(socks5_reply(0, ipaddress.ip_address(bound_host), bound_port))
+        elif request.proto == "socks4a":
+            self.send_to_client(bytes((0, 0x5A)) + b"\0" * 6)
+        elif request.proto == "http-connect":
+            self.send_to_client(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if self.wants_sni_check():
+            self.stage = "sni"
+            self.server.set_deadline(self, HANDSHAKE_TIMEOUT)
+            self.server.unwatch(self.upstream)
+            self.server.watch(self.client, self, "client", selectors.EVENT_READ)
+            self.check_sni()
+        else:
+            self.start_relay()
+
+    def wants_sni_check(self):
+        return (self.server.sni_check and self.request.port == 443 and self.kind == "name"
+                and self.request.proto != "http")
+
+    def check_sni(self):
+        try:
+            found = parse_client_hello(self.inbuf)
+        except ProtocolError as error:
+            self.sni_denied(f"bad ClientHello: {error}")
+            return
+        if found is None:
+            if len(self.inbuf) > MAX_CLIENT_HELLO + 1024:
+                self.sni_denied("ClientHello too large")
+            return
+        kind, name = found
+        if kind == "sni":
+            try:
+                same = canonical_name(name) == self.target
+            except BadName:
+                same = False
+            if not same:
+                self.sni_denied(f"TLS server name {name[:255]!r} is not {self.target}")
+                return
+        else:
+            self.server.log_note(self, f"tunnel without SNI ({kind})")
+        self.server.clear_deadline(self)
+        self.start_relay()
+
+    def sni_denied(self, detail):
+        self.server.log_decision(self, self.request.proto, self.target, self.request.port,
+                                 Verdict(False, "sni-mismatch", detail))
+        self.close("sni-mismatch")
+
+    # -- relay ------------------------------------------------------------------------------
+
+    def start_relay(self):
+        limit = self.request.body_length if self.request.proto == "http" else None
+        self.up = Direction(self.client, self.upstream, limit)
+        self.down = Direction(self.upstream, self.client)
+        self.down.pending = self.client_pending
+        self.client_pending = b""
+        first = self.request.head + bytes(self.inbuf[:limit])
+        self.inbuf = bytearray()
+        if limit is not None:
+            self.up.limit -= len(first) - len(self.request.head)
+            self.up.ended = self.up.limit == 0
+        self.up.pending = first
+        self.up.count = len(first) - len(self.request.head)
+        self.stage = "relay"
+        self.flush(self.up)
+        if not self.closed:
+            self.flush(self.down)
+        if not self.closed:
+            self.update_events()
+
+    def update_events(self):
+        """Read a side only while nothing waits to be written for it; write where bytes wait."""
+        client_events = upstream_events = 0
+        if not self.up.ended and not self.up.pending:
+            client_events |= selectors.EVENT_READ
+        if not self.down.ended and not self.down.pending:
+            upstream_events |= selectors.EVENT_READ
+        if self.up.pending:
+            upstream_events |= selectors.EVENT_WRITE
+        if self.down.pending:
+            client_events |= selectors.EVENT_WRITE
+        self.server.watch(self.client, self, "client", client_events)
+        self.server.watch(self.upstream, self, "upstream", upstream_events)
+
+    def relay_read(self, direction):
+        server = self.server
+        want = RELAY_CHUNK if direction.limit is None else min(RELAY_CHUNK, direction.limit)
+        try:
+            received = direction.source.recv_into(server.buffer, want)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close("closed")
+            return
+        if received == 0:
+            direction.ended = True
+            self.pass_end(direction)
+            return
+        direction.count += received
+        if direction.limit is not None:
+            direction.limit -= received
+            direction.ended = direction.limit == 0
+        view = server.view[:received]
+        try:
+            sent = direction.target.send(view)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close("closed")
+            return
+        if sent < received:
+            direction.pending = bytes(view[sent:])
+            self.update_events()
+        elif direction.ended:
+            self.pass_end(direction)
+
+    def flush(self, direction):
+        if direction.pending:
+            try:
+                sent = direction.target.send(direction.pending)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.close("closed")
+                return
+            direction.pending = direction.pending[sent:]
+        if not direction.pending and direction.ended:
+            self.pass_end(direction)
+
+    def pass_end(self, direction):
+        """The source finished and everything is written: pass the end on, or close if both ended."""
+        if self.closed:
+            return
+        if direction.pending:
+            self.update_events()
+            return
+        if not direction.shut:
+            direction.shut = True
+            http_body_done = self.request.proto == "http" and direction is self.up
+            if not http_body_done:
+                try:
+                    direction.target.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+        if (self.up.shut and self.down.shut) or (self.request.proto == "http" and self.down.shut):
+            self.close("closed")
+        else:
+            self.update_events()
+
+    # -- events and endings ---------------------------------------------------------------------
+
+    def on_event(self, side, events):
+        if self.closed:
+            return
+        if self.stage == "relay":
+            if side == "client":
+                if events & selectors.EVENT_WRITE:
+                    self.flush(self.down)
+                    if not self.closed:
+                        self.update_events()
+                if events & selectors.EVENT_READ and not self.closed:
+                    self.relay_read(self.up)
+            else:
+                if events & selectors.EVENT_WRITE:
+                    self.flush(self.up)
+                    if not self.closed:
+                        self.update_events()
+                if events & selectors.EVENT_READ and not self.closed:
+                    self.relay_read(self.down)
+            return
+        if side == "upstream":
+            self.on_upstream_connected()
+            return
+        if events & selectors.EVENT_WRITE:
+            self.flush_client_pending()
+            if self.closed or not events & selectors.EVENT_READ:
+                return
+        try:
+            data = self.client.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+        elif self.stage == "closing":
+            return
+        elif self.stage == "sni":
+            self.inbuf += data
+            self.check_sni()
+        else:
+            self.on_client_data(data)
+
+    def send_to_client(self, data):
+        """Small handshake writes; whatever the kernel does not take waits in client_pending."""
+        self.client_pending += data
+        self.flush_client_pending()
+
+    def flush_client_pending(self):
+        if self.client_pending:
+            try:
+                sent = self.client.send(self.client_pending)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.close()
+                return
+            self.client_pending = self.client_pending[sent:]
+        if self.stage == "closing" and not self.client_pending:
+            self.close()
+        elif self.stage not in ("relay", "connecting"):
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.client_pending else 0)
+            self.server.watch(self.client, self, "client", events)
+
+    def finish_with(self, reply):
+        """Send a final reply, then close once it is written (or the closing deadline passes)."""
+        self.stage = "closing"
+        self.server.set_deadline(self, CLOSING_TIMEOUT)
+        if self.upstream is not None:
+            self.drop_upstream()
+        self.send_to_client(reply)
+
+    def fail(self, failure, detail):
+        reason, socks5_code, http_status = failure
+        if not self.logged_decision:
+            self.log_allowed(self.verdict)
+        self.server.log_close(self, reason)
+        self.closed_logged = True
+        self.finish_with(self.refusal(socks5_code, http_status,
+                                      f"socks_filter: {detail} ({reason}).", reason))
+
+    def on_timeout(self):
+        if self.stage == "connecting":
+            self.fail(CONNECT_TIMED_OUT, f"no connection to {self.request.host}:{self.request.port} "
+                                         f"within {CONNECT_TIMEOUT:g}s")
+        elif self.stage == "sni":
+            self.sni_denied("no complete ClientHello in time")
+        else:
+            self.close()
+
+    def close(self, reason="closed"):
+        if self.closed:
+            return
+        self.closed = True
+        if self.logged_decision and not self.closed_logged:
+            self.closed_logged = True
+            self.server.log_close(self, reason)
+        self.server.forget(self)
+        for sock in (self.client, self.upstream):
+            if sock is not None:
+                self.server.unwatch(sock)
+                sock.close()
+
+
+class FilterServer:
+    """Accepts clients on its listeners and runs every Connection on one selectors loop.
+
+    start() binds (raising OSError or ValueError with a readable message), serve_forever() runs
+    until shutdown() is called from any thread or a signal handler, then cleans everything up.
+    """
+
+    def __init__(self, policy, listen, log_path=None, verbose=False,
+                 max_connections=DEFAULT_MAX_CONNECTIONS, sni_check=True, stderr=None):
+        self.policy = policy
+        self.listen_specs = list(listen)
+        self.log_path, self.verbose = log_path, verbose
+        self.max_connections = max_connections
+        self.sni_check = sni_check
+        self.stderr = stderr or sys.stderr
+        self.ids = itertools.count(1)
+        self.selector = selectors.DefaultSelector()
+        self.listeners = []
+        self.addresses = []
+        self.owned_paths = []
+        self.connections = set()
+        self.registered = {}
+        self.deadlines = []
+        self.resolved = collections.deque()
+        self.buffer = bytearray(RELAY_CHUNK)
+        self.view = memoryview(self.buffer)
+        self.pool = None
+        self.log_file = None
+        self.stopping = False
+        self.accept_paused_until = None
+        self.stats = {"allowed": 0, "denied": 0, "denied_hosts": collections.Counter()}
+        self.wake_lock = threading.Lock()
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_read, False)
+        os.set_blocking(self.wake_write, False)
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def start(self):
+        if self.log_path:
+            self.log_file = open(self.log_path, "a", buffering=1, encoding="utf-8")
+        try:
+            for spec in self.listen_specs:
+                self.listeners.append(self._listen(spec))
+        except Exception:
+            self._close_listeners()
+            raise
+        self.selector.register(self.wake_read, selectors.EVENT_READ, None)
+        for listener in self.listeners:
+            self.selector.register(listener, selectors.EVENT_READ, "listener")
+        self.pool = concurrent.futures.ThreadPoolExecutor(DNS_WORKERS, thread_name_prefix="lookup")
+        return self.addresses
+
+    def _listen(self, spec):
+        if "/" in spec:
+            return self._listen_unix(spec)
+        host, port = parse_listen_address(spec)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(1024)
+        except OSError:
+            listener.close()
+            raise
+        listener.setblocking(False)
+        bound_host, bound_port = listener.getsockname()[:2]
+        self.addresses.append(f"[{bound_host}]:{bound_port}" if family == socket.AF_INET6
+                              else f"{bound_host}:{bound_port}")
+        return listener
+
+    def _listen_unix(self, path):
+        if len(os.fsencode(path)) > 107:
+            raise ValueError(f"unix socket path is too long (over 107 bytes): {path}")
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            info = None
+        if info is not None:
+            if not stat.S_ISSOCK(info.st_mode):
+                raise ValueError(f"{path} exists and is not a socket; refusing to replace it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)
+            else:
+                raise ValueError(f"{path} is in use by another running proxy")
+            finally:
+                probe.close()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_mask = os.umask(0o177)
+        try:
+            listener.bind(path)
+        except OSError:
+            listener.close()
+            raise
+        finally:
+            os.umask(old_mask)
+        os.chmod(path, 0o600)
+        self.owned_paths.append((path, os.lstat(path).st_ino))
+        listener.listen(1024)
+        listener.setblocking(False)
+        self.addresses.append(path)
+        return listener
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def serve_forever(self):
+        try:
+            while not self.stopping:
+                for key, events in self.selector.select(self._next_timeout()):
+                    if key.data is None:
+                        self._drain_wake()
+                    elif key.data == "listener":
+                        self._accept(key.fileobj)
+                    else:
+                        connection, side = key.data
+                        connection.on_event(side, events)
+                self._run_deadlines()
+        finally:
+            self._cleanup()
+
+    def shutdown(self):
+        """Ask serve_forever() to stop; safe from other threads and signal handlers."""
+        self.stopping = True
+        self._wake()
+
+    def _wake(self):
+        with self.wake_lock:
+            if self.wake_write is not None:
+                try:
+                    os.write(self.wake_write, b"x")
+                except OSError:
+                    pass
+
+    def _drain_wake(self):
+        try:
+            while os.read(self.wake_read, 4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while self.resolved:
+            connection, addresses, error = self.resolved.popleft()
+            connection.on_resolved(addresses, error)
+
+    def _accept(self, listener):
+        for _ in range(64):
+            try:
+                client, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting()
+                return
+            active = len(self.connections)
+            if active >= self.max_connections + OVERFLOW_CONNECTIONS:
+                client.close()
+                self._count_denied("(connection limit)")
+                continue
+            client.setblocking(False)
+            connection = Connection(self, client, refusing=active >= self.max_connections)
+            self.connections.add(connection)
+            self.set_deadline(connection, HANDSHAKE_TIMEOUT)
+            self.watch(client, connection, "client", selectors.EVENT_READ)
+
+    def _pause_accepting(self):
+        for listener in self.listeners:
+            self.selector.unregister(listener)
+        self.accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
+
+    def _next_timeout(self):
+        now = time.monotonic()
+        timeout = 1.0
+        if self.deadlines:
+            timeout = min(timeout, self.deadlines[0][0] - now)
+        if self.accept_paused_until is not None:
+            timeout = min(timeout, self.accept_paused_until - now)
+        return max(timeout, 0)
+
+    def _run_deadlines(self):
+        now = time.monotonic()
+        if self.accept_paused_until is not None and now >= self.accept_paused_until:
+            self.accept_paused_until = None
+            for listener in self.listeners:
+                self.selector.register(listener, selectors.EVENT_READ, "listener")
+        while self.deadlines and self.deadlines[0][0] <= now:
+            deadline, _, connection = heapq.heappop(self.deadlines)
+            if not connection.closed and connection.deadline == deadline:
+                connection.deadline = None
+                connection.on_timeout()
+
+    def set_deadline(self, connection, seconds):
+        connection.deadline = time.monotonic() + seconds
+        heapq.heappush(self.deadlines, (connection.deadline, connection.id, connection))
+
+    def clear_deadline(self, connection):
+        connection.deadline = None
+
+    def watch(self, sock, connection, side, events):
+        """Register, modify or unregister `sock` so the selector reports exactly `events`."""
+        current = self.registered.get(sock)
+        if current == events:
+            return
+        if not events:
+            self.unwatch(sock)
+        elif current is None:
+            self.selector.register(sock, events, (connection, side))
+            self.registered[sock] = events
+        else:
+            self.selector.modify(sock, events, (connection, side))
+            self.registered[sock] = events
+
+    def unwatch(self, sock):
+        if self.registered.pop(sock, None) is not None:
+            self.selector.unregister(sock)
+
+    def forget(self, connection):
+        self.connections.discard(connection)
+
+    def resolve(self, connection, name, port):
+        future = self.pool.submit(lookup, name, port)
+        future.add_done_callback(lambda done: self._resolved(connection, done))
+
+    def _resolved(self, connection, future):
+        error = future.exception()
+        self.resolved.append((connection, None if error else future.result(), error))
+        self._wake()
+
+    # -- logging ----------------------------------------------------------------------------
+
+    def _write_log(self, record):
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def _count_denied(self, key):
+        self.stats["denied"] += 1
+        self.stats["denied_hosts"][key] += 1
+
+    def log_decision(self, connection, proto, host, port, verdict):
+        host = display_host(host) if host else host
+        record = {"ts": round(time.time(), 3), "event": "decision", "id": connection.id,
+                  "proto": proto, "host": host, "port": port, "decision": verdict.decision,
+                  "reason": verdict.reason, "detail": verdict.detail, "mode": self.policy.mode}
+        if not verdict.enforced:
+            record["enforced"] = False
+        if verdict.allowed:
+            self.stats["allowed"] += 1
+        else:
+            shown = f"[{host}]" if ":" in host else host
+            self._count_denied(f"{shown}:{port}" if host else "(malformed request)")
+        self._write_log(record)
+        if self.verbose:
+            action = "allow" if verdict.allowed else "DENY"
+            if not verdict.enforced:
+                action = "allow (audit: would deny)"
+            print(f"socks_filter: #{connection.id} {proto} {host}:{port} {action}: "
+                  f"{verdict.reason} ({verdict.detail})", file=self.stderr, flush=True)
+
+    def log_close(self, connection, reason):
+        request = connection.request
+        up, down = connection.up, connection.down
+        record = {"ts": round(time.time(), 3), "event": "close", "id": connection.id,
+                  "proto": request.proto, "host": connection.log_host(), "port": request.port,
+                  "decision": "allow", "reason": reason,
+                  "address": format_address(connection.address, request.port) if connection.address else None,
+                  "bytes_up": up.count if up else 0, "bytes_down": down.count if down else 0,
+                  "duration": round(time.monotonic() - connection.started, 3)}
+        self._write_log(record)
+        if self.verbose and reason != "closed":
+            print(f"socks_filter: #{connection.id} {record['host']}:{request.port} failed: {reason}",
+                  file=self.stderr, flush=True)
+
+    def log_note(self, connection, text):
+        if self.verbose:
+            print(f"socks_filter: #{connection.id} {text}", file=self.stderr, flush=True)
+
+    def summary(self):
+        denied_hosts = self.stats["denied_hosts"]
+        text = f"socks_filter: {self.stats['allowed']} allowed, {self.stats['denied']} denied"
+        if denied_hosts:
+            shown = [f"{host} (x{count})" if count > 1 else host
+                     for host, count in denied_hosts.most_common(20)]
+            more = len(denied_hosts) - len(shown)
+            text += ": " + ", ".join(shown) + (f", and {more} more" if more > 0 else "")
+        return text
+
+    # -- cleanup ----------------------------------------------------------------------------
+
+    def _close_listeners(self):
+        for listener in self.listeners:
+            listener.close()
+        self.listeners = []
+        for path, inode in self.owned_paths:
+            try:
+                if os.lstat(path).st_ino == inode:
+                    os.unlink(path)
+            except OSError:
+                pass
+        self.owned_paths = []
+
+    def _cleanup(self):
+        self._close_listeners()
+        for connection in list(self.connections):
+            connection.close("proxy-stopped")
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        self.selector.close()
+        if self.log_file is not None:
+            self.log_file.close()
+        with self.wake_lock:
+            os.close(self.wake_read)
+            os.close(self.wake_write)
+            self.wake_write = None
+
+
+def lookup(name, port):
+    """Resolve a name once (in a pool thread); return the unique addresses in the order given."""
+    results = socket.getaddrinfo(name, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    addresses = []
+    for family, _, _, _, sockaddr in results:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            address = ipaddress.ip_address(sockaddr[0].split("%")[0])
+            if address not in addresses:
+                addresses.append(address)
+    return addresses
+
+
+def parse_listen_address(text):
+    """Split a TCP listen address "HOST:PORT" or "[V6]:PORT"; raise ValueError saying why."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"listen address {text!r} is neither a unix socket path (with a '/') "
+                         f"nor HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"listen address {text!r}: host must be an IP address") from None
+    return host, int(port)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def build_parser():
+    parser = OneLineParser(
+        prog="socks_filter.py",
+        description="A filtering SOCKS5/SOCKS4a/HTTP proxy that lets connections through only to "
+                    "allowed destinations. See the module docstring for the full manual.",
+        epilog="example: socks_filter.py --listen /tmp/p.sock --allow api.anthropic.com "
+               "--allow '*.githubusercontent.com:443' --log p.jsonl")
+    parser.add_argument("--listen", action="append", required=True, metavar="ADDR",
+                        help="unix socket path (contains a '/') or HOST:PORT; repeatable; "
+                             "port 0 picks a free port")
+    parser.add_argument("--allow", action="append", default=[], metavar="RULE",
+                        help="allow a destination: name, *.name, IP or [IPv6], network, with "
+                             "optional :PORT")
+    parser.add_argument("--deny", action="append", default=[], metavar="RULE",
+                        help="deny a destination (wins over --allow)")
+    parser.add_argument("--allow-file", action="append", default=[], metavar="FILE",
+                        help="read allow rules from FILE, one per line, '#' comments")
+    parser.add_argument("--allow-private", action="store_true",
+                        help="let allowed names resolve to loopback, private and link-local "
+                             "addresses (off: only an IP rule reaches those)")
+    parser.add_argument("--mode", choices=("enforce", "audit"), default="enforce",
+                        help="audit: let through what passes the name and address checks and "
+                             "log what enforce would decide (default: enforce)")
+    parser.add_argument("--log", metavar="FILE", help="append one JSON object per decision and close")
+    parser.add_argument("--ready-fd", type=int, metavar="FD",
+                        help="write 'ready ADDR...' to this file descriptor once listening")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                        help=f"simultaneous connections served (default {DEFAULT_MAX_CONNECTIONS})")
+    parser.add_argument("--no-sni-check", dest="sni_check", action="store_false",
+                        help="do not compare the TLS server name with the requested host on port 443")
+    parser.add_argument("--verbose", action="store_true", help="a human line per decision on stderr")
+    return parser
+
+
+class UsageError(Exception):
+    """A command-line value argparse cannot check by itself."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Reports a bad argument in one line, not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def policy_from_args(args):
+    allow = [parse_rule(text) for text in args.allow]
+    for path in args.allow_file:
+        allow.extend(read_rule_file(path))
+    deny = [parse_rule(text) for text in args.deny]
+    return Policy(allow, deny, allow_private=args.allow_private, mode=args.mode)
+
+
+def exit_with_parent():
+    """Ask the kernel to send SIGTERM when the parent dies; exit now if it already has."""
+    parent = os.getppid()
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)    # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        sys.exit(0)
+
+
+def raise_fd_limit():
+    """Use the hard limit on open files: each relayed connection holds two descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    name = parser.prog
+    try:
+        if args.max_connections < 1:
+            raise UsageError("--max-connections must be at least 1")
+        if args.ready_fd is not None:
+            try:
+                os.fstat(args.ready_fd)
+            except OSError:
+                raise UsageError(f"--ready-fd {args.ready_fd} is not an open file descriptor") from None
+        for spec in args.listen:
+            if "/" not in spec:
+                parse_listen_address(spec)
+        policy = policy_from_args(args)
+    except (RuleError, UsageError, ValueError) as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return 2
+    exit_with_parent()
+    raise_fd_limit()
+    server = FilterServer(policy, args.listen, log_path=args.log, verbose=args.verbose,
+                          max_connections=args.max_connections, sni_check=args.sni_check)
+    try:
+        addresses = server.start()
+    except (OSError, ValueError) as error:
+        print(f"{name}: error: cannot listen: {error}", file=sys.stderr)
+        return 2
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda *_: server.shutdown())
+    line = "ready " + " ".join(addresses) + "\n"
+    if args.ready_fd is not None:
+        os.write(args.ready_fd, line.encode())
+        os.close(args.ready_fd)
+    else:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    server.serve_forever()
+    print(server.summary(), file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
