@@ -65,6 +65,7 @@ import argparse
 import collections
 import concurrent.futures
 import errno
+import fcntl
 import heapq
 import ipaddress
 import itertools
@@ -86,12 +87,14 @@ CONNECT_TIMEOUT = 10.0        # seconds for the lookup and the upstream connect 
 CLOSING_TIMEOUT = 5.0         # seconds to deliver a failure reply before closing anyway
 MAX_HEAD_BYTES = 16384        # largest HTTP request head accepted
 MAX_CLIENT_HELLO = 65536      # largest TLS ClientHello gathered for the SNI check
-RELAY_CHUNK = 262144          # one read while relaying; one shared buffer of this size
+RELAY_CHUNK = 262144          # one read while relaying, and the relay pipe's size
 DNS_WORKERS = 8
 OVERFLOW_CONNECTIONS = 64     # over the limit, this many more get a proper refusal
 ACCEPT_BACKOFF = 0.1          # pause accepting this long when out of file descriptors
 
 DEFAULT_MAX_CONNECTIONS = 1024
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,7 +709,12 @@ OTHER_FAILURE = ("connect-failed", 0x01, 502)
 # The server: one selectors loop, non-blocking sockets, lookups in a small thread pool.
 
 class Direction:
-    """Bytes flowing one way between two sockets, with at most one read's worth pending."""
+    """Bytes flowing one way between two sockets.
+
+    Relayed bytes move socket -> pipe -> socket with splice(), never through Python: the pipe
+    is the buffer, created on the first read, holding at most one read (RELAY_CHUNK) that the
+    target has not taken yet. `pending` holds only the bytes the handshake already read.
+    """
 
     def __init__(self, source, target, limit=None):
         self.source, self.target = source, target
@@ -715,6 +723,25 @@ class Direction:
         self.ended = False          # the source finished (EOF or limit reached)
         self.shut = False           # the end was passed on to the target
         self.count = 0
+        self.pipe = None
+        self.in_pipe = 0
+
+    def waiting(self):
+        """True while bytes read from the source wait to be written to the target."""
+        return bool(self.pending) or self.in_pipe > 0
+
+    def open_pipe(self):
+        self.pipe = os.pipe()
+        try:
+            fcntl.fcntl(self.pipe[1], F_SETPIPE_SZ, RELAY_CHUNK)
+        except OSError:
+            pass
+
+    def close_pipe(self):
+        if self.pipe is not None:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+            self.pipe = None
 
 
 class Connection:
@@ -967,22 +994,27 @@ class Connection:
     def update_events(self):
         """Read a side only while nothing waits to be written for it; write where bytes wait."""
         client_events = upstream_events = 0
-        if not self.up.ended and not self.up.pending:
+        if not self.up.ended and not self.up.waiting():
             client_events |= selectors.EVENT_READ
-        if not self.down.ended and not self.down.pending:
+        if not self.down.ended and not self.down.waiting():
             upstream_events |= selectors.EVENT_READ
-        if self.up.pending:
+        if self.up.waiting():
             upstream_events |= selectors.EVENT_WRITE
-        if self.down.pending:
+        if self.down.waiting():
             client_events |= selectors.EVENT_WRITE
         self.server.watch(self.client, self, "client", client_events)
         self.server.watch(self.upstream, self, "upstream", upstream_events)
 
     def relay_read(self, direction):
-        server = self.server
         want = RELAY_CHUNK if direction.limit is None else min(RELAY_CHUNK, direction.limit)
+        if direction.pipe is None:
+            try:
+                direction.open_pipe()
+            except OSError:
+                self.close("out-of-descriptors")
+                return
         try:
-            received = direction.source.recv_into(server.buffer, want)
+            received = os.splice(direction.source.fileno(), direction.pipe[1], want, flags=SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -996,16 +1028,15 @@ class Connection:
         if direction.limit is not None:
             direction.limit -= received
             direction.ended = direction.limit == 0
-        view = server.view[:received]
         try:
-            sent = direction.target.send(view)
+            sent = os.splice(direction.pipe[0], direction.target.fileno(), received, flags=SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
             self.close("closed")
             return
         if sent < received:
-            direction.pending = bytes(view[sent:])
+            direction.in_pipe = received - sent
             self.update_events()
         elif direction.ended:
             self.pass_end(direction)
@@ -1020,14 +1051,23 @@ class Connection:
                 self.close("closed")
                 return
             direction.pending = direction.pending[sent:]
-        if not direction.pending and direction.ended:
+        if not direction.pending and direction.in_pipe:
+            try:
+                sent = os.splice(direction.pipe[0], direction.target.fileno(), direction.in_pipe, flags=SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.close("closed")
+                return
+            direction.in_pipe -= sent
+        if not direction.waiting() and direction.ended:
             self.pass_end(direction)
 
     def pass_end(self, direction):
         """The source finished and everything is written: pass the end on, or close if both ended."""
         if self.closed:
             return
-        if direction.pending:
+        if direction.waiting():
             self.update_events()
             return
         if not direction.shut:
@@ -1142,6 +1182,9 @@ class Connection:
             self.closed_logged = True
             self.server.log_close(self, reason)
         self.server.forget(self)
+        for direction in (self.up, self.down):
+            if direction is not None:
+                direction.close_pipe()
         for sock in (self.client, self.upstream):
             if sock is not None:
                 self.server.unwatch(sock)
@@ -1172,8 +1215,6 @@ class FilterServer:
         self.registered = {}
         self.deadlines = []
         self.resolved = collections.deque()
-        self.buffer = bytearray(RELAY_CHUNK)
-        self.view = memoryview(self.buffer)
         self.pool = None
         self.log_file = None
         self.stopping = False
