@@ -85,6 +85,7 @@ import time
 HANDSHAKE_TIMEOUT = 10.0      # seconds a client may take to say where it wants to go
 CONNECT_TIMEOUT = 10.0        # seconds for the lookup and the upstream connect together
 CLOSING_TIMEOUT = 5.0         # seconds to deliver a failure reply before closing anyway
+MAX_DRAIN_BYTES = 1 << 20     # what a refused client may still send while it reads the reply
 MAX_HEAD_BYTES = 16384        # largest HTTP request head accepted
 MAX_CLIENT_HELLO = 65536      # largest TLS ClientHello gathered for the SNI check
 RELAY_CHUNK = 262144          # one read while relaying, and the relay pipe's size
@@ -499,6 +500,7 @@ def parse_socks4_request(data):
     return Request("socks4a", str(ipaddress.IPv4Address(bytes(data[4:8]))), port), user_end + 1
 
 
+BARE_LF_RE = re.compile(rb"(?<!\r)\n")
 TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 FIELD_VALUE_RE = re.compile(rb"[\t\x20-\x7e]*\Z")
 AUTHORITY_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?\Z")
@@ -534,6 +536,8 @@ def _same_host(a, b):
 def split_http_head(data):
     """Return (request line, [(name, value)], bytes used) for a complete, strictly formed head."""
     end = data.find(b"\r\n\r\n")
+    if BARE_LF_RE.search(data, 0, end + 2 if end >= 0 else len(data)):
+        raise ProtocolError("bare LF in request head")
     if end < 0:
         if len(data) > MAX_HEAD_BYTES:
             raise ProtocolError("request head too large", http=431)
@@ -598,7 +602,8 @@ def parse_http_request(data):
     listed = {token.strip().lower() for name, value in headers if name.lower() == "connection"
               for token in value.split(",")}
     kept = [f"{name}: {value}\r\n" for name, value in headers
-            if name.lower() not in HOP_BY_HOP and name.lower() not in listed and name.lower() != "host"]
+            if name.lower() not in HOP_BY_HOP and name.lower() not in listed
+            and name.lower() != "host" and not name.lower().startswith("proxy-")]
     head = f"{method} {path} {version}\r\nHost: {authority}\r\n{''.join(kept)}Connection: close\r\n\r\n"
     host = host.strip("[]") if host.startswith("[") else host
     return Request("http", host, port, head.encode("ascii"), body_length), used
@@ -765,6 +770,7 @@ class Connection:
         self.client_pending = b""
         self.logged_decision = False
         self.closed_logged = False
+        self.drained = 0
 
     # -- handshake --------------------------------------------------------------------------
 
@@ -1119,8 +1125,10 @@ class Connection:
             data = b""
         if not data:
             self.close()
-        elif self.stage == "closing":
-            return
+        elif self.stage in ("closing", "draining"):
+            self.drained += len(data)
+            if self.drained > MAX_DRAIN_BYTES:
+                self.close()
         elif self.stage == "sni":
             self.inbuf += data
             self.check_sni()
@@ -1143,10 +1151,22 @@ class Connection:
                 return
             self.client_pending = self.client_pending[sent:]
         if self.stage == "closing" and not self.client_pending:
-            self.close()
+            self.linger()
         elif self.stage not in ("relay", "connecting"):
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.client_pending else 0)
             self.server.watch(self.client, self, "client", events)
+
+    def linger(self):
+        """The final reply is written: end our side, but read (and drop) what the client is
+        still sending until it closes, so that unread bytes do not make the kernel reset the
+        connection before the client has read the reply."""
+        self.stage = "draining"
+        try:
+            self.client.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self.server.watch(self.client, self, "client", selectors.EVENT_READ)
 
     def finish_with(self, reply):
         """Send a final reply, then close once it is written (or the closing deadline passes)."""
