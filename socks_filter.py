@@ -227,12 +227,18 @@ def is_public_address(address):
 
 
 def display_host(text):
-    """The host as the log and messages show it: canonical when it parses, else as received."""
+    """The host as logs and messages show it: canonical when it parses, else escaped so that a
+    hostile name cannot put control characters into a terminal or a log reader."""
     try:
         kind, value = classify_host(text)
     except BadName:
-        return text[:255]
+        return "".join(c if "!" <= c <= "~" else f"\\x{ord(c):02x}" for c in text[:255])
     return str(value)
+
+
+def host_port(host, port):
+    """host:port, with brackets around an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host and parse_ip_spelling(host) else f"{host}:{port}"
 
 
 def format_address(address, port):
@@ -690,11 +696,10 @@ def http_reply(status, message, proxy_error):
 
 def denial_message(host, port, verdict):
     """What a denied HTTP client is told: who was refused, why, and which rule would allow it."""
-    host = display_host(host)
-    shown = f"[{host}]" if ":" in host else host
-    text = f"socks_filter: connection to {shown}:{port} denied ({verdict.reason}: {verdict.detail})."
+    shown = host_port(display_host(host), port)
+    text = f"socks_filter: connection to {shown} denied ({verdict.reason}: {verdict.detail})."
     if verdict.reason in ("not-in-allowlist", "ip-literal-not-allowed", "private-address"):
-        text += f"\nTo allow it, add the allow rule '{shown}:{port}'."
+        text += f"\nTo allow it, add the allow rule '{shown}'."
     return text
 
 
@@ -837,6 +842,7 @@ class Connection:
 
     def decide(self):
         request = self.request
+        self.server.handshaking.pop(self, None)
         if self.refusing:
             verdict = Verdict(False, "too-many-connections", "the proxy is at its connection limit")
             self.server.log_decision(self, request.proto, request.host, request.port, verdict)
@@ -1232,6 +1238,8 @@ class FilterServer:
         self.addresses = []
         self.owned_paths = []
         self.connections = set()
+        self.handshaking = {}       # clients still saying where to go, oldest first: at the
+                                    # connection limit the oldest one makes room for a newcomer
         self.registered = {}
         self.deadlines = []
         self.resolved = collections.deque()
@@ -1366,6 +1374,8 @@ class FilterServer:
                 if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._pause_accepting()
                 return
+            if len(self.connections) >= self.max_connections and self.handshaking:
+                next(iter(self.handshaking)).close()
             active = len(self.connections)
             if active >= self.max_connections + OVERFLOW_CONNECTIONS:
                 client.close()
@@ -1374,6 +1384,7 @@ class FilterServer:
             client.setblocking(False)
             connection = Connection(self, client, refusing=active >= self.max_connections)
             self.connections.add(connection)
+            self.handshaking[connection] = None
             self.set_deadline(connection, HANDSHAKE_TIMEOUT)
             self.watch(client, connection, "client", selectors.EVENT_READ)
 
@@ -1430,6 +1441,7 @@ class FilterServer:
 
     def forget(self, connection):
         self.connections.discard(connection)
+        self.handshaking.pop(connection, None)
 
     def resolve(self, connection, name, port):
         future = self.pool.submit(lookup, name, port)
@@ -1460,14 +1472,13 @@ class FilterServer:
         if verdict.allowed:
             self.stats["allowed"] += 1
         else:
-            shown = f"[{host}]" if ":" in host else host
-            self._count_denied(f"{shown}:{port}" if host else "(malformed request)")
+            self._count_denied(host_port(host, port) if host else "(malformed request)")
         self._write_log(record)
         if self.verbose:
             action = "allow" if verdict.allowed else "DENY"
             if not verdict.enforced:
                 action = "allow (audit: would deny)"
-            print(f"socks_filter: #{connection.id} {proto} {host}:{port} {action}: "
+            print(f"socks_filter: #{connection.id} {proto} {host_port(host, port)} {action}: "
                   f"{verdict.reason} ({verdict.detail})", file=self.stderr, flush=True)
 
     def log_close(self, connection, reason):
