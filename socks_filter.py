@@ -117,11 +117,10 @@ BLOCKED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
     "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
     "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
-    "::/96", "::1/128", "64:ff9b:1::/48", "100::/64", "2001::/32", "2001:db8::/32",
+    "::/96", "::1/128", "64:ff9b:1::/48", "100::/64", "2001::/32", "2001:db8::/32", "2002::/16",
     "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
 ))
 NAT64_NETWORK = ipaddress.ip_network("64:ff9b::/96")
-SIXTOFOUR_NETWORK = ipaddress.ip_network("2002::/16")
 
 # Suffixes under which anyone can get a name of their own: a wildcard over one allows strangers.
 SHARED_SUFFIXES = frozenset((
@@ -204,7 +203,8 @@ def classify_host(text):
 
 
 def embedded_ipv4(address):
-    """IPv4 addresses an IPv6 address carries inside it (NAT64, 6to4, IPv4-mapped)."""
+    """IPv4 addresses an IPv6 address carries inside it (IPv4-mapped, NAT64). 6to4 and Teredo
+    are blocked whole: deprecated, and Python versions disagree on whether they are global."""
     if address.version != 6:
         return []
     found = []
@@ -212,8 +212,6 @@ def embedded_ipv4(address):
         found.append(address.ipv4_mapped)
     if address in NAT64_NETWORK:
         found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-    if address.sixtofour:
-        found.append(address.sixtofour)
     return found
 
 
