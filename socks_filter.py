@@ -63,7 +63,6 @@ LIMITS
 
 import argparse
 import collections
-import concurrent.futures
 import errno
 import fcntl
 import heapq
@@ -71,6 +70,7 @@ import ipaddress
 import itertools
 import json
 import os
+import queue
 import re
 import resource
 import selectors
@@ -90,6 +90,7 @@ MAX_HEAD_BYTES = 16384        # largest HTTP request head accepted
 MAX_CLIENT_HELLO = 65536      # largest TLS ClientHello gathered for the SNI check
 RELAY_CHUNK = 262144          # one read while relaying, and the relay pipe's size
 DNS_WORKERS = 8
+MAX_TRACKED_HOSTS = 1000      # distinct hosts counted for the exit summary
 OVERFLOW_CONNECTIONS = 64     # over the limit, this many more get a proper refusal
 ACCEPT_BACKOFF = 0.1          # pause accepting this long when out of file descriptors
 
@@ -821,7 +822,9 @@ class Connection:
         proto = {"socks5-greeting": "socks5", "socks5-request": "socks5", "socks4": "socks4a",
                  "http": "http"}.get(self.stage, "unknown")
         self.server.log_decision(self, proto, "", 0, Verdict(False, "bad-request", str(error)))
-        if self.stage.startswith("socks5"):
+        if self.stage == "socks5-greeting":
+            self.finish_with(b"\x05\xff")
+        elif self.stage == "socks5-request":
             self.finish_with(socks5_reply(error.socks5))
         elif self.stage == "socks4":
             self.finish_with(socks4_reply(False))
@@ -840,7 +843,7 @@ class Connection:
 
     def decide(self):
         request = self.request
-        self.server.handshaking.pop(self, None)
+        self.server.idle.pop(self, None)
         if self.refusing:
             verdict = Verdict(False, "too-many-connections", "the proxy is at its connection limit")
             self.server.log_decision(self, request.proto, request.host, request.port, verdict)
@@ -939,6 +942,7 @@ class Connection:
             self.send_to_client(b"HTTP/1.1 200 Connection established\r\n\r\n")
         if self.wants_sni_check():
             self.stage = "sni"
+            self.server.idle[self] = None
             self.server.set_deadline(self, HANDSHAKE_TIMEOUT)
             self.server.unwatch(self.upstream)
             self.server.watch(self.client, self, "client", selectors.EVENT_READ)
@@ -982,6 +986,7 @@ class Connection:
     # -- relay ------------------------------------------------------------------------------
 
     def start_relay(self):
+        self.server.idle.pop(self, None)
         limit = self.request.body_length if self.request.proto == "http" else None
         self.up = Direction(self.client, self.upstream, limit)
         self.down = Direction(self.upstream, self.client)
@@ -993,7 +998,7 @@ class Connection:
             self.up.limit -= len(first) - len(self.request.head)
             self.up.ended = self.up.limit == 0
         self.up.pending = first
-        self.up.count = len(first) - len(self.request.head)
+        self.up.count = len(first)
         self.stage = "relay"
         self.flush(self.up)
         if not self.closed:
@@ -1175,6 +1180,8 @@ class Connection:
     def finish_with(self, reply):
         """Send a final reply, then close once it is written (or the closing deadline passes)."""
         self.stage = "closing"
+        self.server.idle.pop(self, None)
+        self.server.idle[self] = None
         self.server.set_deadline(self, CLOSING_TIMEOUT)
         if self.upstream is not None:
             self.drop_upstream()
@@ -1236,36 +1243,45 @@ class FilterServer:
         self.addresses = []
         self.owned_paths = []
         self.connections = set()
-        self.handshaking = {}       # clients still saying where to go, oldest first: at the
-                                    # connection limit the oldest one makes room for a newcomer
+        self.idle = {}              # clients holding a slot without relaying (in a handshake,
+                                    # awaiting a ClientHello, or being refused), oldest first:
+                                    # at the connection limit the oldest makes room for a newcomer
         self.registered = {}
         self.deadlines = []
         self.resolved = collections.deque()
-        self.pool = None
+        self.resolver = Resolver(self._resolved)
         self.log_file = None
         self.stopping = False
         self.accept_paused_until = None
-        self.stats = {"allowed": 0, "denied": 0, "denied_hosts": collections.Counter()}
+        self.stats = {"allowed": 0, "denied": 0, "denied_hosts": collections.Counter(),
+                      "audited_hosts": collections.Counter()}
         self.wake_lock = threading.Lock()
-        self.wake_read, self.wake_write = os.pipe()
-        os.set_blocking(self.wake_read, False)
-        os.set_blocking(self.wake_write, False)
+        self.wake_read = self.wake_write = None
 
     # -- setup ------------------------------------------------------------------------------
 
     def start(self):
-        if self.log_path:
-            self.log_file = open(self.log_path, "a", buffering=1, encoding="utf-8")
+        """Open the log and every listener; on any failure release what was opened and raise."""
         try:
+            if self.log_path:
+                try:
+                    self.log_file = open(self.log_path, "a", buffering=1, encoding="utf-8")
+                except OSError as error:
+                    raise OSError(f"cannot open the log: {error}") from None
             for spec in self.listen_specs:
-                self.listeners.append(self._listen(spec))
+                try:
+                    self.listeners.append(self._listen(spec))
+                except OSError as error:
+                    raise OSError(f"cannot listen on {spec}: {error.strerror or error}") from None
+            self.wake_read, self.wake_write = os.pipe()
         except Exception:
-            self._close_listeners()
+            self._release()
             raise
+        os.set_blocking(self.wake_read, False)
+        os.set_blocking(self.wake_write, False)
         self.selector.register(self.wake_read, selectors.EVENT_READ, None)
         for listener in self.listeners:
             self.selector.register(listener, selectors.EVENT_READ, "listener")
-        self.pool = concurrent.futures.ThreadPoolExecutor(DNS_WORKERS, thread_name_prefix="lookup")
         return self.addresses
 
     def _listen(self, spec):
@@ -1340,17 +1356,18 @@ class FilterServer:
             self._cleanup()
 
     def shutdown(self):
-        """Ask serve_forever() to stop; safe from other threads and signal handlers."""
+        """Ask serve_forever() to stop; safe from other threads and from signal handlers
+        (which is why it takes no lock: the handler may interrupt a holder of it)."""
         self.stopping = True
-        self._wake()
+        self._write_wake()
 
-    def _wake(self):
-        with self.wake_lock:
-            if self.wake_write is not None:
-                try:
-                    os.write(self.wake_write, b"x")
-                except OSError:
-                    pass
+    def _write_wake(self):
+        fd = self.wake_write
+        if fd is not None:
+            try:
+                os.write(fd, b"x")
+            except OSError:
+                pass
 
     def _drain_wake(self):
         try:
@@ -1372,8 +1389,8 @@ class FilterServer:
                 if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._pause_accepting()
                 return
-            if len(self.connections) >= self.max_connections and self.handshaking:
-                next(iter(self.handshaking)).close()
+            if len(self.connections) >= self.max_connections and self.idle:
+                next(iter(self.idle)).close()
             active = len(self.connections)
             if active >= self.max_connections + OVERFLOW_CONNECTIONS:
                 client.close()
@@ -1382,7 +1399,7 @@ class FilterServer:
             client.setblocking(False)
             connection = Connection(self, client, refusing=active >= self.max_connections)
             self.connections.add(connection)
-            self.handshaking[connection] = None
+            self.idle[connection] = None
             self.set_deadline(connection, HANDSHAKE_TIMEOUT)
             self.watch(client, connection, "client", selectors.EVENT_READ)
 
@@ -1439,16 +1456,16 @@ class FilterServer:
 
     def forget(self, connection):
         self.connections.discard(connection)
-        self.handshaking.pop(connection, None)
+        self.idle.pop(connection, None)
 
     def resolve(self, connection, name, port):
-        future = self.pool.submit(lookup, name, port)
-        future.add_done_callback(lambda done: self._resolved(connection, done))
+        self.resolver.submit(connection, name, port)
 
-    def _resolved(self, connection, future):
-        error = future.exception()
-        self.resolved.append((connection, None if error else future.result(), error))
-        self._wake()
+    def _resolved(self, connection, addresses, error):
+        """Called on a resolver thread: hand the answer to the loop and wake it."""
+        self.resolved.append((connection, addresses, error))
+        with self.wake_lock:
+            self._write_wake()
 
     # -- logging ----------------------------------------------------------------------------
 
@@ -1458,7 +1475,7 @@ class FilterServer:
 
     def _count_denied(self, key):
         self.stats["denied"] += 1
-        self.stats["denied_hosts"][key] += 1
+        _count_host(self.stats["denied_hosts"], key)
 
     def log_decision(self, connection, proto, host, port, verdict):
         host = display_host(host) if host else host
@@ -1469,6 +1486,8 @@ class FilterServer:
             record["enforced"] = False
         if verdict.allowed:
             self.stats["allowed"] += 1
+            if not verdict.enforced:
+                _count_host(self.stats["audited_hosts"], host_port(host, port))
         else:
             self._count_denied(host_port(host, port) if host else "(malformed request)")
         self._write_log(record)
@@ -1498,13 +1517,10 @@ class FilterServer:
             print(f"socks_filter: #{connection.id} {text}", file=self.stderr, flush=True)
 
     def summary(self):
-        denied_hosts = self.stats["denied_hosts"]
+        """One line: counts, the denied hosts, and in audit mode the hosts enforce would deny."""
         text = f"socks_filter: {self.stats['allowed']} allowed, {self.stats['denied']} denied"
-        if denied_hosts:
-            shown = [f"{host} (x{count})" if count > 1 else host
-                     for host, count in denied_hosts.most_common(20)]
-            more = len(denied_hosts) - len(shown)
-            text += ": " + ", ".join(shown) + (f", and {more} more" if more > 0 else "")
+        text += _count_list(": ", self.stats["denied_hosts"])
+        text += _count_list("; audit let through what enforce would deny: ", self.stats["audited_hosts"])
         return text
 
     # -- cleanup ----------------------------------------------------------------------------
@@ -1522,18 +1538,72 @@ class FilterServer:
         self.owned_paths = []
 
     def _cleanup(self):
-        self._close_listeners()
         for connection in list(self.connections):
             connection.close("proxy-stopped")
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+        self._release()
+
+    def _release(self):
+        self._close_listeners()
+        self.resolver.stop()
         self.selector.close()
         if self.log_file is not None:
             self.log_file.close()
+            self.log_file = None
         with self.wake_lock:
-            os.close(self.wake_read)
-            os.close(self.wake_write)
-            self.wake_write = None
+            fds, self.wake_read, self.wake_write = (self.wake_read, self.wake_write), None, None
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+
+
+def _count_host(counter, key):
+    """Count per host, but remember at most MAX_TRACKED_HOSTS of them: a client inventing a
+    new name per request must not grow the proxy's memory."""
+    if key not in counter and len(counter) >= MAX_TRACKED_HOSTS - 1:
+        key = "(other hosts)"
+    counter[key] += 1
+
+
+def _count_list(prefix, counter, most=20):
+    """ "prefix a (x3), b, and 4 more", or "" for an empty counter."""
+    if not counter:
+        return ""
+    shown = [f"{key} (x{count})" if count > 1 else key for key, count in counter.most_common(most)]
+    more = len(counter) - len(shown)
+    return prefix + ", ".join(shown) + (f", and {more} more" if more > 0 else "")
+
+
+class Resolver:
+    """Looks names up on a few daemon threads, so the loop never waits for DNS and a resolver
+    that does not answer cannot hold the process when it exits."""
+
+    def __init__(self, deliver, workers=DNS_WORKERS):
+        self.deliver, self.workers = deliver, workers
+        self.requests = queue.SimpleQueue()
+        self.threads = []
+
+    def submit(self, connection, name, port):
+        if len(self.threads) < self.workers:
+            thread = threading.Thread(target=self._work, name="lookup", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        self.requests.put((connection, name, port))
+
+    def _work(self):
+        while True:
+            item = self.requests.get()
+            if item is None:
+                return
+            connection, name, port = item
+            try:
+                self.deliver(connection, lookup(name, port), None)
+            except (OSError, UnicodeError, ValueError) as error:
+                self.deliver(connection, None, error)
+
+    def stop(self):
+        for _ in self.threads:
+            self.requests.put(None)
+        self.threads = []
 
 
 def lookup(name, port):
@@ -1666,7 +1736,7 @@ def main(argv=None):
     try:
         addresses = server.start()
     except (OSError, ValueError) as error:
-        print(f"{name}: error: cannot listen: {error}", file=sys.stderr)
+        print(f"{name}: error: {error}", file=sys.stderr)
         return 2
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: server.shutdown())
