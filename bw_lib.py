@@ -1,0 +1,1259 @@
+"""Run an AI coding CLI inside a bubblewrap sandbox, optionally with filtered network.
+
+This module is the whole of bw-claude and bw-gemini; the two entry scripts only pick
+a profile and call main().  Python 3.11 standard library only.
+
+What the sandbox sees
+    /usr, /bin, /sbin, /lib*, /opt   read-only, laid out as on the host
+    /etc                             only what name resolution, TLS, users, locale,
+                                     time zone and /etc/alternatives need
+    /dev, /proc                      fresh and minimal
+    /tmp, /var/tmp                   private, empty, gone when the session ends
+    $HOME                            a private, empty directory for this session, with:
+        the CLI's state (~/.claude/, ~/.gemini/)                 read-write
+        tool directories (.cargo, .nvm, .local/bin, .gitconfig...)  read-only
+        the CLI's install, wherever it is                        read-only
+    the project directory (--dir)    read-write, the working directory
+  Never visible: ~/.ssh, ~/.aws, ~/.gnupg, ~/.kube, ~/.docker, ~/.netrc,
+  ~/.password-store, browser profiles, ~/.config/gh and the other SECRETS below,
+  not even with --full-home-access.  Nothing from /run, $XDG_RUNTIME_DIR or the
+  host's /tmp, so no host unix socket (ssh-agent, D-Bus, docker.sock) is reachable.
+  Namespaces: user, pid, ipc, uts, cgroup (and net with --unshare-net); no nested user
+  namespaces (--disable-userns, bubblewrap >= 0.8); all capabilities dropped; a seccomp
+  filter makes ioctl(TIOCSTI) and ioctl(TIOCLINUX) fail, so nothing inside can type
+  into the user's shell through the shared terminal; only stdin, stdout and stderr are
+  inherited; the sandbox dies with the wrapper.  The environment is rebuilt from an
+  allow list (ENV_NAMES and the profile's own), then --pass-env, then --env; it reaches
+  bwrap as its environment, never on its command line, so `ps` shows no API key.
+
+Files that run code later, outside the sandbox
+  .git/hooks, .git/config, .claude/settings*.json, .claude/commands, .claude/agents,
+  .mcp.json, .gemini/settings.json, .vscode, .idea in the project, and the CLI's own
+  settings in ~/.claude or ~/.gemini, stay read-only although their parent is writable
+  (PROTECTED_*).  A missing one is held by an empty placeholder ({} for .json) for the
+  session, removed at exit, so it cannot be created; the directories between it and the
+  project are bound onto themselves, so `mv .git elsewhere` fails (a mount point cannot
+  be renamed).  The CLI's home settings file is the exception it needs: the sandbox gets
+  a copy, and at exit only changes to the profile's `guarded` keys (model, the accepted
+  bypass-permissions prompt...) go back; hooks, env, permissions and helpers never do.
+  --allow-config-writes turns all of this off.
+
+~/.claude.json
+  Claude writes it with a temporary file, rename() and a lock directory, all beside
+  the file in $HOME.  rename() onto a single-file bind mount fails (EBUSY), so the
+  file is not bound: it is copied into the session's home at start and, if the CLI
+  changed it, written back at exit under Claude's own lock, merged key by key with
+  any change another Claude made to the host's copy meanwhile.
+
+--filter-network
+  A private directory (mode 0700, under $XDG_RUNTIME_DIR when set) holds the unix
+  socket of socks_filter.py, started for this session with the profile's allow list.
+  The socket is bound into the sandbox, and socat_bridge.sh, the sandbox's first
+  process, forwards 127.0.0.1:PORT (a port the kernel picks) to it, sets
+  HTTP(S)_PROXY, ALL_PROXY and NO_PROXY, then execs the CLI.  With --unshare-net the
+  sandbox has no other way out; without it, programs that ignore proxy variables go
+  around the filter (advisory mode, said at start).  At exit the proxy is stopped,
+  the directory removed, and one line on stderr sums up the session's connections,
+  giving for each blocked destination the option that would allow it.
+  The private directory exists for every session (it holds the session's home) and is
+  locked while the session lives; a run after one killed with SIGKILL removes it.
+
+Terminal and signals
+  The CLI shares the wrapper's terminal and process group (no --new-session, which
+  breaks TUIs), so Ctrl-C and window resizes reach it directly.  The wrapper and
+  bwrap ignore SIGINT while the CLI runs (bwrap would die and take the sandbox with
+  it), and the CLI gets it back by `env --default-signal`; the proxy runs in a session
+  of its own and socat_bridge.sh starts socat with setsid, so Ctrl-C never cuts the
+  network.  SIGTERM and SIGHUP end the session with full clean-up.  The CLI's exit
+  status is the wrapper's.
+
+Exit status: the CLI's; 2 for bad options; 127 when bwrap, socat or the CLI is
+missing; 1 for other errors.  Errors are one line on stderr.
+"""
+
+import argparse
+import contextlib
+import fcntl
+import fnmatch
+import glob
+import json
+import os
+import select
+import shlex
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.realpath(__file__))
+FILTER_SCRIPT = os.path.join(HERE, "socks_filter.py")
+BRIDGE_SCRIPT = os.path.join(HERE, "socat_bridge.sh")
+
+# Where the proxy socket and the bridge script appear inside the sandbox.
+SANDBOX_RUN = "/run/bw"
+SANDBOX_SOCKET = SANDBOX_RUN + "/proxy.sock"
+SANDBOX_BRIDGE = SANDBOX_RUN + "/socat_bridge.sh"
+
+PROXY_READY_SECONDS = 10
+STOP_SECONDS = 5
+STATE_FILE_LIMIT = 64 << 20
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything that differs between the CLIs, as data."""
+    name: str               # the command, looked up on PATH
+    tool: str               # the wrapper's name, used in messages and config paths
+    lookup: tuple           # home-relative places tried after PATH
+    install_hint: str
+    state_dirs: tuple       # home-relative, bound read-write (created if missing)
+    state_files: tuple      # home-relative, copied in and merged back (see above)
+    allow: tuple            # default allow list for --filter-network
+    env_names: tuple        # host variables passed through (fnmatch patterns)
+    env: tuple = ()         # (name, value) set inside
+    cli_args: tuple = ()    # put before the user's arguments
+    helpers: tuple = ()     # other programs the CLI needs visible (found on PATH)
+    guarded: tuple = ()     # (home-relative settings file, dotted keys the sandbox may change)
+
+
+PROFILES = {
+    "claude": Profile(
+        name="claude",
+        tool="bw-claude",
+        lookup=(".claude/local/claude", ".local/bin/claude"),
+        install_hint="npm install -g @anthropic-ai/claude-code",
+        state_dirs=(".claude",),
+        state_files=(".claude.json",),
+        allow=("api.anthropic.com", "claude.ai", "claude.com", "platform.claude.com",
+               "console.anthropic.com"),
+        env_names=("ANTHROPIC_*", "CLAUDE_CODE_*", "DISABLE_TELEMETRY", "DISABLE_ERROR_REPORTING",
+                   "DISABLE_BUG_COMMAND", "MAX_THINKING_TOKENS", "BASH_DEFAULT_TIMEOUT_MS",
+                   "BASH_MAX_TIMEOUT_MS", "MCP_TIMEOUT"),
+        # The install is read-only, and the sandbox is what makes skipping prompts safe.
+        env=(("DISABLE_AUTOUPDATER", "1"), ("IS_SANDBOX", "1")),
+        cli_args=("--allow-dangerously-skip-permissions",),
+        guarded=((".claude/settings.json", ("skipDangerousModePermissionPrompt", "model",
+                                            "outputStyle", "alwaysThinkingEnabled",
+                                            "spinnerTipsEnabled", "feedbackSurveyState")),),
+    ),
+    "gemini": Profile(
+        name="gemini",
+        tool="bw-gemini",
+        lookup=(),
+        install_hint="npm install -g @google/gemini-cli",
+        state_dirs=(".gemini",),
+        state_files=(),
+        allow=("generativelanguage.googleapis.com", "cloudcode-pa.googleapis.com",
+               "oauth2.googleapis.com", "www.googleapis.com", "accounts.google.com"),
+        env_names=("GEMINI_*", "GOOGLE_GEMINI_BASE_URL", "GOOGLE_API_KEY", "GOOGLE_CLOUD_PROJECT",
+                   "GOOGLE_CLOUD_LOCATION",
+                   "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_GCA"),
+        helpers=("node",),
+        guarded=((".gemini/settings.json", ("security.auth.selectedType", "ui.theme",
+                                            "model.name", "general.vimMode")),),
+    ),
+}
+
+# Host variables every sandbox gets, when set.
+ENV_NAMES = ("USER", "LOGNAME", "PATH", "SHELL", "TERM", "COLORTERM", "TERM_PROGRAM",
+             "TERM_PROGRAM_VERSION", "NO_COLOR", "FORCE_COLOR", "LANG", "LANGUAGE", "LC_*", "TZ")
+
+# Read-only from the host, when present.  A symlink (merged /usr) is recreated as one.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
+ETC_ENTRIES = ("alternatives", "bash.bashrc", "ca-certificates", "ca-certificates.conf",
+               "crypto-policies", "debian_version", "gai.conf", "gitconfig", "group", "host.conf",
+               "hostname", "hosts", "inputrc", "ld.so.cache", "ld.so.conf", "ld.so.conf.d",
+               "locale.alias", "locale.conf", "localtime", "lsb-release", "mime.types",
+               "nsswitch.conf", "os-release", "passwd", "pki", "profile", "protocols",
+               "resolv.conf", "services", "shells", "ssl", "terminfo", "timezone", "vim")
+
+# Home-relative tool directories made visible read-only, when present.
+HOME_TOOLS = (".cargo", ".rustup", ".npm", ".nvm", ".pyenv", ".rbenv", ".volta", ".bun",
+              ".deno", ".local/bin", ".local/lib", "go", ".gitconfig", ".config/git",
+              ".inputrc", ".vimrc")
+
+# Home-relative paths never visible: hidden by an empty mount wherever a bind exposes them.
+SECRETS = (".ssh", ".aws", ".gnupg", ".kube", ".docker", ".netrc", ".password-store",
+           ".git-credentials", ".npmrc", ".pypirc", ".vault-token", ".azure", ".pki",
+           ".config/gh", ".config/hub", ".config/gcloud", ".config/op", ".config/git/credentials",
+           ".cargo/credentials", ".cargo/credentials.toml", ".terraform.d/credentials.tfrc.json",
+           ".local/share/keyrings", ".mozilla", ".thunderbird", ".config/google-chrome",
+           ".config/chromium", ".config/BraveSoftware", ".config/microsoft-edge",
+           ".config/vivaldi", ".config/opera", ".var/app", "snap/firefox", "snap/chromium")
+
+REASONS = {
+    "not-in-allowlist": "not in allow list",
+    "denied-by-rule": "denied by rule",
+    "private-address": "private address",
+    "ip-literal-not-allowed": "IP address without an IP rule",
+    "sni-mismatch": "TLS name differs from the requested host",
+    "bad-name": "malformed name",
+    "bad-port": "bad port",
+    "too-many-connections": "too many connections",
+    "bad-request": "malformed request",
+}
+# Reasons an --allow-domain HOST:PORT would cure.
+ALLOWABLE = {"not-in-allowlist", "ip-literal-not-allowed"}
+SUMMARY_HOSTS = 10
+
+# Paths an agent could write to get code run later, outside the sandbox (NOTES section 2):
+# read-only even though their parent is writable, and held by an empty placeholder for the
+# session when they do not exist yet, so they cannot be created.  A trailing "/" marks a
+# directory.  Paths under .git count only when .git is a directory.
+PROTECTED_PROJECT = (".git/hooks/", ".git/config", ".claude/settings.json",
+                     ".claude/settings.local.json", ".claude/commands/", ".claude/agents/",
+                     ".mcp.json", ".gemini/settings.json", ".vscode/", ".idea/")
+PROTECTED_HOME = (".claude/settings.json", ".claude/settings.local.json", ".gemini/settings.json")
+PROTECTED_GLOBS = (".claude/settings*.json",)
+# A placeholder for a missing .json file holds an empty object: an empty file is invalid
+# JSON, and Gemini CLI refuses to start on it.
+PLACEHOLDER_JSON = b"{}\n"
+
+# seccomp: ioctl(TIOCSTI) pushes keystrokes into the terminal the sandbox shares with the
+# user's shell, ioctl(TIOCLINUX) can too on a virtual console.  Classic BPF over
+# struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}: the request is args[1], of
+# which the kernel uses only the low 32 bits, so only they are compared (CVE-2019-10063).
+TIOCSTI, TIOCLINUX = 0x5412, 0x541C
+SECCOMP_ARCHES = {  # os.uname().machine: ((AUDIT_ARCH_*, (ioctl syscall numbers)), ...)
+    "x86_64": ((0xC000003E, (16, 0x40000000 | 514)),     # x86-64, and its x32 ABI
+               (0x40000003, (54,))),                      # i386 programs
+    "aarch64": ((0xC00000B7, (29,)),
+                (0x40000028, (54,))),                     # 32-bit ARM programs
+}
+SECCOMP_RET_ALLOW, SECCOMP_RET_EPERM = 0x7FFF0000, 0x00050000 | 1
+BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K = 0x20, 0x15, 0x06
+
+
+class Failure(Exception):
+    """A clear, expected error: printed as one line, exit with code."""
+
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived; unwinds through the clean-up code."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise Failure(f"{message} (see --help)", 2)
+
+
+def build_parser(profile):
+    tool, cli = profile.tool, profile.name
+    parser = Parser(
+        prog=tool, allow_abbrev=False,
+        usage=f"{tool} [options] [--] [{cli} arguments]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Run {cli} in a bubblewrap sandbox: read-only system, an empty home with only "
+                    f"{cli}'s state,\nthe project directory writable, secrets (~/.ssh, ~/.aws, ...) "
+                    "never visible.\nOptions this wrapper does not know, and everything after --, "
+                    f"go to {cli}.",
+        epilog=f"examples:\n"
+               f"  {tool}                                  {cli} in the current directory\n"
+               f"  {tool} --filter-network --unshare-net   network only to {cli}'s API\n"
+               f"  {tool} --filter-network --unshare-net --allow-domain registry.npmjs.org\n"
+               f"  {tool} --shell -- -c 'ls -la ~'         look around inside the sandbox\n"
+               f"  {tool} --dry-run -v                     show what would run\n"
+               f"allow list: ~/.config/{tool}/allowed-domains is read when present "
+               "(one rule a line, # comments)")
+    sandbox = parser.add_argument_group("sandbox")
+    sandbox.add_argument("--dir", metavar="PATH",
+                         help="project directory, writable inside (default: the current directory)")
+    sandbox.add_argument("--allow-ro", metavar="PATH", action="append", default=[],
+                         help="also show PATH read-only (repeatable; must exist)")
+    sandbox.add_argument("--allow-rw", metavar="PATH", action="append", default=[],
+                         help="also show PATH read-write (repeatable; must exist)")
+    sandbox.add_argument("--full-home-access", action="store_true",
+                         help="show the whole home read-only (secrets stay hidden)")
+    sandbox.add_argument("--pass-env", metavar="VAR", action="append", default=[],
+                         help="pass this host variable in (repeatable)")
+    sandbox.add_argument("--env", metavar="VAR=VALUE", action="append", default=[],
+                         help="set a variable inside, over any other (repeatable)")
+    sandbox.add_argument("--shell", action="store_true",
+                         help=f"run a shell instead of {cli}; arguments after -- go to it, "
+                              "e.g. --shell -- -c 'cmd'")
+    sandbox.add_argument("--allow-config-writes", action="store_true",
+                         help="let the sandbox change .git/hooks, .git/config, .claude/settings*.json, "
+                              ".mcp.json and the like (risk: code the agent writes there runs "
+                              "later, outside the sandbox)")
+    if profile.cli_args:
+        sandbox.add_argument("--no-skip-permissions", action="store_true",
+                             help=f"do not pass {' '.join(profile.cli_args)} to {cli}")
+    network = parser.add_argument_group("network")
+    network.add_argument("--no-network", action="store_true",
+                         help="no network at all (an empty network namespace)")
+    network.add_argument("--unshare-net", action="store_true",
+                         help="an empty network namespace; with --filter-network the proxy is "
+                              "the only way out")
+    network.add_argument("--filter-network", action="store_true",
+                         help="network only through a filtering proxy that allows the "
+                              f"{cli} API and your allow list (enforced with --unshare-net, "
+                              "advisory without)")
+    network.add_argument("--allow-domain", metavar="RULE", action="append", default=[],
+                         help="allow a destination: example.com, *.example.com, 1.2.3.4, "
+                              "10.0.0.0/8, [::1], each with optional :PORT (repeatable)")
+    network.add_argument("--allow-file", metavar="FILE", action="append", default=[],
+                         help="read allow rules from FILE, one a line (repeatable)")
+    network.add_argument("--proxy-log", metavar="FILE",
+                         help="keep the proxy's JSON log (one object per connection) in FILE")
+    diagnostics = parser.add_argument_group("diagnostics")
+    diagnostics.add_argument("-v", "--verbose", action="store_true",
+                             help="print the configuration and the full commands to stderr")
+    diagnostics.add_argument("--dry-run", action="store_true",
+                             help="print the commands that would run, shell-quoted, and exit")
+    return parser
+
+
+def parse_args(profile, argv):
+    """Our options before the first "--"; everything we do not know goes to the CLI."""
+    if "--" in argv:
+        cut = argv.index("--")
+        ours, after = argv[:cut], argv[cut + 1:]
+    else:
+        ours, after = argv, []
+    opts, unknown = build_parser(profile).parse_known_args(ours)
+    opts.args = unknown + after
+    opts.no_skip_permissions = getattr(opts, "no_skip_permissions", False)
+    if opts.no_network and opts.filter_network:
+        raise Failure("--no-network and --filter-network contradict each other; "
+                      "use --filter-network --unshare-net", 2)
+    if not opts.filter_network:
+        for flag, value in (("--allow-domain", opts.allow_domain),
+                            ("--allow-file", opts.allow_file), ("--proxy-log", opts.proxy_log)):
+            if value:
+                raise Failure(f"{flag} needs --filter-network", 2)
+    for assignment in opts.env:
+        name, eq, _ = assignment.partition("=")
+        if not eq or not name.isidentifier():
+            raise Failure(f"--env {assignment!r}: expected VAR=VALUE", 2)
+    for name in opts.pass_env:
+        if not name.isidentifier():
+            raise Failure(f"--pass-env {name!r}: not a variable name", 2)
+    return opts
+
+
+def is_within(path, parent):
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def find_program(name, search_path, skip=()):
+    """Like shutil.which, but never returns one of `skip` (our own entry scripts)."""
+    for directory in search_path.split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if (os.path.isfile(candidate) and os.access(candidate, os.X_OK)
+                and os.path.realpath(candidate) not in skip):
+            return os.path.abspath(candidate)
+    return None
+
+
+def find_cli(profile, search_path, home, skip=()):
+    found = find_program(profile.name, search_path, skip)
+    if found:
+        return found
+    for relative in profile.lookup:
+        candidate = os.path.join(home, relative)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def symlink_chain(path):
+    """`path`, every symlink it goes through, and its real path."""
+    chain, seen = [path], set()
+    while os.path.islink(path) and path not in seen:
+        seen.add(path)
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+        path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        chain.append(path)
+    real = os.path.realpath(path)
+    if real not in chain:
+        chain.append(real)
+    return chain
+
+
+def install_roots(chain, home):
+    """Directories to show read-only so the programs in `chain` run.
+
+    An npm install is the whole node_modules tree the file sits in; anything else is
+    the file's directory.  System directories are visible already; the home directory
+    itself is never shown whole, only the file.
+    """
+    roots = []
+    for path in chain:
+        parts = path.split("/")
+        if "node_modules" in parts:
+            root = "/".join(parts[:parts.index("node_modules") + 1])
+        else:
+            root = os.path.dirname(path)
+        if any(is_within(root, d) for d in SYSTEM_DIRS):
+            continue
+        if is_within(home, root):
+            root = path
+        if root not in roots:
+            roots.append(root)
+    return [r for r in roots if not any(r != o and is_within(r, o) for o in roots)]
+
+
+def build_env(profile, environ, home, pass_env=(), assignments=()):
+    """The sandbox's environment: allow list, profile defaults, --pass-env, --env."""
+    patterns = ENV_NAMES + profile.env_names
+    env = {name: value for name, value in environ.items()
+           if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+    env["HOME"] = home
+    env.update(profile.env)
+    env.update((name, environ[name]) for name in pass_env if name in environ)
+    env.update(a.partition("=")[::2] for a in assignments)
+    return env
+
+
+def env_resets_signals(path):
+    """Whether this env(1) has --default-signal (coreutils >= 8.31), read without running it."""
+    try:
+        with open(path, "rb") as f:
+            return b"default-signal" in f.read(1 << 20)
+    except OSError:
+        return False
+
+
+@dataclass
+class Plan:
+    """Everything decided about one session; build_*_args turn it into commands."""
+    profile: Profile
+    home: str
+    project: str
+    command: list
+    env: dict
+    bwrap: str = "bwrap"
+    system: list = field(default_factory=list)      # (path, symlink target or None)
+    etc: list = field(default_factory=list)
+    mounts: list = field(default_factory=list)      # (option, source or None, destination)
+    unshare_net: bool = False
+    filter: bool = False
+    allow: list = field(default_factory=list)
+    allow_files: list = field(default_factory=list)
+    proxy_log: str = None
+    socat: str = "socat"
+    env_program: str = None                         # env(1) that can reset SIGINT
+    seccomp: bytes = None                           # the TIOCSTI filter program
+    disable_userns: bool = False                    # bwrap has --disable-userns
+    placeholders: list = field(default_factory=list)  # protected paths to create first
+    guarded: list = field(default_factory=list)     # (host path, keys): bound as a copy
+    verbose: bool = False
+    dry_run: bool = False
+
+
+def home_mounts(profile, home, full_home, entries, exists=os.path.lexists):
+    """Binds that populate the session's home; `entries` lists the real home."""
+    mounts = [("--bind", os.path.join(home, d), os.path.join(home, d)) for d in profile.state_dirs]
+    skip = set(profile.state_dirs) | set(profile.state_files) | set(SECRETS)
+    if full_home:
+        shown = [e for e in sorted(entries) if e not in skip
+                 and not any(e.startswith(f + ".") for f in profile.state_files)]
+    else:
+        shown = [t for t in HOME_TOOLS if exists(os.path.join(home, t))]
+    mounts += [("--ro-bind", os.path.join(home, e), os.path.join(home, e)) for e in shown]
+    return mounts
+
+
+def showable_entries(home):
+    """The home's entries --full-home-access may show: no sockets, and no symlink to a
+    secret or back to the home itself."""
+    entries = set()
+    for entry in os.listdir(home):
+        path = os.path.join(home, entry)
+        real = os.path.realpath(path)
+        try:
+            is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
+        except OSError:
+            continue
+        if is_socket or is_within(home, real) or any(
+                is_within(real, os.path.join(home, s)) for s in SECRETS):
+            continue
+        entries.add(entry)
+    return entries
+
+
+def secret_masks(home, mounts, exists=os.path.lexists, isdir=os.path.isdir):
+    """Empty mounts over every secret that one of `mounts` would expose."""
+    masks = []
+    for relative in SECRETS:
+        path = os.path.join(home, relative)
+        if exists(path) and any(is_within(path, src) and src != path
+                                for option, src, _ in mounts if src):
+            masks.append(("--tmpfs", None, path) if isdir(path) else ("--ro-bind", "/dev/null", path))
+    return masks
+
+
+def refuse_path(flag, path, home):
+    """Refuse a project or extra bind that would expose the home or a secret."""
+    if is_within(home, path):
+        raise Failure(f"{flag} {path}: that is your home directory or above it; "
+                      "choose a project directory")
+    for relative in SECRETS:
+        if is_within(path, os.path.join(home, relative)):
+            raise Failure(f"{flag} {path}: secrets (~/{relative}) are never shown in the sandbox")
+
+
+def make_plan(profile, opts, environ, skip=()):
+    """Look at the host (paths, programs) and decide the session."""
+    home = environ.get("HOME", "")
+    if not os.path.isabs(home) or not os.path.isdir(home):
+        raise Failure(f"HOME is {home!r}; it must be an existing absolute directory")
+    home = os.path.normpath(home)
+    project = os.path.realpath(opts.dir or os.getcwd())
+    if not os.path.isdir(project):
+        raise Failure(f"--dir {opts.dir}: not a directory")
+    refuse_path("--dir", project, home)
+    search_path = environ.get("PATH", os.defpath)
+    cli = find_cli(profile, search_path, home, skip)
+    if cli is None and not opts.shell:
+        places = ", ".join(["PATH"] + [f"~/{p}" for p in profile.lookup])
+        raise Failure(f"{profile.name} not found (looked in {places}); install it: "
+                      f"{profile.install_hint}", 127)
+    programs = [cli] if cli else []
+    for helper in profile.helpers:
+        found = find_program(helper, search_path)
+        if found is None and not opts.shell:
+            raise Failure(f"{helper} not found on PATH; {profile.name} needs it", 127)
+        programs += [found] if found else []
+    if opts.shell:
+        shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+        command = [shell, *opts.args]
+    else:
+        extra = [] if opts.no_skip_permissions else list(profile.cli_args)
+        command = [cli, *extra, *opts.args]
+
+    entries = showable_entries(home) if opts.full_home_access else set()
+    mounts = home_mounts(profile, home, opts.full_home_access, entries)
+    for flag, option, paths in (("--allow-ro", "--ro-bind", opts.allow_ro),
+                                ("--allow-rw", "--bind", opts.allow_rw)):
+        for path in paths:
+            real = os.path.realpath(path)
+            if not os.path.exists(real):
+                raise Failure(f"{flag} {path}: no such file or directory")
+            refuse_path(flag, real, home)
+            mounts.append((option, real, real))
+    socat = shutil.which("socat", path=search_path) or "socat"
+    if opts.filter_network:
+        programs.append(socat)
+    for program in programs:
+        mounts += [("--ro-bind", r, r) for r in install_roots(symlink_chain(program), home)]
+    mounts.append(("--bind", project, project))
+    mounts += secret_masks(home, mounts)
+    placeholders, guarded = [], []
+    if not opts.allow_config_writes:
+        rw_roots = [dest for option, _, dest in mounts if option == "--bind"]
+        guarded = [(os.path.join(home, relative), keys) for relative, keys in profile.guarded
+                   if any(is_within(os.path.join(home, relative), r) for r in rw_roots)]
+        protected, placeholders = protection(project, home, rw_roots)
+        copies = {path for path, _ in guarded}
+        # The guarded settings files are bound as copies instead (build_bwrap_args).
+        mounts += [m for m in protected if not (m[0] == "--ro-bind" and m[2] in copies)]
+
+    allow_files = []
+    user_file = os.path.join(environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config"),
+                             profile.tool, "allowed-domains")
+    for path in ([user_file] if os.path.isfile(user_file) else []) + opts.allow_file:
+        if not os.path.isfile(path):
+            raise Failure(f"--allow-file {path}: no such file")
+        allow_files.append(os.path.abspath(path))
+
+    env_program = shutil.which("env", path="/usr/bin:/bin")
+    bwrap = shutil.which("bwrap", path=search_path) or "bwrap"
+    return Plan(
+        profile=profile, home=home, project=project, command=command,
+        env=build_env(profile, environ, home, opts.pass_env, opts.env),
+        bwrap=bwrap,
+        system=[(d, os.readlink(d) if os.path.islink(d) else None)
+                for d in SYSTEM_DIRS if os.path.lexists(d)],
+        etc=[f"/etc/{e}" for e in ETC_ENTRIES if os.path.exists(f"/etc/{e}")],
+        mounts=mounts,
+        unshare_net=opts.unshare_net or opts.no_network,
+        filter=opts.filter_network,
+        allow=list(profile.allow) + opts.allow_domain,
+        allow_files=allow_files,
+        proxy_log=os.path.abspath(opts.proxy_log) if opts.proxy_log else None,
+        socat=socat,
+        env_program=env_program if env_program and env_resets_signals(env_program) else None,
+        seccomp=tiocsti_filter(os.uname().machine),
+        disable_userns=bwrap_supports(bwrap, "--disable-userns"),
+        placeholders=placeholders,
+        guarded=guarded,
+        verbose=opts.verbose, dry_run=opts.dry_run)
+
+
+def assemble(program):
+    """Classic BPF from (op, k[, label to jump to when true]) and ("label", name) items;
+    a false comparison falls through to the next instruction."""
+    at, labels = 0, {}
+    for item in program:
+        if item[0] == "label":
+            labels[item[1]] = at
+        else:
+            at += 1
+    code, at = b"", 0
+    for item in program:
+        if item[0] == "label":
+            continue
+        op, k, if_true = (*item, None)[:3]
+        jt = labels[if_true] - at - 1 if if_true else 0
+        code += struct.pack("=HBBI", op, jt, 0, k)
+        at += 1
+    return code
+
+
+def tiocsti_filter(machine):
+    """The seccomp program that makes ioctl(TIOCSTI/TIOCLINUX) fail with EPERM."""
+    arches = SECCOMP_ARCHES.get(machine)
+    if arches is None:
+        raise Failure(f"the keystroke-injection filter supports {' and '.join(SECCOMP_ARCHES)}, "
+                      f"not {machine}; refusing to start without it")
+    program = [(BPF_LD_W_ABS, 4)]
+    program += [(BPF_JEQ_K, arch, f"arch{i}") for i, (arch, _) in enumerate(arches)]
+    program.append((BPF_RET_K, SECCOMP_RET_ALLOW))
+    for i, (arch, numbers) in enumerate(arches):
+        program += [("label", f"arch{i}"), (BPF_LD_W_ABS, 0)]
+        program += [(BPF_JEQ_K, n, "request") for n in numbers]
+        program.append((BPF_RET_K, SECCOMP_RET_ALLOW))
+    program += [("label", "request"), (BPF_LD_W_ABS, 24),
+                (BPF_JEQ_K, TIOCSTI, "deny"), (BPF_JEQ_K, TIOCLINUX, "deny"),
+                (BPF_RET_K, SECCOMP_RET_ALLOW),
+                ("label", "deny"), (BPF_RET_K, SECCOMP_RET_EPERM)]
+    return assemble(program)
+
+
+def bwrap_supports(bwrap, option):
+    """Whether this bwrap knows `option`, read from its binary rather than by running it."""
+    try:
+        with open(bwrap, "rb") as f:
+            return option.encode() in f.read(4 << 20)
+    except OSError:
+        return False
+
+
+def protection(project, home, rw_roots, exists=os.path.lexists, isdir=os.path.isdir,
+               glob=glob.glob):
+    """What keeps PROTECTED_* read-only: (mounts, placeholders to create first).
+
+    Each protected path is bound read-only onto itself; the directories between it and
+    its writable root are bound onto themselves, which pins them (a mount point cannot be
+    renamed, so `mv .git x` cannot carry the protection away).
+    """
+    wanted = [(project, p) for p in PROTECTED_PROJECT] + [(home, p) for p in PROTECTED_HOME]
+    for base in (project, home):
+        for pattern in PROTECTED_GLOBS:
+            wanted += [(base, os.path.relpath(p, base))
+                       for p in sorted(glob(os.path.join(base, pattern)))]
+    mounts, placeholders, pins = [], [], []
+    for base, relative in dict.fromkeys(wanted):
+        path = os.path.join(base, relative.rstrip("/"))
+        root = next((r for r in rw_roots if is_within(path, r) and path != r), None)
+        if root is None or (relative.startswith(".git/") and not isdir(os.path.join(base, ".git"))):
+            continue
+        parts = os.path.relpath(path, root).split("/")
+        for n in range(1, len(parts)):
+            parent = os.path.join(root, *parts[:n])
+            if parent not in pins:
+                pins.append(parent)
+                if not exists(parent):
+                    placeholders.append(parent + "/")
+        if not exists(path):
+            placeholders.append(path + ("/" if relative.endswith("/") else ""))
+        mounts.append(("--ro-bind", path, path))
+    return [("--bind", p, p) for p in pins] + mounts, placeholders
+
+
+def depth(mount):
+    return mount[2].rstrip("/").count("/")
+
+
+def inner_command(plan):
+    command = list(plan.command)
+    if plan.env_program:
+        command = [plan.env_program, "--default-signal=INT,QUIT", *command]
+    if plan.filter:
+        command = ["/bin/sh", SANDBOX_BRIDGE, plan.socat, SANDBOX_SOCKET, *command]
+    return command
+
+
+def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None):
+    """The bwrap command line.  The environment is not in it: it goes to bwrap as its own
+    environment, so API keys never show in `ps`."""
+    args = [plan.bwrap, "--die-with-parent", "--unshare-user", "--unshare-pid", "--unshare-ipc",
+            "--unshare-uts", "--hostname", plan.profile.tool, "--unshare-cgroup-try",
+            "--cap-drop", "ALL"]
+    if plan.disable_userns:
+        args.append("--disable-userns")
+    if plan.unshare_net:
+        args.append("--unshare-net")
+    for path, link in plan.system:
+        args += ["--symlink", link, path] if link else ["--ro-bind", path, path]
+    for path in plan.etc:
+        args += ["--ro-bind", path, path]
+    args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
+    mounts = [("--bind", os.path.join(private_dir, "home"), plan.home), *plan.mounts]
+    mounts += [("--bind", os.path.join(private_dir, f"guarded.{i}"), path)
+               for i, (path, _) in enumerate(plan.guarded)]
+    if plan.filter:
+        mounts += [("--ro-bind", BRIDGE_SCRIPT, SANDBOX_BRIDGE),
+                   ("--ro-bind", os.path.join(private_dir, "proxy.sock"), SANDBOX_SOCKET)]
+    # Parents before children, so no mount hides one meant to be on top of it.
+    for option, source, dest in sorted(mounts, key=depth):
+        if source is None:
+            args += [option, dest, "--remount-ro", dest]
+        else:
+            args += [option, source, dest]
+    args += ["--chdir", plan.project]
+    if status_fd is not None:
+        args += ["--json-status-fd", str(status_fd)]
+    if seccomp_fd is not None:
+        args += ["--seccomp", str(seccomp_fd)]
+    return args + ["--", *inner_command(plan)]
+
+
+def build_proxy_args(plan, private_dir, ready_fd):
+    args = [sys.executable, FILTER_SCRIPT, "--listen", os.path.join(private_dir, "proxy.sock")]
+    for rule in plan.allow:
+        args += ["--allow", rule]
+    for path in plan.allow_files:
+        args += ["--allow-file", path]
+    return args + ["--log", plan.proxy_log or os.path.join(private_dir, "proxy.log"),
+                   "--ready-fd", str(ready_fd)]
+
+
+def private_base(environ):
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    return runtime if os.path.isabs(runtime) and os.path.isdir(runtime) else tempfile.gettempdir()
+
+
+def make_private_dir(base, tool):
+    """A 0700 directory for one session, locked for as long as this process lives.
+
+    It is made under a hidden name and renamed once locked, so sweep_stale never sees
+    it unlocked.  Returns (path, fd holding the lock).
+    """
+    hidden = tempfile.mkdtemp(prefix=f".{tool}.", dir=base)
+    fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    path = os.path.join(base, os.path.basename(hidden)[1:])
+    os.rename(hidden, path)
+    return path, fd
+
+
+def filter_fd(program):
+    """A pipe holding the seccomp program for bwrap --seccomp (it is far below a pipe's size)."""
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, program)
+    os.close(write_fd)
+    return read_fd
+
+
+def placeholder_content(path):
+    return PLACEHOLDER_JSON if path.endswith(".json") else b""
+
+
+def remove_placeholders(created):
+    """Remove the placeholders this session made, deepest first; any that now holds
+    something else is left alone."""
+    for path in reversed(created):
+        with contextlib.suppress(OSError):
+            if path.endswith("/"):
+                os.rmdir(path)
+            elif read_regular(path) == placeholder_content(path):
+                os.unlink(path)
+
+
+def dotted(tree, key):
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+def set_dotted(tree, key, value):
+    *parents, last = key.split(".")
+    for part in parents:
+        if not isinstance(tree.get(part), dict):
+            tree[part] = {}
+        tree = tree[part]
+    if value is _MISSING:
+        tree.pop(last, None)
+    else:
+        tree[last] = value
+
+
+def guarded_changes(base, ours, keys):
+    """`base` with only the changes `ours` made to `keys` (dotted paths), or None if none
+    or if either is not a JSON object."""
+    try:
+        base_tree, our_tree = json.loads(base or b"{}"), json.loads(ours)
+    except ValueError:
+        return None
+    if not isinstance(base_tree, dict) or not isinstance(our_tree, dict):
+        return None
+    result = json.loads(json.dumps(base_tree))
+    for key in keys:
+        if dotted(our_tree, key) != dotted(base_tree, key):
+            set_dotted(result, key, dotted(our_tree, key))
+    return None if result == base_tree else (json.dumps(result, indent=2) + "\n").encode()
+
+
+def sweep_stale(base, tool):
+    """Remove what sessions killed with SIGKILL left: their directories are no longer locked."""
+    for name in os.listdir(base):
+        if not name.startswith(tool + "."):
+            continue
+        path = os.path.join(base, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_uid != os.getuid():
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(path, "placeholders.json")) as f:
+                remove_placeholders([p for p in json.load(f) if isinstance(p, str)])
+        shutil.rmtree(path, ignore_errors=True)
+
+
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "AUTH", "CREDENTIAL")
+
+
+def format_env_command(env, argv):
+    """`env -i VAR=VALUE... argv`, shell-quoted, with secret-looking values hidden."""
+    shown = [f"{k}=<hidden>" if any(w in k.upper() for w in SECRET_WORDS) else f"{k}={v}"
+             for k, v in sorted(env.items())]
+    return shlex.join(["env", "-i", *shown, *argv])
+
+
+def printable(text):
+    """Text from the proxy log, safe to print on a terminal."""
+    return "".join(c if c.isprintable() else "?" for c in str(text))
+
+
+def allow_option(host, port):
+    rule = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "--allow-domain " + shlex.quote(rule)
+
+
+def is_ip(text):
+    import ipaddress
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def summarize(tool, lines):
+    """One line about the session's network use, from the proxy's JSON log lines."""
+    allowed, blocked = 0, {}
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or record.get("event") != "decision":
+            continue
+        if record.get("decision") == "allow" or record.get("enforced") is False:
+            allowed += 1
+            continue
+        key = (printable(record.get("host", "?")), printable(record.get("port", "?")),
+               str(record.get("reason", "")))
+        blocked[key] = blocked.get(key, 0) + 1
+    total = sum(blocked.values())
+    text = f"{tool}: network: {allowed} allowed, {total} blocked"
+    items = []
+    for (host, port, reason), count in sorted(blocked.items(), key=lambda kv: -kv[1]):
+        item = f"{host}:{port}" + (f" x{count}" if count > 1 else "")
+        item += f" ({REASONS.get(reason, printable(reason))})"
+        if reason in ALLOWABLE or (reason == "private-address" and is_ip(host)):
+            item += f" {allow_option(host, port)}"
+        items.append(item)
+    if len(items) > SUMMARY_HOSTS:
+        items[SUMMARY_HOSTS:] = [f"and {len(items) - SUMMARY_HOSTS} more (see --proxy-log)"]
+    return text + (": " + "; ".join(items) if items else "")
+
+
+_MISSING = object()
+
+
+def merge_json(base, ours, theirs):
+    """Three-way merge of JSON objects, key by key; where both changed a key, ours wins."""
+    if not all(isinstance(x, dict) for x in (base, ours, theirs)):
+        return ours
+    merged = dict(theirs)
+    for key in base.keys() | ours.keys():
+        b, o = base.get(key, _MISSING), ours.get(key, _MISSING)
+        if o == b:
+            continue
+        if o is _MISSING:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_json(b, o, theirs.get(key, _MISSING))
+    return merged
+
+
+def merge_state(base, ours, theirs):
+    """The bytes to write back for a state file, or None to leave the host's alone."""
+    if ours is None or ours == base:
+        return None
+    if theirs == base:
+        return ours
+    try:
+        parsed = [json.loads(x) if x is not None else {} for x in (base, ours, theirs)]
+    except ValueError:
+        return ours
+    return (json.dumps(merge_json(*parsed), indent=2) + "\n").encode()
+
+
+def read_regular(path):
+    """A regular file's bytes (never following a symlink placed by the sandbox), or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not (info.st_mode & 0o170000 == 0o100000) or info.st_size > STATE_FILE_LIMIT:
+            return None
+        return f.read(STATE_FILE_LIMIT)
+
+
+def take_lock(lock):
+    """mkdir-style lock shared with Claude; a lock older than 10 s is stale."""
+    for _ in range(100):
+        try:
+            os.mkdir(lock)
+            return True
+        except FileExistsError:
+            try:
+                if time.time() - os.stat(lock).st_mtime > 10:
+                    return False
+            except OSError:
+                continue
+            time.sleep(0.05)
+        except OSError:
+            return False
+    return False
+
+
+def write_back(path, base, ours):
+    target = os.path.realpath(path)
+    locked = take_lock(target + ".lock")
+    try:
+        theirs = read_regular(target)
+        data = merge_state(base, ours, theirs)
+        if data is None:
+            return
+        try:
+            mode = os.stat(target).st_mode & 0o777
+        except OSError:
+            mode = 0o600
+        tmp = f"{target}.tmp.{os.getpid()}.bw"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    finally:
+        if locked:
+            os.rmdir(target + ".lock")
+
+
+def stop(process, sig=signal.SIGTERM):
+    """Signal a child and reap it, bounded; SIGKILL if it lingers."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def read_ready(fd, seconds):
+    """The proxy's ready line, or what it wrote before closing or the time running out."""
+    data, deadline = b"", time.monotonic() + seconds
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def last_line(path):
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ""
+    return printable(lines[-1]) if lines else ""
+
+
+def bwrap_ran(status):
+    """Whether bwrap got as far as running the command (its status fd says how it exited)."""
+    return b'"exit-code"' in status
+
+
+def say(text):
+    """A line on stderr, which may be a terminal that is gone (SIGHUP)."""
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr)
+
+
+class Session:
+    """One sandboxed run: private directory, proxy, bwrap; `with` guarantees the clean-up."""
+
+    def __init__(self, plan, environ):
+        self.plan, self.environ = plan, environ
+        self.dir = self.proxy = self.bwrap = None
+        self.snapshots = {}
+        self.created = []
+        self.guarded_bases = []
+        self.tool = plan.profile.tool
+
+    def __enter__(self):
+        self.dir, self.lock_fd = make_private_dir(private_base(self.environ), self.tool)
+        os.mkdir(os.path.join(self.dir, "home"), 0o700)
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            stop(self.bwrap)
+            stop(self.proxy)
+            try:
+                self.save_state()
+            except OSError as error:
+                say(f"{self.tool}: could not save {self.plan.profile.name}'s state: {error}")
+            remove_placeholders(self.created)
+            if self.proxy is not None and self.bwrap is not None:
+                say(self.summary())
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            os.close(self.lock_fd)
+        return False
+
+    def home_path(self, relative):
+        return os.path.join(self.dir, "home", relative)
+
+    def make_placeholders(self):
+        """Create the missing protected paths (empty), noting them so clean-up, or the
+        next run's sweep after a SIGKILL, removes them.  Where one cannot be made (a
+        project we may not write to) the sandbox cannot make it either: its mount goes."""
+        with open(os.path.join(self.dir, "placeholders.json"), "w") as f:
+            json.dump(self.plan.placeholders, f)
+        for path in self.plan.placeholders:
+            try:
+                if path.endswith("/"):
+                    os.mkdir(path, 0o755)
+                else:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(placeholder_content(path))
+            except FileExistsError:
+                continue
+            except OSError:
+                self.plan.mounts = [m for m in self.plan.mounts
+                                    if not is_within(m[2], path.rstrip("/"))]
+                continue
+            self.created.append(path)
+
+    def load_state(self):
+        for relative in self.plan.profile.state_dirs:
+            os.makedirs(os.path.join(self.plan.home, relative), 0o700, exist_ok=True)
+        for relative in self.plan.profile.state_files:
+            data = read_regular(os.path.join(self.plan.home, relative))
+            self.snapshots[relative] = data
+            if data is not None:
+                fd = os.open(self.home_path(relative), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+        for i, (path, _) in enumerate(self.plan.guarded):
+            data = read_regular(path)
+            self.guarded_bases.append(data)
+            with open(os.path.join(self.dir, f"guarded.{i}"), "wb") as f:
+                f.write(PLACEHOLDER_JSON if data is None else data)
+
+    def save_state(self):
+        for relative, base in self.snapshots.items():
+            ours = read_regular(self.home_path(relative))
+            if ours is not None and ours != base:
+                write_back(os.path.join(self.plan.home, relative), base, ours)
+        for i, ((path, keys), base) in enumerate(zip(self.plan.guarded, self.guarded_bases)):
+            ours = read_regular(os.path.join(self.dir, f"guarded.{i}"))
+            changed = guarded_changes(base, ours, keys) if ours is not None else None
+            if changed is not None:
+                write_back(path, base, changed)
+
+    def start_proxy(self):
+        read_fd, write_fd = os.pipe()
+        errors = os.path.join(self.dir, "proxy.err")
+        args = build_proxy_args(self.plan, self.dir, write_fd)
+        if self.plan.verbose:
+            print(shlex.join(args), file=sys.stderr)
+        try:
+            with open(errors, "wb") as err:
+                # Its own session: the terminal's Ctrl-C is for the CLI, not for the proxy.
+                self.proxy = subprocess.Popen(
+                    args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                    pass_fds=(write_fd,), start_new_session=True)
+        finally:
+            os.close(write_fd)
+        try:
+            line = read_ready(read_fd, PROXY_READY_SECONDS)
+        finally:
+            os.close(read_fd)
+        if not line.startswith("ready"):
+            why = last_line(errors) or f"no ready line within {PROXY_READY_SECONDS} s"
+            raise Failure(f"the filtering proxy did not start: {why}")
+
+    def run(self):
+        self.load_state()
+        self.make_placeholders()
+        if self.plan.filter:
+            self.start_proxy()
+            if not self.plan.unshare_net:
+                print(f"{self.tool}: --filter-network without --unshare-net is advisory: "
+                      "programs that ignore HTTP(S)_PROXY reach the network directly",
+                      file=sys.stderr)
+        read_fd, write_fd = os.pipe()
+        seccomp_fd = filter_fd(self.plan.seccomp)
+        args = build_bwrap_args(self.plan, self.dir, write_fd, seccomp_fd)
+        if self.plan.verbose:
+            print(format_env_command(self.plan.env, args), file=sys.stderr)
+        # bwrap dies on SIGINT and takes the sandbox with it: it must ignore it, and the
+        # CLI gets it back through env --default-signal.  Without that env, bwrap keeps
+        # the default so Ctrl-C at least ends the session.
+        if self.plan.env_program:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.bwrap = subprocess.Popen(args, env=self.plan.env, pass_fds=(write_fd, seccomp_fd))
+        finally:
+            os.close(write_fd)
+            os.close(seccomp_fd)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with os.fdopen(read_fd, "rb") as status_pipe:
+            code = self.bwrap.wait()
+            status = status_pipe.read()
+        if not bwrap_ran(status):
+            raise Failure("bwrap could not set up the sandbox (its message is above); if it is "
+                          "about permissions or the uid map, check that unprivileged user "
+                          "namespaces are allowed (sysctl "
+                          "kernel.unprivileged_userns_clone, and on Ubuntu 24.04 "
+                          "kernel.apparmor_restrict_unprivileged_userns or an AppArmor profile "
+                          "for bwrap)", code or 1)
+        return 128 - code if code < 0 else code
+
+    def summary(self):
+        log = self.plan.proxy_log or os.path.join(self.dir, "proxy.log")
+        try:
+            with open(log, errors="replace") as f:
+                text = summarize(self.tool, f)
+        except OSError:
+            text = f"{self.tool}: network: no proxy log"
+        if self.proxy.returncode not in (0, -signal.SIGTERM):
+            text += f" (the proxy exited with status {self.proxy.returncode}: " \
+                    f"{last_line(os.path.join(self.dir, 'proxy.err'))})"
+        return text
+
+
+def describe(plan):
+    """--verbose: the decisions, one per line."""
+    net = ("filtered, enforced" if plan.filter and plan.unshare_net else
+           "filtered, advisory" if plan.filter else
+           "none" if plan.unshare_net else "host network")
+    lines = [f"profile: {plan.profile.name}", f"project: {plan.project}",
+             f"command: {shlex.join(plan.command)}", f"network: {net}"]
+    if plan.filter:
+        lines.append(f"allow: {' '.join(plan.allow)}")
+        lines += [f"allow file: {p}" for p in plan.allow_files]
+    lines += [" ".join(x for x in mount if x) for mount in plan.mounts]
+    lines.append("Ctrl-C reaches the CLI: " + ("yes" if plan.env_program else
+                 "no, env(1) lacks --default-signal; Ctrl-C ends the session"))
+    lines.append("keystroke injection (ioctl TIOCSTI, TIOCLINUX): blocked by a seccomp filter")
+    lines.append("nested user namespaces: " + ("blocked (--disable-userns)" if plan.disable_userns
+                 else "possible: this bwrap lacks --disable-userns (bubblewrap >= 0.8)"))
+    return "\n".join(f"{plan.profile.tool}: {line}" for line in lines)
+
+
+def check_tools(plan):
+    if not os.path.isabs(plan.bwrap):
+        raise Failure("bwrap not found; install it: sudo apt-get install bubblewrap", 127)
+    if plan.filter:
+        if not os.path.isabs(plan.socat):
+            raise Failure("socat not found (--filter-network needs it); install it: "
+                          "sudo apt-get install socat", 127)
+        for path in (FILTER_SCRIPT, BRIDGE_SCRIPT):
+            if not os.path.isfile(path):
+                raise Failure(f"{path} is missing; keep {os.path.basename(path)} next to bw_lib.py")
+
+
+def run(profile, argv, environ=None, skip=()):
+    environ = os.environ if environ is None else environ
+    opts = parse_args(profile, argv)
+    if not opts.dry_run:
+        sweep_stale(private_base(environ), profile.tool)
+    plan = make_plan(profile, opts, environ, skip)
+    tool = profile.tool
+    if plan.verbose:
+        print(describe(plan), file=sys.stderr)
+    if plan.dry_run:
+        private_dir = os.path.join(private_base(environ), tool + ".XXXXXXXX")
+        if plan.filter:
+            print(shlex.join(build_proxy_args(plan, private_dir, "FD")))
+        print(format_env_command(plan.env, build_bwrap_args(plan, private_dir, seccomp_fd="FD")))
+        return 0
+    check_tools(plan)
+    with Session(plan, environ) as session:
+        return session.run()
+
+
+def raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def main(name):
+    """Entry point of bw-claude and bw-gemini."""
+    profile = PROFILES[name]
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, raise_terminated)
+    entry = os.path.realpath(sys.argv[0])
+    try:
+        code = run(profile, sys.argv[1:], skip=(entry,))
+    except Failure as failure:
+        print(f"{profile.tool}: error: {failure}", file=sys.stderr)
+        code = failure.code
+    except Terminated as terminated:
+        code = 128 + terminated.signum
+    except KeyboardInterrupt:
+        code = 130
+    except OSError as error:
+        print(f"{profile.tool}: error: {error}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
