@@ -91,6 +91,8 @@ MAX_CLIENT_HELLO = 65536      # largest TLS ClientHello gathered for the SNI che
 RELAY_CHUNK = 262144          # one read while relaying, and the relay pipe's size
 DNS_WORKERS = 8
 MAX_TRACKED_HOSTS = 1000      # distinct hosts counted for the exit summary
+MAX_LOG_BYTES = 64 << 20      # the JSON log stops growing here
+DESCRIPTORS_PER_RELAY = 6     # client, upstream and a pipe (two ends) per direction
 OVERFLOW_CONNECTIONS = 64     # over the limit, this many more get a proper refusal
 ACCEPT_BACKOFF = 0.1          # pause accepting this long when out of file descriptors
 
@@ -119,6 +121,7 @@ BLOCKED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
     "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
     "::/96", "::1/128", "64:ff9b:1::/48", "100::/64", "2001::/32", "2001:db8::/32", "2002::/16",
+    "::ffff:0:0:0/96",
     "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
 ))
 NAT64_NETWORK = ipaddress.ip_network("64:ff9b::/96")
@@ -1242,7 +1245,7 @@ class FilterServer:
         self.listeners = []
         self.addresses = []
         self.owned_paths = []
-        self.connections = set()
+        self.connections = {}       # id -> Connection, for every open client
         self.idle = {}              # clients holding a slot without relaying (in a handshake,
                                     # awaiting a ClientHello, or being refused), oldest first:
                                     # at the connection limit the oldest makes room for a newcomer
@@ -1251,6 +1254,7 @@ class FilterServer:
         self.resolved = collections.deque()
         self.resolver = Resolver(self._resolved)
         self.log_file = None
+        self.log_bytes = 0
         self.stopping = False
         self.accept_paused_until = None
         self.stats = {"allowed": 0, "denied": 0, "denied_hosts": collections.Counter(),
@@ -1398,7 +1402,7 @@ class FilterServer:
                 continue
             client.setblocking(False)
             connection = Connection(self, client, refusing=active >= self.max_connections)
-            self.connections.add(connection)
+            self.connections[connection.id] = connection
             self.idle[connection] = None
             self.set_deadline(connection, HANDSHAKE_TIMEOUT)
             self.watch(client, connection, "client", selectors.EVENT_READ)
@@ -1424,14 +1428,15 @@ class FilterServer:
             for listener in self.listeners:
                 self.selector.register(listener, selectors.EVENT_READ, "listener")
         while self.deadlines and self.deadlines[0][0] <= now:
-            deadline, _, connection = heapq.heappop(self.deadlines)
-            if not connection.closed and connection.deadline == deadline:
+            deadline, connection_id = heapq.heappop(self.deadlines)
+            connection = self.connections.get(connection_id)
+            if connection is not None and connection.deadline == deadline:
                 connection.deadline = None
                 connection.on_timeout()
 
     def set_deadline(self, connection, seconds):
         connection.deadline = time.monotonic() + seconds
-        heapq.heappush(self.deadlines, (connection.deadline, connection.id, connection))
+        heapq.heappush(self.deadlines, (connection.deadline, connection.id))
 
     def clear_deadline(self, connection):
         connection.deadline = None
@@ -1455,7 +1460,7 @@ class FilterServer:
             self.selector.unregister(sock)
 
     def forget(self, connection):
-        self.connections.discard(connection)
+        self.connections.pop(connection.id, None)
         self.idle.pop(connection, None)
 
     def resolve(self, connection, name, port):
@@ -1470,8 +1475,20 @@ class FilterServer:
     # -- logging ----------------------------------------------------------------------------
 
     def _write_log(self, record):
-        if self.log_file is not None:
-            self.log_file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        """Append one record; past MAX_LOG_BYTES write a last record saying so and stop, so
+        that a client making endless denied requests cannot fill the disk."""
+        if self.log_file is None:
+            return
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        self.log_bytes += len(line)
+        if self.log_bytes > MAX_LOG_BYTES:
+            line = json.dumps({"ts": record["ts"], "event": "log-full",
+                               "detail": f"log stopped at {MAX_LOG_BYTES} bytes"}) + "\n"
+            self.log_file.write(line)
+            self.log_file.close()
+            self.log_file = None
+            return
+        self.log_file.write(line)
 
     def _count_denied(self, key):
         self.stats["denied"] += 1
@@ -1538,7 +1555,7 @@ class FilterServer:
         self.owned_paths = []
 
     def _cleanup(self):
-        for connection in list(self.connections):
+        for connection in list(self.connections.values()):
             connection.close("proxy-stopped")
         self._release()
 
@@ -1595,6 +1612,8 @@ class Resolver:
             if item is None:
                 return
             connection, name, port = item
+            if connection.closed:
+                continue
             try:
                 self.deliver(connection, lookup(name, port), None)
             except (OSError, UnicodeError, ValueError) as error:
@@ -1613,6 +1632,8 @@ def lookup(name, port):
     for family, _, _, _, sockaddr in results:
         if family in (socket.AF_INET, socket.AF_INET6):
             address = ipaddress.ip_address(sockaddr[0].split("%")[0])
+            if address.version == 6 and address.ipv4_mapped:
+                address = address.ipv4_mapped
             if address not in addresses:
                 addresses.append(address)
     return addresses
@@ -1703,11 +1724,19 @@ def exit_with_parent():
 
 
 def raise_fd_limit():
-    """Use the hard limit on open files: each relayed connection holds two descriptors."""
+    """Raise the soft limit on open files towards the hard one (each relay holds
+    DESCRIPTORS_PER_RELAY); return the limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        return wanted
+    return wanted if soft == resource.RLIM_INFINITY else soft
+
+
+def affordable_connections(wanted, fd_limit, reserve=OVERFLOW_CONNECTIONS + 32):
+    """The connection limit that the descriptor limit can really carry."""
+    return max(1, min(wanted, (fd_limit - reserve) // DESCRIPTORS_PER_RELAY))
 
 
 def main(argv=None):
@@ -1730,9 +1759,12 @@ def main(argv=None):
         print(f"{name}: error: {error}", file=sys.stderr)
         return 2
     exit_with_parent()
-    raise_fd_limit()
+    max_connections = affordable_connections(args.max_connections, raise_fd_limit())
+    if max_connections < args.max_connections and args.verbose:
+        print(f"{name}: the open-file limit allows {max_connections} connections, not "
+              f"{args.max_connections}", file=sys.stderr)
     server = FilterServer(policy, args.listen, log_path=args.log, verbose=args.verbose,
-                          max_connections=args.max_connections, sni_check=args.sni_check)
+                          max_connections=max_connections, sni_check=args.sni_check)
     try:
         addresses = server.start()
     except (OSError, ValueError) as error:
