@@ -1046,12 +1046,8 @@ class Connection:
         if direction.limit is not None:
             direction.limit -= received
             direction.ended = direction.limit == 0
-        try:
-            sent = os.splice(direction.pipe[0], direction.target.fileno(), received, flags=SPLICE_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.close("closed")
+        sent = self.write(os.splice, direction.pipe[0], direction.target.fileno(), received, flags=SPLICE_FLAGS)
+        if sent is None:
             return
         if sent < received:
             direction.in_pipe = received - sent
@@ -1059,23 +1055,27 @@ class Connection:
         elif direction.ended:
             self.pass_end(direction)
 
+    def write(self, operation, *args, **options):
+        """One non-blocking send or splice: the bytes it wrote, 0 when the target is full, or
+        None when the connection failed (and is now closed)."""
+        try:
+            return operation(*args, **options)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            self.close("closed")
+            return None
+
     def flush(self, direction):
         if direction.pending:
-            try:
-                sent = direction.target.send(direction.pending)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.close("closed")
+            sent = self.write(direction.target.send, direction.pending)
+            if sent is None:
                 return
             direction.pending = direction.pending[sent:]
         if not direction.pending and direction.in_pipe:
-            try:
-                sent = os.splice(direction.pipe[0], direction.target.fileno(), direction.in_pipe, flags=SPLICE_FLAGS)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.close("closed")
+            sent = self.write(os.splice, direction.pipe[0], direction.target.fileno(), direction.in_pipe,
+                              flags=SPLICE_FLAGS)
+            if sent is None:
                 return
             direction.in_pipe -= sent
         if not direction.waiting() and direction.ended:
@@ -1154,12 +1154,8 @@ class Connection:
 
     def flush_client_pending(self):
         if self.client_pending:
-            try:
-                sent = self.client.send(self.client_pending)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.close()
+            sent = self.write(self.client.send, self.client_pending)
+            if sent is None:
                 return
             self.client_pending = self.client_pending[sent:]
         if self.stage == "closing" and not self.client_pending:
