@@ -53,10 +53,60 @@ Files that run code later, outside the sandbox
   HTTP(S)_PROXY, ALL_PROXY and NO_PROXY, then execs the CLI.  With --unshare-net the
   sandbox has no other way out; without it, programs that ignore proxy variables go
   around the filter (advisory mode, said at start).  At exit the proxy is stopped,
-  the directory removed, and one line on stderr sums up the session's connections,
-  giving for each blocked destination the option that would allow it.
+  the directory removed, and the summary below is printed.
   The private directory exists for every session (it holds the session's home) and is
   locked while the session lives; a run after one killed with SIGKILL removes it.
+
+The allow list
+  The profile's API hosts, then --allow-preset lists, --allow-domain rules,
+  ~/.config/TOOL/allowed-domains and --allow-file files (one rule a line, # comments).
+  The rule syntax is socks_filter.py's: example.com, *.example.com, 1.2.3.4,
+  10.0.0.0/8, [::1], each with an optional :PORT.  Names pass only by name rules, IP
+  addresses only by IP rules, and no name may lead to a loopback or private address
+  unless an IP rule names it or --allow-private (dangerous: your LAN, the cloud
+  metadata service, every service on this machine) is given.  Presets (PRESETS, a
+  plain dict; --list-presets prints them as an allow file) name hosts, never wildcards
+  over hosts that serve anyone's content.
+
+When something is blocked
+  The summary at exit lists each blocked host:port once: how many times, why in words
+  (not in allow list, private address, TLS name differs from the requested host...)
+  and the option that would allow it, when one would: `--allow-domain host:port`, or
+  for a private IP address the IP rule that names it.  A name that resolved to a
+  private address is not offered --allow-private: that one is for the user to decide.
+  On a terminal wide enough it is a small table; otherwise (a pipe, a file) one line.
+  It is built from the proxy's JSON log alone (summarize()), so --proxy-log FILE keeps
+  what it takes to rebuild it.
+
+--learn FILE
+  Runs the session with the proxy in audit mode: every destination that passes the
+  name and address checks goes through (private addresses stay blocked unless
+  --allow-private), and enforce mode's verdict is logged.  A loud line says so at
+  start.  At exit FILE is replaced by the destinations the session reached, as
+  host:port rules, sorted, each with a comment giving its connections and protocols;
+  what failed to connect, and names that cannot be rules (a single label such as
+  localhost), stay comments.  Review it, then run with --filter-network --unshare-net
+  --allow-file FILE.  Learn implies --filter-network and --unshare-net (--share-net
+  still wins), so the session learns exactly the way out an enforced session has.
+
+Defaults file
+  ~/.config/TOOL/options (under $XDG_CONFIG_HOME when set): each line holds options,
+  split like a shell would (quotes, # comments; ~/ is the home), read before the
+  command line's.  Of two options that contradict each other the last wins, so the
+  command line can undo a default: --no-filter-network, --share-net,
+  --no-full-home-access, --no-allow-config-writes, --no-allow-private,
+  --skip-permissions, --no-verbose.  Allow options from the file are ignored in a
+  session without the filter.  The file holds this wrapper's options only (an unknown
+  one is an error naming the line) and none that act once (--doctor, --learn, --shell,
+  --dry-run, --list-presets).  --no-defaults ignores it.
+
+--doctor
+  Checks what --filter-network --unshare-net needs: bwrap and its version, a trial
+  sandbox with the session's namespaces (explaining the sysctl or AppArmor setting
+  that forbids one), the seccomp filter on this architecture, socat, the CLI (run
+  with --version, bounded), and every allow rule from the files and options; notes
+  the kernel's TIOCSTI switch and what this bwrap and env(1) lack.  Each failure
+  comes with its fix.  Exit 0 when everything needed works, 1 otherwise.
 
 Terminal and signals
   The CLI shares the wrapper's terminal and process group (no --new-session, which
@@ -67,8 +117,8 @@ Terminal and signals
   network.  SIGTERM and SIGHUP end the session with full clean-up.  The CLI's exit
   status is the wrapper's.
 
-Exit status: the CLI's; 2 for bad options; 127 when bwrap, socat or the CLI is
-missing; 1 for other errors.  Errors are one line on stderr.
+Exit status: the CLI's; 2 for bad options (or a bad defaults file); 127 when bwrap,
+socat or the CLI is missing; 1 for other errors.  Errors are one line on stderr.
 """
 
 import argparse
@@ -186,6 +236,38 @@ SECRETS = (".ssh", ".aws", ".gnupg", ".kube", ".docker", ".netrc", ".password-st
            ".config/chromium", ".config/BraveSoftware", ".config/microsoft-edge",
            ".config/vivaldi", ".config/opera", ".var/app", "snap/firefox", "snap/chromium")
 
+# --allow-preset NAME: destinations developers commonly need, as allow rules (HTTPS only
+# unless said).  Names, never wildcards over hosts that serve anyone's content.
+PRESETS = {
+    "github": ("GitHub: git over https, the API, raw files, release and archive downloads",
+               ("github.com:443", "api.github.com:443", "codeload.github.com:443",
+                "uploads.github.com:443", "raw.githubusercontent.com:443",
+                "objects.githubusercontent.com:443", "gist.githubusercontent.com:443",
+                "github-releases.githubusercontent.com:443",
+                "release-assets.githubusercontent.com:443")),
+    "npm": ("npm and yarn registries",
+            ("registry.npmjs.org:443", "registry.yarnpkg.com:443", "repo.yarnpkg.com:443")),
+    "pypi": ("Python packages (pip, uv, poetry)",
+             ("pypi.org:443", "files.pythonhosted.org:443")),
+    "crates": ("Rust crates (cargo)",
+               ("crates.io:443", "index.crates.io:443", "static.crates.io:443",
+                "static.rust-lang.org:443")),
+    "go": ("Go modules through the Go module proxy and checksum database",
+           ("proxy.golang.org:443", "sum.golang.org:443")),
+    "rubygems": ("Ruby gems (gem, bundler)",
+                 ("rubygems.org:443", "index.rubygems.org:443")),
+    "maven": ("Maven Central and the Gradle plugin portal",
+              ("repo.maven.apache.org:443", "repo1.maven.org:443", "plugins.gradle.org:443",
+               "plugins-artifacts.gradle.org:443", "services.gradle.org:443",
+               "downloads.gradle.org:443")),
+    "debian": ("Debian package archives (http and https)",
+               ("deb.debian.org:80", "deb.debian.org:443", "security.debian.org:80",
+                "security.debian.org:443")),
+    "ubuntu": ("Ubuntu package archives (http and https)",
+               ("archive.ubuntu.com:80", "archive.ubuntu.com:443", "security.ubuntu.com:80",
+                "security.ubuntu.com:443", "ports.ubuntu.com:80", "ports.ubuntu.com:443")),
+}
+
 REASONS = {
     "not-in-allowlist": "not in allow list",
     "denied-by-rule": "denied by rule",
@@ -250,33 +332,68 @@ class Parser(argparse.ArgumentParser):
         raise Failure(f"{message} (see --help)", 2)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps option names whole when wrapping help (--no-filter-network, not --no-filter-)."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class SetAll(argparse.Action):
+    """An option that sets several destinations at once (--no-network)."""
+
+    def __init__(self, option_strings, dest, values, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+        self.values = values
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for name, value in self.values.items():
+            setattr(namespace, name, value)
+
+
+def add_switch(group, on, off, help, short=()):
+    """A boolean option and its negation; the last one given wins, so a command-line option
+    can undo one from the defaults file.  None means neither was given."""
+    dest = on[2:].replace("-", "_")
+    group.add_argument(*short, on, dest=dest, action="store_const", const=True, default=None,
+                       help=f"{help} (undo: {off})")
+    group.add_argument(off, dest=dest, action="store_const", const=False, help=argparse.SUPPRESS)
+
+
 def build_parser(profile):
     tool, cli = profile.tool, profile.name
     parser = Parser(
         prog=tool, allow_abbrev=False,
         usage=f"{tool} [options] [--] [{cli} arguments]",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description=f"Run {cli} in a bubblewrap sandbox: read-only system, an empty home with only "
                     f"{cli}'s state,\nthe project directory writable, secrets (~/.ssh, ~/.aws, ...) "
                     "never visible.\nOptions this wrapper does not know, and everything after --, "
-                    f"go to {cli}.",
+                    f"go to {cli}.\nOf two options that contradict each other, the last wins.",
         epilog=f"examples:\n"
                f"  {tool}                                  {cli} in the current directory\n"
                f"  {tool} --filter-network --unshare-net   network only to {cli}'s API\n"
                f"  {tool} --filter-network --unshare-net --allow-domain registry.npmjs.org\n"
+               f"  {tool} --learn ~/learned                open network; writes what was used\n"
+               f"  {tool} --filter-network --unshare-net --allow-file ~/learned   ...then only that\n"
                f"  {tool} --shell -- -c 'ls -la ~'         look around inside the sandbox\n"
                f"  {tool} --dry-run -v                     show what would run\n"
-               f"allow list: ~/.config/{tool}/allowed-domains is read when present "
-               "(one rule a line, # comments)")
-    sandbox = parser.add_argument_group("sandbox")
+               f"files:\n"
+               f"  ~/.config/{tool}/options          options read before the command line's,\n"
+               f"  {'':{len(tool) + 26}}  e.g. a line: --filter-network --unshare-net\n"
+               f"  ~/.config/{tool}/allowed-domains  allow rules, one a line, # comments\n"
+               f"  (both under $XDG_CONFIG_HOME instead of ~/.config when it is set)")
+    sandbox = parser.add_argument_group(
+        "sandbox", f"what {cli} sees; e.g. {tool} --dir ~/src/app --allow-ro ~/src/shared-lib")
     sandbox.add_argument("--dir", metavar="PATH",
                          help="project directory, writable inside (default: the current directory)")
     sandbox.add_argument("--allow-ro", metavar="PATH", action="append", default=[],
                          help="also show PATH read-only (repeatable; must exist)")
     sandbox.add_argument("--allow-rw", metavar="PATH", action="append", default=[],
                          help="also show PATH read-write (repeatable; must exist)")
-    sandbox.add_argument("--full-home-access", action="store_true",
-                         help="show the whole home read-only (secrets stay hidden)")
+    add_switch(sandbox, "--full-home-access", "--no-full-home-access",
+               "show the whole home read-only (secrets stay hidden)")
     sandbox.add_argument("--pass-env", metavar="VAR", action="append", default=[],
                          help="pass this host variable in (repeatable)")
     sandbox.add_argument("--env", metavar="VAR=VALUE", action="append", default=[],
@@ -284,56 +401,108 @@ def build_parser(profile):
     sandbox.add_argument("--shell", action="store_true",
                          help=f"run a shell instead of {cli}; arguments after -- go to it, "
                               "e.g. --shell -- -c 'cmd'")
-    sandbox.add_argument("--allow-config-writes", action="store_true",
-                         help="let the sandbox change .git/hooks, .git/config, .claude/settings*.json, "
-                              ".mcp.json and the like (risk: code the agent writes there runs "
-                              "later, outside the sandbox)")
+    add_switch(sandbox, "--allow-config-writes", "--no-allow-config-writes",
+               "let the sandbox change .git/hooks, .git/config, .claude/settings*.json, "
+               ".mcp.json and the like (risk: code the agent writes there runs later, outside "
+               "the sandbox)")
     if profile.cli_args:
-        sandbox.add_argument("--no-skip-permissions", action="store_true",
-                             help=f"do not pass {' '.join(profile.cli_args)} to {cli}")
-    network = parser.add_argument_group("network")
-    network.add_argument("--no-network", action="store_true",
-                         help="no network at all (an empty network namespace)")
-    network.add_argument("--unshare-net", action="store_true",
-                         help="an empty network namespace; with --filter-network the proxy is "
-                              "the only way out")
-    network.add_argument("--filter-network", action="store_true",
-                         help="network only through a filtering proxy that allows the "
-                              f"{cli} API and your allow list (enforced with --unshare-net, "
-                              "advisory without)")
+        add_switch(sandbox, "--no-skip-permissions", "--skip-permissions",
+                   f"do not pass {' '.join(profile.cli_args)} to {cli}")
+    network = parser.add_argument_group(
+        "network", f"e.g. {tool} --filter-network --unshare-net --allow-preset github "
+                   "--allow-preset npm")
+    network.add_argument("--no-network", action=SetAll, dest=argparse.SUPPRESS,
+                         values={"unshare_net": True, "filter_network": False},
+                         help="no network at all (an empty network namespace); "
+                              "--unshare-net --no-filter-network")
+    add_switch(network, "--unshare-net", "--share-net",
+               "an empty network namespace; with --filter-network the proxy is the only way out")
+    add_switch(network, "--filter-network", "--no-filter-network",
+               f"network only through a filtering proxy that allows the {cli} API and your "
+               "allow list (enforced with --unshare-net, advisory without)")
     network.add_argument("--allow-domain", metavar="RULE", action="append", default=[],
                          help="allow a destination: example.com, *.example.com, 1.2.3.4, "
                               "10.0.0.0/8, [::1], each with optional :PORT (repeatable)")
     network.add_argument("--allow-file", metavar="FILE", action="append", default=[],
                          help="read allow rules from FILE, one a line (repeatable)")
+    network.add_argument("--allow-preset", metavar="NAME", action="append", default=[],
+                         help="allow a ready-made list: " + ", ".join(PRESETS) +
+                              " (repeatable; see --list-presets)")
+    network.add_argument("--learn", metavar="FILE",
+                         help="open network (private addresses excepted) through the proxy, "
+                              "and at exit write the destinations used to FILE, ready for "
+                              "--allow-file; implies --filter-network --unshare-net")
+    add_switch(network, "--allow-private", "--no-allow-private",
+               "DANGEROUS: let allowed names reach loopback and private addresses (your LAN, "
+               "the cloud metadata service, services on this machine); with --learn, learn them "
+               "too.  An IP rule (--allow-domain 10.0.0.5:8080) is the narrow way")
     network.add_argument("--proxy-log", metavar="FILE",
-                         help="keep the proxy's JSON log (one object per connection) in FILE")
-    diagnostics = parser.add_argument_group("diagnostics")
-    diagnostics.add_argument("-v", "--verbose", action="store_true",
-                             help="print the configuration and the full commands to stderr")
+                         help="keep the proxy's JSON log (one object per decision and close) "
+                              "in FILE")
+    diagnostics = parser.add_argument_group("diagnostics", f"e.g. {tool} --doctor")
+    diagnostics.add_argument("--doctor", action="store_true",
+                             help="check bwrap, user namespaces, socat, the CLI, the seccomp "
+                                  "filter and the allow lists, saying how to fix what fails")
+    diagnostics.add_argument("--list-presets", action="store_true",
+                             help="print the --allow-preset lists, in allow-file format")
+    diagnostics.add_argument("--no-defaults", action="store_true",
+                             help=f"ignore ~/.config/{tool}/options")
+    add_switch(diagnostics, "--verbose", "--no-verbose",
+               "print the configuration and the full commands to stderr", short=("-v",))
     diagnostics.add_argument("--dry-run", action="store_true",
                              help="print the commands that would run, shell-quoted, and exit")
     return parser
 
 
-def parse_args(profile, argv):
-    """Our options before the first "--"; everything we do not know goes to the CLI."""
+# Options that do something once and so have no place in the defaults file.
+ONE_SHOT = ("--doctor", "--list-presets", "--dry-run", "--shell", "--learn", "--no-defaults",
+            "--help", "-h", "--")
+# Options that mean nothing without the proxy: refused on the command line without it,
+# ignored when they come from the defaults file (a session run with --no-filter-network).
+NEEDS_FILTER = (("--allow-domain", "allow_domain"), ("--allow-file", "allow_file"),
+                ("--allow-preset", "allow_preset"), ("--proxy-log", "proxy_log"),
+                ("--allow-private", "allow_private"))
+
+
+def split_argv(argv):
+    """(our options, the CLI's arguments after the first "--")."""
     if "--" in argv:
         cut = argv.index("--")
-        ours, after = argv[:cut], argv[cut + 1:]
-    else:
-        ours, after = argv, []
-    opts, unknown = build_parser(profile).parse_known_args(ours)
+        return argv[:cut], argv[cut + 1:]
+    return argv, []
+
+
+def parse_args(profile, argv, defaults=()):
+    """Our options before the first "--"; everything we do not know goes to the CLI.
+    `defaults` (from the defaults file) are read first, so the command line wins."""
+    ours, after = split_argv(argv)
+    parser = build_parser(profile)
+    given, unknown = parser.parse_known_args(ours)
+    opts = parser.parse_known_args([*defaults, *ours])[0] if defaults else given
     opts.args = unknown + after
-    opts.no_skip_permissions = getattr(opts, "no_skip_permissions", False)
-    if opts.no_network and opts.filter_network:
-        raise Failure("--no-network and --filter-network contradict each other; "
-                      "use --filter-network --unshare-net", 2)
+    resolve_options(opts, given)
+    return opts
+
+
+def resolve_options(opts, given):
+    """Turn the switches into plain booleans and refuse what cannot work.  `given` is the
+    command line alone: what the defaults file adds is never an error by itself."""
+    learn = opts.learn is not None
+    if learn and opts.filter_network is False:
+        raise Failure("--learn and --no-filter-network (or --no-network) contradict each other", 2)
+    opts.filter_network = learn or bool(opts.filter_network)
+    opts.unshare_net = learn if opts.unshare_net is None else opts.unshare_net
+    for name in ("full_home_access", "allow_config_writes", "allow_private", "verbose"):
+        setattr(opts, name, bool(getattr(opts, name)))
+    opts.no_skip_permissions = bool(getattr(opts, "no_skip_permissions", False))
     if not opts.filter_network:
-        for flag, value in (("--allow-domain", opts.allow_domain),
-                            ("--allow-file", opts.allow_file), ("--proxy-log", opts.proxy_log)):
-            if value:
+        for flag, name in NEEDS_FILTER:
+            if getattr(given, name):
                 raise Failure(f"{flag} needs --filter-network", 2)
+    for name in opts.allow_preset:
+        if name not in PRESETS:
+            raise Failure(f"--allow-preset {name!r}: no such preset; there are "
+                          f"{', '.join(PRESETS)} (see --list-presets)", 2)
     for assignment in opts.env:
         name, eq, _ = assignment.partition("=")
         if not eq or not name.isidentifier():
@@ -341,7 +510,69 @@ def parse_args(profile, argv):
     for name in opts.pass_env:
         if not name.isidentifier():
             raise Failure(f"--pass-env {name!r}: not a variable name", 2)
-    return opts
+
+
+def config_path(environ, tool, name):
+    """~/.config/TOOL/NAME, honouring XDG_CONFIG_HOME."""
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(environ.get("HOME", ""), ".config")
+    return os.path.join(base, tool, name)
+
+
+def expand_home(token, home):
+    """~/x, and --opt=~/x, as paths in the home: shlex does not expand them."""
+    option, eq, value = token.partition("=") if token.startswith("--") else ("", "", token)
+    if value == "~" or value.startswith("~/"):
+        value = home + value[1:]
+    return option + eq + value
+
+
+def parse_defaults(profile, text, path, home):
+    """The defaults file's options: each line shlex-split, '#' comments.  Every line must be
+    complete options of ours, so a typo is an error here rather than an argument to the CLI."""
+    parser, tokens = build_parser(profile), []
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            words = [expand_home(w, home) for w in shlex.split(line, comments=True)]
+        except ValueError as error:
+            raise Failure(f"{path}:{number}: {error}", 2) from None
+        for word in words:
+            if word.split("=")[0] in ONE_SHOT:
+                raise Failure(f"{path}:{number}: {word.split('=')[0]} does not belong in the "
+                              "defaults file (give it on the command line)", 2)
+        try:
+            unknown = parser.parse_known_args(words)[1]
+        except Failure as error:
+            raise Failure(f"{path}:{number}: {error}", 2) from None
+        if unknown:
+            raise Failure(f"{path}:{number}: {unknown[0]} is not a {profile.tool} option "
+                          f"(the defaults file holds {profile.tool} options only)", 2)
+        tokens += words
+    return tokens
+
+
+def read_defaults(profile, environ):
+    """The defaults file's options, or [] when there is none."""
+    path = config_path(environ, profile.tool, "options")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as error:
+        raise Failure(f"cannot read {path}: {error}", 2) from None
+    return parse_defaults(profile, text, path, environ.get("HOME", ""))
+
+
+def preset_rules(names):
+    """The rules of the named presets, each once, in order."""
+    return list(dict.fromkeys(rule for name in names for rule in PRESETS[name][1]))
+
+
+def format_presets():
+    """--list-presets: every preset as a commented block of an allow file."""
+    blocks = [f"# {name}: {description} (--allow-preset {name})\n" + "\n".join(rules)
+              for name, (description, rules) in PRESETS.items()]
+    return "\n\n".join(blocks) + "\n"
 
 
 def is_within(path, parent):
@@ -443,6 +674,8 @@ class Plan:
     filter: bool = False
     allow: list = field(default_factory=list)
     allow_files: list = field(default_factory=list)
+    allow_private: bool = False
+    learn: str = None                               # --learn FILE: audit mode, write FILE
     proxy_log: str = None
     socat: str = "socat"
     env_program: str = None                         # env(1) that can reset SIGINT
@@ -563,12 +796,14 @@ def make_plan(profile, opts, environ, skip=()):
         mounts += [m for m in protected if not (m[0] == "--ro-bind" and m[2] in copies)]
 
     allow_files = []
-    user_file = os.path.join(environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config"),
-                             profile.tool, "allowed-domains")
+    user_file = config_path({**environ, "HOME": home}, profile.tool, "allowed-domains")
     for path in ([user_file] if os.path.isfile(user_file) else []) + opts.allow_file:
         if not os.path.isfile(path):
             raise Failure(f"--allow-file {path}: no such file")
         allow_files.append(os.path.abspath(path))
+    learn = os.path.abspath(opts.learn) if opts.learn else None
+    if learn and (os.path.isdir(learn) or not os.access(os.path.dirname(learn), os.W_OK)):
+        raise Failure(f"--learn {opts.learn}: cannot write a file there")
 
     env_program = shutil.which("env", path="/usr/bin:/bin")
     bwrap = shutil.which("bwrap", path=search_path) or "bwrap"
@@ -580,10 +815,12 @@ def make_plan(profile, opts, environ, skip=()):
                 for d in SYSTEM_DIRS if os.path.lexists(d)],
         etc=[f"/etc/{e}" for e in ETC_ENTRIES if os.path.exists(f"/etc/{e}")],
         mounts=mounts,
-        unshare_net=opts.unshare_net or opts.no_network,
+        unshare_net=opts.unshare_net,
         filter=opts.filter_network,
-        allow=list(profile.allow) + opts.allow_domain,
+        allow=list(profile.allow) + preset_rules(opts.allow_preset) + opts.allow_domain,
         allow_files=allow_files,
+        allow_private=opts.allow_private,
+        learn=learn,
         proxy_log=os.path.abspath(opts.proxy_log) if opts.proxy_log else None,
         socat=socat,
         env_program=env_program if env_program and env_resets_signals(env_program) else None,
@@ -729,6 +966,10 @@ def build_proxy_args(plan, private_dir, ready_fd):
         args += ["--allow", rule]
     for path in plan.allow_files:
         args += ["--allow-file", path]
+    if plan.allow_private:
+        args.append("--allow-private")
+    if plan.learn:
+        args += ["--mode", "audit"]
     return args + ["--log", plan.proxy_log or os.path.join(private_dir, "proxy.log"),
                    "--ready-fd", str(ready_fd)]
 
@@ -850,9 +1091,13 @@ def printable(text):
     return "".join(c if c.isprintable() else "?" for c in str(text))
 
 
+def host_port(host, port):
+    """host:port, with brackets around an IPv6 address, as rules write it."""
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
 def allow_option(host, port):
-    rule = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return "--allow-domain " + shlex.quote(rule)
+    return "--allow-domain " + shlex.quote(host_port(host, port))
 
 
 def is_ip(text):
@@ -864,34 +1109,163 @@ def is_ip(text):
     return True
 
 
-def summarize(tool, lines):
-    """One line about the session's network use, from the proxy's JSON log lines."""
-    allowed, blocked = 0, {}
+def read_records(lines):
+    """The proxy log's objects; lines that are not JSON objects are skipped."""
     for line in lines:
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(record, dict) or record.get("event") != "decision":
+        if isinstance(record, dict):
+            yield record
+
+
+def went_ahead(record):
+    """A decision record whose connection the proxy attempted (allowed, or audit mode)."""
+    return record.get("event") == "decision" and (
+        record.get("decision") == "allow" or record.get("enforced") is False)
+
+
+@dataclass
+class Blocked:
+    """One blocked destination in the end-of-session story."""
+    host: str
+    port: str
+    count: int = 0
+    reasons: list = field(default_factory=list)   # log reasons, in order seen
+
+    @property
+    def why(self):
+        return ", ".join(REASONS.get(r, printable(r)) for r in self.reasons)
+
+    @property
+    def option(self):
+        """The option that would let it through, or "" when none would (or none should:
+        a name resolving to a private address is allowed only by --allow-private)."""
+        if any(r in ALLOWABLE for r in self.reasons) or (
+                "private-address" in self.reasons and is_ip(self.host)):
+            return allow_option(self.host, self.port)
+        return ""
+
+
+def network_story(records):
+    """(connections allowed, [Blocked], most first): what the session summary tells.
+    A destination is counted once per host:port, whatever the reasons."""
+    allowed, blocked = 0, {}
+    for record in records:
+        if record.get("event") != "decision":
             continue
-        if record.get("decision") == "allow" or record.get("enforced") is False:
+        if went_ahead(record):
             allowed += 1
             continue
-        key = (printable(record.get("host", "?")), printable(record.get("port", "?")),
-               str(record.get("reason", "")))
-        blocked[key] = blocked.get(key, 0) + 1
-    total = sum(blocked.values())
-    text = f"{tool}: network: {allowed} allowed, {total} blocked"
+        host, port = printable(record.get("host", "?")), printable(record.get("port", "?"))
+        entry = blocked.setdefault((host, port), Blocked(host, port))
+        entry.count += 1
+        reason = str(record.get("reason", ""))
+        if reason not in entry.reasons:
+            entry.reasons.append(reason)
+    return allowed, sorted(blocked.values(), key=lambda b: (-b.count, b.host, b.port))
+
+
+def format_story(tool, allowed, blocked, width=None):
+    """The summary: one line, or with `width` (a terminal's) a small table when it fits."""
+    total = sum(b.count for b in blocked)
+    head = f"{tool}: network: {allowed} allowed, {total} blocked"
+    shown, more = blocked[:SUMMARY_HOSTS], len(blocked) - SUMMARY_HOSTS
+    rows = [("blocked", "times", "why", "to allow it")]
+    rows += [(host_port(b.host, b.port), str(b.count), b.why, b.option or "-") for b in shown]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  " + "  ".join(cell.rjust(w) if i == 1 else cell.ljust(w)
+                              for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+             for row in rows]
+    if more > 0:
+        lines.append(f"  and {more} more (see --proxy-log)")
+    if blocked and width and max(map(len, lines)) <= width:
+        return head + ":\n" + "\n".join(lines)
     items = []
-    for (host, port, reason), count in sorted(blocked.items(), key=lambda kv: -kv[1]):
-        item = f"{host}:{port}" + (f" x{count}" if count > 1 else "")
-        item += f" ({REASONS.get(reason, printable(reason))})"
-        if reason in ALLOWABLE or (reason == "private-address" and is_ip(host)):
-            item += f" {allow_option(host, port)}"
-        items.append(item)
-    if len(items) > SUMMARY_HOSTS:
-        items[SUMMARY_HOSTS:] = [f"and {len(items) - SUMMARY_HOSTS} more (see --proxy-log)"]
-    return text + (": " + "; ".join(items) if items else "")
+    for b in shown:
+        item = host_port(b.host, b.port) + (f" x{b.count}" if b.count > 1 else "")
+        items.append(f"{item} ({b.why})" + (f" {b.option}" if b.option else ""))
+    if more > 0:
+        items.append(f"and {more} more (see --proxy-log)")
+    return head + (": " + "; ".join(items) if items else "")
+
+
+def summarize(tool, lines, width=None):
+    """The end-of-session summary from the proxy's JSON log lines (so --proxy-log rebuilds it)."""
+    return format_story(tool, *network_story(read_records(lines)), width)
+
+
+def learned(records):
+    """What --learn writes, from the proxy's log: {(host, port): {"count", "reached",
+    "protos", "failures", "addresses"}} for every destination the proxy attempted;
+    "reached" counts the connections that got through (a failed one teaches nothing)."""
+    attempts, closes = {}, {}
+    for record in records:
+        if went_ahead(record):
+            attempts[record.get("id")] = record
+        elif record.get("event") == "close":
+            closes[record.get("id")] = record
+    used = {}
+    for key, record in attempts.items():
+        entry = used.setdefault((str(record.get("host", "")), record.get("port")),
+                                {"count": 0, "reached": 0, "protos": set(), "failures": set(),
+                                 "addresses": set()})
+        entry["count"] += 1
+        entry["protos"].add(str(record.get("proto", "?")))
+        close = closes.get(key, {})
+        reason = str(close.get("reason", "closed"))
+        if reason in ("closed", "proxy-stopped"):
+            entry["reached"] += 1
+            entry["addresses"].add(str(close.get("address") or ""))
+        else:
+            entry["failures"].add(reason)
+    return used
+
+
+def private_addresses(addresses):
+    """Of the close records' "address" fields (1.2.3.4:443, [::1]:443), the non-public IPs."""
+    import ipaddress
+    from socks_filter import is_public_address
+    found = []
+    for text in sorted(addresses):
+        ip = text.rpartition(":")[0].strip("[]")
+        with contextlib.suppress(ValueError):
+            if not is_public_address(ipaddress.ip_address(ip)):
+                found.append(ip)
+    return found
+
+
+def format_learned(tool, used, when):
+    """The --learn file: one rule a line for every destination reached, sorted, each with a
+    comment; what was never reached, or cannot be a rule, stays a comment.  A name that
+    reached a private address (learned with --allow-private) says it needs that option too."""
+    from socks_filter import RuleError, parse_rule
+    rules, notes = [], []
+    for (host, port), use in sorted(used.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        rule = host_port(printable(host), printable(port))
+        plural = "s" if use["count"] > 1 else ""
+        comment = f"{use['count']} connection{plural}: {', '.join(sorted(use['protos']))}"
+        if use["failures"]:
+            comment += f"; failed: {', '.join(sorted(use['failures']))}"
+        private = [] if is_ip(host) else private_addresses(use["addresses"])
+        if private:
+            comment += f"; reached private {', '.join(private)}: needs --allow-private too"
+        if not use["reached"]:
+            notes.append(f"# not reached, so not allowed: {rule} ({comment})")
+            continue
+        try:
+            parse_rule(rule)
+        except RuleError as error:
+            notes.append(f"# cannot be a rule: {rule} ({printable(error)})")
+            continue
+        rules.append((rule, comment))
+    pad = max((len(rule) for rule, _ in rules), default=0)
+    lines = [f"# {tool} --learn, {when}: the destinations one session reached.",
+             "# Review, then: "
+             f"{tool} --filter-network --unshare-net --allow-file THIS-FILE"]
+    lines += [f"{rule.ljust(pad)}  # {comment}" for rule, comment in rules] + notes
+    return "\n".join(lines) + "\n", len(rules)
 
 
 _MISSING = object()
@@ -1031,6 +1405,8 @@ class Session:
     def __init__(self, plan, environ):
         self.plan, self.environ = plan, environ
         self.dir = self.proxy = self.bwrap = None
+        self.set_up = False          # bwrap ran the command (a session that did not
+                                     # leaves an earlier --learn file alone)
         self.snapshots = {}
         self.created = []
         self.guarded_bases = []
@@ -1054,6 +1430,8 @@ class Session:
             remove_placeholders(self.created)
             if self.proxy is not None and self.bwrap is not None:
                 say(self.summary())
+                if self.plan.learn and (self.set_up or isinstance(exc_info[1], Terminated)):
+                    say(self.write_learned())
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
             os.close(self.lock_fd)
@@ -1138,6 +1516,8 @@ class Session:
         self.make_placeholders()
         if self.plan.filter:
             self.start_proxy()
+            for line in network_warnings(self.plan):
+                say(f"{self.tool}: {line}")
             if not self.plan.unshare_net:
                 print(f"{self.tool}: --filter-network without --unshare-net is advisory: "
                       "programs that ignore HTTP(S)_PROXY reach the network directly",
@@ -1160,8 +1540,8 @@ class Session:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         with os.fdopen(read_fd, "rb") as status_pipe:
             code = self.bwrap.wait()
-            status = status_pipe.read()
-        if not bwrap_ran(status):
+            self.set_up = bwrap_ran(status_pipe.read())
+        if not self.set_up:
             raise Failure("bwrap could not set up the sandbox (its message is above); if it is "
                           "about permissions or the uid map, check that unprivileged user "
                           "namespaces are allowed (sysctl "
@@ -1170,11 +1550,13 @@ class Session:
                           "for bwrap)", code or 1)
         return 128 - code if code < 0 else code
 
+    def log_path(self):
+        return self.plan.proxy_log or os.path.join(self.dir, "proxy.log")
+
     def summary(self):
-        log = self.plan.proxy_log or os.path.join(self.dir, "proxy.log")
         try:
-            with open(log, errors="replace") as f:
-                text = summarize(self.tool, f)
+            with open(self.log_path(), errors="replace") as f:
+                text = summarize(self.tool, f, terminal_width(sys.stderr))
         except OSError:
             text = f"{self.tool}: network: no proxy log"
         if self.proxy.returncode not in (0, -signal.SIGTERM):
@@ -1182,16 +1564,58 @@ class Session:
                     f"{last_line(os.path.join(self.dir, 'proxy.err'))})"
         return text
 
+    def write_learned(self):
+        """Write the --learn file (atomically: a partial one would be a wrong allow list)."""
+        target = self.plan.learn
+        try:
+            with open(self.log_path(), errors="replace") as f:
+                used = learned(read_records(f))
+            when = time.strftime("%Y-%m-%d %H:%M %Z")
+            text, count = format_learned(self.tool, used, when)
+            tmp = f"{target}.tmp.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, target)
+        except OSError as error:
+            return f"{self.tool}: learn: could not write {target}: {error}"
+        plural = "" if count == 1 else "s"
+        return (f"{self.tool}: learn: wrote {count} destination{plural} to {target}; review it, "
+                f"then use --filter-network --unshare-net --allow-file {shlex.quote(target)}")
+
+
+def network_warnings(plan):
+    """The loud lines at start for the options that open the network."""
+    lines = []
+    if plan.learn:
+        lines.append("learn mode: the network is OPEN to every " +
+                     ("address, private ones included (--allow-private)" if plan.allow_private
+                      else "public address (private addresses stay blocked)") +
+                     f"; the destinations used go to {plan.learn} at exit")
+    elif plan.allow_private:
+        lines.append("--allow-private: allowed names may reach loopback and private addresses")
+    return lines
+
+
+def terminal_width(stream):
+    """The terminal's width when `stream` is one, else None."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns if stream.isatty() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
 
 def describe(plan):
     """--verbose: the decisions, one per line."""
-    net = ("filtered, enforced" if plan.filter and plan.unshare_net else
+    net = ("learning: open, audited" if plan.learn else
+           "filtered, enforced" if plan.filter and plan.unshare_net else
            "filtered, advisory" if plan.filter else
            "none" if plan.unshare_net else "host network")
     lines = [f"profile: {plan.profile.name}", f"project: {plan.project}",
              f"command: {shlex.join(plan.command)}", f"network: {net}"]
     if plan.filter:
         lines.append(f"allow: {' '.join(plan.allow)}")
+        if plan.allow_private:
+            lines.append("private addresses: reachable by allowed names (--allow-private)")
         lines += [f"allow file: {p}" for p in plan.allow_files]
     lines += [" ".join(x for x in mount if x) for mount in plan.mounts]
     lines.append("Ctrl-C reaches the CLI: " + ("yes" if plan.env_program else
@@ -1216,12 +1640,23 @@ def check_tools(plan):
 
 def run(profile, argv, environ=None, skip=()):
     environ = os.environ if environ is None else environ
-    opts = parse_args(profile, argv)
+    ours = split_argv(argv)[0]
+    if "--doctor" in ours:
+        return doctor(profile, argv, environ, skip)
+    # --help works even when the defaults file does not parse.
+    skip_defaults = any(flag in ours for flag in ("--no-defaults", "--help", "-h"))
+    defaults = [] if skip_defaults else read_defaults(profile, environ)
+    opts = parse_args(profile, argv, defaults)
+    if opts.list_presets:
+        sys.stdout.write(format_presets())
+        return 0
     if not opts.dry_run:
         sweep_stale(private_base(environ), profile.tool)
     plan = make_plan(profile, opts, environ, skip)
     tool = profile.tool
     if plan.verbose:
+        if defaults:
+            print(f"{tool}: defaults: {shlex.join(defaults)}", file=sys.stderr)
         print(describe(plan), file=sys.stderr)
     if plan.dry_run:
         private_dir = os.path.join(private_base(environ), tool + ".XXXXXXXX")
@@ -1232,6 +1667,269 @@ def run(profile, argv, environ=None, skip=()):
     check_tools(plan)
     with Session(plan, environ) as session:
         return session.run()
+
+
+@dataclass
+class Check:
+    """One line of --doctor: what was looked at, "ok", "note" or "FAIL", and how to fix it."""
+    name: str
+    status: str
+    text: str
+    fix: str = ""
+
+
+def run_briefly(args, seconds, env=None, pass_fds=()):
+    """(exit status, output) of a short command; (None, why) if it cannot start or hangs."""
+    try:
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds,
+                                   start_new_session=True)
+    except OSError as error:
+        return None, str(error)
+    try:
+        output = process.communicate(timeout=seconds)[0]
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return None, f"no answer within {seconds} s"
+    return process.returncode, output.decode(errors="replace")
+
+
+def first_line(text, containing=""):
+    lines = [line.strip() for line in text.splitlines() if containing in line and line.strip()]
+    return printable(lines[0]) if lines else ""
+
+
+def last_words(output, code):
+    """What a failed command said last, or its status."""
+    lines = output.strip().splitlines()
+    return printable(lines[-1].strip()) if lines else f"exit status {code}"
+
+
+USERNS_SYSCTLS = ("kernel.apparmor_restrict_unprivileged_userns",
+                  "kernel.unprivileged_userns_clone", "user.max_user_namespaces")
+
+
+def read_sysctls(names):
+    values = {}
+    for name in names:
+        with contextlib.suppress(OSError):
+            with open("/proc/sys/" + name.replace(".", "/")) as f:
+                values[name] = f.read().strip()
+    return values
+
+
+def userns_fix(sysctls):
+    """How to get unprivileged user namespaces, from the kernel settings that forbid them."""
+    if sysctls.get("kernel.apparmor_restrict_unprivileged_userns") == "1":
+        return ("AppArmor forbids unprivileged user namespaces (Ubuntu 23.10 and later): give "
+                "bwrap a profile: printf 'abi <abi/4.0>,\\ninclude <tunables/global>\\nprofile "
+                "bwrap /usr/bin/bwrap flags=(unconfined) {\\n  userns,\\n}\\n' | sudo tee "
+                "/etc/apparmor.d/bwrap && sudo apparmor_parser -r /etc/apparmor.d/bwrap  (or, "
+                "for every program: sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0)")
+    if sysctls.get("kernel.unprivileged_userns_clone") == "0":
+        return "sudo sysctl kernel.unprivileged_userns_clone=1"
+    if sysctls.get("user.max_user_namespaces") == "0":
+        return "sudo sysctl user.max_user_namespaces=15000"
+    return ("bwrap needs unprivileged user namespaces; in a container, allow them (for "
+            "Docker: --security-opt seccomp=unconfined --security-opt apparmor=unconfined) or "
+            "run on the host")
+
+
+def trial_args(bwrap, disable_userns, seccomp_fd=None):
+    """A trivial sandbox with the namespaces a session uses, for --doctor to try."""
+    args = [bwrap, "--die-with-parent", "--unshare-user", "--unshare-pid", "--unshare-ipc",
+            "--unshare-uts", "--unshare-cgroup-try", "--unshare-net", "--cap-drop", "ALL"]
+    if disable_userns:
+        args.append("--disable-userns")
+    args += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    if seccomp_fd is not None:
+        args += ["--seccomp", str(seccomp_fd)]
+    return args + ["--", "/bin/sh", "-c", "exit 0"]
+
+
+def tiocsti_check(value):
+    """The kernel's legacy_tiocsti switch, read as a Check (the seccomp filter blocks TIOCSTI
+    in the sandbox either way)."""
+    if value == "0":
+        return Check("TIOCSTI", "ok", "the kernel refuses it to everyone (dev.tty.legacy_tiocsti=0)")
+    text = ("the kernel allows it (dev.tty.legacy_tiocsti=1); the sandbox's seccomp filter "
+            "blocks it" if value == "1" else
+            "this kernel (before 6.2) has no switch; the sandbox's seccomp filter blocks it")
+    return Check("TIOCSTI", "note", text, "for every program: sudo sysctl dev.tty.legacy_tiocsti=0"
+                 if value == "1" else "")
+
+
+def rule_errors(lines, where):
+    """(rules that parse, ["where:line: why" for those that do not]), allow-file syntax."""
+    from socks_filter import RuleError, parse_rule
+    count, errors = 0, []
+    for number, line in enumerate(lines, start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            parse_rule(text)
+            count += 1
+        except RuleError as error:
+            errors.append(f"{where}:{number}: {printable(error)}")
+    return count, errors
+
+
+def allow_list_checks(profile, opts, environ):
+    checks, files = [], []
+    user_file = config_path(environ, profile.tool, "allowed-domains")
+    files += [user_file] if os.path.isfile(user_file) else []
+    for path in opts.allow_file:
+        if os.path.isfile(path):
+            files.append(path)
+        else:
+            checks.append(Check("allow list", "FAIL", f"--allow-file {path}: no such file",
+                                "give the path of an existing file"))
+    sources = [(path, None) for path in files]
+    if opts.allow_domain:
+        sources.append(("--allow-domain", opts.allow_domain))
+    for where, rules in sources:
+        try:
+            if rules is None:
+                with open(where, encoding="utf-8") as f:
+                    rules = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            checks.append(Check("allow list", "FAIL", f"cannot read {where}: {error}",
+                                "make it a readable UTF-8 text file"))
+            continue
+        count, errors = rule_errors(rules, where)
+        if errors:
+            checks += [Check("allow list", "FAIL", e, "correct or remove that rule "
+                             "(see socks_filter.py's docstring: RULES)") for e in errors]
+        else:
+            checks.append(Check("allow list", "ok", f"{where}: {count} rules"))
+    if not sources and not opts.allow_preset:
+        checks.append(Check("allow list", "ok", f"only {profile.name}'s API (no {user_file}, "
+                                                "no --allow-file)"))
+    if opts.allow_preset:
+        checks.append(Check("allow list", "ok", "presets: " + ", ".join(opts.allow_preset)))
+    return checks
+
+
+def host_checks(profile, opts, environ, skip=()):
+    """Everything --filter-network --unshare-net needs from this machine, as Checks."""
+    search_path = environ.get("PATH", os.defpath)
+    home = environ.get("HOME", "")
+    checks, userns = [], False
+    bwrap = shutil.which("bwrap", path=search_path)
+    disable_userns = bool(bwrap) and bwrap_supports(bwrap, "--disable-userns")
+    if bwrap is None:
+        checks.append(Check("bwrap", "FAIL", "not found on PATH",
+                            "sudo apt-get install bubblewrap  (Fedora: sudo dnf install bubblewrap)"))
+    else:
+        version = first_line(run_briefly([bwrap, "--version"], 10)[1]) or "version unknown"
+        checks.append(Check("bwrap", "ok", f"{version} ({bwrap})"))
+        if not disable_userns:
+            checks.append(Check("nested userns", "note", "this bwrap lacks --disable-userns, so "
+                                "the sandbox could make namespaces of its own",
+                                "bubblewrap 0.8 or later"))
+        code, output = run_briefly(trial_args(bwrap, disable_userns), 10,
+                                   env={"PATH": "/usr/bin:/bin"})
+        userns = code == 0
+        checks.append(Check("user namespaces", "ok",
+                            "a trial sandbox ran (user, pid, ipc, uts and net namespaces)")
+                      if userns else
+                      Check("user namespaces", "FAIL", "a trial sandbox failed: " +
+                            last_words(output, code), userns_fix(read_sysctls(USERNS_SYSCTLS))))
+    machine = os.uname().machine
+    try:
+        program = tiocsti_filter(machine)
+    except Failure as error:
+        checks.append(Check("seccomp", "FAIL", str(error), "run on x86_64 or aarch64"))
+    else:
+        if not userns:
+            checks.append(Check("seccomp", "FAIL", f"untested: no working bwrap ({machine} "
+                                "is supported)", "fix bwrap first"))
+        else:
+            fd = filter_fd(program)
+            try:
+                code, output = run_briefly(trial_args(bwrap, disable_userns, fd), 10,
+                                           env={"PATH": "/usr/bin:/bin"}, pass_fds=(fd,))
+            finally:
+                os.close(fd)
+            checks.append(Check("seccomp", "ok", f"the keystroke-injection filter loads ({machine})")
+                          if code == 0 else
+                          Check("seccomp", "FAIL", "bwrap refused the filter: " +
+                                last_words(output, code),
+                                "a kernel with CONFIG_SECCOMP_FILTER"))
+    legacy = read_sysctls(["dev.tty.legacy_tiocsti"]).get("dev.tty.legacy_tiocsti")
+    checks.append(tiocsti_check(legacy))
+    socat = shutil.which("socat", path=search_path)
+    if socat is None:
+        checks.append(Check("socat", "FAIL", "not found on PATH (--filter-network needs it)",
+                            "sudo apt-get install socat  (Fedora: sudo dnf install socat)"))
+    else:
+        version = first_line(run_briefly([socat, "-V"], 10)[1], "socat version")
+        checks.append(Check("socat", "ok", f"{version or 'version unknown'} ({socat})"))
+    for path in (FILTER_SCRIPT, BRIDGE_SCRIPT):
+        if not os.path.isfile(path):
+            checks.append(Check("proxy", "FAIL", f"{path} is missing",
+                                f"keep {os.path.basename(path)} next to bw_lib.py"))
+    cli = find_cli(profile, search_path, home, skip)
+    if cli is None:
+        places = ", ".join(["PATH"] + [f"~/{p}" for p in profile.lookup])
+        checks.append(Check(profile.name, "FAIL", f"not found (looked in {places})",
+                            profile.install_hint))
+    else:
+        code, output = run_briefly([cli, "--version"], 20, env=dict(environ))
+        checks.append(Check(profile.name, "ok", f"{first_line(output)} ({cli})") if code == 0 else
+                      Check(profile.name, "FAIL", f"{cli} --version failed: "
+                            f"{last_words(output, code)}",
+                            f"reinstall it: {profile.install_hint}"))
+    for helper in profile.helpers:
+        if find_program(helper, search_path) is None:
+            checks.append(Check(helper, "FAIL", f"not found on PATH; {profile.name} needs it",
+                                f"install {helper}"))
+    env_program = shutil.which("env", path="/usr/bin:/bin")
+    if not (env_program and env_resets_signals(env_program)):
+        checks.append(Check("Ctrl-C", "note", "env(1) lacks --default-signal: Ctrl-C ends the "
+                            "whole session instead of reaching the CLI", "coreutils 8.31 or later"))
+    try:
+        checks += allow_list_checks(profile, opts, environ)
+    except ImportError:
+        checks.append(Check("allow list", "FAIL", "cannot check rules without socks_filter.py",
+                            "keep socks_filter.py next to bw_lib.py"))
+    return checks
+
+
+def format_doctor(tool, checks):
+    """The --doctor report: a line a check, its fix below when it failed."""
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for check in checks:
+        lines.append(f"  {check.status:<5} {check.name:<{width}}  {check.text}")
+        if check.fix:
+            label = "fix" if check.status == "FAIL" else "tip"
+            lines.append(f"  {'':<5} {'':<{width}}  {label}: {check.fix}")
+    failed = sum(c.status == "FAIL" for c in checks)
+    lines.append(f"{tool}: " + (f"{failed} problem{'s' if failed > 1 else ''}: "
+                                "--filter-network --unshare-net will not work until "
+                                f"{'they are' if failed > 1 else 'it is'} fixed" if failed else
+                                "everything --filter-network --unshare-net needs works"))
+    return "\n".join(lines)
+
+
+def doctor(profile, argv, environ, skip=()):
+    """--doctor: check this machine and the user's configuration; 0 when all needed works."""
+    checks, defaults = [], []
+    if "--no-defaults" not in split_argv(argv)[0]:
+        try:
+            defaults = read_defaults(profile, environ)
+        except Failure as error:
+            checks.append(Check("defaults", "FAIL", str(error), "correct or remove that line"))
+        if defaults:
+            checks.append(Check("defaults", "ok", shlex.join(defaults)))
+    opts = parse_args(profile, ["--filter-network", *argv], defaults)
+    checks += host_checks(profile, opts, environ, skip)
+    print(format_doctor(profile.tool, checks))
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 
 def raise_terminated(signum, frame):

@@ -80,7 +80,9 @@ class ParseArgsTest(unittest.TestCase):
         self.assertEqual(opts.args, ["--verb", "--filter"])
 
     def test_contradictions_and_bad_values_are_usage_errors(self):
-        for argv in (["--no-network", "--filter-network"],
+        for argv in (["--learn", "learned", "--no-network"],
+                     ["--filter-network", "--allow-preset", "nope"],
+                     ["--allow-private"],
                      ["--allow-domain", "x.example"],
                      ["--allow-file", "/etc/hosts"],
                      ["--proxy-log", "/tmp/log"],

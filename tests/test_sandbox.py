@@ -490,7 +490,7 @@ class SandboxTest(unittest.TestCase):
             ((), no_cli, 127, "claude not found"),
             (("--dir",), self.env, 2, "expected one argument"),
             (("--allow-ro", "/does/not/exist"), self.env, 1, "no such file"),
-            (("--no-network", "--filter-network"), self.env, 2, "contradict"),
+            (("--learn", "learned", "--no-network"), self.env, 2, "contradict"),
             (("--dir", self.home), self.env, 1, "home directory"),
             ((), {**self.env, "PATH": self.bin}, 127, "bwrap not found"),
             (("--filter-network",), {**self.env, "PATH": only_bwrap}, 127, "socat not found"),
