@@ -9,7 +9,8 @@
 # execs COMMAND.  The port is 0, so the kernel picks a free one: without --unshare-net
 # this is the host's loopback, where a fixed port could collide or be taken first.
 # socat says which port it got ("listening on AF=2 127.0.0.1:PORT") on stderr, which is
-# read until that line and then drained, so socat never blocks on a full pipe.
+# read until that line and then drained, so socat never blocks on a full pipe; the port
+# comes back through a FIFO.
 # -b: 256 KiB buffers (8 KiB default halves throughput); -t: wait an hour, not 0.5 s, for
 # the reply after a client half-closes.  bwrap --unshare-pid ends socat with the sandbox.
 set -eu
@@ -30,14 +31,15 @@ if command -v setsid >/dev/null 2>&1; then
 fi
 
 dir=$(mktemp -d)
+mkfifo "$dir/port"
 $detach "$socat" -d -d -b 262144 -t 3600 \
     "TCP4-LISTEN:0,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$socket" 2>&1 >/dev/null |
     {
+        port=
         while IFS= read -r line; do
             case $line in
             *" listening on "*)
-                printf '%s\n' "${line##*:}" >"$dir/port.tmp"
-                mv "$dir/port.tmp" "$dir/port"
+                port=${line##*:}
                 break
                 ;;
             *" E "*)
@@ -45,20 +47,13 @@ $detach "$socat" -d -d -b 262144 -t 3600 \
                 ;;
             esac
         done
+        printf '%s\n' "$port" >"$dir/port"
         exec cat >/dev/null
     } &
-reader=$!
 
-tries=0
-while [ ! -s "$dir/port" ]; do
-    tries=$((tries + 1))
-    if [ "$tries" -gt 200 ] || ! kill -0 "$reader" 2>/dev/null; then
-        echo "socat_bridge.sh: socat did not start listening on 127.0.0.1" >&2
-        exit 1
-    fi
-    sleep 0.05
-done
-port=$(cat "$dir/port")
+# The reader writes the port, or an empty line if socat ended first, so this read returns
+# as soon as socat listens, without polling.
+IFS= read -r port <"$dir/port" || port=
 rm -rf "$dir"
 case $port in
 '' | *[!0-9]*)
