@@ -1278,3 +1278,26 @@ def kill_if_alive(pid):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class PipePoolTest(unittest.TestCase):
+    """Relay pipes are reused only when empty: one connection's bytes never reach another."""
+
+    def test_a_pipe_holding_bytes_is_closed_not_reused(self):
+        pool = socks_filter.PipePool(keep=4)
+        self.addCleanup(pool.close)
+        full = pool.take()
+        os.write(full[1], b"left over from an earlier connection")
+        pool.give_back(full)
+        self.assertEqual(pool.spare, [])
+        with self.assertRaises(OSError):
+            os.fstat(full[0])
+
+    def test_an_empty_pipe_is_reused_and_the_pool_is_bounded(self):
+        pool = socks_filter.PipePool(keep=1)
+        self.addCleanup(pool.close)
+        first, second = pool.take(), pool.take()
+        pool.give_back(first)
+        pool.give_back(second)
+        self.assertEqual(pool.spare, [first])
+        self.assertEqual(pool.take(), first)
