@@ -32,7 +32,7 @@ fi
 
 dir=$(mktemp -d)
 mkfifo "$dir/port"
-$detach "$socat" -d -d -b 262144 -t 3600 \
+$detach "$socat" -d -d -b 1048576 -t 3600 \
     "TCP4-LISTEN:0,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$socket" 2>&1 >/dev/null |
     {
         port=
