@@ -135,7 +135,10 @@ SHARED_SUFFIXES = frozenset((
     "github.io", "gitlab.io", "herokuapp.com", "appspot.com", "blogspot.com", "cloudfront.net",
     "amazonaws.com", "azurewebsites.net", "vercel.app", "netlify.app", "pages.dev",
     "workers.dev", "web.app", "firebaseapp.com", "ngrok.io", "ngrok-free.app",
-    "trycloudflare.com", "googleusercontent.com", "repl.co", "glitch.me",
+    "trycloudflare.com", "googleusercontent.com", "repl.co", "glitch.me", "s3.amazonaws.com",
+    "r2.dev", "fly.dev", "onrender.com", "railway.app", "duckdns.org", "azureedge.net",
+    "blob.core.windows.net", "storage.googleapis.com", "deno.dev", "surge.sh", "gitbook.io",
+    "readthedocs.io", "pythonanywhere.com", "000webhostapp.com", "ngrok.app", "loca.lt",
 ))
 
 
@@ -592,13 +595,13 @@ def parse_http_request(data):
         if target.startswith("/"):
             raise ProtocolError("this is a proxy: send absolute-form (http://host/...) or CONNECT")
         raise ProtocolError("only http:// URLs can be proxied; use CONNECT for https")
-    authority, slash, rest = target[7:].partition("/")
-    authority, query, after = authority.partition("?")
-    path = "/" + rest if slash else "/"
-    if query:
-        path = "/?" + after
+    after_scheme = target[7:]
+    end = min((i for i in map(after_scheme.find, "/?#") if i >= 0), default=len(after_scheme))
+    authority, path = after_scheme[:end], after_scheme[end:]
     if "@" in authority or "#" in path:
         raise ProtocolError("user info or fragment in URL")
+    if not path.startswith("/"):
+        path = "/" + path
     host, port = parse_authority(authority, 80)
     if hosts:
         header_host, header_port = parse_authority(hosts[0], 80)
@@ -894,7 +897,7 @@ class Connection:
         self.stage = "connecting"
         self.server.set_deadline(self, CONNECT_TIMEOUT)
         if kind == "ip":
-            self.log_allowed(verdict)
+            self.log_allowed_unless_sni_pending()
             self.candidates = [value]
             self.connect_next()
         else:
@@ -905,6 +908,12 @@ class Connection:
         self.server.log_decision(self, request.proto, request.host, request.port, verdict)
         self.finish_with(self.refusal(0x02, 403, denial_message(request.host, request.port, verdict),
                                       "blocked-by-allowlist"))
+
+    def log_allowed_unless_sni_pending(self):
+        """Log the allow decision now, or, for a tunnel whose TLS server name is still to be
+        checked, once it is: a tunnel refused for its name counts as denied only."""
+        if not self.wants_sni_check():
+            self.log_allowed(self.verdict)
 
     def log_allowed(self, verdict):
         self.logged_decision = True
@@ -917,7 +926,6 @@ class Connection:
         if self.closed or self.stage != "connecting":
             return
         if error is not None or not addresses:
-            self.log_allowed(self.verdict)
             self.fail(LOOKUP_FAILED, f"lookup of {self.target} failed")
             return
         for address in addresses:
@@ -925,7 +933,7 @@ class Connection:
             if not verdict.allowed:
                 self.deny(Verdict(False, verdict.reason, f"{self.target} resolves to {verdict.detail}"))
                 return
-        self.log_allowed(self.verdict)
+        self.log_allowed_unless_sni_pending()
         self.candidates = list(addresses)
         self.connect_next()
 
@@ -970,7 +978,7 @@ class Connection:
             bound_host, bound_port = self.upstream.getsockname()[:2]
             self.send_to_client(socks5_reply(0, ipaddress.ip_address(bound_host), bound_port))
         elif request.proto == "socks4a":
-            self.send_to_client(bytes((0, 0x5A)) + b"\0" * 6)
+            self.send_to_client(socks4_reply(True))
         elif request.proto == "http-connect":
             self.send_to_client(b"HTTP/1.1 200 Connection established\r\n\r\n")
         if self.wants_sni_check():
@@ -1009,11 +1017,13 @@ class Connection:
         else:
             self.server.log_note(self, f"tunnel without SNI ({kind})")
         self.server.clear_deadline(self)
+        self.log_allowed(self.verdict)
         self.start_relay()
 
     def sni_denied(self, detail):
         self.server.log_decision(self, self.request.proto, self.target, self.request.port,
                                  Verdict(False, "sni-mismatch", detail))
+        self.logged_decision = True
         self.close("sni-mismatch")
 
     # -- relay ------------------------------------------------------------------------------
@@ -1554,7 +1564,7 @@ class FilterServer:
         up, down = connection.up, connection.down
         record = {"ts": round(time.time(), 3), "event": "close", "id": connection.id,
                   "proto": request.proto, "host": connection.log_host(), "port": request.port,
-                  "decision": "allow", "reason": reason,
+                  "decision": "deny" if reason == "sni-mismatch" else "allow", "reason": reason,
                   "address": format_address(connection.address, request.port) if connection.address else None,
                   "bytes_up": up.count if up else 0, "bytes_down": down.count if down else 0,
                   "duration": round(time.monotonic() - connection.started, 3)}
@@ -1774,6 +1784,19 @@ def affordable_connections(wanted, fd_limit, reserve=OVERFLOW_CONNECTIONS + 32):
     return max(1, min(wanted, (fd_limit - reserve) // DESCRIPTORS_PER_RELAY))
 
 
+def announce_ready(addresses, ready_fd):
+    """Write "ready ADDR..." to ready_fd (then close it) or to stdout; paths as raw bytes."""
+    line = os.fsencode("ready " + " ".join(addresses) + "\n")
+    if ready_fd is None:
+        sys.stdout.buffer.write(line)
+        sys.stdout.flush()
+        return
+    try:
+        os.write(ready_fd, line)
+    finally:
+        os.close(ready_fd)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1800,20 +1823,20 @@ def main(argv=None):
               f"{args.max_connections}", file=sys.stderr)
     server = FilterServer(policy, args.listen, log_path=args.log, verbose=args.verbose,
                           max_connections=max_connections, sni_check=args.sni_check)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda *_: server.shutdown())
     try:
         addresses = server.start()
     except (OSError, ValueError) as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         return 2
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda *_: server.shutdown())
-    line = "ready " + " ".join(addresses) + "\n"
-    if args.ready_fd is not None:
-        os.write(args.ready_fd, line.encode())
-        os.close(args.ready_fd)
-    else:
-        sys.stdout.write(line)
-        sys.stdout.flush()
+    try:
+        announce_ready(addresses, args.ready_fd)
+    except OSError as error:
+        server.shutdown()
+        server.serve_forever()
+        print(f"{name}: error: cannot write the ready line: {error}", file=sys.stderr)
+        return 1
     server.serve_forever()
     print(server.summary(), file=sys.stderr, flush=True)
     return 0

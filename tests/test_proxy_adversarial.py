@@ -1524,7 +1524,8 @@ class SniCheckTest(unittest.TestCase):
                 self.assertTrue(seen["granted"], "the tunnel should open before the hello")
                 self.assertTrue(seen["closed"])
                 self.assertEqual(seen["received"], "", "the upstream received bytes of the hello")
-                self.assertEqual(seen["reasons"][-1:], ["sni-mismatch"])
+                self.assertEqual(seen["reasons"], ["sni-mismatch"],
+                                 "a tunnel refused for its name must count as denied only")
         self.assertTrue(self.results["alive"])
 
     def test_matching_missing_or_no_tls_flows(self):

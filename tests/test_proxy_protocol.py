@@ -1060,6 +1060,37 @@ class CommandTest(ProxyTestCase):
     def sock_path(self):
         return os.path.join(self.tmp, "proxy.sock")
 
+    def test_unwritable_ready_fd_is_one_line_and_leaves_no_socket(self):
+        """A ready pipe whose reader has gone: exit 1, one line, the socket file removed."""
+        ready_read, ready_write = os.pipe()
+        os.close(ready_read)
+        result = subprocess.run([sys.executable, SCRIPT, "--listen", self.sock_path(),
+                                 "--ready-fd", str(ready_write)], pass_fds=(ready_write,),
+                                capture_output=True, text=True, timeout=WAIT)
+        os.close(ready_write)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn("ready line", result.stderr)
+        self.assertFalse(os.path.lexists(self.sock_path()))
+
+    def test_non_utf8_socket_path_is_reported_as_bytes(self):
+        """A socket path that is not UTF-8 comes back on the ready line byte for byte."""
+        path = os.path.join(os.fsencode(self.tmp), b"\xff.sock")
+        ready_read, ready_write = os.pipe()
+        proc = subprocess.Popen([sys.executable, SCRIPT, "--listen", os.fsdecode(path),
+                                 "--ready-fd", str(ready_write)], pass_fds=(ready_write,),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        os.close(ready_write)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait(WAIT)))
+        with os.fdopen(ready_read, "rb") as ready:
+            self.assertEqual(ready.readline(), b"ready " + path + b"\n")
+        proc.terminate()
+        _, err = proc.communicate(timeout=WAIT)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertNotIn(b"Traceback", err)
+        self.assertFalse(os.path.lexists(path))
+
     def assert_refused_to_start(self, result):
         self.assertEqual(result.returncode, 2, result.stderr)
         lines = result.stderr.splitlines()
@@ -1278,6 +1309,20 @@ def kill_if_alive(pid):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class AbsoluteFormParsingTest(unittest.TestCase):
+    """The URL of an absolute-form request is split at the first '/', '?' or '#'."""
+
+    def test_query_without_path_is_kept_whole(self):
+        for target, expected in ((b"http://example.com?a/b", b"GET /?a/b HTTP/1.1"),
+                                 (b"http://example.com/p?q=1/2", b"GET /p?q=1/2 HTTP/1.1"),
+                                 (b"http://example.com", b"GET / HTTP/1.1"),
+                                 (b"http://example.com:8080/x", b"GET /x HTTP/1.1")):
+            with self.subTest(target=target):
+                request, _ = socks_filter.parse_http_request(bytearray(b"GET " + target + b" HTTP/1.1\r\n\r\n"))
+                self.assertEqual(request.head.split(b"\r\n")[0], expected)
+                self.assertEqual(request.host, "example.com")
 
 
 class PipePoolTest(unittest.TestCase):
