@@ -10,14 +10,19 @@ What the sandbox sees
     /dev, /proc                      fresh and minimal
     /tmp, /var/tmp                   private, empty, gone when the session ends
     $HOME                            a private, empty directory for this session, with:
-        the CLI's state (~/.claude/, ~/.gemini/)                 read-write
+        the CLI's state (~/.claude/, ~/.gemini/)                 read-write, except
+            what holds code it runs later (PROTECTED_HOME, below)
         tool directories (.cargo, .nvm, .local/bin, .gitconfig...)  read-only
         the CLI's install, wherever it is                        read-only
     the project directory (--dir)    read-write, the working directory
   Never visible: ~/.ssh, ~/.aws, ~/.gnupg, ~/.kube, ~/.docker, ~/.netrc,
-  ~/.password-store, browser profiles, ~/.config/gh and the other SECRETS below,
-  not even with --full-home-access.  Nothing from /run, $XDG_RUNTIME_DIR or the
-  host's /tmp, so no host unix socket (ssh-agent, D-Bus, docker.sock) is reachable.
+  ~/.password-store, browser profiles, ~/.config/gh, shell histories and the other
+  SECRETS below, nor the other CLI's state (its credentials), not even with
+  --full-home-access; a secret that is a symlink is hidden at its real path too.
+  Nothing from /run, $XDG_RUNTIME_DIR or the host's /tmp, so no host unix socket
+  (ssh-agent, D-Bus, docker.sock) is reachable; a socket below a directory that
+  --full-home-access, --allow-ro or --allow-rw shows is covered by /dev/null (found by a
+  bounded search: SOCKET_WALK_*; --verbose says when it was cut short).
   Namespaces: user, pid, ipc, uts, cgroup (and net with --unshare-net); no nested user
   namespaces (--disable-userns, bubblewrap >= 0.8); all capabilities dropped; a seccomp
   filter makes ioctl(TIOCSTI) and ioctl(TIOCLINUX) fail, so nothing inside can type
@@ -27,23 +32,37 @@ What the sandbox sees
   bwrap as its environment, never on its command line, so `ps` shows no API key.
 
 Files that run code later, outside the sandbox
-  .git/hooks, .git/config, .claude/settings*.json, .claude/commands, .claude/agents,
-  .mcp.json, .gemini/settings.json, .vscode, .idea in the project, and the CLI's own
-  settings in ~/.claude or ~/.gemini, stay read-only although their parent is writable
-  (PROTECTED_*).  A missing one is held by an empty placeholder ({} for .json) for the
-  session, removed at exit, so it cannot be created; the directories between it and the
-  project are bound onto themselves, so `mv .git elsewhere` fails (a mount point cannot
-  be renamed).  The CLI's home settings file is the exception it needs: the sandbox gets
-  a copy, and at exit only changes to the profile's `guarded` keys (model, the accepted
-  bypass-permissions prompt...) go back; hooks, env, permissions and helpers never do.
-  --allow-config-writes turns all of this off.
+  .git/hooks, .git/config, .git/commondir, .git/config.worktree, .git/modules,
+  .git/worktrees (or .git itself when it is a file), .claude/settings*.json,
+  .claude/commands, agents, hooks, skills, .mcp.json, .gemini/settings.json, .env,
+  commands, extensions, .vscode, .idea in the project and in every --allow-rw
+  directory; and in the CLI's state ~/.claude/settings*.json, hooks, plugins, skills,
+  local (the local install), commands, agents, scripts at its top (*.sh, executables),
+  ~/.gemini/settings.json, .env, extensions, commands, trustedFolders.json: all stay
+  read-only although their parent is writable (PROTECTED_*).  A missing one is held by
+  an empty placeholder ({} for .json, "." for commondir) for the session, removed at
+  exit, so it cannot be created; the directories between it and the project are bound
+  onto themselves, so `mv .git elsewhere` fails (a mount point cannot be renamed).  A
+  placeholder that cannot be made where the sandbox could make the file (a directory
+  of ours, mode 555) stops the session: protection is never dropped silently.  The
+  CLI's home settings files are the exception it needs: the sandbox gets a copy, and at
+  exit only changes to the profile's `guarded` keys (model, the accepted
+  bypass-permissions prompt, Gemini's trust for this project...) go back; hooks, env,
+  permissions and helpers never do.  --allow-config-writes turns all of this off.
+  Not contained: a new repository (git init, a clone, a submodule) made inside the
+  project or an --allow-rw directory, and repositories nested below their top; files
+  of the project itself (.env, Makefile, package.json scripts...) that tools run.
 
 ~/.claude.json
   Claude writes it with a temporary file, rename() and a lock directory, all beside
   the file in $HOME.  rename() onto a single-file bind mount fails (EBUSY), so the
-  file is not bound: it is copied into the session's home at start and, if the CLI
-  changed it, written back at exit under Claude's own lock, merged key by key with
-  any change another Claude made to the host's copy meanwhile.
+  file is not bound: it is copied into the session's home at start (a symlink is
+  followed on the host) and, if the CLI changed it, only the changes to
+  CLAUDE_JSON_KEYS (counters, onboarding, caches, project history and statistics, the
+  trust answered for this project) are written back at exit under Claude's own lock,
+  merged key by key with any change another Claude made to the host's copy meanwhile.
+  MCP servers, allowed tools, env, apiKeyHelper and trust for other folders never go
+  back.
 
 --filter-network
   A private directory (mode 0700, under $XDG_RUNTIME_DIR when set) holds the unix
@@ -71,9 +90,10 @@ The allow list
 When something is blocked
   The summary at exit lists each blocked host:port once: how many times, why in words
   (not in allow list, private address, TLS name differs from the requested host...)
-  and the option that would allow it, when one would: `--allow-domain host:port`, or
-  for a private IP address the IP rule that names it.  A name that resolved to a
-  private address is not offered --allow-private: that one is for the user to decide.
+  and the option that would allow it, when one would: `--allow-domain host:port`.  A
+  private address (loopback, the LAN, the cloud metadata service) is flagged "allow only
+  if you mean it", and a name that resolved to one is not offered --allow-private: that
+  is for the user to decide.
   On a terminal wide enough it is a small table; otherwise (a pipe, a file) one line.
   It is built from the proxy's JSON log alone (summarize()), so --proxy-log FILE keeps
   what it takes to rebuild it.
@@ -112,13 +132,17 @@ Terminal and signals
   The CLI shares the wrapper's terminal and process group (no --new-session, which
   breaks TUIs), so Ctrl-C and window resizes reach it directly.  The wrapper and
   bwrap ignore SIGINT while the CLI runs (bwrap would die and take the sandbox with
-  it), and the CLI gets it back by `env --default-signal`; the proxy runs in a session
-  of its own and socat_bridge.sh starts socat with setsid, so Ctrl-C never cuts the
-  network.  SIGTERM and SIGHUP end the session with full clean-up.  The CLI's exit
-  status is the wrapper's.
+  it), and the CLI gets it back by `env --default-signal`; SIGQUIT (Ctrl-\\) likewise.
+  The proxy runs in a session of its own and socat_bridge.sh starts socat with setsid,
+  so Ctrl-C never cuts the network.  SIGTERM and SIGHUP (and SIGQUIT before the CLI
+  starts) end the session with full clean-up, which also empties what the sandbox made
+  unwritable.  The CLI's exit status is the wrapper's.
 
-Exit status: the CLI's; 2 for bad options (or a bad defaults file); 127 when bwrap,
-socat or the CLI is missing; 1 for other errors.  Errors are one line on stderr.
+Exit status: the CLI's; 2 for bad options (or a bad defaults file, or an allow rule
+or allow file that does not parse: checked before anything starts); 127 when bwrap,
+socat or the CLI is missing; 1 for other errors (HOME not an absolute directory, a
+protection that cannot be set up...).  Errors are one line on stderr, whatever
+happens.  A relative XDG_CONFIG_HOME is ignored.
 """
 
 import argparse
@@ -154,6 +178,28 @@ STOP_SECONDS = 5
 STATE_FILE_LIMIT = 64 << 20
 
 
+PROJECT_KEY = "{project}"   # in a guarded key: the session's project directory, one segment
+
+# What of ~/.claude.json goes back to the host: the state Claude keeps across runs
+# (counters, onboarding and tips, caches, the project history and statistics), never what
+# names a command or grants something: mcpServers, env, apiKeyHelper, primaryApiKey,
+# allowedTools, enabled*McpjsonServers, enableAllProjectMcpServers, trust for other folders.
+# The session's own project may record the trust dialog its user answered inside.
+CLAUDE_JSON_KEYS = (
+    "numStartups", "firstStartTime", "userID", "anonymousId", "hasCompletedOnboarding",
+    "lastOnboardingVersion", "lastReleaseNotesSeen", "changelogLastFetched", "cachedChangelog",
+    "tipsHistory", "*Count", "*UseCount", "has*Seen*", "has*Shown*", "hasUsed*",
+    "hasSeenTasksHint", "cached*", "hasAvailableSubscription", "recommendedSubscription",
+    "fallbackAvailableWarningThreshold", "feedbackSurveyState", "isQualifiedForDataSharing",
+    "claudeCodeFirstTokenDate", "s1mAccessCache", "customApiKeyResponses", "oauthAccount",
+    "bypassPermissionsModeAccepted", "theme", "lastPlanModeUse",
+    "projects.*.history", "projects.*.last*", "projects.*.projectOnboardingSeenCount",
+    "projects.*.hasCompletedProjectOnboarding", "projects.*.exampleFiles",
+    "projects.*.exampleFilesGeneratedAt", "projects.*.hasClaudeMdExternalIncludesWarningShown",
+    "projects.*.reactVulnerabilityCache",
+    (f"projects.{PROJECT_KEY}.hasTrustDialogAccepted", (True, False)))
+
+
 @dataclass(frozen=True)
 class Profile:
     """Everything that differs between the CLIs, as data."""
@@ -162,7 +208,8 @@ class Profile:
     lookup: tuple           # home-relative places tried after PATH
     install_hint: str
     state_dirs: tuple       # home-relative, bound read-write (created if missing)
-    state_files: tuple      # home-relative, copied in and merged back (see above)
+    state_files: tuple      # (home-relative file, keys): copied in; at exit only the changes
+                            # to those keys (as `guarded`) are merged back (see above)
     allow: tuple            # default allow list for --filter-network
     env_names: tuple        # host variables passed through (fnmatch patterns)
     env: tuple = ()         # (name, value) set inside
@@ -178,7 +225,7 @@ PROFILES = {
         lookup=(".claude/local/claude", ".local/bin/claude"),
         install_hint="npm install -g @anthropic-ai/claude-code",
         state_dirs=(".claude",),
-        state_files=(".claude.json",),
+        state_files=((".claude.json", CLAUDE_JSON_KEYS),),
         allow=("api.anthropic.com", "claude.ai", "claude.com", "platform.claude.com",
                "console.anthropic.com"),
         env_names=("ANTHROPIC_*", "CLAUDE_CODE_*", "DISABLE_TELEMETRY", "DISABLE_ERROR_REPORTING",
@@ -205,7 +252,10 @@ PROFILES = {
                    "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_GCA"),
         helpers=("node",),
         guarded=((".gemini/settings.json", ("security.auth.selectedType", "ui.theme",
-                                            "model.name", "general.vimMode")),),
+                                            "model.name", "general.vimMode")),
+                 # Trust given inside: for this project only, never for its parent.
+                 (".gemini/trustedFolders.json", ((PROJECT_KEY, ("TRUST_FOLDER",
+                                                                 "DO_NOT_TRUST")),))),
     ),
 }
 
@@ -234,7 +284,17 @@ SECRETS = (".ssh", ".aws", ".gnupg", ".kube", ".docker", ".netrc", ".password-st
            ".cargo/credentials", ".cargo/credentials.toml", ".terraform.d/credentials.tfrc.json",
            ".local/share/keyrings", ".mozilla", ".thunderbird", ".config/google-chrome",
            ".config/chromium", ".config/BraveSoftware", ".config/microsoft-edge",
-           ".config/vivaldi", ".config/opera", ".var/app", "snap/firefox", "snap/chromium")
+           ".config/vivaldi", ".config/opera", ".var/app", "snap/firefox", "snap/chromium",
+           ".pgpass", ".my.cnf", ".m2/settings.xml", ".gradle/gradle.properties",
+           ".config/rclone", ".config/containers/auth.json", ".s3cfg", ".boto",
+           ".cache/huggingface/token", ".kaggle", ".bash_history", ".zsh_history",
+           ".python_history", ".psql_history", ".lesshst", ".mysql_history",
+           ".node_repl_history", ".sqlite_history", ".local/share/fish/fish_history")
+
+# Sockets below what --full-home-access, --allow-ro and --allow-rw show are covered; the
+# walk that finds them stops after this many entries, or this deep (said with --verbose).
+SOCKET_WALK_ENTRIES = 20000
+SOCKET_WALK_DEPTH = 8
 
 # --allow-preset NAME: destinations developers commonly need, as allow rules (HTTPS only
 # unless said).  Names, never wildcards over hosts that serve anyone's content.
@@ -286,15 +346,33 @@ SUMMARY_HOSTS = 10
 # Paths an agent could write to get code run later, outside the sandbox (NOTES section 2):
 # read-only even though their parent is writable, and held by an empty placeholder for the
 # session when they do not exist yet, so they cannot be created.  A trailing "/" marks a
-# directory.  Paths under .git count only when .git is a directory.
-PROTECTED_PROJECT = (".git/hooks/", ".git/config", ".claude/settings.json",
+# directory.  Paths under .git count only when .git is a directory; a .git that is a file
+# (a linked worktree, a submodule) is itself read-only.  They apply to the project and to
+# every --allow-rw directory.  .git/info/ stays writable: its attributes can only name
+# drivers whose commands come from .git/config, as .gitattributes in the tree can.
+PROTECTED_PROJECT = (".git/hooks/", ".git/config", ".git/commondir", ".git/config.worktree",
+                     ".git/modules/", ".git/worktrees/", ".claude/settings.json",
                      ".claude/settings.local.json", ".claude/commands/", ".claude/agents/",
-                     ".mcp.json", ".gemini/settings.json", ".vscode/", ".idea/")
-PROTECTED_HOME = (".claude/settings.json", ".claude/settings.local.json", ".gemini/settings.json")
+                     ".claude/hooks/", ".claude/skills/", ".mcp.json", ".gemini/settings.json",
+                     ".gemini/.env", ".gemini/commands/", ".gemini/extensions/", ".vscode/",
+                     ".idea/")
+# The CLIs' own state directories are writable (sessions, history, credentials...), but
+# these in them hold code or name commands the CLI runs later, unsandboxed.
+PROTECTED_HOME = (".claude/settings.json", ".claude/settings.local.json", ".claude/hooks/",
+                  ".claude/plugins/", ".claude/skills/", ".claude/local/", ".claude/commands/",
+                  ".claude/agents/", ".gemini/settings.json", ".gemini/trustedFolders.json",
+                  ".gemini/.env",
+                  ".gemini/extensions/", ".gemini/commands/")
 PROTECTED_GLOBS = (".claude/settings*.json",)
+# Scripts at the top of a state directory (a status line, hook scripts): read-only too.
+PROTECTED_HOME_GLOBS = tuple(f"{d}/{pattern}" for d in (".claude", ".gemini")
+                             for pattern in ("*.sh", "*.bash", "*.zsh", "*.py", "*.js", "*.mjs",
+                                             "*.cjs", "*.ts", "*.rb", "*.pl"))
 # A placeholder for a missing .json file holds an empty object: an empty file is invalid
-# JSON, and Gemini CLI refuses to start on it.
+# JSON, and Gemini CLI refuses to start on it.  A missing .git/commondir is held by one
+# naming .git itself (git refuses an empty one).
 PLACEHOLDER_JSON = b"{}\n"
+PLACEHOLDER_COMMONDIR = b".\n"
 
 # seccomp: ioctl(TIOCSTI) pushes keystrokes into the terminal the sandbox shares with the
 # user's shell, ioctl(TIOCLINUX) can too on a virtual console.  Classic BPF over
@@ -514,7 +592,9 @@ def resolve_options(opts, given):
 
 def config_path(environ, tool, name):
     """~/.config/TOOL/NAME, honouring XDG_CONFIG_HOME."""
-    base = environ.get("XDG_CONFIG_HOME") or os.path.join(environ.get("HOME", ""), ".config")
+    base = environ.get("XDG_CONFIG_HOME", "")
+    if not os.path.isabs(base):         # relative: ignored, as the XDG spec says
+        base = os.path.join(environ.get("HOME", ""), ".config")
     return os.path.join(base, tool, name)
 
 
@@ -531,6 +611,8 @@ def parse_defaults(profile, text, path, home):
     complete options of ours, so a typo is an error here rather than an argument to the CLI."""
     parser, tokens = build_parser(profile), []
     for number, line in enumerate(text.splitlines(), start=1):
+        if "\0" in line:
+            raise Failure(f"{path}:{number}: a NUL character; the file must be text", 2)
         try:
             words = [expand_home(w, home) for w in shlex.split(line, comments=True)]
         except ValueError as error:
@@ -683,24 +765,36 @@ class Plan:
     disable_userns: bool = False                    # bwrap has --disable-userns
     placeholders: list = field(default_factory=list)  # protected paths to create first
     guarded: list = field(default_factory=list)     # (host path, keys): bound as a copy
+    sockets_complete: bool = True                   # the socket and repository walks
+                                                    # saw everything
     verbose: bool = False
     dry_run: bool = False
+
+
+def hidden_paths(profile):
+    """Home-relative paths this profile's sandbox never shows: SECRETS, and the other
+    CLIs' state (their credentials: ~/.gemini/oauth_creds.json from bw-claude,
+    ~/.claude/.credentials.json and ~/.claude.json from bw-gemini)."""
+    others = [p for p in PROFILES.values() if p.name != profile.name]
+    return tuple(dict.fromkeys([*SECRETS, *(d for p in others for d in p.state_dirs),
+                                *(f for p in others for f, _ in p.state_files)]))
 
 
 def home_mounts(profile, home, full_home, entries, exists=os.path.lexists):
     """Binds that populate the session's home; `entries` lists the real home."""
     mounts = [("--bind", os.path.join(home, d), os.path.join(home, d)) for d in profile.state_dirs]
-    skip = set(profile.state_dirs) | set(profile.state_files) | set(SECRETS)
+    files = [f for p in PROFILES.values() for f, _ in p.state_files]
+    skip = set(profile.state_dirs) | set(files) | set(hidden_paths(profile))
     if full_home:
         shown = [e for e in sorted(entries) if e not in skip
-                 and not any(e.startswith(f + ".") for f in profile.state_files)]
+                 and not any(e.startswith(f + ".") for f in files)]
     else:
         shown = [t for t in HOME_TOOLS if exists(os.path.join(home, t))]
     mounts += [("--ro-bind", os.path.join(home, e), os.path.join(home, e)) for e in shown]
     return mounts
 
 
-def showable_entries(home):
+def showable_entries(home, hidden=SECRETS):
     """The home's entries --full-home-access may show: no sockets, and no symlink to a
     secret or back to the home itself."""
     entries = set()
@@ -712,48 +806,133 @@ def showable_entries(home):
         except OSError:
             continue
         if is_socket or is_within(home, real) or any(
-                is_within(real, os.path.join(home, s)) for s in SECRETS):
+                is_within(real, os.path.join(home, s)) for s in hidden):
             continue
         entries.add(entry)
     return entries
 
 
-def secret_masks(home, mounts, exists=os.path.lexists, isdir=os.path.isdir):
-    """Empty mounts over every secret that one of `mounts` would expose."""
+def secret_masks(home, mounts, exists=os.path.lexists, isdir=os.path.isdir, hidden=SECRETS,
+                 realpath=os.path.realpath):
+    """Empty mounts over every secret that one of `mounts` would expose, at its path and,
+    when that is a symlink (~/.ssh -> dotfiles/ssh), at its real path too."""
     masks = []
-    for relative in SECRETS:
+    sources = [src for option, src, _ in mounts if src]
+    for relative in hidden:
         path = os.path.join(home, relative)
-        if exists(path) and any(is_within(path, src) and src != path
-                                for option, src, _ in mounts if src):
-            masks.append(("--tmpfs", None, path) if isdir(path) else ("--ro-bind", "/dev/null", path))
+        if not exists(path):
+            continue
+        for candidate in dict.fromkeys([path, realpath(path)]):
+            if exists(candidate) and any(is_within(candidate, src) and src != candidate
+                                         for src in sources):
+                masks.append(("--tmpfs", None, candidate) if isdir(candidate)
+                             else ("--ro-bind", "/dev/null", candidate))
     return masks
 
 
-def refuse_path(flag, path, home):
+def refuse_path(flag, path, home, hidden=SECRETS):
     """Refuse a project or extra bind that would expose the home or a secret."""
     if is_within(home, path):
         raise Failure(f"{flag} {path}: that is your home directory or above it; "
                       "choose a project directory")
-    for relative in SECRETS:
-        if is_within(path, os.path.join(home, relative)):
+    for relative in hidden:
+        secret = os.path.join(home, relative)
+        if is_within(path, secret) or (os.path.lexists(secret)
+                                       and is_within(path, os.path.realpath(secret))):
             raise Failure(f"{flag} {path}: secrets (~/{relative}) are never shown in the sandbox")
+
+
+def socket_masks(shown, home, hidden):
+    """/dev/null over each unix socket below the shown trees ((host source, sandbox path)
+    pairs), so no host service is reachable through one: (mounts, walk complete)."""
+    masks, complete = [], True
+    secrets = [os.path.join(home, h) for h in hidden]
+    for source, dest in shown:
+        real = os.path.realpath(source)
+        found, whole = find_sockets([real])
+        complete = complete and whole
+        for path in found:
+            if path == real:        # a socket named on the command line: asked for
+                continue
+            inside = os.path.join(dest, os.path.relpath(path, real))
+            if not any(is_within(inside, s) for s in secrets):
+                masks.append(("--ro-bind", "/dev/null", inside))
+    return masks, complete
+
+
+def bounded_walk(roots, prune=(), limit=None, max_depth=None):
+    """([(path, st_mode)] for everything below `roots`, complete): a walk that follows no
+    symlink, does not enter directories named in `prune`, and stops after `limit`
+    entries or `max_depth` levels (complete is then False)."""
+    limit = SOCKET_WALK_ENTRIES if limit is None else limit
+    max_depth = SOCKET_WALK_DEPTH if max_depth is None else max_depth
+    found, seen, stack = [], 0, [(root, 0) for root in reversed(roots)]
+    complete = True
+    while stack:
+        path, level = stack.pop()
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            continue
+        found.append((path, mode))
+        if not stat.S_ISDIR(mode) or (level and os.path.basename(path) in prune):
+            continue
+        if level >= max_depth:
+            complete = False
+            continue
+        try:
+            with os.scandir(path) as entries:
+                names = []
+                for entry in entries:
+                    seen += 1
+                    if seen > limit:
+                        return found, False
+                    names.append(entry.name)
+        except OSError:
+            continue
+        stack += [(os.path.join(path, name), level + 1) for name in sorted(names, reverse=True)]
+    return found, complete
+
+
+def find_sockets(roots, limit=None, max_depth=None):
+    """Unix sockets under `roots`: (sockets, complete)."""
+    found, complete = bounded_walk(roots, limit=limit, max_depth=max_depth)
+    return [path for path, mode in found if stat.S_ISSOCK(mode)], complete
+
+
+def nested_repositories(roots):
+    """Directories below `roots` (not the roots) holding a .git, directory or file (a
+    submodule's checkout): (directories, complete).  node_modules is not searched."""
+    found, complete = bounded_walk(roots, prune=(".git", "node_modules"))
+    repos = [os.path.dirname(path) for path, _ in found if os.path.basename(path) == ".git"]
+    return [r for r in dict.fromkeys(repos) if r not in roots], complete
+
+
+def checked_home(environ):
+    """$HOME, which must be an existing absolute directory: a relative one would make
+    the project (the working directory) the home, its files the CLI's and ours."""
+    home = environ.get("HOME", "")
+    if not os.path.isabs(home) or not os.path.isdir(home):
+        raise Failure(f"HOME is {printable(home)!r}; it must be an existing absolute directory")
+    return os.path.normpath(home)
+
+
+def cli_places(profile):
+    """Where find_cli looks, for messages."""
+    return ", ".join(["PATH"] + [f"~/{p}" for p in profile.lookup])
 
 
 def make_plan(profile, opts, environ, skip=()):
     """Look at the host (paths, programs) and decide the session."""
-    home = environ.get("HOME", "")
-    if not os.path.isabs(home) or not os.path.isdir(home):
-        raise Failure(f"HOME is {home!r}; it must be an existing absolute directory")
-    home = os.path.normpath(home)
+    home = checked_home(environ)
     project = os.path.realpath(opts.dir or os.getcwd())
     if not os.path.isdir(project):
         raise Failure(f"--dir {opts.dir}: not a directory")
-    refuse_path("--dir", project, home)
+    refuse_path("--dir", project, home, hidden_paths(profile))
     search_path = environ.get("PATH", os.defpath)
     cli = find_cli(profile, search_path, home, skip)
     if cli is None and not opts.shell:
-        places = ", ".join(["PATH"] + [f"~/{p}" for p in profile.lookup])
-        raise Failure(f"{profile.name} not found (looked in {places}); install it: "
+        raise Failure(f"{profile.name} not found (looked in {cli_places(profile)}); install it: "
                       f"{profile.install_hint}", 127)
     programs = [cli] if cli else []
     for helper in profile.helpers:
@@ -768,29 +947,39 @@ def make_plan(profile, opts, environ, skip=()):
         extra = [] if opts.no_skip_permissions else list(profile.cli_args)
         command = [cli, *extra, *opts.args]
 
-    entries = showable_entries(home) if opts.full_home_access else set()
+    hidden = hidden_paths(profile)
+    entries = showable_entries(home, hidden) if opts.full_home_access else set()
     mounts = home_mounts(profile, home, opts.full_home_access, entries)
+    rw_extra = []
     for flag, option, paths in (("--allow-ro", "--ro-bind", opts.allow_ro),
                                 ("--allow-rw", "--bind", opts.allow_rw)):
         for path in paths:
             real = os.path.realpath(path)
             if not os.path.exists(real):
                 raise Failure(f"{flag} {path}: no such file or directory")
-            refuse_path(flag, real, home)
+            refuse_path(flag, real, home, hidden)
             mounts.append((option, real, real))
+            if option == "--bind":
+                rw_extra.append(real)
+    state = [os.path.join(home, d) for d in profile.state_dirs]
+    sockets, walked = socket_masks([(src, dest) for _, src, dest in mounts
+                                    if src and src not in state], home, hidden)
     socat = shutil.which("socat", path=search_path) or "socat"
     if opts.filter_network:
         programs.append(socat)
     for program in programs:
         mounts += [("--ro-bind", r, r) for r in install_roots(symlink_chain(program), home)]
     mounts.append(("--bind", project, project))
-    mounts += secret_masks(home, mounts)
+    mounts += secret_masks(home, mounts, hidden=hidden)
+    mounts += sockets
     placeholders, guarded = [], []
     if not opts.allow_config_writes:
         rw_roots = [dest for option, _, dest in mounts if option == "--bind"]
         guarded = [(os.path.join(home, relative), keys) for relative, keys in profile.guarded
                    if any(is_within(os.path.join(home, relative), r) for r in rw_roots)]
-        protected, placeholders = protection(project, home, rw_roots)
+        nested, whole = nested_repositories([project, *rw_extra])
+        walked = walked and whole
+        protected, placeholders = protection(project, home, rw_roots, rw_extra, nested)
         copies = {path for path, _ in guarded}
         # The guarded settings files are bound as copies instead (build_bwrap_args).
         mounts += [m for m in protected if not (m[0] == "--ro-bind" and m[2] in copies)]
@@ -801,6 +990,12 @@ def make_plan(profile, opts, environ, skip=()):
         if not os.path.isfile(path):
             raise Failure(f"--allow-file {path}: no such file")
         allow_files.append(os.path.abspath(path))
+    allow = list(profile.allow) + preset_rules(opts.allow_preset) + opts.allow_domain
+    if opts.filter_network:
+        # Every rule now, before anything starts: the proxy would refuse it later.
+        problems = rule_problems(allow, allow_files)[1]
+        if problems:
+            raise Failure(f"bad allow rule: {problems[0]}", 2)
     learn = os.path.abspath(opts.learn) if opts.learn else None
     if learn and (os.path.isdir(learn) or not os.access(os.path.dirname(learn), os.W_OK)):
         raise Failure(f"--learn {opts.learn}: cannot write a file there")
@@ -817,7 +1012,7 @@ def make_plan(profile, opts, environ, skip=()):
         mounts=mounts,
         unshare_net=opts.unshare_net,
         filter=opts.filter_network,
-        allow=list(profile.allow) + preset_rules(opts.allow_preset) + opts.allow_domain,
+        allow=allow,
         allow_files=allow_files,
         allow_private=opts.allow_private,
         learn=learn,
@@ -828,6 +1023,7 @@ def make_plan(profile, opts, environ, skip=()):
         disable_userns=bwrap_supports(bwrap, "--disable-userns"),
         placeholders=placeholders,
         guarded=guarded,
+        sockets_complete=walked,
         verbose=opts.verbose, dry_run=opts.dry_run)
 
 
@@ -880,19 +1076,31 @@ def bwrap_supports(bwrap, option):
         return False
 
 
-def protection(project, home, rw_roots, exists=os.path.lexists, isdir=os.path.isdir,
-               glob=glob.glob):
+def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexists,
+               isdir=os.path.isdir, glob=glob.glob):
     """What keeps PROTECTED_* read-only: (mounts, placeholders to create first).
 
-    Each protected path is bound read-only onto itself; the directories between it and
-    its writable root are bound onto themselves, which pins them (a mount point cannot be
-    renamed, so `mv .git x` cannot carry the protection away).
+    PROTECTED_PROJECT applies to the project and to each of `extra` (the --allow-rw
+    directories); its .git entries to each of `nested` (repositories below them).  Each protected path is bound read-only onto itself; the directories
+    between it and its writable root are bound onto themselves, which pins them (a mount
+    point cannot be renamed, so `mv .git x` cannot carry the protection away).
     """
-    wanted = [(project, p) for p in PROTECTED_PROJECT] + [(home, p) for p in PROTECTED_HOME]
-    for base in (project, home):
-        for pattern in PROTECTED_GLOBS:
+    bases = list(dict.fromkeys([project, *extra]))
+    wanted = []
+    for base in bases + [n for n in nested if n not in bases]:
+        git = os.path.join(base, ".git")
+        if exists(git) and not isdir(git):
+            wanted.append((base, ".git"))      # a gitdir: pointer file
+        wanted += [(base, p) for p in PROTECTED_PROJECT
+                   if base in bases or p.startswith(".git/")]
+    wanted += [(home, p) for p in PROTECTED_HOME]
+    for base in bases + [home]:
+        for pattern in PROTECTED_GLOBS + (PROTECTED_HOME_GLOBS if base == home else ()):
             wanted += [(base, os.path.relpath(p, base))
                        for p in sorted(glob(os.path.join(base, pattern)))]
+    for directory in (".claude", ".gemini"):   # scripts without a telling name
+        wanted += [(home, os.path.relpath(p, home))
+                   for p in sorted(glob(os.path.join(home, directory, "*"))) if is_program(p)]
     mounts, placeholders, pins = [], [], []
     for base, relative in dict.fromkeys(wanted):
         path = os.path.join(base, relative.rstrip("/"))
@@ -912,6 +1120,15 @@ def protection(project, home, rw_roots, exists=os.path.lexists, isdir=os.path.is
     return [("--bind", p, p) for p in pins] + mounts, placeholders
 
 
+def is_program(path):
+    """An executable regular file (not a directory, not through a symlink)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and bool(info.st_mode & 0o111)
+
+
 def depth(mount):
     return mount[2].rstrip("/").count("/")
 
@@ -925,16 +1142,22 @@ def inner_command(plan):
     return command
 
 
+def namespace_args(disable_userns, unshare_net):
+    """The namespaces and privileges of a session (and of --doctor's trial sandbox)."""
+    args = ["--die-with-parent", "--unshare-user", "--unshare-pid", "--unshare-ipc",
+            "--unshare-uts", "--unshare-cgroup-try", "--cap-drop", "ALL"]
+    if disable_userns:
+        args.append("--disable-userns")
+    if unshare_net:
+        args.append("--unshare-net")
+    return args
+
+
 def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None):
     """The bwrap command line.  The environment is not in it: it goes to bwrap as its own
     environment, so API keys never show in `ps`."""
-    args = [plan.bwrap, "--die-with-parent", "--unshare-user", "--unshare-pid", "--unshare-ipc",
-            "--unshare-uts", "--hostname", plan.profile.tool, "--unshare-cgroup-try",
-            "--cap-drop", "ALL"]
-    if plan.disable_userns:
-        args.append("--disable-userns")
-    if plan.unshare_net:
-        args.append("--unshare-net")
+    args = [plan.bwrap, *namespace_args(plan.disable_userns, plan.unshare_net),
+            "--hostname", plan.profile.tool]
     for path, link in plan.system:
         args += ["--symlink", link, path] if link else ["--ro-bind", path, path]
     for path in plan.etc:
@@ -1005,6 +1228,8 @@ def filter_fd(program):
 
 
 def placeholder_content(path):
+    if path.endswith("/.git/commondir"):
+        return PLACEHOLDER_COMMONDIR
     return PLACEHOLDER_JSON if path.endswith(".json") else b""
 
 
@@ -1019,8 +1244,15 @@ def remove_placeholders(created):
                 os.unlink(path)
 
 
+def key_segments(key, project=None):
+    """A guarded key ("a.b.c", or ("a.b.c", allowed values)) as (segments, values or None);
+    PROJECT_KEY becomes the project's path, which may hold dots."""
+    text, values = (key, None) if isinstance(key, str) else key
+    return [project if part == PROJECT_KEY else part for part in text.split(".")], values
+
+
 def dotted(tree, key):
-    for part in key.split("."):
+    for part in key.split(".") if isinstance(key, str) else key:
         if not isinstance(tree, dict) or part not in tree:
             return _MISSING
         tree = tree[part]
@@ -1028,7 +1260,7 @@ def dotted(tree, key):
 
 
 def set_dotted(tree, key, value):
-    *parents, last = key.split(".")
+    *parents, last = key.split(".") if isinstance(key, str) else key
     for part in parents:
         if not isinstance(tree.get(part), dict):
             tree[part] = {}
@@ -1039,20 +1271,60 @@ def set_dotted(tree, key, value):
         tree[last] = value
 
 
-def guarded_changes(base, ours, keys):
-    """`base` with only the changes `ours` made to `keys` (dotted paths), or None if none
-    or if either is not a JSON object."""
+def key_paths(trees, segments, prefix=()):
+    """The concrete key paths that `segments` (fnmatch patterns, one a level) names in any
+    of `trees`."""
+    if not segments:
+        yield prefix
+        return
+    pattern, rest = segments[0], segments[1:]
+    if pattern is None:
+        return
+    if any(c in pattern for c in "*?["):
+        names = set()
+        for tree in trees:
+            node = dotted(tree, prefix)
+            if isinstance(node, dict):
+                names.update(k for k in node if fnmatch.fnmatchcase(k, pattern))
+        names = sorted(names)
+    else:
+        names = [pattern]
+    for name in names:
+        yield from key_paths(trees, rest, prefix + (name,))
+
+
+def parse_json(data):
+    """JSON written by the sandbox, or None when it is not JSON (or too deep to parse)."""
     try:
-        base_tree, our_tree = json.loads(base or b"{}"), json.loads(ours)
-    except ValueError:
+        return json.loads(data)
+    except (ValueError, RecursionError):
         return None
+
+
+def guarded_changes(base, ours, keys, project=None):
+    """`base` with only the changes `ours` made to `keys` (see key_segments; a segment may
+    be an fnmatch pattern), or None if none or if either is not a JSON object."""
+    base_tree, our_tree = parse_json(base or b"{}"), parse_json(ours)
     if not isinstance(base_tree, dict) or not isinstance(our_tree, dict):
         return None
     result = json.loads(json.dumps(base_tree))
     for key in keys:
-        if dotted(our_tree, key) != dotted(base_tree, key):
-            set_dotted(result, key, dotted(our_tree, key))
-    return None if result == base_tree else (json.dumps(result, indent=2) + "\n").encode()
+        segments, values = key_segments(key, project)
+        for path in key_paths((base_tree, our_tree), segments):
+            value = dotted(our_tree, path)
+            if value == dotted(base_tree, path):
+                continue
+            if values is not None and value is not _MISSING and value not in values:
+                continue
+            if value is _MISSING and dotted(result, path) is _MISSING:
+                continue
+            set_dotted(result, path, value)
+    if result == base_tree:
+        return None
+    try:
+        return (json.dumps(result, indent=2) + "\n").encode()
+    except (ValueError, RecursionError):
+        return None
 
 
 def sweep_stale(base, tool):
@@ -1073,10 +1345,10 @@ def sweep_stale(base, tool):
             continue
         finally:
             os.close(fd)
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, RecursionError, TypeError):
             with open(os.path.join(path, "placeholders.json")) as f:
                 remove_placeholders([p for p in json.load(f) if isinstance(p, str)])
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
 
 
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "AUTH", "CREDENTIAL")
@@ -1094,9 +1366,19 @@ def printable(text):
     return "".join(c if c.isprintable() else "?" for c in str(text))
 
 
+def rules_module():
+    """socks_filter, for its pure rule and name functions (never its SOCKS parsing)."""
+    try:
+        import socks_filter
+    except ImportError:
+        raise Failure(f"{FILTER_SCRIPT} is missing; keep socks_filter.py next to bw_lib.py") \
+            from None
+    return socks_filter
+
+
 def host_port(host, port):
     """host:port, with brackets around an IPv6 address, as rules write it."""
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return rules_module().host_port(str(host), port)
 
 
 def allow_option(host, port):
@@ -1104,12 +1386,14 @@ def allow_option(host, port):
 
 
 def is_ip(text):
-    import ipaddress
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
+    return rules_module().parse_ip_spelling(str(text)) is not None
+
+
+def is_private_ip(text):
+    """An IP address that is not public (loopback, private, link-local, metadata...)."""
+    rules = rules_module()
+    address = rules.parse_ip_spelling(str(text))
+    return address is not None and not rules.is_public_address(address)
 
 
 def read_records(lines):
@@ -1117,7 +1401,7 @@ def read_records(lines):
     for line in lines:
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(record, dict):
             yield record
@@ -1139,12 +1423,15 @@ class Blocked:
 
     @property
     def why(self):
-        return ", ".join(REASONS.get(r, printable(r)) for r in self.reasons)
+        text = ", ".join(REASONS.get(r, printable(r)) for r in self.reasons)
+        return text + (": allow only if you mean it" if is_private_ip(self.host) else "")
 
     @property
     def option(self):
-        """The option that would let it through, or "" when none would (or none should:
-        a name resolving to a private address is allowed only by --allow-private)."""
+        """The option that would let it through, or "" when none would: an IP rule for an
+        address (a private one is flagged in `why`: allow it only if you mean it); a name
+        that resolved to a private address is allowed only by --allow-private, which is
+        the user's call and never suggested."""
         if any(r in ALLOWABLE for r in self.reasons) or (
                 "private-address" in self.reasons and is_ip(self.host)):
             return allow_option(self.host, self.port)
@@ -1228,22 +1515,15 @@ def learned(records):
 
 def private_addresses(addresses):
     """Of the close records' "address" fields (1.2.3.4:443, [::1]:443), the non-public IPs."""
-    import ipaddress
-    from socks_filter import is_public_address
-    found = []
-    for text in sorted(addresses):
-        ip = text.rpartition(":")[0].strip("[]")
-        with contextlib.suppress(ValueError):
-            if not is_public_address(ipaddress.ip_address(ip)):
-                found.append(ip)
-    return found
+    ips = [text.rpartition(":")[0].strip("[]") for text in sorted(addresses)]
+    return [ip for ip in ips if is_private_ip(ip)]
 
 
 def format_learned(tool, used, when):
     """The --learn file: one rule a line for every destination reached, sorted, each with a
     comment; what was never reached, or cannot be a rule, stays a comment.  A name that
     reached a private address (learned with --allow-private) says it needs that option too."""
-    from socks_filter import RuleError, parse_rule
+    filters = rules_module()
     rules, notes = [], []
     for (host, port), use in sorted(used.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         rule = host_port(printable(host), printable(port))
@@ -1258,8 +1538,8 @@ def format_learned(tool, used, when):
             notes.append(f"# not reached, so not allowed: {rule} ({comment})")
             continue
         try:
-            parse_rule(rule)
-        except RuleError as error:
+            filters.parse_rule(rule)
+        except filters.RuleError as error:
             notes.append(f"# cannot be a rule: {rule} ({printable(error)})")
             continue
         rules.append((rule, comment))
@@ -1296,9 +1576,8 @@ def merge_state(base, ours, theirs):
         return None
     if theirs == base:
         return ours
-    try:
-        parsed = [json.loads(x) if x is not None else {} for x in (base, ours, theirs)]
-    except ValueError:
+    parsed = [parse_json(x) if x is not None else {} for x in (base, ours, theirs)]
+    if any(x is None for x in parsed):
         return ours
     return (json.dumps(merge_json(*parsed), indent=2) + "\n").encode()
 
@@ -1396,10 +1675,70 @@ def bwrap_ran(status):
     return b'"exit-code"' in status
 
 
+def write_out(text, stream=None):
+    """A line on stdout (or `stream`) whatever its encoding: a path that is not valid in it
+    goes out as its bytes (the shell-quoted commands of --dry-run stay exact)."""
+    stream = stream or sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        data = (text + "\n").encode(encoding, "surrogateescape")
+    except UnicodeEncodeError:
+        data = (text + "\n").encode(encoding, "backslashreplace")
+    if not hasattr(stream, "buffer"):
+        stream.write(data.decode(encoding, "replace"))
+        return
+    stream.flush()
+    stream.buffer.write(data)
+    stream.buffer.flush()
+
+
 def say(text):
     """A line on stderr, which may be a terminal that is gone (SIGHUP)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        write_out(text, sys.stderr)
+
+
+def remove_tree(path):
+    """rmtree that also removes what the sandbox made unwritable (chmod 500 on a directory):
+    on a failure the directory concerned is made 0700 and the removal tried again, once
+    for each path."""
+    tried = set()
+
+    def retry(function, failed, _info):
+        if failed in tried:
+            return
+        tried.add(failed)
+        with contextlib.suppress(OSError):
+            parent = os.path.dirname(failed)
+            if is_within(parent, path):
+                os.chmod(parent, 0o700)
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                os.chmod(failed, 0o700)
+                shutil.rmtree(failed, onerror=retry)
+            else:
+                function(failed)
+
     with contextlib.suppress(OSError):
-        print(text, file=sys.stderr)
+        shutil.rmtree(path, onerror=retry)
+    if os.path.lexists(path):       # a directory emptied late by a retry
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def could_be_made(path, error):
+    """Whether the sandbox could create `path` although we failed to: not when the
+    filesystem is read-only, the parent is not a directory (it is pinned), or the nearest
+    existing directory is someone else's and not writable (no chmod can open it)."""
+    import errno
+    if error.errno in (errno.EROFS, errno.ENOTDIR):
+        return False
+    parent = os.path.dirname(path.rstrip("/"))
+    while not os.path.lexists(parent) and parent != "/":
+        parent = os.path.dirname(parent)
+    try:
+        owner = os.stat(parent).st_uid
+    except OSError:
+        return True
+    return owner == os.geteuid() or os.access(parent, os.W_OK)
 
 
 class Session:
@@ -1421,22 +1760,26 @@ class Session:
         return self
 
     def __exit__(self, *exc_info):
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_IGN)
         try:
-            stop(self.bwrap)
-            stop(self.proxy)
+            try:
+                stop(self.bwrap)
+                stop(self.proxy)
+            finally:
+                # First, and whatever happens next: a placeholder left behind would stay.
+                remove_placeholders(self.created)
             try:
                 self.save_state()
-            except OSError as error:
-                say(f"{self.tool}: could not save {self.plan.profile.name}'s state: {error}")
-            remove_placeholders(self.created)
+            except (OSError, ValueError, RecursionError) as error:
+                say(f"{self.tool}: could not save {self.plan.profile.name}'s state: "
+                    f"{printable(error)}")
             if self.proxy is not None and self.bwrap is not None:
                 say(self.summary())
                 if self.plan.learn and (self.set_up or isinstance(exc_info[1], Terminated)):
                     say(self.write_learned())
         finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            remove_tree(self.dir)
             os.close(self.lock_fd)
         return False
 
@@ -1445,8 +1788,8 @@ class Session:
 
     def make_placeholders(self):
         """Create the missing protected paths (empty), noting them so clean-up, or the
-        next run's sweep after a SIGKILL, removes them.  Where one cannot be made (a
-        project we may not write to) the sandbox cannot make it either: its mount goes."""
+        next run's sweep after a SIGKILL, removes them.  One that cannot be made is a
+        protection that would be lost: refuse to start (fail closed)."""
         with open(os.path.join(self.dir, "placeholders.json"), "w") as f:
             json.dump(self.plan.placeholders, f)
         for path in self.plan.placeholders:
@@ -1459,18 +1802,25 @@ class Session:
                         f.write(placeholder_content(path))
             except FileExistsError:
                 continue
-            except OSError:
-                self.plan.mounts = [m for m in self.plan.mounts
-                                    if not is_within(m[2], path.rstrip("/"))]
-                continue
+            except OSError as error:
+                if not could_be_made(path, error):
+                    # Nor can the sandbox make it: its mount goes, and nothing is lost.
+                    self.plan.mounts = [m for m in self.plan.mounts
+                                        if not is_within(m[2], path.rstrip("/"))]
+                    continue
+                raise Failure(f"cannot hold {path.rstrip('/')} read-only for the session "
+                              f"({error.strerror}); make its directory writable, or run with "
+                              "--allow-config-writes to go without that protection") from None
             self.created.append(path)
 
     def load_state(self):
         for relative in self.plan.profile.state_dirs:
             os.makedirs(os.path.join(self.plan.home, relative), 0o700, exist_ok=True)
-        for relative in self.plan.profile.state_files:
-            data = read_regular(os.path.join(self.plan.home, relative))
-            self.snapshots[relative] = data
+        for relative, _ in self.plan.profile.state_files:
+            # A dotfile manager's symlink is followed on the host side only.
+            host = os.path.realpath(os.path.join(self.plan.home, relative))
+            data = read_regular(host)
+            self.snapshots[relative] = (host, data)
             if data is not None:
                 fd = os.open(self.home_path(relative), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as f:
@@ -1482,13 +1832,20 @@ class Session:
                 f.write(PLACEHOLDER_JSON if data is None else data)
 
     def save_state(self):
-        for relative, base in self.snapshots.items():
+        """Merge back what the sandbox may change: the allowed keys of state files and of
+        guarded settings, nothing else."""
+        project = self.plan.project
+        for relative, keys in self.plan.profile.state_files:
+            host, base = self.snapshots.get(relative, (None, None))
+            if host is None:
+                continue
             ours = read_regular(self.home_path(relative))
-            if ours is not None and ours != base:
-                write_back(os.path.join(self.plan.home, relative), base, ours)
+            changed = guarded_changes(base, ours, keys, project) if ours is not None else None
+            if changed is not None:
+                write_back(host, base, changed)
         for i, ((path, keys), base) in enumerate(zip(self.plan.guarded, self.guarded_bases)):
             ours = read_regular(os.path.join(self.dir, f"guarded.{i}"))
-            changed = guarded_changes(base, ours, keys) if ours is not None else None
+            changed = guarded_changes(base, ours, keys, project) if ours is not None else None
             if changed is not None:
                 write_back(path, base, changed)
 
@@ -1497,7 +1854,7 @@ class Session:
         errors = os.path.join(self.dir, "proxy.err")
         args = build_proxy_args(self.plan, self.dir, write_fd)
         if self.plan.verbose:
-            print(shlex.join(args), file=sys.stderr)
+            say(shlex.join(args))
         try:
             with open(errors, "wb") as err:
                 # Its own session: the terminal's Ctrl-C is for the CLI, not for the proxy.
@@ -1522,25 +1879,28 @@ class Session:
             for line in network_warnings(self.plan):
                 say(f"{self.tool}: {line}")
             if not self.plan.unshare_net:
-                print(f"{self.tool}: --filter-network without --unshare-net is advisory: "
-                      "programs that ignore HTTP(S)_PROXY reach the network directly",
-                      file=sys.stderr)
+                say(f"{self.tool}: --filter-network without --unshare-net is advisory: "
+                    "programs that ignore HTTP(S)_PROXY reach the network directly")
         read_fd, write_fd = os.pipe()
         seccomp_fd = filter_fd(self.plan.seccomp)
         args = build_bwrap_args(self.plan, self.dir, write_fd, seccomp_fd)
         if self.plan.verbose:
-            print(format_env_command(self.plan.env, args), file=sys.stderr)
-        # bwrap dies on SIGINT and takes the sandbox with it: it must ignore it, and the
-        # CLI gets it back through env --default-signal.  Without that env, bwrap keeps
-        # the default so Ctrl-C at least ends the session.
+            say(format_env_command(self.plan.env, args))
+        # bwrap dies on SIGINT and SIGQUIT (Ctrl-C, Ctrl-\) and takes the sandbox with it:
+        # it must ignore them, and the CLI gets them back through env --default-signal.
+        # Without that env, bwrap keeps the defaults so they at least end the session.
+        # The wrapper ignores them from here on: its clean-up runs when bwrap ends.
+        keyboard = (signal.SIGINT, signal.SIGQUIT)
         if self.plan.env_program:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for sig in keyboard:
+                signal.signal(sig, signal.SIG_IGN)
         try:
             self.bwrap = subprocess.Popen(args, env=self.plan.env, pass_fds=(write_fd, seccomp_fd))
         finally:
             os.close(write_fd)
             os.close(seccomp_fd)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for sig in keyboard:
+                signal.signal(sig, signal.SIG_IGN)
         with os.fdopen(read_fd, "rb") as status_pipe:
             code = self.bwrap.wait()
             self.set_up = bwrap_ran(status_pipe.read())
@@ -1575,10 +1935,16 @@ class Session:
                 used = learned(read_records(f))
             when = time.strftime("%Y-%m-%d %H:%M %Z")
             text, count = format_learned(self.tool, used, when)
-            tmp = f"{target}.tmp.{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, target)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.",
+                                       dir=os.path.dirname(target))
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         except OSError as error:
             return f"{self.tool}: learn: could not write {target}: {error}"
         plural = "" if count == 1 else "s"
@@ -1621,6 +1987,10 @@ def describe(plan):
             lines.append("private addresses: reachable by allowed names (--allow-private)")
         lines += [f"allow file: {p}" for p in plan.allow_files]
     lines += [" ".join(x for x in mount if x) for mount in plan.mounts]
+    if not plan.sockets_complete:
+        lines.append(f"unix sockets, nested repositories: the search below the shown and "
+                     f"writable directories stopped at {SOCKET_WALK_ENTRIES} entries or "
+                     f"{SOCKET_WALK_DEPTH} levels; what is beyond it is not covered")
     lines.append("Ctrl-C reaches the CLI: " + ("yes" if plan.env_program else
                  "no, env(1) lacks --default-signal; Ctrl-C ends the session"))
     lines.append("keystroke injection (ioctl TIOCSTI, TIOCLINUX): blocked by a seccomp filter")
@@ -1642,8 +2012,10 @@ def check_tools(plan):
 
 
 def run(profile, argv, environ=None, skip=()):
-    environ = os.environ if environ is None else environ
+    environ = dict(os.environ if environ is None else environ)
     ours = split_argv(argv)[0]
+    if not any(flag in ours for flag in ("--help", "-h", "--list-presets")):
+        environ["HOME"] = checked_home(environ)
     if "--doctor" in ours:
         return doctor(profile, argv, environ, skip)
     # --help works even when the defaults file does not parse.
@@ -1659,13 +2031,13 @@ def run(profile, argv, environ=None, skip=()):
     tool = profile.tool
     if plan.verbose:
         if defaults:
-            print(f"{tool}: defaults: {shlex.join(defaults)}", file=sys.stderr)
-        print(describe(plan), file=sys.stderr)
+            say(f"{tool}: defaults: {shlex.join(defaults)}")
+        say(describe(plan))
     if plan.dry_run:
         private_dir = os.path.join(private_base(environ), tool + ".XXXXXXXX")
         if plan.filter:
-            print(shlex.join(build_proxy_args(plan, private_dir, "FD")))
-        print(format_env_command(plan.env, build_bwrap_args(plan, private_dir, seccomp_fd="FD")))
+            write_out(shlex.join(build_proxy_args(plan, private_dir, "FD")))
+        write_out(format_env_command(plan.env, build_bwrap_args(plan, private_dir, seccomp_fd="FD")))
         return 0
     check_tools(plan)
     with Session(plan, environ) as session:
@@ -1742,11 +2114,8 @@ def userns_fix(sysctls):
 
 def trial_args(bwrap, disable_userns, seccomp_fd=None):
     """A trivial sandbox with the namespaces a session uses, for --doctor to try."""
-    args = [bwrap, "--die-with-parent", "--unshare-user", "--unshare-pid", "--unshare-ipc",
-            "--unshare-uts", "--unshare-cgroup-try", "--unshare-net", "--cap-drop", "ALL"]
-    if disable_userns:
-        args.append("--disable-userns")
-    args += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    args = [bwrap, *namespace_args(disable_userns, True),
+            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     if seccomp_fd is not None:
         args += ["--seccomp", str(seccomp_fd)]
     return args + ["--", "/bin/sh", "-c", "exit 0"]
@@ -1764,20 +2133,23 @@ def tiocsti_check(value):
                  if value == "1" else "")
 
 
-def rule_errors(lines, where):
-    """(rules that parse, ["where:line: why" for those that do not]), allow-file syntax."""
-    from socks_filter import RuleError, parse_rule
-    count, errors = 0, []
-    for number, line in enumerate(lines, start=1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
+def rule_problems(rules=(), files=()):
+    """(how many rules parse, ["where: why" for each that does not]): --allow-domain rules
+    one by one, allow files through socks_filter.read_rule_file (its first error a file)."""
+    filters = rules_module()
+    count, problems = 0, []
+    for rule in rules:
         try:
-            parse_rule(text)
+            filters.parse_rule(rule)
             count += 1
-        except RuleError as error:
-            errors.append(f"{where}:{number}: {printable(error)}")
-    return count, errors
+        except filters.RuleError as error:
+            problems.append(f"--allow-domain {printable(rule)}: {printable(error)}")
+    for path in files:
+        try:
+            count += len(filters.read_rule_file(path))
+        except filters.RuleError as error:
+            problems.append(printable(error))
+    return count, problems
 
 
 def allow_list_checks(profile, opts, environ):
@@ -1790,22 +2162,14 @@ def allow_list_checks(profile, opts, environ):
         else:
             checks.append(Check("allow list", "FAIL", f"--allow-file {path}: no such file",
                                 "give the path of an existing file"))
-    sources = [(path, None) for path in files]
+    sources = [(path, (), [path]) for path in files]
     if opts.allow_domain:
-        sources.append(("--allow-domain", opts.allow_domain))
-    for where, rules in sources:
-        try:
-            if rules is None:
-                with open(where, encoding="utf-8") as f:
-                    rules = f.read().splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            checks.append(Check("allow list", "FAIL", f"cannot read {where}: {error}",
-                                "make it a readable UTF-8 text file"))
-            continue
-        count, errors = rule_errors(rules, where)
-        if errors:
-            checks += [Check("allow list", "FAIL", e, "correct or remove that rule "
-                             "(see socks_filter.py's docstring: RULES)") for e in errors]
+        sources.append(("--allow-domain", opts.allow_domain, []))
+    for where, rules, paths in sources:
+        count, problems = rule_problems(rules, paths)
+        if problems:
+            checks += [Check("allow list", "FAIL", problem, "correct or remove that rule "
+                             "(see socks_filter.py's docstring: RULES)") for problem in problems]
         else:
             checks.append(Check("allow list", "ok", f"{where}: {count} rules"))
     if not sources and not opts.allow_preset:
@@ -1877,8 +2241,7 @@ def host_checks(profile, opts, environ, skip=()):
                                 f"keep {os.path.basename(path)} next to bw_lib.py"))
     cli = find_cli(profile, search_path, home, skip)
     if cli is None:
-        places = ", ".join(["PATH"] + [f"~/{p}" for p in profile.lookup])
-        checks.append(Check(profile.name, "FAIL", f"not found (looked in {places})",
+        checks.append(Check(profile.name, "FAIL", f"not found (looked in {cli_places(profile)})",
                             profile.install_hint))
     else:
         code, output = run_briefly([cli, "--version"], 20, env=dict(environ))
@@ -1896,7 +2259,7 @@ def host_checks(profile, opts, environ, skip=()):
                             "whole session instead of reaching the CLI", "coreutils 8.31 or later"))
     try:
         checks += allow_list_checks(profile, opts, environ)
-    except ImportError:
+    except Failure:
         checks.append(Check("allow list", "FAIL", "cannot check rules without socks_filter.py",
                             "keep socks_filter.py next to bw_lib.py"))
     return checks
@@ -1931,7 +2294,7 @@ def doctor(profile, argv, environ, skip=()):
             checks.append(Check("defaults", "ok", shlex.join(defaults)))
     opts = parse_args(profile, ["--filter-network", *argv], defaults)
     checks += host_checks(profile, opts, environ, skip)
-    print(format_doctor(profile.tool, checks))
+    write_out(format_doctor(profile.tool, checks))
     return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 
@@ -1942,19 +2305,22 @@ def raise_terminated(signum, frame):
 def main(name):
     """Entry point of bw-claude and bw-gemini."""
     profile = PROFILES[name]
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, raise_terminated)
     entry = os.path.realpath(sys.argv[0])
     try:
         code = run(profile, sys.argv[1:], skip=(entry,))
     except Failure as failure:
-        print(f"{profile.tool}: error: {failure}", file=sys.stderr)
+        say(f"{profile.tool}: error: {failure}")
         code = failure.code
     except Terminated as terminated:
         code = 128 + terminated.signum
     except KeyboardInterrupt:
         code = 130
     except OSError as error:
-        print(f"{profile.tool}: error: {error}", file=sys.stderr)
+        say(f"{profile.tool}: error: {printable(error)}")
+        code = 1
+    except Exception as error:  # the last resort: one line, never a traceback
+        say(f"{profile.tool}: error: unexpected {type(error).__name__}: {printable(error)}")
         code = 1
     sys.exit(code)

@@ -1,12 +1,15 @@
 """Unit tests of bw_lib's decisions: options, profile lookup, bwrap and proxy command lines,
 the end-of-session summary and the state merge.  No namespaces, no processes."""
 
+import contextlib
 import io
 import json
 import os
 import shutil
 import socket
+import signal
 import stat
+import sys
 import tempfile
 import unittest
 from contextlib import redirect_stdout
@@ -265,8 +268,9 @@ class MountsTest(Fixture):
                 bw_lib.make_plan(CLAUDE, opts, self.environ)
 
     def test_allow_files(self):
-        user_file = write(os.path.join(self.home, ".config", "bw-claude", "allowed-domains"), "x\n")
-        mine = write(os.path.join(self.root, "mine"), "y\n")
+        user_file = write(os.path.join(self.home, ".config", "bw-claude", "allowed-domains"),
+                          "x.example\n")
+        mine = write(os.path.join(self.root, "mine"), "y.example\n")
         plan = self.plan("--filter-network", "--allow-file", mine, "--allow-domain", "z.example")
         self.assertEqual(plan.allow_files, [user_file, mine])
         self.assertEqual(plan.allow, [*CLAUDE.allow, "z.example"])
@@ -366,7 +370,7 @@ class BwrapArgsTest(Fixture):
         self.assertIn("--unshare-net", args)
 
     def test_proxy_command(self):
-        allow = write(os.path.join(self.root, "allow"), "x\n")
+        allow = write(os.path.join(self.root, "allow"), "x.example\n")
         plan = self.plan("--filter-network", "--allow-domain", "127.0.0.1:8080",
                          "--allow-file", allow)
         args = bw_lib.build_proxy_args(plan, "/PRIV", 5)
@@ -403,6 +407,26 @@ class BwrapArgsTest(Fixture):
         self.assertFalse(os.path.exists(os.path.join(self.home, ".claude")))
 
 
+class LastResortTest(unittest.TestCase):
+    def test_an_unexpected_error_is_one_line(self):
+        def broken(*args, **kwargs):
+            raise RuntimeError("boom\nsecond line")
+        original, argv = bw_lib.run, sys.argv
+        handlers = {sig: signal.getsignal(sig)
+                    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+        self.addCleanup(lambda: [signal.signal(s, h) for s, h in handlers.items()])
+        bw_lib.run, sys.argv = broken, ["bw-claude"]
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as caught:
+                bw_lib.main("claude")
+        finally:
+            bw_lib.run, sys.argv = original, argv
+        self.assertEqual(caught.exception.code, 1)
+        self.assertEqual(err.getvalue(),
+                         "bw-claude: error: unexpected RuntimeError: boom?second line\n")
+
+
 class SummaryTest(unittest.TestCase):
     def lines(self, *records):
         return [json.dumps(r) for r in records]
@@ -414,17 +438,25 @@ class SummaryTest(unittest.TestCase):
             {"event": "close", "decision": "allow", "host": "api.anthropic.com", "port": 443},
             {**deny, "host": "sentry.io", "port": 443, "reason": "not-in-allowlist"},
             {**deny, "host": "sentry.io", "port": 443, "reason": "not-in-allowlist"},
-            {**deny, "host": "2001:db8::1", "port": 443, "reason": "ip-literal-not-allowed"},
+            {**deny, "host": "2606:4700::1111", "port": 443, "reason": "ip-literal-not-allowed"},
+            {**deny, "host": "169.254.169.254", "port": 80, "reason": "ip-literal-not-allowed"},
+            {**deny, "host": "127.0.0.1", "port": 22, "reason": "private-address"},
             {**deny, "host": "10.1.2.3", "port": 80, "reason": "private-address"},
             {**deny, "host": "intranet.example", "port": 80, "reason": "private-address"},
             {"event": "decision", "decision": "deny", "enforced": False, "host": "a.example",
              "port": 443, "reason": "not-in-allowlist"})
         text = bw_lib.summarize("bw-claude", lines + ["not json", "[1]"])
         self.assertNotIn("\n", text)
-        self.assertTrue(text.startswith("bw-claude: network: 2 allowed, 5 blocked: "))
+        self.assertTrue(text.startswith("bw-claude: network: 2 allowed, 7 blocked: "))
         self.assertIn("sentry.io:443 x2 (not in allow list) --allow-domain sentry.io:443", text)
-        self.assertIn("--allow-domain '[2001:db8::1]:443'", text)
-        self.assertIn("10.1.2.3:80 (private address) --allow-domain 10.1.2.3:80", text)
+        self.assertIn("--allow-domain '[2606:4700::1111]:443'", text)
+        # A private address is flagged: the metadata service, this machine's ssh...
+        self.assertIn("10.1.2.3:80 (private address: allow only if you mean it) "
+                      "--allow-domain 10.1.2.3:80", text)
+        self.assertIn("169.254.169.254:80 (IP address without an IP rule: allow only if you "
+                      "mean it) --allow-domain 169.254.169.254:80", text)
+        self.assertIn("127.0.0.1:22 (private address: allow only if you mean it) "
+                      "--allow-domain 127.0.0.1:22", text)
         self.assertIn("intranet.example:80 (private address);", text + ";")
         self.assertNotIn("--allow-domain intranet.example", text)
         self.assertNotIn("a.example", text)

@@ -180,7 +180,7 @@ class StoryTest(unittest.TestCase):
         decision("sentry.io", 443, id=2), decision("sentry.io", 443, id=3),
         decision("10.1.2.3", 80, "private-address", id=4),
         decision("intranet.example", 443, "private-address", id=5),
-        decision("2001:db8::1", 443, "ip-literal-not-allowed", id=6),
+        decision("2606:4700::1111", 443, "ip-literal-not-allowed", id=6),
         decision("evil.example", 443, "sni-mismatch", id=7),
         audited("learned.example", 443, id=8),
     ]
@@ -191,10 +191,11 @@ class StoryTest(unittest.TestCase):
         rows = {bw_lib.host_port(b.host, b.port): (b.count, b.why, b.option) for b in blocked}
         self.assertEqual(rows, {
             "sentry.io:443": (2, "not in allow list", "--allow-domain sentry.io:443"),
-            "10.1.2.3:80": (1, "private address", "--allow-domain 10.1.2.3:80"),
+            "10.1.2.3:80": (1, "private address: allow only if you mean it",
+                            "--allow-domain 10.1.2.3:80"),
             "intranet.example:443": (1, "private address", ""),
-            "[2001:db8::1]:443": (1, "IP address without an IP rule",
-                                  "--allow-domain '[2001:db8::1]:443'"),
+            "[2606:4700::1111]:443": (1, "IP address without an IP rule",
+                                      "--allow-domain '[2606:4700::1111]:443'"),
             "evil.example:443": (1, "TLS name differs from the requested host", ""),
         })
         self.assertEqual(blocked[0].host, "sentry.io")
@@ -285,10 +286,15 @@ class DoctorUnitTest(unittest.TestCase):
         self.assertIn("legacy_tiocsti=0", bw_lib.tiocsti_check("1").fix)
 
     def test_rule_errors_name_file_and_line(self):
-        count, errors = bw_lib.rule_errors(["# c", "ok.example:443", "*.github.io", "x y", ""],
-                                           "allowed")
+        with tempfile.TemporaryDirectory() as root:
+            path = os.path.join(root, "allowed")
+            with open(path, "w") as f:
+                f.write("# c\nok.example:443\n*.github.io\nx y\n\n")
+            count, errors = bw_lib.rule_problems(["a.example", "*"], [path])
         self.assertEqual(count, 1)
-        self.assertEqual([e.split(": ")[0] for e in errors], ["allowed:3", "allowed:4"])
+        self.assertEqual(len(errors), 2, errors)
+        self.assertTrue(errors[0].startswith("--allow-domain *: "), errors)
+        self.assertTrue(errors[1].startswith(f"{path}:3: "), errors)
 
     def test_report(self):
         checks = [bw_lib.Check("bwrap", "ok", "bubblewrap 0.9.0"),
@@ -407,7 +413,8 @@ class DailyUseTest(unittest.TestCase):
         self.assertNotIn(BODY.decode(), result.stdout)
         self.assertIn("code=403", result.stdout)
         self.assertIn("private addresses stay blocked", result.stderr)
-        self.assertIn(f"{self.one} (private address) --allow-domain {self.one}", result.stderr)
+        self.assertIn(f"{self.one} (private address: allow only if you mean it) "
+                      f"--allow-domain {self.one}", result.stderr)
         self.assertIn("wrote 0 destinations", result.stderr)
         self.assertEqual(socks_filter.read_rule_file(learned), [])
         self.assert_clean()
@@ -513,7 +520,8 @@ class DailyUseTest(unittest.TestCase):
         self.assertTrue(summary.startswith("bw-claude: network: 1 allowed, 3 blocked: "), summary)
         self.assertIn("blocked.example:80 x2 (not in allow list) --allow-domain blocked.example:80",
                       summary)
-        self.assertIn(f"{self.two} (private address) --allow-domain {self.two}", summary)
+        self.assertIn(f"{self.two} (private address: allow only if you mean it) "
+                      f"--allow-domain {self.two}", summary)
         with open(log) as f:
             self.assertEqual(bw_lib.summarize("bw-claude", f), summary)
         self.assert_clean()

@@ -219,11 +219,62 @@ class SandboxTest(unittest.TestCase):
         self.assertEqual(plain.strip(), "")
         filtered = self.check(self.bw("--filter-network", "--unshare-net", script=find)).stdout
         self.assertEqual(filtered.split(), ["/run/bw/proxy.sock", "bw"])
+        # A socket below a directory shown on request is covered too; one named is shown.
         shown = self.check(self.bw("--allow-ro", exposed, script=find)).stdout
-        self.assertEqual(shown.split(), [os.path.join(exposed, "x.sock")])
+        self.assertEqual(shown.split(), [])
+        named = os.path.join(exposed, "x.sock")
+        shown = self.check(self.bw("--allow-ro", named, script=find)).stdout
+        self.assertEqual(shown.split(), [named])
         for listener in listeners:
             os.unlink(listener.getsockname())
         self.assertEqual(os.listdir(self.runtime), [])
+
+    def test_full_home_hides_linked_secrets_other_credentials_and_nested_sockets(self):
+        # ~/.ssh as a dotfile manager's symlink; the other CLI's credentials; more secrets;
+        # a socket deep in a shown directory.
+        self.write("dotfiles/ssh/id_ed25519", "-----BEGIN FAKE KEY-----\n", 0o600)
+        os.rename(os.path.join(self.home, ".ssh"), os.path.join(self.home, "old-ssh"))
+        os.symlink("dotfiles/ssh", os.path.join(self.home, ".ssh"))
+        self.write(".gemini/oauth_creds.json", '{"refresh_token": "fake"}\n', 0o600)
+        self.write(".claude/.credentials.json", '{"token": "fake"}\n', 0o600)
+        self.write(".claude.json.backup", '{"primaryApiKey": "fake"}\n', 0o600)
+        for secret in (".pgpass", ".bash_history", ".config/rclone/rclone.conf",
+                       ".cache/huggingface/token", ".m2/settings.xml"):
+            self.write(secret, "fake secret\n", 0o600)
+        deep = os.path.join(self.home, ".config", "app", "run")
+        os.makedirs(deep)
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(os.path.join(deep, "app.sock"))
+        listener.listen()
+        self.addCleanup(listener.close)
+        self.fake_cli("gemini")
+        script = ("grep -rhs 'fake' ~ | sort; find ~ -xtype s 2>/dev/null; "
+                  "cat ~/.config/app/settings")
+        claude = self.check(self.bw("--full-home-access", script=script)).stdout
+        self.assertEqual(claude.splitlines(), ['{"token": "fake"}',
+                                               "visible with --full-home-access"])
+        if shutil.which("node", path=self.env["PATH"]):
+            gemini = self.check(self.bw("--full-home-access", script=script,
+                                        tool=BW_GEMINI)).stdout
+            self.assertEqual(gemini.splitlines(), ['{"refresh_token": "fake"}',
+                                                   "visible with --full-home-access"])
+        result = self.bw("--allow-ro", os.path.join(self.home, "dotfiles", "ssh"), script="true")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("secrets (~/.ssh) are never shown", result.stderr)
+
+    def test_a_cut_short_socket_search_is_said(self):
+        tree = os.path.join(self.root, "tree")
+        path = tree
+        for level in range(bw_lib.SOCKET_WALK_DEPTH + 2):
+            path = os.path.join(path, f"d{level}")
+        os.makedirs(path)
+        self.assertEqual(bw_lib.find_sockets([tree]), ([], False))
+        result = self.check(self.bw("-v", "--dry-run", "--allow-ro", tree))
+        self.assertIn("unix sockets, nested repositories: the search below the shown and "
+                      "writable directories stopped", result.stderr)
+        result = self.check(self.bw("-v", "--dry-run", "--allow-ro",
+                                    os.path.join(tree, "d0", "d1", "d2")))
+        self.assertNotIn("unix sockets", result.stderr)
 
     def test_capabilities_are_dropped(self):
         result = self.check(self.bw(script="grep CapEff /proc/self/status; hostname"))
@@ -279,7 +330,8 @@ class SandboxTest(unittest.TestCase):
             [sys.executable, BW_CLAUDE, "--", (
                 "touch started; i=0; while [ ! -e go ] && [ $i -lt 400 ]; do sleep 0.05; "
                 "i=$((i+1)); done; cd ~ && "
-                "printf '{\"numStartups\": 2, \"inside\": true}' > t && mv t .claude.json")],
+                "printf '{\"numStartups\": 2, \"tipsHistory\": {\"a\": 1}}' > t && "
+                "mv t .claude.json")],
             cwd=self.project, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.addCleanup(process.kill)
         self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.project, "started"))))
@@ -288,7 +340,8 @@ class SandboxTest(unittest.TestCase):
         process.communicate(timeout=60)
         self.assertEqual(process.returncode, 0)
         with open(os.path.join(self.home, ".claude.json")) as f:
-            self.assertEqual(json.load(f), {"numStartups": 2, "inside": True, "host": "kept"})
+            self.assertEqual(json.load(f), {"numStartups": 2, "tipsHistory": {"a": 1},
+                                            "host": "kept"})
 
     def test_gemini_profile(self):
         if not shutil.which("node", path=self.env["PATH"]):
@@ -482,6 +535,9 @@ class SandboxTest(unittest.TestCase):
 
     def test_errors_are_one_line(self):
         no_cli = {**self.env, "PATH": "/usr/bin:/bin"}
+        bad_file = os.path.join(self.root, "bad.allow")
+        with open(bad_file, "w") as f:
+            f.write("ok.example\n*.com\n")
         only_bwrap = os.path.join(self.root, "only-bwrap")
         os.makedirs(only_bwrap)
         os.symlink(shutil.which("bwrap"), os.path.join(only_bwrap, "bwrap"))
@@ -494,8 +550,12 @@ class SandboxTest(unittest.TestCase):
             (("--dir", self.home), self.env, 1, "home directory"),
             ((), {**self.env, "PATH": self.bin}, 127, "bwrap not found"),
             (("--filter-network",), {**self.env, "PATH": only_bwrap}, 127, "socat not found"),
-            (("--filter-network", "--allow-domain", "bad rule!"), self.env, 1,
-             "the filtering proxy did not start"),
+            (("--filter-network", "--allow-domain", "bad rule!"), self.env, 2, "bad allow rule"),
+            (("--filter-network", "--allow-domain", "*"), self.env, 2, "bad allow rule"),
+            (("--filter-network", "--allow-domain", "*", "--dry-run"), self.env, 2,
+             "bad allow rule"),
+            (("--filter-network", "--allow-file", bad_file), self.env, 2,
+             f"bad allow rule: {bad_file}:2: "),
         ]
         refused = os.path.join(self.root, "refused")
         os.makedirs(refused)
