@@ -274,12 +274,14 @@ class ProxyProcess:
             return handle.read().decode("utf-8", "replace")
 
     def records(self, event="decision"):
+        """The log's records so far; a last line the proxy is still writing is left for later."""
         try:
             with open(self.log_path, encoding="utf-8") as handle:
-                lines = handle.read().splitlines()
+                text = handle.read()
         except FileNotFoundError:
             return []
-        return [r for r in (json.loads(line) for line in lines if line.strip())
+        complete = text[:text.rfind("\n") + 1]
+        return [r for r in (json.loads(line) for line in complete.splitlines() if line.strip())
                 if event is None or r["event"] == event]
 
     def rss_kb(self):
