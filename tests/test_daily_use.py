@@ -7,7 +7,6 @@ import contextlib
 import fcntl
 import http.server
 import io
-import json
 import os
 import pty
 import select
@@ -23,7 +22,8 @@ import unittest
 import bw_lib
 import socks_filter
 from bw_lib import PROFILES, Failure
-from tests.test_sandbox import BODY, FAKE_CLI, Upstream, missing, one_line, processes_mentioning
+from tests.test_sandbox import (BODY, FAKE_CLI, Upstream, make_session_dirs, one_line,
+                                processes_mentioning, require_sandbox)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BW_CLAUDE = os.path.join(REPO, "bw-claude")
@@ -311,13 +311,7 @@ class DoctorUnitTest(unittest.TestCase):
 class DailyUseTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        for tool in ("bwrap", "socat", "curl"):
-            if not shutil.which(tool):
-                missing(f"{tool} is not installed")
-        probe = subprocess.run(["bwrap", "--ro-bind", "/", "/", "--unshare-pid", "true"],
-                               capture_output=True, text=True)
-        if probe.returncode != 0:
-            missing(f"bwrap cannot create a sandbox here: {probe.stderr.strip()}")
+        require_sandbox("socat", "curl")
         cls.servers = []
         for address in ("127.0.0.2", "127.0.0.3"):
             server = http.server.ThreadingHTTPServer((address, 0), Upstream)
@@ -333,14 +327,7 @@ class DailyUseTest(unittest.TestCase):
             server.server_close()
 
     def setUp(self):
-        self.root = os.path.realpath(tempfile.mkdtemp(prefix="bw-daily-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self.home = os.path.join(self.root, "home")
-        self.bin = os.path.join(self.root, "bin")
-        self.project = os.path.join(self.root, "project")
-        self.runtime = os.path.join(self.root, "run")
-        for directory in (self.home, self.bin, self.project, self.runtime):
-            os.makedirs(directory, 0o700)
+        make_session_dirs(self, "bw-daily-")
         self.cli = os.path.join(self.bin, "claude")
         with open(self.cli, "w") as f:
             f.write(VERSIONED_CLI)

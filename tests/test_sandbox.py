@@ -52,6 +52,44 @@ def missing(reason):
     raise unittest.SkipTest(reason)
 
 
+def require_sandbox(*tools):
+    """Skip (fail under CI) unless bwrap and `tools` are installed and bwrap works here."""
+    for tool in ("bwrap", *tools):
+        if not shutil.which(tool):
+            missing(f"{tool} is not installed")
+    probe = subprocess.run(["bwrap", "--ro-bind", "/", "/", "--unshare-pid", "true"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        missing(f"bwrap cannot create a sandbox here: {probe.stderr.strip()}")
+
+
+def make_session_dirs(test, prefix):
+    """Give `test` a temporary root with home/, bin/, project/ and run/ (test.home, .bin,
+    .project, .runtime), removed after the test."""
+    test.root = os.path.realpath(tempfile.mkdtemp(prefix=prefix))
+    test.addCleanup(shutil.rmtree, test.root, True)
+    for attribute, name in (("home", "home"), ("bin", "bin"), ("project", "project"),
+                            ("runtime", "run")):
+        setattr(test, attribute, os.path.join(test.root, name))
+        os.makedirs(getattr(test, attribute), 0o700)
+
+
+def read_pty(fd, rounds=600):
+    """Read a pseudo-terminal until it closes (or `rounds` tenths of a second pass)."""
+    output = b""
+    for _ in range(rounds):
+        if not select.select([fd], [], [], 0.1)[0]:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    return output
+
+
 def one_line(text):
     return text.strip() and "\n" not in text.strip() and "Traceback" not in text
 
@@ -91,13 +129,7 @@ def processes_mentioning(text):
 class SandboxTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        for tool in ("bwrap", "socat", "curl"):
-            if not shutil.which(tool):
-                missing(f"{tool} is not installed")
-        probe = subprocess.run(["bwrap", "--ro-bind", "/", "/", "--unshare-pid", "true"],
-                               capture_output=True, text=True)
-        if probe.returncode != 0:
-            missing(f"bwrap cannot create a sandbox here: {probe.stderr.strip()}")
+        require_sandbox("socat", "curl")
         if not os.path.exists(os.path.join(REPO, "socks_filter.py")):
             missing("socks_filter.py is not there yet")
         cls.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
@@ -111,14 +143,7 @@ class SandboxTest(unittest.TestCase):
         cls.server.server_close()
 
     def setUp(self):
-        self.root = os.path.realpath(tempfile.mkdtemp(prefix="bw-sandbox-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self.home = os.path.join(self.root, "home")
-        self.bin = os.path.join(self.root, "bin")
-        self.project = os.path.join(self.root, "project")
-        self.runtime = os.path.join(self.root, "run")
-        for directory in (self.bin, self.project, self.runtime):
-            os.makedirs(directory, 0o700)
+        make_session_dirs(self, "bw-sandbox-")
         self.write(".ssh/id_rsa", "-----BEGIN FAKE PRIVATE KEY-----\n", 0o600)
         self.write(".aws/credentials", "[default]\naws_secret_access_key = fake\n")
         self.write(".config/gh/hosts.yml", "oauth_token: fake\n")

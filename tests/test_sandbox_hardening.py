@@ -16,7 +16,7 @@ import sys
 import unittest
 
 import bw_lib
-from tests.test_sandbox import BW_CLAUDE, FAKE_CLI, missing, wait_for
+from tests.test_sandbox import BW_CLAUDE, FAKE_CLI, make_session_dirs, missing, read_pty
 
 TIOCSTI_ATTACK = """
 import errno, fcntl, sys, termios
@@ -152,15 +152,7 @@ class HardeningTest(unittest.TestCase):
                 missing(f"{tool} is not installed")
 
     def setUp(self):
-        import tempfile
-        self.root = os.path.realpath(tempfile.mkdtemp(prefix="bw-hardening-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self.home = os.path.join(self.root, "home")
-        self.bin = os.path.join(self.root, "bin")
-        self.project = os.path.join(self.root, "project")
-        self.runtime = os.path.join(self.root, "run")
-        for directory in (self.home, self.bin, self.project, self.runtime):
-            os.makedirs(directory, 0o700)
+        make_session_dirs(self, "bw-hardening-")
         with open(os.path.join(self.bin, "claude"), "w") as f:
             f.write(FAKE_CLI)
         os.chmod(os.path.join(self.bin, "claude"), 0o755)
@@ -178,17 +170,7 @@ class HardeningTest(unittest.TestCase):
         if pid == 0:
             os.chdir(self.project)
             os.execve(argv[0], argv, self.env)
-        output = b""
-        for _ in range(600):
-            if not select.select([fd], [], [], 0.1)[0]:
-                continue
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            output += chunk
+        output = read_pty(fd)
         _, status = os.waitpid(pid, 0)
         os.close(fd)
         return output.decode(errors="replace"), os.waitstatus_to_exitcode(status)
@@ -536,16 +518,7 @@ class HardeningTest(unittest.TestCase):
                     output += os.read(fd, 4096)
         self.assertTrue(os.path.exists(started), output)
         os.write(fd, b"\x1c")
-        for _ in range(600):
-            if not select.select([fd], [], [], 0.1)[0]:
-                continue
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            output += chunk
+        output += read_pty(fd)
         _, status = os.waitpid(pid, 0)
         os.close(fd)
         self.assertIn(b"got-sigquit", output)
