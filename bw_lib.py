@@ -295,6 +295,8 @@ SECRETS = (".ssh", ".aws", ".gnupg", ".kube", ".docker", ".netrc", ".password-st
 # walk that finds them stops after this many entries, or this deep (said with --verbose).
 SOCKET_WALK_ENTRIES = 20000
 SOCKET_WALK_DEPTH = 8
+REPOSITORY_SEARCH_SKIPS = (".git", "node_modules", ".venv", "venv", ".tox", "__pycache__",
+                           ".mypy_cache", "target", ".gradle", ".cache")
 
 # --allow-preset NAME: destinations developers commonly need, as allow rules (HTTPS only
 # unless said).  Names, never wildcards over hosts that serve anyone's content.
@@ -902,8 +904,10 @@ def find_sockets(roots, limit=None, max_depth=None):
 
 def nested_repositories(roots):
     """Directories below `roots` (not the roots) holding a .git, directory or file (a
-    submodule's checkout): (directories, complete).  node_modules is not searched."""
-    found, complete = bounded_walk(roots, prune=(".git", "node_modules"))
+    submodule's checkout): (directories, complete).  Dependency and build trees
+    (REPOSITORY_SEARCH_SKIPS) are not searched: large, and no place for a repository of
+    the user's."""
+    found, complete = bounded_walk(roots, prune=REPOSITORY_SEARCH_SKIPS)
     repos = [os.path.dirname(path) for path, _ in found if os.path.basename(path) == ".git"]
     return [r for r in dict.fromkeys(repos) if r not in roots], complete
 
@@ -961,9 +965,12 @@ def make_plan(profile, opts, environ, skip=()):
             mounts.append((option, real, real))
             if option == "--bind":
                 rw_extra.append(real)
-    state = [os.path.join(home, d) for d in profile.state_dirs]
+    # Sockets are searched for where the user chose to show a tree (--allow-*, the whole
+    # home), not in the CLI's state or the tool directories: toolchains hold tens of
+    # thousands of files and no sockets, and walking them would cost every start.
+    skipped = {os.path.join(home, d) for d in (*profile.state_dirs, *HOME_TOOLS)}
     sockets, walked = socket_masks([(src, dest) for _, src, dest in mounts
-                                    if src and src not in state], home, hidden)
+                                    if src and src not in skipped], home, hidden)
     socat = shutil.which("socat", path=search_path) or "socat"
     if opts.filter_network:
         programs.append(socat)
