@@ -794,6 +794,9 @@ def measure_startup(env, runs):
         return {"skipped": "bwrap not installed"}
     base = [BW_CLAUDE, "--shell", "--unshare-net", "--", "-c", "true"]
     filtered = [BW_CLAUDE, "--shell", "--unshare-net", "--filter-network", "--", "-c", "true"]
+    # Measure what a user's machine does: Python keeps its bytecode caches (some shells here
+    # export PYTHONDONTWRITEBYTECODE=1, which would make every start compile bw_lib anew).
+    env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
     result = {}
     try:
         time_command(base, env, 1)                # creates the fake home's state, warms caches
