@@ -1856,33 +1856,43 @@ class Session:
             if changed is not None:
                 write_back(path, base, changed)
 
-    def start_proxy(self):
+    def launch_proxy(self):
+        """Start the proxy; the caller prepares the rest meanwhile, then awaits it."""
         read_fd, write_fd = os.pipe()
-        errors = os.path.join(self.dir, "proxy.err")
         args = build_proxy_args(self.plan, self.dir, write_fd)
         if self.plan.verbose:
             say(shlex.join(args))
         try:
-            with open(errors, "wb") as err:
+            with open(os.path.join(self.dir, "proxy.err"), "wb") as err:
                 # Its own session: the terminal's Ctrl-C is for the CLI, not for the proxy.
                 self.proxy = subprocess.Popen(
                     args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                     pass_fds=(write_fd,), start_new_session=True)
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
+        self.proxy_ready_fd = read_fd
+
+    def await_proxy(self):
+        """Wait (bounded) for the proxy's ready line; no sandbox starts without it."""
         try:
-            line = read_ready(read_fd, PROXY_READY_SECONDS)
+            line = read_ready(self.proxy_ready_fd, PROXY_READY_SECONDS)
         finally:
-            os.close(read_fd)
+            os.close(self.proxy_ready_fd)
         if not line.startswith("ready"):
-            why = last_line(errors) or f"no ready line within {PROXY_READY_SECONDS} s"
+            why = (last_line(os.path.join(self.dir, "proxy.err"))
+                   or f"no ready line within {PROXY_READY_SECONDS} s")
             raise Failure(f"the filtering proxy did not start: {why}")
 
     def run(self):
+        if self.plan.filter:
+            self.launch_proxy()      # its start-up overlaps the preparations below
         self.load_state()
         self.make_placeholders()
         if self.plan.filter:
-            self.start_proxy()
+            self.await_proxy()
             for line in network_warnings(self.plan):
                 say(f"{self.tool}: {line}")
             if not self.plan.unshare_net:
