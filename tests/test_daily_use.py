@@ -13,7 +13,6 @@ import select
 import shutil
 import struct
 import subprocess
-import sys
 import tempfile
 import termios
 import threading
@@ -22,11 +21,9 @@ import unittest
 import bw_lib
 import socks_filter
 from bw_lib import PROFILES, Failure
-from tests.test_sandbox import (BODY, FAKE_CLI, Upstream, make_session_dirs, one_line,
-                                processes_mentioning, require_sandbox)
+from tests.test_sandbox import (BODY, FAKE_CLI, SessionCase, Upstream, make_session_dirs,
+                                one_line, require_sandbox)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BW_CLAUDE = os.path.join(REPO, "bw-claude")
 CLAUDE = PROFILES["claude"]
 
 # A fake CLI that also answers --version, as --doctor asks.
@@ -308,7 +305,7 @@ class DoctorUnitTest(unittest.TestCase):
 
 # -- real sessions --------------------------------------------------------------------------
 
-class DailyUseTest(unittest.TestCase):
+class DailyUseTest(SessionCase, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         require_sandbox("socat", "curl")
@@ -334,20 +331,6 @@ class DailyUseTest(unittest.TestCase):
         os.chmod(self.cli, 0o755)
         self.env = {"HOME": self.home, "PATH": f"{self.bin}:/usr/bin:/bin", "LANG": "C.UTF-8",
                     "XDG_RUNTIME_DIR": self.runtime}
-
-    def bw(self, *argv, script=None, env=None, **kwargs):
-        command = [sys.executable, BW_CLAUDE, *argv] + (["--", script] if script else [])
-        kwargs = {"capture_output": True, **kwargs}
-        return subprocess.run(command, cwd=self.project, env=env or self.env, text=True,
-                              timeout=60, **kwargs)
-
-    def check(self, result, code=0):
-        self.assertEqual(result.returncode, code, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
-        return result
-
-    def assert_clean(self):
-        self.assertEqual(os.listdir(self.runtime), [])
-        self.assertEqual(processes_mentioning(self.runtime), [])
 
     def write_config(self, name, text):
         path = os.path.join(self.home, ".config", "bw-claude", name)

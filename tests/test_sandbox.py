@@ -126,7 +126,26 @@ def processes_mentioning(text):
     return found
 
 
-class SandboxTest(unittest.TestCase):
+class SessionCase:
+    """For test cases that run the wrapper in the directories make_session_dirs made."""
+
+    def bw(self, *argv, script=None, tool=BW_CLAUDE, env=None, **kwargs):
+        command = [sys.executable, tool, *argv] + (["--", script] if script is not None else [])
+        kwargs = {"capture_output": True, **kwargs}
+        return subprocess.run(command, cwd=self.project, env=env or self.env, text=True,
+                              timeout=60, **kwargs)
+
+    def check(self, result, code=0):
+        self.assertEqual(result.returncode, code, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        return result
+
+    def assert_clean(self):
+        """No private directory and no process of the session is left."""
+        self.assertEqual(os.listdir(self.runtime), [])
+        self.assertEqual(processes_mentioning(self.runtime), [])
+
+
+class SandboxTest(SessionCase, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         require_sandbox("socat", "curl")
@@ -169,19 +188,6 @@ class SandboxTest(unittest.TestCase):
         with open(path, "w") as f:
             f.write(FAKE_CLI)
         os.chmod(path, 0o755)
-
-    def bw(self, *argv, script=None, tool=BW_CLAUDE, env=None):
-        command = [sys.executable, tool, *argv] + (["--", script] if script is not None else [])
-        return subprocess.run(command, cwd=self.project, env=env or self.env,
-                              capture_output=True, text=True, timeout=60)
-
-    def check(self, result, code=0):
-        self.assertEqual(result.returncode, code, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
-        return result
-
-    def assert_clean(self):
-        self.assertEqual(os.listdir(self.runtime), [])
-        self.assertEqual(processes_mentioning(self.runtime), [])
 
     # -- the sandbox ----------------------------------------------------------------------
 
