@@ -388,6 +388,13 @@ class Setup:
         self.procs = []
         self.proxy = None
 
+    def await_tcp(self, proc, port, name):
+        """Wait (bounded) until `proc` listens on 127.0.0.1:port; it becomes the endpoint."""
+        wait_for(lambda: tcp_listening(port) or proc.poll() is not None, 10, f"{name} to listen")
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited with {proc.returncode}")
+        self.endpoint = ("tcp", ("127.0.0.1", port))
+
     def cpu_seconds(self):
         """CPU of the setup's processes, after socat's forked workers have exited and been reaped."""
         if not self.procs:
@@ -406,10 +413,7 @@ class Setup:
                                 f"TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
                                 f"UNIX-CONNECT:{unix_path}"], stdout=subprocess.DEVNULL, stderr=err)
         self.procs.append(proc)
-        wait_for(lambda: tcp_listening(port) or proc.poll() is not None, 10, "socat to listen")
-        if proc.poll() is not None:
-            raise BenchError(f"socat exited with {proc.returncode}")
-        self.endpoint = ("tcp", ("127.0.0.1", port))
+        self.await_tcp(proc, port, "socat")
 
 
 class Direct(Setup):
@@ -503,10 +507,7 @@ class Microsocks(Setup):
             proc = PROCS.spawn(["microsocks", "-i", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
         self.procs.append(proc)
         self.proxy = proc
-        wait_for(lambda: tcp_listening(port) or proc.poll() is not None, 10, "microsocks to listen")
-        if proc.poll() is not None:
-            raise BenchError(f"microsocks exited with {proc.returncode}")
-        self.endpoint = ("tcp", ("127.0.0.1", port))
+        self.await_tcp(proc, port, "microsocks")
 
 
 class Sandbox(Setup):
