@@ -771,6 +771,7 @@ class Plan:
                                                     # saw everything
     verbose: bool = False
     dry_run: bool = False
+    git_roots: list = field(default_factory=list)   # checked for git metadata at the end
 
 
 def hidden_paths(profile):
@@ -1031,7 +1032,8 @@ def make_plan(profile, opts, environ, skip=()):
         placeholders=placeholders,
         guarded=guarded,
         sockets_complete=walked,
-        verbose=opts.verbose, dry_run=opts.dry_run)
+        verbose=opts.verbose, dry_run=opts.dry_run,
+        git_roots=[] if opts.allow_config_writes else [project, *rw_extra])
 
 
 def assemble(program):
@@ -1355,6 +1357,7 @@ def sweep_stale(base, tool):
         with contextlib.suppress(OSError, ValueError, RecursionError, TypeError):
             with open(os.path.join(path, "placeholders.json")) as f:
                 remove_placeholders([p for p in json.load(f) if isinstance(p, str)])
+        say_git_check(path, tool, killed=True)
         remove_tree(path)
 
 
@@ -1748,6 +1751,523 @@ def could_be_made(path, error):
     return owner == os.geteuid() or os.access(parent, os.W_OK)
 
 
+# ======================================================================================
+# Git guard (issue 11, part 4): host git must not run what a session put in a repository
+# ======================================================================================
+# Host git, run anywhere in the project (a shell prompt runs `git status`), obeys the
+# repository it finds there: the nearest .git (a directory, or a file naming one), or a
+# directory that is itself a git directory; and `git status` enters the directory of each
+# gitlink (mode 160000) in the index that holds a .git, .gitmodules or not.  The protected
+# paths cover the repositories that exist at start.  At the start of a session the
+# wrapper notes every repository below the project and the --allow-rw directories
+# (take_git_snapshot); at its end, or at the next start after a SIGKILL, it looks again
+# without running git (check_git): what is new, replaced, or changed in a way that can
+# make git run something is set aside under a name git does not know, and the user is
+# told how to undo it.  Nothing is parsed from a config: a git directory without HEAD
+# is no repository, and a gitlink whose directory has no .git runs nothing.
+
+GIT_SNAPSHOT = "git-snapshot.json"      # in the session's private directory
+GIT_CHECK_ENTRIES = 200000              # each walk stops after this many entries,
+GIT_CHECK_SECONDS = 5                   # or this long, and then says so loudly
+GIT_DIR_ENTRIES = 20000                 # entries looked at inside one git directory
+GIT_INDEX_MAX = 256 << 20
+QUARANTINE_SUFFIX = ".bw-quarantine"
+# What in a git directory a session may make or change without git running anything
+# new: objects, refs, logs, the index and the state files of git commands.  .git/info
+# only holds exclude and attributes, which name drivers that config must define.
+# Everything else (config, config.worktree, commondir, gitdir, hooks, modules,
+# worktrees, branches, remotes, sequencer...) that changed is set aside.
+GIT_DATA = frozenset((
+    "objects", "refs", "logs", "lfs", "info", "rr-cache", "index", "packed-refs", "HEAD",
+    "ORIG_HEAD", "FETCH_HEAD", "MERGE_HEAD", "MERGE_MSG", "MERGE_MODE", "MERGE_RR",
+    "CHERRY_PICK_HEAD", "REVERT_HEAD", "REBASE_HEAD", "AUTO_MERGE", "COMMIT_EDITMSG",
+    "TAG_EDITMSG", "SQUASH_MSG", "description", "shallow", "gc.pid", "gc.log", "gitk.cache",
+    "fsmonitor--daemon", "fsmonitor--daemon.ipc"))
+GIT_DATA_PREFIXES = ("BISECT_", "sharedindex.")
+GIT_DATA_SUFFIXES = (".lock",)
+# Files that configure nothing: empty, or a commondir placeholder.
+GIT_INERT_CONTENTS = (b"", PLACEHOLDER_COMMONDIR)
+
+
+def read_varint(data, pos):
+    """Git's offset varint (the v4 index's path prefix length): (value, next position)."""
+    byte = data[pos]
+    value = byte & 0x7F
+    while byte & 0x80:
+        pos += 1
+        byte = data[pos]
+        value = ((value + 1) << 7) | (byte & 0x7F)
+    return value, pos + 1
+
+
+def index_hash_size(data):
+    """The hash size of an index (20: SHA-1, 32: SHA-256) told by its trailing checksum;
+    None when neither matches (index.skipHash writes zeros)."""
+    import hashlib
+    for size, name in ((20, "sha1"), (32, "sha256")):
+        if len(data) > 12 + size and hashlib.new(name, data[:-size]).digest() == data[-size:]:
+            return size
+    return None
+
+
+def parse_index_entries(data, size):
+    """(entries as [(path bytes, mode, flags, extended flags)], shared index hex or None)
+    of a version 2, 3 or 4 index whose hashes are `size` bytes; ValueError when it does
+    not parse exactly."""
+    if len(data) < 12 + size or data[:4] != b"DIRC":
+        raise ValueError("not a git index")
+    version, count = struct.unpack(">II", data[4:12])
+    if version not in (2, 3, 4):
+        raise ValueError(f"index version {version}")
+    end, pos, entries, previous = len(data) - size, 12, [], b""
+    fixed = 40 + size + 2
+    for _ in range(count):
+        if pos + fixed > end:
+            raise ValueError("truncated entry")
+        mode = struct.unpack(">I", data[pos + 24:pos + 28])[0]
+        flags = struct.unpack(">H", data[pos + fixed - 2:pos + fixed])[0]
+        name_at, extended = pos + fixed, 0
+        if flags & 0x4000:
+            if version < 3:
+                raise ValueError("extended flags in a version 2 index")
+            extended = struct.unpack(">H", data[name_at:name_at + 2])[0]
+            name_at += 2
+        if version == 4:
+            strip, name_at = read_varint(data, name_at)
+            if strip > len(previous):
+                raise ValueError("bad path prefix")
+            stop = data.index(b"\0", name_at, end)
+            path = previous[:len(previous) - strip] + data[name_at:stop]
+            pos = stop + 1
+        else:
+            stop = data.index(b"\0", name_at, end)
+            path = data[name_at:stop]
+            pos += (name_at - pos + len(path) + 8) & ~7
+            if pos > end or data[stop:pos].strip(b"\0"):
+                raise ValueError("bad entry padding")
+        if (flags & 0xFFF) != min(len(path), 0xFFF):
+            raise ValueError("bad path length")
+        entries.append((path, mode, flags, extended))
+        previous = path
+    shared = None
+    while pos < end:
+        if pos + 8 > end:
+            raise ValueError("truncated extension")
+        signature, length = data[pos:pos + 4], struct.unpack(">I", data[pos + 4:pos + 8])[0]
+        if pos + 8 + length > end:
+            raise ValueError("truncated extension")
+        if signature == b"link":
+            shared = data[pos + 8:pos + 8 + size].hex()
+        pos += 8 + length
+    return entries, shared
+
+
+def parse_index(data):
+    """The entries and shared index of a git index file (see parse_index_entries), with
+    SHA-1 or SHA-256 hashes; ValueError when it is no index this code reads."""
+    size = index_hash_size(data)
+    for candidate in ([size] if size else [20, 32]):
+        try:
+            return parse_index_entries(data, candidate)
+        except (ValueError, IndexError, struct.error) as error:
+            failure = error
+    raise ValueError(str(failure))
+
+
+def gitlinks(entries):
+    """The paths (str) of the index entries that are gitlinks (mode 160000)."""
+    return [os.fsdecode(path) for path, mode, _, _ in entries
+            if mode & 0o170000 == 0o160000 and path]
+
+
+def read_git_file(path, limit):
+    """A regular file's first `limit` bytes, not following a symlink; None if it is not one."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return f.read(limit)
+
+
+def looks_like_git_dir(names):
+    """Whether git takes a directory holding `names` for a git directory: HEAD, and
+    objects and refs, or a commondir naming where they are."""
+    return "HEAD" in names and ("commondir" in names or ("objects" in names and "refs" in names))
+
+
+def git_kind(mode):
+    return ("dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode)
+            else "link" if stat.S_ISLNK(mode) else "other")
+
+
+def list_dir(path):
+    """{name: DirEntry} of a directory that is not a symlink; None when it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        with os.scandir(fd) as entries:
+            return {entry.name: entry for entry in entries}
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def git_entry(path):
+    """[kind, dev, ino, ctime_ns] of what is at `path` (not followed), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return [git_kind(st.st_mode), st.st_dev, st.st_ino, st.st_ctime_ns]
+
+
+def find_git_entries(roots, limit=None, seconds=None, clock=time.monotonic):
+    """What host git could take for a repository at or below `roots`, found without
+    following a symlink: {path: [kind, dev, ino]} for each `.git` (kind dir, file, link
+    or other) and each other directory that looks like a git directory (kind "gitdir"),
+    and whether the walk saw everything (GIT_CHECK_*).  Git directories are not entered
+    (git_members looks inside)."""
+    limit = GIT_CHECK_ENTRIES if limit is None else limit
+    deadline = clock() + (GIT_CHECK_SECONDS if seconds is None else seconds)
+    found, seen, stack = {}, 0, list(reversed(roots))
+    while stack:
+        if seen > limit or clock() > deadline:
+            return found, False
+        path = stack.pop()
+        listing = list_dir(path)
+        if listing is None:
+            continue
+        seen += len(listing)
+        if looks_like_git_dir(listing):
+            entry = git_entry(path)
+            if entry:
+                found[path] = ["gitdir", *entry[1:3]]
+            continue
+        for name in sorted(listing, reverse=True):
+            child = os.path.join(path, name)
+            if name == ".git":
+                entry = git_entry(child)
+                if entry:
+                    found[child] = entry[:3]
+            elif listing[name].is_dir(follow_symlinks=False):
+                stack.append(child)
+    return found, True
+
+
+def git_data(name):
+    return (name in GIT_DATA or name.startswith(GIT_DATA_PREFIXES)
+            or name.endswith(GIT_DATA_SUFFIXES))
+
+
+def git_members(path, kind, limit=None):
+    """What of a repository can make git run something, as {relative path: [ino,
+    ctime_ns]} (ctime: nothing in the sandbox can set it back, so any change shows):
+    for a git directory everything but GIT_DATA, and a git directory inside (a
+    submodule's, a worktree's) is looked at the same way but for its own entry; for a
+    .git file or symlink, itself ("").  None when there were more than GIT_DIR_ENTRIES."""
+    if kind not in ("dir", "gitdir"):
+        entry = git_entry(path)
+        return {"": entry[2:4]} if entry else {}
+    limit = GIT_DIR_ENTRIES if limit is None else limit
+    members, stack = {}, [path]
+    while stack:
+        directory = stack.pop()
+        listing = list_dir(directory) or {}
+        is_git = looks_like_git_dir(listing)
+        for name in listing:
+            child = os.path.join(directory, name)
+            if is_git and git_data(name):
+                continue
+            entry = git_entry(child)
+            if entry is None:
+                continue
+            if entry[0] == "dir":
+                stack.append(child)
+                if looks_like_git_dir(list_dir(child) or {}):
+                    continue            # its own ctime changes with every commit in it
+            members[os.path.relpath(child, path)] = entry[2:4]
+            if len(members) > limit:
+                return None
+    return members
+
+
+def changed_members(before, after):
+    """The members (see git_members) made or changed between `before` and `after`,
+    shallowest first, none below another."""
+    changed = []
+    for relative in sorted(after):
+        if before.get(relative) != after[relative] and not any(
+                relative.startswith(c + "/") for c in changed if c):
+            changed.append(relative)
+    return changed
+
+
+def inert(path):
+    """Whether a file or directory configures nothing: empty (as the session's
+    placeholders are), or a commondir placeholder."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return True
+    if stat.S_ISDIR(st.st_mode):
+        return not list_dir(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > 16:
+        return False
+    return read_git_file(path, 16) in GIT_INERT_CONTENTS
+
+
+def gitlink_paths(top, index):
+    """Where the gitlinks of the index file `index` (of the work tree `top`) point, read
+    without git: [path]; those of a split index's shared part too.  ValueError when the
+    index does not parse."""
+    data = read_git_file(index, GIT_INDEX_MAX)
+    if data is None:
+        return []
+    entries, shared = parse_index(data)
+    if shared:
+        data = read_git_file(os.path.join(os.path.dirname(index), f"sharedindex.{shared}"),
+                             GIT_INDEX_MAX)
+        entries += parse_index(data)[0] if data is not None else []
+    return [os.path.join(top, path) for path in dict.fromkeys(gitlinks(entries))
+            if not path.startswith("/") and ".." not in path.split("/")]
+
+
+def through_symlink(top, path):
+    """Whether a symlink lies between `top` and `path` (included): git does not enter a
+    gitlink there."""
+    current = top
+    for part in os.path.relpath(path, top).split("/"):
+        current = os.path.join(current, part)
+        entry = git_entry(current)
+        if entry is None or entry[0] == "link":
+            return entry is not None
+    return False
+
+
+def narrowed(snapshot, other):
+    """`snapshot` as far as the live session `other`'s snapshot agrees: a repository
+    counts as there at start only if every live session sharing the tree had it at its
+    own start, and its members count as they were at the earliest start (what one
+    session made or changed stays so for the others, even if set aside and put back)."""
+    theirs = other.get("roots", [])
+    if not any(is_within(a, b) or is_within(b, a) for a in snapshot["roots"] for b in theirs):
+        return snapshot
+    known, entries = other.get("entries", {}), {}
+    for path, info in snapshot["entries"].items():
+        if not any(is_within(path, r) for r in theirs):
+            entries[path] = info
+        elif known.get(path, [])[:3] == info[:3]:
+            entries[path] = known[path]
+    return {**snapshot, "entries": entries,
+            "complete": snapshot["complete"] and other.get("complete", False)}
+
+
+def git_verdicts(found, vouched, changes):
+    """What to set aside, decided from the walk at the end (`found`, see
+    find_git_entries), the snapshot of the start (`vouched`: {path: [kind, dev, ino,
+    members]}) and the members made or changed since (`changes`: {path: [relative
+    paths]}): [(path, why, [paths to rename, in order])]."""
+    verdicts = []
+    for path, (kind, dev, ino) in sorted(found.items()):
+        was = vouched.get(path)
+        if was is None or was[:3] != [kind, dev, ino]:
+            why = "made during the session" if was is None else "replaced during the session"
+            if kind == "dir":
+                verdicts.append((path, f"a repository {why}", [os.path.join(path, "HEAD"), path]))
+            elif kind == "gitdir":
+                verdicts.append((path, f"a git directory {why}", [os.path.join(path, "HEAD")]))
+            else:
+                what = {"file": "a .git file (gitdir: pointer)", "link": "a .git symlink"}
+                verdicts.append((path, f"{what.get(kind, 'a .git')} {why}", [path]))
+        elif kind not in ("dir", "gitdir"):
+            if changes.get(path):
+                verdicts.append((path, "a .git file rewritten during the session", [path]))
+        else:
+            verdicts += [(os.path.join(path, c), "changed during the session in a repository "
+                          "that was there", [os.path.join(path, c)]) for c in changes.get(path, [])]
+    return verdicts
+
+
+def rename_aside(path):
+    """Rename `path` to a free `path.bw-quarantine[.N]`, reaching its directory without
+    following a symlink; the new path.  OSError when it cannot."""
+    parent, name = os.path.split(path)
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY)
+    try:
+        for part in parent.strip("/").split("/"):
+            if part:
+                next_fd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = next_fd
+        for n in range(100):
+            new = name + QUARANTINE_SUFFIX + (f".{n}" if n else "")
+            try:
+                os.lstat(new, dir_fd=fd)
+            except FileNotFoundError:
+                os.rename(name, new, src_dir_fd=fd, dst_dir_fd=fd)
+                return os.path.join(parent, new)
+        raise OSError(f"no free name beside {path}")
+    finally:
+        os.close(fd)
+
+
+def inspect_git(snapshot):
+    """The look at the end of a session (no git run): (verdicts, problems: [text])."""
+    vouched = snapshot["entries"]
+    found, complete = find_git_entries(snapshot["roots"])
+    problems = [] if complete and snapshot.get("complete") else [
+        f"the search stopped after {GIT_CHECK_ENTRIES} entries or {GIT_CHECK_SECONDS} s; "
+        "repositories beyond it are not checked"]
+    for path, info in list(found.items()):
+        if info[0] != "dir" or vouched.get(path, [])[:3] != info:
+            continue
+        top = os.path.dirname(path)
+        try:
+            links = gitlink_paths(top, os.path.join(path, "index"))
+        except ValueError as error:
+            problems.append(f"{path}/index does not parse ({error}); its gitlinks are not "
+                            "checked")
+            links = []
+        for link in links:      # what the walk did not reach, git status enters
+            git = os.path.join(link, ".git")
+            if git not in found and not through_symlink(top, link):
+                entry = git_entry(git)
+                if entry:
+                    found[git] = entry[:3]
+    changes = {}
+    for path, info in found.items():
+        was = vouched.get(path)
+        if was is None or was[:3] != info:
+            continue
+        before, now = was[3], git_members(path, info[0])
+        if before is None or now is None:
+            problems.append(f"{path} holds more than {GIT_DIR_ENTRIES} entries; it is not "
+                            "checked")
+            continue
+        changes[path] = [c for c in changed_members(before, now)
+                         if not c or not inert(os.path.join(path, c))]
+    return git_verdicts(found, vouched, changes), problems
+
+
+def live_git_snapshots(base, own):
+    """The snapshots of the other live sessions (of any tool) of this user."""
+    tools = tuple(p.tool + "." for p in PROFILES.values())
+    for name in sorted(os.listdir(base)):
+        path = os.path.join(base, name)
+        if not name.startswith(tools) or path == own:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_uid != os.getuid():
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            continue                        # not locked: not live
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        snapshot = read_git_snapshot(path)
+        if snapshot:
+            yield snapshot
+
+
+def read_git_snapshot(private_dir):
+    data = read_git_file(os.path.join(private_dir, GIT_SNAPSHOT), GIT_INDEX_MAX)
+    try:
+        snapshot = json.loads(data) if data else None
+    except ValueError:
+        return None
+    return snapshot if isinstance(snapshot, dict) and "entries" in snapshot else None
+
+
+def take_git_snapshot(roots, private_dir):
+    """Before bwrap: note the repositories below `roots` (the project, --allow-rw
+    directories) in the session's private directory, where the end, or the next start
+    after a SIGKILL, finds them."""
+    if not roots:
+        return
+    found, complete = find_git_entries(roots)
+    snapshot = {"roots": list(roots), "since": time.time_ns(), "complete": complete,
+                "entries": {path: [*info, git_members(path, info[0])]
+                            for path, info in found.items()}}
+    for other in live_git_snapshots(os.path.dirname(private_dir), private_dir):
+        snapshot = narrowed(snapshot, other)
+    fd = os.open(os.path.join(private_dir, GIT_SNAPSHOT),
+                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(snapshot, f)
+
+
+def format_git_report(tool, done, failed, problems, snapshot, killed=False):
+    """The one block the user reads at exit: found, done, how to undo."""
+    head = f"{tool}: git: "
+    lines = []
+    if done or failed:
+        where = " ".join(snapshot["roots"])
+        lines.append(("a session that was killed " if killed else "this session ") +
+                     f"made or changed git metadata in {where} that host git would obey "
+                     "(config, hooks, a repository of its own):")
+        for path, why, renames in done:
+            lines.append(f"  {path}: {why}; set aside: " +
+                         ", ".join(f"{old} -> {new}" for old, new in renames))
+        for path, why, error in failed:
+            lines.append(f"  {path}: {why}; COULD NOT be set aside ({error}): do not run "
+                         "git there before removing it")
+        if done:
+            lines.append("git no longer sees them. Look inside (config, hooks) before you "
+                         "undo; to undo:")
+            for _, _, renames in done:
+                lines.append("  " + " && ".join(f"mv -T {shlex.quote(new)} {shlex.quote(old)}"
+                                                 for old, new in reversed(renames)))
+    for problem in problems:
+        since = snapshot["since"] // 10**9
+        lines.append(f"WARNING: {problem}: before running git in {' '.join(snapshot['roots'])}, "
+                     f"look at what changed: find ROOT -name .git -newerct @{since}")
+    return "\n".join(head + printable(line) for line in lines)
+
+
+def say_git_check(private_dir, tool, killed=False):
+    """check_git for Session and sweep_stale; a failure is said loudly, never raised."""
+    try:
+        report = check_git(private_dir, tool, killed)
+    except Exception as error:      # noqa: BLE001 -- the clean-up must go on
+        report = (f"{tool}: git: WARNING: the check of git metadata failed "
+                  f"({printable(repr(error))}); before running git in the project, look for "
+                  ".git directories and files the session made")
+    if report:
+        say(report)
+
+
+def check_git(private_dir, tool, killed=False):
+    """The end of a session (or the start after it was killed): set aside what it made
+    host git obey; the report to print, or ""."""
+    snapshot = read_git_snapshot(private_dir)
+    if snapshot is None:
+        return ""
+    verdicts, problems = inspect_git(snapshot)
+    done, failed = [], []
+    for path, why, renames in verdicts:
+        moved = []
+        try:
+            for old in renames:
+                if os.path.lexists(old) or old == path:
+                    moved.append((old, rename_aside(old)))
+        except OSError as error:
+            failed.append((path, why, printable(str(error))))
+            continue
+        done.append((path, why, moved))
+    return format_git_report(tool, done, failed, problems, snapshot, killed)
+
+
 class Session:
     """One sandboxed run: private directory, proxy, bwrap; `with` guarantees the clean-up."""
 
@@ -1776,6 +2296,7 @@ class Session:
             finally:
                 # First, and whatever happens next: a placeholder left behind would stay.
                 remove_placeholders(self.created)
+                say_git_check(self.dir, self.tool)
             try:
                 self.save_state()
             except (OSError, ValueError, RecursionError) as error:
@@ -1890,6 +2411,7 @@ class Session:
         if self.plan.filter:
             self.launch_proxy()      # its start-up overlaps the preparations below
         self.load_state()
+        take_git_snapshot(self.plan.git_roots, self.dir)
         self.make_placeholders()
         if self.plan.filter:
             self.await_proxy()
