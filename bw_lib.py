@@ -49,9 +49,10 @@ Files that run code later, outside the sandbox
   exit only changes to the profile's `guarded` keys (model, the accepted
   bypass-permissions prompt, Gemini's trust for this project...) go back; hooks, env,
   permissions and helpers never do.  --allow-config-writes turns all of this off.
-  Not contained: a new repository (git init, a clone, a submodule) made inside the
-  project or an --allow-rw directory, and repositories nested below their top; files
-  of the project itself (.env, Makefile, package.json scripts...) that tools run.
+  Repositories the session made, and config or hooks it changed in repositories the
+  protection did not reach, are set aside at its end (the git guard, below).
+  Not contained: files of the project itself (.env, Makefile, package.json
+  scripts...) that tools run.
 
 ~/.claude.json
   Claude writes it with a temporary file, rename() and a lock directory, all beside
@@ -483,8 +484,8 @@ def build_parser(profile):
                               "e.g. --shell -- -c 'cmd'")
     add_switch(sandbox, "--allow-config-writes", "--no-allow-config-writes",
                "let the sandbox change .git/hooks, .git/config, .claude/settings*.json, "
-               ".mcp.json and the like (risk: code the agent writes there runs later, outside "
-               "the sandbox)")
+               ".mcp.json and the like, and keep the repositories it makes (risk: code the "
+               "agent writes there runs later, outside the sandbox)")
     if profile.cli_args:
         add_switch(sandbox, "--no-skip-permissions", "--skip-permissions",
                    f"do not pass {' '.join(profile.cli_args)} to {cli}")
@@ -2095,8 +2096,9 @@ def git_verdicts(found, vouched, changes):
 
 
 def rename_aside(path):
-    """Rename `path` to a free `path.bw-quarantine[.N]`, reaching its directory without
-    following a symlink; the new path.  OSError when it cannot."""
+    """Rename `path` to a free `path.bw-quarantine[-RANDOM]`, reaching its directory
+    without following a symlink (names planted to take them all cannot be guessed); the
+    new path.  OSError when it cannot."""
     parent, name = os.path.split(path)
     fd = os.open("/", os.O_PATH | os.O_DIRECTORY)
     try:
@@ -2105,8 +2107,8 @@ def rename_aside(path):
                 next_fd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
                 os.close(fd)
                 fd = next_fd
-        for n in range(100):
-            new = name + QUARANTINE_SUFFIX + (f".{n}" if n else "")
+        for n in range(20):
+            new = name + QUARANTINE_SUFFIX + (f"-{os.urandom(4).hex()}" if n else "")
             try:
                 os.lstat(new, dir_fd=fd)
             except FileNotFoundError:
