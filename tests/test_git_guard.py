@@ -437,6 +437,47 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
         subprocess.run(["sh", "-c", undo[0]], check=True, timeout=30)
         self.assertEqual(git(self.project, "log", "--format=%s").stdout, "wanted\n")
 
+    def test_an_allow_rw_directory(self):
+        other = make_repo(os.path.join(self.root, "other"))
+        result = self.shell(f"cd {other} && " + self.nested_attack("sub"), "--allow-rw", other)
+        self.assertIn("ATTACKED", result.stdout)
+        self.assert_host_git_runs_nothing(other, os.path.join(other, "sub"))
+        self.assertIn(f"{other}/sub/.git: a repository made during the session", result.stderr)
+
+    def wait_in_sandbox(self, name):
+        return (f"i=0; while [ ! -e {name} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); "
+                "done; ")
+
+    def start(self, script):
+        process = subprocess.Popen([sys.executable, BW_CLAUDE, "--shell", "--", "-c", script],
+                                   cwd=self.project, env=self.env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        return process
+
+    def test_overlapping_sessions_one_puts_back_what_the_other_set_aside(self):
+        """A makes sub/.git and waits; B starts (sub/.git is there, protected for B); A
+        ends and sets it aside; B's agent puts it back (by rename if it can, else as a
+        copy).  B's end sets it aside again."""
+        self.project_repo()
+        a = self.start(self.nested_attack("sub") + " && touch a-made; " +
+                       self.wait_in_sandbox("a-go"))
+        self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.project, "a-made")), 60))
+        b = self.start("touch b-started; " + self.wait_in_sandbox("b-go") +
+                       "{ mv sub/.git.bw-quarantine sub/.git || cp -a sub/.git.bw-quarantine "
+                       "sub/.git; } && mv sub/.git/HEAD.bw-quarantine sub/.git/HEAD && "
+                       "echo PUT-BACK")
+        self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.project, "b-started")),
+                                 60))
+        open(os.path.join(self.project, "a-go"), "w").close()
+        _, a_err = a.communicate(timeout=60)
+        self.assertIn("sub/.git: a repository made during the session", a_err)
+        open(os.path.join(self.project, "b-go"), "w").close()
+        b_out, b_err = b.communicate(timeout=60)
+        self.assertIn("PUT-BACK", b_out, b_err)
+        self.assert_host_git_runs_nothing(self.project, os.path.join(self.project, "sub"))
+        self.assertIn("sub/.git: a repository made during the session", b_err)
+
     def test_kill_9_then_the_next_start(self):
         self.project_repo()
         done = os.path.join(self.project, "attack-done")
