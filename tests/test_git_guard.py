@@ -8,6 +8,7 @@ never appears on the host."""
 import fcntl
 import json
 import os
+import pty
 import random
 import shutil
 import signal
@@ -18,7 +19,7 @@ import unittest
 
 import bw_lib
 from tests.test_sandbox import (BW_CLAUDE, SessionCase, make_session_dirs, missing,
-                                processes_mentioning, require_sandbox, wait_for)
+                                processes_mentioning, read_pty, require_sandbox, wait_for)
 
 GIT = shutil.which("git")
 PROMPT = "/usr/lib/git-core/git-sh-prompt"
@@ -324,10 +325,19 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
         through a pager, submodule status, a commit, and bash's __git_ps1."""
         env = host_env(self.home)
         for directory in directories or (self.project,):
-            for args in (["status"], ["diff", "--quiet"], ["-p", "log", "-1"],
-                         ["submodule", "status"], ["commit", "-q", "--allow-empty", "-m", "host"]):
+            for args in (["status"], ["diff", "--quiet"], ["submodule", "status"],
+                         ["commit", "-q", "--allow-empty", "-m", "host"]):
                 subprocess.run([GIT, *ID, *args], cwd=directory, env=env, capture_output=True,
                                timeout=60)
+            # git log on a terminal, so that it starts the pager
+            controller, terminal = pty.openpty()
+            try:
+                subprocess.run([GIT, "log", "-1"], cwd=directory, env=env, timeout=60,
+                               stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+            finally:
+                os.close(terminal)
+                read_pty(controller, rounds=20)
+                os.close(controller)
             if os.path.exists(PROMPT):
                 prompt = (f". {PROMPT}; GIT_PS1_SHOWDIRTYSTATE=1 GIT_PS1_SHOWUNTRACKEDFILES=1 "
                           "GIT_PS1_SHOWSTASHSTATE=1 GIT_PS1_SHOWUPSTREAM=auto; __git_ps1")
@@ -471,6 +481,7 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
                                  60))
         open(os.path.join(self.project, "a-go"), "w").close()
         _, a_err = a.communicate(timeout=60)
+        self.assert_host_git_runs_nothing(self.project, os.path.join(self.project, "sub"))
         self.assertIn("sub/.git: a repository made during the session", a_err)
         open(os.path.join(self.project, "b-go"), "w").close()
         b_out, b_err = b.communicate(timeout=60)
