@@ -1932,8 +1932,9 @@ def find_git_entries(roots, limit=None, seconds=None, clock=time.monotonic):
     """What host git could take for a repository at or below `roots`, found without
     following a symlink: {path: [kind, dev, ino]} for each `.git` (kind dir, file, link
     or other) and each other directory that looks like a git directory (kind "gitdir"),
-    and whether the walk saw everything (GIT_CHECK_*).  Git directories are not entered
-    (git_members looks inside)."""
+    and whether the walk saw everything (GIT_CHECK_*).  A .git directory is not entered
+    (git_members looks inside); any other is, whatever it looks like: a HEAD, objects and
+    refs are files of the project as well."""
     limit = GIT_CHECK_ENTRIES if limit is None else limit
     deadline = clock() + (GIT_CHECK_SECONDS if seconds is None else seconds)
     found, seen, stack = {}, 0, list(reversed(roots))
@@ -1949,7 +1950,6 @@ def find_git_entries(roots, limit=None, seconds=None, clock=time.monotonic):
             entry = git_entry(path)
             if entry:
                 found[path] = ["gitdir", *entry[1:3]]
-            continue
         for name in sorted(listing, reverse=True):
             child = os.path.join(path, name)
             if name == ".git":

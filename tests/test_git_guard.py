@@ -427,6 +427,13 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
         self.assertIn("ATTACKED", result.stdout)
         self.assert_host_git_runs_nothing(os.path.join(self.project, "tools", "x.git"))
 
+    def test_a_project_top_that_looks_like_a_git_directory_hides_nothing(self):
+        self.project_repo()
+        unlinked = self.nested_attack("other").replace("git update-index", "true")
+        result = self.shell("touch HEAD && mkdir objects refs && " + unlinked)
+        self.assertIn("ATTACKED", result.stdout)
+        self.assert_host_git_runs_nothing(self.project, os.path.join(self.project, "other"))
+
     def test_ordinary_git_work_inside_is_not_touched(self):
         self.project_repo()
         result = self.shell(f"echo c > c && git add c && git {' '.join(ID)} commit -qm c && "
