@@ -1786,6 +1786,9 @@ GIT_DATA = frozenset((
     "fsmonitor--daemon", "fsmonitor--daemon.ipc"))
 GIT_DATA_PREFIXES = ("BISECT_", "sharedindex.")
 GIT_DATA_SUFFIXES = (".lock",)
+# In a directory that only looks like a git directory (a HEAD, objects and refs: they
+# may be files of the project) only what the protection holds in a .git is looked at.
+GIT_CODE = tuple(p[len(".git/"):].rstrip("/") for p in PROTECTED_PROJECT if p.startswith(".git/"))
 # Files that configure nothing: empty, or a commondir placeholder.
 GIT_INERT_CONTENTS = (b"", PLACEHOLDER_COMMONDIR)
 
@@ -1971,7 +1974,8 @@ def git_members(path, kind, limit=None):
     ctime_ns]} (ctime: nothing in the sandbox can set it back, so any change shows):
     for a git directory everything but GIT_DATA, and a git directory inside (a
     submodule's, a worktree's) is looked at the same way but for its own entry; for a
-    .git file or symlink, itself ("").  None when there were more than GIT_DIR_ENTRIES."""
+    directory found by its looks, GIT_CODE; for a .git file or symlink, itself ("").
+    None when there were more than GIT_DIR_ENTRIES."""
     if kind not in ("dir", "gitdir"):
         entry = git_entry(path)
         return {"": entry[2:4]} if entry else {}
@@ -1983,7 +1987,8 @@ def git_members(path, kind, limit=None):
         is_git = looks_like_git_dir(listing)
         for name in listing:
             child = os.path.join(directory, name)
-            if is_git and git_data(name):
+            if (is_git and git_data(name)) or (
+                    kind == "gitdir" and directory == path and name not in GIT_CODE):
                 continue
             entry = git_entry(child)
             if entry is None:

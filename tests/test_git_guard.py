@@ -261,6 +261,21 @@ class GitCheckTest(unittest.TestCase):
         git(self.project, "status", env=host_env(self.root))
         self.assertFalse(os.path.exists(self.marker))
 
+    def test_a_bare_repository_that_was_there_and_a_top_that_looks_like_one(self):
+        bare = os.path.join(self.project, "mirror.git")
+        git(self.project, "clone", "-q", "--bare", ".", bare)
+        for name in ("HEAD", "objects/x", "refs/y", "notes.txt"):   # project files
+            os.makedirs(os.path.dirname(os.path.join(self.project, name)), exist_ok=True)
+            open(os.path.join(self.project, name), "w").close()
+        self.snapshot()
+        with open(os.path.join(self.project, "notes.txt"), "w") as f:
+            f.write("edited\n")
+        git(bare, "config", "core.fsmonitor", f"touch {self.marker}; false")
+        report = self.check()
+        self.assertIn(f"{bare}/config: changed during the session", report)
+        self.assertNotIn("notes.txt", report)
+        self.assertNotIn(f"{self.project}/HEAD", report)
+
     def test_a_repository_made_while_another_session_lives_stays_new_for_it(self):
         """Session A makes sub/.git; B starts; A ends and sets it aside; B's agent puts it
         back.  B's end must set it aside again."""
