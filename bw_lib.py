@@ -1954,13 +1954,12 @@ def find_git_entries(roots, limit=None, seconds=None, clock=time.monotonic):
             if entry:
                 found[path] = ["gitdir", *entry[1:3]]
         for name in sorted(listing, reverse=True):
-            child = os.path.join(path, name)
             if name == ".git":
-                entry = git_entry(child)
+                entry = git_entry(os.path.join(path, name))
                 if entry:
-                    found[child] = entry[:3]
+                    found[os.path.join(path, name)] = entry[:3]
             elif listing[name].is_dir(follow_symlinks=False):
-                stack.append(child)
+                stack.append(os.path.join(path, name))
     return found, True
 
 
