@@ -2069,8 +2069,7 @@ def narrowed(snapshot, other):
             entries[path] = info
         elif known.get(path, [])[:3] == info[:3]:
             entries[path] = known[path]
-    return {**snapshot, "entries": entries,
-            "complete": snapshot["complete"] and other.get("complete", False)}
+    return {**snapshot, "entries": entries}
 
 
 def git_verdicts(found, vouched, changes):
@@ -2234,10 +2233,10 @@ def format_git_report(tool, done, failed, problems, snapshot, killed=False):
             for _, _, renames in done:
                 lines.append("  " + " && ".join(f"mv -T {shlex.quote(new)} {shlex.quote(old)}"
                                                  for old, new in reversed(renames)))
+    roots = " ".join(shlex.quote(root) for root in snapshot["roots"])
     for problem in problems:
-        since = snapshot["since"] // 10**9
-        lines.append(f"WARNING: {problem}: before running git in {' '.join(snapshot['roots'])}, "
-                     f"look at what changed: find ROOT -name .git -newerct @{since}")
+        lines.append(f"WARNING: {problem}: before running git there, look at what the session "
+                     f"made: find {roots} -name .git -newerct @{snapshot['since'] // 10**9 - 1}")
     return "\n".join(head + printable(line) for line in lines)
 
 
@@ -2270,7 +2269,8 @@ def check_git(private_dir, tool, killed=False):
         except OSError as error:
             failed.append((path, why, printable(str(error))))
             continue
-        done.append((path, why, moved))
+        if moved:
+            done.append((path, why, moved))
     return format_git_report(tool, done, failed, problems, snapshot, killed)
 
 
