@@ -151,6 +151,7 @@ import contextlib
 import fcntl
 import fnmatch
 import glob
+import hashlib
 import json
 import os
 import select
@@ -1807,7 +1808,6 @@ def read_varint(data, pos):
 def index_hash_size(data):
     """The hash size of an index (20: SHA-1, 32: SHA-256) told by its trailing checksum;
     None when neither matches (index.skipHash writes zeros)."""
-    import hashlib
     for size, name in ((20, "sha1"), (32, "sha256")):
         if len(data) > 12 + size and hashlib.new(name, data[:-size]).digest() == data[-size:]:
             return size
