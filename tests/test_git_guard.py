@@ -425,6 +425,19 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
         self.assertIn("other/.git: a .git file (gitdir: pointer) made", result.stderr)
         self.assertIn(".stash: a git directory made", result.stderr)
 
+    def test_a_hand_made_linked_worktree(self):
+        """w/.git names a worktree git directory whose commondir is a crafted repository."""
+        self.project_repo()
+        result = self.shell(
+            "git init -q --bare .common && git -C .common config core.bare false && "
+            f"git -C .common config core.fsmonitor '{self.payload}' && mkdir -p .wt w && "
+            "echo 'ref: refs/heads/m' > .wt/HEAD && echo ../.common > .wt/commondir && "
+            'echo "$PWD/w/.git" > .wt/gitdir && echo "gitdir: $PWD/.wt" > w/.git && '
+            "git -C w status >/dev/null && echo ATTACKED")
+        self.assertIn("ATTACKED", result.stdout)
+        self.assert_host_git_runs_nothing(os.path.join(self.project, "w"))
+        self.assertIn("w/.git: a .git file (gitdir: pointer) made", result.stderr)
+
     def test_git_init_at_the_top_of_a_project_that_was_not_a_repository(self):
         result = self.shell(self.nested_attack("sub").replace(
             "git update-index", "true") + f" && git init -q . && "
