@@ -147,6 +147,7 @@ happens.  A relative XDG_CONFIG_HOME is ignored.
 """
 
 import argparse
+import collections
 import contextlib
 import fcntl
 import fnmatch
@@ -1937,14 +1938,15 @@ def find_git_entries(roots, limit=None, seconds=None, clock=time.monotonic):
     or other) and each other directory that looks like a git directory (kind "gitdir"),
     and whether the walk saw everything (GIT_CHECK_*).  A .git directory is not entered
     (git_members looks inside); any other is, whatever it looks like: a HEAD, objects and
-    refs are files of the project as well."""
+    refs are files of the project as well.  Shallow directories first: where a walk cut
+    short stops, the repositories the user works in have been seen."""
     limit = GIT_CHECK_ENTRIES if limit is None else limit
     deadline = clock() + (GIT_CHECK_SECONDS if seconds is None else seconds)
-    found, seen, stack = {}, 0, list(reversed(roots))
-    while stack:
+    found, seen, queue = {}, 0, collections.deque(roots)
+    while queue:
         if seen > limit or clock() > deadline:
             return found, False
-        path = stack.pop()
+        path = queue.popleft()
         listing = list_dir(path)
         if listing is None:
             continue
@@ -1953,13 +1955,13 @@ def find_git_entries(roots, limit=None, seconds=None, clock=time.monotonic):
             entry = git_entry(path)
             if entry:
                 found[path] = ["gitdir", *entry[1:3]]
-        for name in sorted(listing, reverse=True):
+        for name in sorted(listing):
             if name == ".git":
                 entry = git_entry(os.path.join(path, name))
                 if entry:
                     found[os.path.join(path, name)] = entry[:3]
             elif listing[name].is_dir(follow_symlinks=False):
-                stack.append(os.path.join(path, name))
+                queue.append(os.path.join(path, name))
     return found, True
 
 

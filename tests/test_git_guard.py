@@ -302,6 +302,14 @@ class GitCheckTest(unittest.TestCase):
         self.assertIn("index does not parse", report)
         self.assertIn("new/.git: a repository made during the session", report)
 
+    def test_a_cut_short_search_sees_shallow_repositories_first(self):
+        for n in range(20):
+            os.makedirs(os.path.join(self.project, "node_modules", f"p{n}", "lib", "x"))
+        os.makedirs(os.path.join(self.project, "zz", ".git"))
+        found, complete = bw_lib.find_git_entries([self.project], limit=40)
+        self.assertFalse(complete)
+        self.assertIn(os.path.join(self.project, "zz", ".git"), found)
+
     def test_a_cut_short_search_is_said_loudly(self):
         for n in range(30):
             os.makedirs(os.path.join(self.project, f"d{n}"))
