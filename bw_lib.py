@@ -1976,7 +1976,7 @@ def git_members(path, kind, limit=None):
     for a git directory everything but GIT_DATA, and a git directory inside (a
     submodule's, a worktree's) is looked at the same way but for its own entry; for a
     directory found by its looks, GIT_CODE; for a .git file or symlink, itself ("").
-    None when there were more than GIT_DIR_ENTRIES."""
+    None when there were more than GIT_DIR_ENTRIES, or the directory cannot be read."""
     if kind not in ("dir", "gitdir"):
         entry = git_entry(path)
         return {"": entry[2:4]} if entry else {}
@@ -1984,7 +1984,10 @@ def git_members(path, kind, limit=None):
     members, stack = {}, [path]
     while stack:
         directory = stack.pop()
-        listing = list_dir(directory) or {}
+        listing = list_dir(directory)
+        if listing is None and directory == path:
+            return None
+        listing = listing or {}
         is_git = looks_like_git_dir(listing)
         for name in listing:
             child = os.path.join(directory, name)
@@ -2095,8 +2098,9 @@ def git_verdicts(found, vouched, changes):
             if changes.get(path):
                 verdicts.append((path, "a .git file rewritten during the session", [path]))
         else:
-            verdicts += [(os.path.join(path, c), "changed during the session in a repository "
-                          "that was there", [os.path.join(path, c)]) for c in changes.get(path, [])]
+            for member in (os.path.join(path, c) if c else path for c in changes.get(path, [])):
+                verdicts.append((member, "changed during the session in a repository that "
+                                 "was there", [member]))
     return verdicts
 
 
@@ -2153,9 +2157,12 @@ def inspect_git(snapshot):
         if was is None or was[:3] != info:
             continue
         before, now = was[3], git_members(path, info[0])
-        if before is None or now is None:
-            problems.append(f"{path} holds more than {GIT_DIR_ENTRIES} entries; it is not "
-                            "checked")
+        if before is None:
+            problems.append(f"{path} could not be read whole at the start (more than "
+                            f"{GIT_DIR_ENTRIES} entries, or no permission); it is not checked")
+            continue
+        if now is None:
+            changes[path] = [""]     # unreadable now, readable before: set it all aside
             continue
         changes[path] = [c for c in changed_members(before, now)
                          if not c or not inert(os.path.join(path, c))]

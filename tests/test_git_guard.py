@@ -167,7 +167,7 @@ class GitDecisionTest(unittest.TestCase):
                  "/p/b": ["gitdir", 1, 12], "/p/r/.git": ["dir", 1, 99],
                  "/p/new/.git": ["dir", 1, 20], "/p/f/.git": ["file", 1, 21],
                  "/p/l/.git": ["link", 1, 22], "/p/bare": ["gitdir", 1, 23]}
-        changes = {"/p/.git": ["config", "hooks"], "/p/v/.git": [""], "/p/b": []}
+        changes = {"/p/.git": ["config", "hooks"], "/p/v/.git": [""], "/p/b": [""]}
         verdicts = {path: renames for path, _, renames in
                     bw_lib.git_verdicts(found, vouched, changes)}
         self.assertEqual(verdicts, {
@@ -176,7 +176,7 @@ class GitDecisionTest(unittest.TestCase):
             "/p/r/.git": ["/p/r/.git/HEAD", "/p/r/.git"],            # replaced
             "/p/new/.git": ["/p/new/.git/HEAD", "/p/new/.git"],
             "/p/f/.git": ["/p/f/.git"], "/p/l/.git": ["/p/l/.git"],
-            "/p/bare": ["/p/bare/HEAD"]})
+            "/p/bare": ["/p/bare/HEAD"], "/p/b": ["/p/b"]})
         self.assertEqual(bw_lib.git_verdicts(
             {"/p/.git": ["dir", 1, 10]}, {"/p/.git": ["dir", 1, 10, {}]}, {"/p/.git": []}), [])
 
@@ -275,6 +275,18 @@ class GitCheckTest(unittest.TestCase):
         self.assertIn(f"{bare}/config: changed during the session", report)
         self.assertNotIn("notes.txt", report)
         self.assertNotIn(f"{self.project}/HEAD", report)
+
+    def test_a_repository_made_unreadable_is_set_aside(self):
+        if os.geteuid() == 0:
+            self.skipTest("root reads a directory of mode 000")
+        nested = make_repo(os.path.join(self.project, "node_modules", "dep"))
+        self.snapshot()
+        git(nested, "config", "core.fsmonitor", f"touch {self.marker}; false")
+        os.chmod(os.path.join(nested, ".git"), 0)
+        self.addCleanup(lambda: os.path.isdir(os.path.join(nested, ".git.bw-quarantine")) and
+                        os.chmod(os.path.join(nested, ".git.bw-quarantine"), 0o700))
+        self.assertIn(f"{nested}/.git: changed during the session", self.check())
+        self.assertFalse(os.path.lexists(os.path.join(nested, ".git")))
 
     def test_a_repository_made_while_another_session_lives_stays_new_for_it(self):
         """Session A makes sub/.git; B starts; A ends and sets it aside; B's agent puts it
