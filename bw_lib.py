@@ -1341,6 +1341,7 @@ def guarded_changes(base, ours, keys, project=None):
 
 def sweep_stale(base, tool):
     """Remove what sessions killed with SIGKILL left: their directories are no longer locked."""
+    sweep_stale_git(base)
     for name in os.listdir(base):
         if not name.startswith(tool + "."):
             continue
@@ -1360,7 +1361,6 @@ def sweep_stale(base, tool):
         with contextlib.suppress(OSError, ValueError, RecursionError, TypeError):
             with open(os.path.join(path, "placeholders.json")) as f:
                 remove_placeholders([p for p in json.load(f) if isinstance(p, str)])
-        say_git_check(path, tool, killed=True)
         remove_tree(path)
 
 
@@ -2169,29 +2169,52 @@ def inspect_git(snapshot):
     return git_verdicts(found, vouched, changes), problems
 
 
-def live_git_snapshots(base, own):
-    """The snapshots of the other live sessions (of any tool) of this user."""
-    tools = tuple(p.tool + "." for p in PROFILES.values())
+def session_dirs(base):
+    """(path, tool, fd holding the lock or None when the session lives) for each private
+    directory of this user's sessions of any tool in `base`; the caller closes fd."""
+    tools = {p.tool + ".": p.tool for p in PROFILES.values()}
     for name in sorted(os.listdir(base)):
+        tool = next((t for prefix, t in tools.items() if name.startswith(prefix)), None)
         path = os.path.join(base, name)
-        if not name.startswith(tools) or path == own:
-            continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError:
             continue
         try:
-            if os.fstat(fd).st_uid != os.getuid():
+            if tool is None or os.fstat(fd).st_uid != os.getuid():
+                os.close(fd)
                 continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            continue                        # not locked: not live
         except OSError:
-            pass
+            os.close(fd)
+            yield path, tool, None
+            continue
+        yield path, tool, fd
+
+
+def live_git_snapshots(base, own):
+    """The snapshots of the other live sessions (of any tool) of this user."""
+    for path, _, fd in session_dirs(base):
+        if fd is not None:
+            os.close(fd)
+        elif path != own:
+            snapshot = read_git_snapshot(path)
+            if snapshot:
+                yield snapshot
+
+
+def sweep_stale_git(base):
+    """check_git for the sessions killed with SIGKILL, of either tool, once each, before
+    anything else looks at the project."""
+    for path, tool, fd in session_dirs(base):
+        if fd is None:
+            continue
+        try:
+            say_git_check(path, tool, killed=True)
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(path, GIT_SNAPSHOT))
         finally:
             os.close(fd)
-        snapshot = read_git_snapshot(path)
-        if snapshot:
-            yield snapshot
 
 
 def read_git_snapshot(private_dir):

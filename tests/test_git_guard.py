@@ -18,7 +18,7 @@ import tempfile
 import unittest
 
 import bw_lib
-from tests.test_sandbox import (BW_CLAUDE, SessionCase, make_session_dirs, missing,
+from tests.test_sandbox import (BW_CLAUDE, BW_GEMINI, SessionCase, make_session_dirs, missing,
                                 processes_mentioning, read_pty, require_sandbox, wait_for)
 
 GIT = shutil.which("git")
@@ -544,12 +544,14 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
         self.assert_host_git_runs_nothing(self.project, os.path.join(self.project, "sub"))
         self.assertIn("sub/.git: a repository made during the session", b_err)
 
-    def test_kill_9_then_the_next_start(self):
+    def kill_9_then_start(self, killed_tool):
+        """A session of `killed_tool` attacks and is killed with SIGKILL; then bw-claude
+        starts in the project."""
         self.project_repo()
         done = os.path.join(self.project, "attack-done")
-        script = (self.nested_attack("sub") + " && touch attack-done; "
-                  "i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done")
-        process = subprocess.Popen([sys.executable, BW_CLAUDE, "--shell", "--", "-c", script],
+        script = (self.nested_attack("sub") + " && touch attack-done; " +
+                  self.wait_in_sandbox("never"))
+        process = subprocess.Popen([sys.executable, killed_tool, "--shell", "--", "-c", script],
                                    cwd=self.project, env=self.env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
         self.addCleanup(lambda: process.poll() is None and process.kill())
@@ -561,8 +563,18 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
         self.assert_host_git_runs_nothing(self.project, os.path.join(self.project, "sub"))
         self.assertIn("a session that was killed", result.stderr)
         self.assertIn("sub/.git: a repository made during the session", result.stderr)
+        return result
+
+    def test_kill_9_then_the_next_start(self):
+        self.kill_9_then_start(BW_CLAUDE)
         self.assertEqual(os.listdir(self.runtime), [])
 
+    def test_kill_9_of_the_other_wrapper_then_a_start(self):
+        self.kill_9_then_start(BW_GEMINI)
+        # bw-gemini's sweep removes its directory; the check is not made twice
+        result = self.check(self.bw("--shell", "--", "-c", "true", tool=BW_GEMINI))
+        self.assertNotIn("git:", result.stderr)
+        self.assertEqual(os.listdir(self.runtime), [])
 
 if __name__ == "__main__":
     unittest.main()
