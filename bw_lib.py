@@ -334,6 +334,7 @@ REASONS = {
     "not-in-allowlist": "not in allow list",
     "denied-by-rule": "denied by rule",
     "private-address": "private address",
+    "platform-endpoint": "cloud platform endpoint (metadata, credentials)",
     "ip-literal-not-allowed": "IP address without an IP rule",
     "sni-mismatch": "TLS name differs from the requested host",
     "bad-name": "malformed name",

@@ -114,19 +114,52 @@ class RuleError(ValueError):
     """An allow or deny rule that cannot be used."""
 
 
-NAME_RE = re.compile(r"[A-Za-z0-9.-]+\Z")
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
 NUMERIC_LABEL_RE = re.compile(r"(?:[0-9]+|0[xX][0-9A-Fa-f]*)\Z")
 
-# Networks no sandboxed tool has a reason to reach unless an IP rule names them.
-BLOCKED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-    "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
-    "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
-    "::/96", "::1/128", "64:ff9b:1::/48", "100::/64", "2001::/32", "2001:db8::/32", "2002::/16",
-    "::ffff:0:0:0/96",
-    "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+# Networks no sandboxed tool has a reason to reach unless an IP rule names them, each with the
+# word messages use for it (the first network that holds an address names it).
+SPECIAL_NETWORKS = tuple((ipaddress.ip_network(n), kind) for n, kind in (
+    ("0.0.0.0/8", "unspecified"), ("10.0.0.0/8", "private-use"), ("100.64.0.0/10", "CGNAT"),
+    ("127.0.0.0/8", "loopback"), ("169.254.0.0/16", "link-local"), ("172.16.0.0/12", "private-use"),
+    ("192.0.0.0/24", "IETF protocol"), ("192.0.2.0/24", "documentation"),
+    ("192.88.99.0/24", "6to4 relay"), ("192.168.0.0/16", "private-use"),
+    ("198.18.0.0/15", "benchmarking"), ("198.51.100.0/24", "documentation"),
+    ("203.0.113.0/24", "documentation"), ("224.0.0.0/4", "multicast"),
+    ("255.255.255.255/32", "broadcast"), ("240.0.0.0/4", "reserved"),
+    ("::/128", "unspecified"), ("::1/128", "loopback"), ("::/96", "IPv4-compatible"),
+    ("64:ff9b:1::/48", "local-use NAT64"), ("100::/64", "discard"), ("2001::/32", "Teredo"),
+    ("2001:db8::/32", "documentation"), ("2002::/16", "6to4"), ("::ffff:0:0:0/96", "IPv4-translated"),
+    ("fc00::/7", "private-use"), ("fe80::/10", "link-local"), ("fec0::/10", "site-local"),
+    ("ff00::/8", "multicast"),
 ))
+BLOCKED_NETWORKS = tuple(network for network, _ in SPECIAL_NETWORKS)
+# What --allow-private opens to allowed names: RFC 1918 and RFC 4193, nothing else.
+PRIVATE_USE_NETWORKS = tuple(network for network, kind in SPECIAL_NETWORKS if kind == "private-use")
 NAT64_NETWORK = ipaddress.ip_network("64:ff9b::/96")
+LOCAL_NAT64_NETWORK = ipaddress.ip_network("64:ff9b:1::/48")
+SIXTOFOUR_NETWORK = ipaddress.ip_network("2002::/16")
+
+# Cloud platform endpoints (metadata, credentials, host agents): what a VM or container on that
+# cloud reaches without any credential, some on public or private-use addresses. Refused, also
+# inside IPv6 wrappings, unless an IP rule for that one address allows it (Policy.check_address).
+# Sources: AWS EC2 "Retrieve instance metadata", ECS "task metadata endpoint v2", EKS "Set up
+# the Pod Identity Agent"; Microsoft "What is IP address 168.63.129.16"; Alibaba ECS "instance
+# metadata"; OCI "Getting instance metadata"; OpenStack neutron spec "IPv6 support in Metadata
+# service"; 192.0.0.192, fd20:ce::254, fd00:c1::a9fe:a9fe from peers' blocklists.
+PLATFORM_ENDPOINTS = {ipaddress.ip_address(address): what for address, what in (
+    ("169.254.169.254", "instance metadata of AWS, Azure, GCP, Oracle, OpenStack..."),
+    ("fd00:ec2::254", "AWS instance metadata"),
+    ("169.254.170.2", "AWS ECS task metadata and credentials"),
+    ("169.254.170.23", "AWS EKS Pod Identity credentials"),
+    ("fd00:ec2::23", "AWS EKS Pod Identity credentials"),
+    ("168.63.129.16", "Azure WireServer"),
+    ("100.100.100.200", "Alibaba Cloud instance metadata"),
+    ("192.0.0.192", "Oracle Cloud instance metadata (legacy)"),
+    ("fd20:ce::254", "GCP instance metadata"),
+    ("fd00:c1::a9fe:a9fe", "Oracle Cloud instance metadata"),
+    ("fe80::a9fe:a9fe", "OpenStack instance metadata"),
+)}
 
 # Suffixes under which anyone can get a name of their own: a wildcard over one allows strangers.
 SHARED_SUFFIXES = frozenset((
@@ -156,7 +189,10 @@ def parse_ip_spelling(text):
 
     Covers dotted quads and the forms libc also accepts (127.1, 0x7f.1, 2130706433, 0177.0.0.1),
     IPv6 with or without brackets, and returns IPv4-mapped IPv6 as the IPv4 address it is.
+    An IPv6 zone id (fe80::1%eth0) is not an address here: it would pick the interface.
     """
+    if "%" in text:
+        return None
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
         if ":" not in text:
@@ -190,7 +226,7 @@ def canonical_name(text):
         raise BadName("empty name")
     name = text[:-1] if text.endswith(".") else text
     if not NAME_RE.match(name):
-        raise BadName("characters outside [A-Za-z0-9.-]")
+        raise BadName("characters outside [A-Za-z0-9_.-]")
     if len(name) > 253:
         raise BadName("longer than 253 bytes")
     labels = name.split(".")
@@ -206,6 +242,8 @@ def canonical_name(text):
 @functools.lru_cache(maxsize=4096)
 def classify_host(text):
     """Return ("ip", address) or ("name", canonical name) for a requested host; raise BadName."""
+    if "%" in text and ":" in text:
+        raise BadName("an IPv6 address with a zone id")
     address = parse_ip_spelling(text)
     if address is not None:
         return "ip", address
@@ -213,25 +251,71 @@ def classify_host(text):
 
 
 def embedded_ipv4(address):
-    """IPv4 addresses an IPv6 address carries inside it (IPv4-mapped, NAT64). 6to4 and Teredo
-    are blocked whole: deprecated, and Python versions disagree on whether they are global."""
+    """The IPv4 addresses an IPv6 address may carry to a gateway that translates it: IPv4-mapped,
+    NAT64 (64:ff9b::/96 and, in each RFC 6052 layout its operator may pick, 64:ff9b:1::/48) and
+    6to4. Rules and address checks look at these too. Teredo and IPv4-compatible addresses are
+    blocked whole, and IPv4-translated ones are not decoded."""
     if address.version != 6:
         return []
-    found = []
     if address.ipv4_mapped:
-        found.append(address.ipv4_mapped)
+        return [address.ipv4_mapped]
     if address in NAT64_NETWORK:
-        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-    return found
+        return [ipaddress.IPv4Address(address.packed[12:])]
+    if address in SIXTOFOUR_NETWORK:
+        return [address.sixtofour]
+    if address in LOCAL_NAT64_NETWORK:
+        b = address.packed      # prefix /48, /56, /64, /96; byte 8 is RFC 6052's "u" octet
+        readings = (b[6:8] + b[9:11], b[7:8] + b[9:12], b[9:13], b[12:16])
+        return list(dict.fromkeys(ipaddress.IPv4Address(r) for r in readings))
+    return []
+
+
+def _within(address, networks):
+    return any(address in network for network in networks if network.version == address.version)
+
+
+def is_platform_endpoint(address):
+    """A cloud platform endpoint (PLATFORM_ENDPOINTS), itself or carried inside IPv6."""
+    return any(a in PLATFORM_ENDPOINTS for a in [address, *embedded_ipv4(address)])
 
 
 def is_public_address(address):
-    """True only for a globally routable unicast address, looking inside IPv6 wrappings."""
-    if any(address in network for network in BLOCKED_NETWORKS if network.version == address.version):
+    """True only for a globally routable unicast address that is not a platform endpoint,
+    looking inside IPv6 wrappings."""
+    if address in PLATFORM_ENDPOINTS or _within(address, BLOCKED_NETWORKS):
         return False
     if not address.is_global or address.is_multicast:
         return False
     return all(is_public_address(inner) for inner in embedded_ipv4(address))
+
+
+def address_class(address):
+    """Which rule or option may reach an address: "platform" (an exact IP rule), "public" (a
+    name rule), "private-use" (an IP rule, or a name rule with --allow-private) or "special"
+    (loopback, link-local, CGNAT, multicast, reserved...: an IP rule). A wrapping is private-use
+    when every IPv4 address it may carry is."""
+    if is_platform_endpoint(address):
+        return "platform"
+    if is_public_address(address):
+        return "public"
+    inner = embedded_ipv4(address)
+    if _within(address, PRIVATE_USE_NETWORKS) or (
+            inner and all(_within(a, PRIVATE_USE_NETWORKS) for a in inner)):
+        return "private-use"
+    return "special"
+
+
+def address_kind(address):
+    """What a non-public address is, in a word or two, for messages: "loopback", "CGNAT",
+    "NAT64 form of link-local"..."""
+    inner = embedded_ipv4(address)
+    if len(inner) == 1 and not address.ipv4_mapped and not is_public_address(inner[0]):
+        wrapping = "6to4" if address in SIXTOFOUR_NETWORK else "NAT64"
+        return f"{wrapping} form of {address_kind(inner[0])}"
+    if address in PLATFORM_ENDPOINTS:
+        return f"cloud platform endpoint ({PLATFORM_ENDPOINTS[address]})"
+    return next((kind for network, kind in SPECIAL_NETWORKS
+                 if network.version == address.version and address in network), "non-public")
 
 
 def display_host(text):
@@ -257,14 +341,17 @@ def format_address(address, port):
 # Rules and policy
 
 class Rule:
-    """One allow or deny rule: a name, a wildcard below a name, or an IP network; maybe a port."""
+    """One allow or deny rule: a name, a wildcard below a name, an IP network, or (deny only) any
+    host; maybe a port."""
 
-    def __init__(self, text, kind, value, port):
-        self.text, self.kind, self.value, self.port = text, kind, value, port
+    def __init__(self, text, kind, value, port, deny=False):
+        self.text, self.kind, self.value, self.port, self.deny = text, kind, value, port, deny
 
     def matches_name(self, name, port):
         if self.port is not None and self.port != port:
             return False
+        if self.kind == "any":
+            return True
         if self.kind == "name":
             return name == self.value
         if self.kind == "wildcard":
@@ -272,21 +359,40 @@ class Rule:
         return False
 
     def matches_address(self, address, port):
+        """An IP rule matches the address, or the IPv4 address it carries (embedded_ipv4): a
+        deny rule any reading of it, an allow rule only every reading of it."""
         if self.port is not None and self.port != port:
             return False
-        return self.kind == "ip" and address.version == self.value.version and address in self.value
+        if self.kind == "any":
+            return True
+        if self.kind != "ip":
+            return False
+        if self._covers(address):
+            return True
+        inner = embedded_ipv4(address)
+        return bool(inner) and (any if self.deny else all)(self._covers(a) for a in inner)
+
+    def _covers(self, address):
+        return address.version == self.value.version and address in self.value
+
+    def names_exactly(self):
+        """A rule for one address: what a platform endpoint needs (a network that merely
+        contains one, like 169.254.0.0/16, does not let it through)."""
+        return self.kind == "ip" and self.value.num_addresses == 1
 
     def __repr__(self):
         return f"Rule({self.text!r})"
 
 
 def _parse_port(text, rule):
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise RuleError(f"rule {rule!r}: port must be a number from 1 to 65535")
+    if not text.isdigit() or text.startswith("0") or int(text) > 65535:
+        raise RuleError(f"rule {rule!r}: port must be a number from 1 to 65535, without leading zeros")
     return int(text)
 
 
-def _parse_network(text, rule):
+def _parse_network(text, rule, deny):
+    if "%" in text:
+        raise RuleError(f"rule {rule!r}: an IPv6 zone id (%...) is not accepted")
     try:
         network = ipaddress.ip_network(text, strict=True)
     except ValueError as error:
@@ -294,19 +400,25 @@ def _parse_network(text, rule):
     if network.version == 6 and network.network_address.ipv4_mapped and network.prefixlen >= 96:
         mapped = network.network_address.ipv4_mapped
         network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
-    if network.prefixlen < (8 if network.version == 4 else 16):
+    if not deny and network.prefixlen < (8 if network.version == 4 else 16):
         raise RuleError(f"rule {rule!r}: network is too broad (shorter than /8 for IPv4, /16 for IPv6)")
     return network
 
 
-def parse_rule(text):
-    """Parse one rule (see the module docstring) into a Rule, or raise RuleError saying why."""
+def parse_rule(text, deny=False):
+    """Parse one rule (see the module docstring) into a Rule, or raise RuleError saying why.
+    Breadth is refused only in allow rules: a broad deny rule (*:22, 0.0.0.0/0, *.com) only
+    takes more away."""
     rule = text.strip()
     if not rule:
         raise RuleError("empty rule")
     if not rule.isascii():
         raise RuleError(f"rule {rule!r}: write internationalised names in punycode (xn--...)")
     port = None
+    if rule == "*" or rule.startswith("*:"):
+        if not deny:
+            raise RuleError(f"rule {rule!r}: too broad (every host); only a deny rule may be")
+        return Rule(rule, "any", None, _parse_port(rule[2:], rule) if rule != "*" else None, deny)
     if rule.startswith("["):
         close = rule.find("]")
         if close < 0:
@@ -320,16 +432,17 @@ def parse_rule(text):
             if not rest.startswith(":"):
                 raise RuleError(f"rule {rule!r}: unexpected text after ']'")
             port = _parse_port(rest[1:], rule)
-        return Rule(rule, "ip", _parse_network(host + prefix, rule), port)
+        return Rule(rule, "ip", _parse_network(host + prefix, rule, deny), port, deny)
     if rule.count(":") > 1:
         raise RuleError(f"rule {rule!r}: write IPv6 addresses in brackets, e.g. [::1] or [::1]:443")
     host, colon, port_text = rule.partition(":")
     if colon:
         port = _parse_port(port_text, rule)
-    if "/" in host:
-        return Rule(rule, "ip", _parse_network(host, rule), port)
-    if all(NUMERIC_LABEL_RE.match(label) for label in host.rstrip(".").split(".")):
-        return Rule(rule, "ip", _parse_network(host, rule), port)
+    if "/" in host or all(NUMERIC_LABEL_RE.match(label) for label in host.rstrip(".").split(".")):
+        return Rule(rule, "ip", _parse_network(host, rule, deny), port, deny)
+    if host.startswith("**."):
+        raise RuleError(f"rule {rule!r}: write a name and all names below it as two rules, "
+                        f"{host[3:]} and *.{host[3:]}")
     kind = "name"
     if host.startswith("*."):
         kind, host = "wildcard", host[2:]
@@ -339,11 +452,11 @@ def parse_rule(text):
         name = canonical_name(host)
     except BadName as error:
         raise RuleError(f"rule {rule!r}: not a valid name ({error})") from None
-    if name.count(".") == 0:
+    if not deny and name.count(".") == 0:
         raise RuleError(f"rule {rule!r}: too broad or not a full name (a single label)")
-    if kind == "wildcard" and name in SHARED_SUFFIXES:
+    if not deny and kind == "wildcard" and name in SHARED_SUFFIXES:
         raise RuleError(f"rule {rule!r}: too broad ({name} is a suffix anyone can register under)")
-    return Rule(rule, kind, name, port)
+    return Rule(rule, kind, name, port, deny)
 
 
 def read_rule_file(path):
@@ -414,17 +527,25 @@ class Policy:
         return self._unlisted("not-in-allowlist", f"no allow rule matches {value}:{port}")
 
     def check_address(self, address, port, literal=False):
-        """Decide on an IP address: one that was asked for (literal) or that a name resolved to."""
+        """Decide on an IP address: one that was asked for (literal) or that a name resolved to.
+        Deny rules first; then a platform endpoint needs an allow rule for exactly that address,
+        any other non-public address an IP rule (private-use ones also --allow-private)."""
         if address.version == 6 and address.ipv4_mapped:
             address = address.ipv4_mapped
         shown = format_address(address, port)
         if any(rule.matches_address(address, port) for rule in self.deny):
             return Verdict(False, "denied-by-rule", f"{shown} matches a deny rule")
-        for rule in self.allow:
-            if rule.matches_address(address, port):
-                return Verdict(True, "allowed-by-rule", f"rule {rule.text}")
-        if not self.allow_private and not is_public_address(address):
-            return Verdict(False, "private-address", f"{shown} is not a public address")
+        allowing = [rule for rule in self.allow if rule.matches_address(address, port)]
+        kind = address_class(address)
+        if kind == "platform" and not any(rule.names_exactly() for rule in allowing):
+            return Verdict(False, "platform-endpoint", f"{shown}: {address_kind(address)}; only "
+                           "an allow rule for exactly this address reaches it")
+        if allowing:
+            return Verdict(True, "allowed-by-rule", f"rule {allowing[0].text}")
+        if kind == "special" or (kind == "private-use" and not self.allow_private):
+            how = "an IP rule or --allow-private" if kind == "private-use" else "only an IP rule"
+            return Verdict(False, "private-address",
+                           f"{shown} is not public ({address_kind(address)}; {how} reaches it)")
         if literal:
             return self._unlisted("ip-literal-not-allowed", f"no IP rule covers {shown}")
         return Verdict(True, "allowed-by-rule", f"resolved to {shown}")
@@ -517,7 +638,7 @@ def parse_socks4_request(data):
 BARE_LF_RE = re.compile(rb"(?<!\r)\n")
 TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 FIELD_VALUE_RE = re.compile(rb"[\t\x20-\x7e]*\Z")
-AUTHORITY_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?\Z")
+AUTHORITY_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::([0-9]{1,5}))?\Z")
 HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate",
     "te", "trailer", "transfer-encoding", "upgrade",
@@ -1751,7 +1872,7 @@ def policy_from_args(args):
     allow = [parse_rule(text) for text in args.allow]
     for path in args.allow_file:
         allow.extend(read_rule_file(path))
-    deny = [parse_rule(text) for text in args.deny]
+    deny = [parse_rule(text, deny=True) for text in args.deny]
     return Policy(allow, deny, allow_private=args.allow_private, mode=args.mode)
 
 
