@@ -81,9 +81,11 @@ The allow list
   ~/.config/TOOL/allowed-domains and --allow-file files (one rule a line, # comments).
   The rule syntax is socks_filter.py's: example.com, *.example.com, 1.2.3.4,
   10.0.0.0/8, [::1], each with an optional :PORT.  Names pass only by name rules, IP
-  addresses only by IP rules, and no name may lead to a loopback or private address
-  unless an IP rule names it or --allow-private (dangerous: your LAN, the cloud
-  metadata service, every service on this machine) is given.  Presets (PRESETS, a
+  addresses only by IP rules, and no name may lead to a non-public address unless an
+  IP rule covers it; --allow-private (dangerous: your LAN) opens only the private-use
+  networks (10/8, 172.16/12, 192.168/16, fc00::/7), never loopback, link-local or
+  CGNAT.  Cloud platform endpoints (the metadata service, Azure's 168.63.129.16...)
+  need a rule for exactly that address.  Presets (PRESETS, a
   plain dict; --list-presets prints them as an allow file) name hosts, never wildcards
   over hosts that serve anyone's content.
 
@@ -514,9 +516,10 @@ def build_parser(profile):
                               "and at exit write the destinations used to FILE, ready for "
                               "--allow-file; implies --filter-network --unshare-net")
     add_switch(network, "--allow-private", "--no-allow-private",
-               "DANGEROUS: let allowed names reach loopback and private addresses (your LAN, "
-               "the cloud metadata service, services on this machine); with --learn, learn them "
-               "too.  An IP rule (--allow-domain 10.0.0.5:8080) is the narrow way")
+               "DANGEROUS: let allowed names reach private-use addresses (10/8, 172.16/12, "
+               "192.168/16, fc00::/7: your LAN); with --learn, learn them too.  Loopback, "
+               "link-local and CGNAT still need an IP rule (--allow-domain 10.0.0.5:8080 is the "
+               "narrow way), cloud metadata endpoints a rule for exactly their address")
     network.add_argument("--proxy-log", metavar="FILE",
                          help="keep the proxy's JSON log (one object per decision and close) "
                               "in FILE")
@@ -1975,11 +1978,11 @@ def network_warnings(plan):
     lines = []
     if plan.learn:
         lines.append("learn mode: the network is OPEN to every " +
-                     ("address, private ones included (--allow-private)" if plan.allow_private
+                     ("public and private-use address (--allow-private)" if plan.allow_private
                       else "public address (private addresses stay blocked)") +
                      f"; the destinations used go to {plan.learn} at exit")
     elif plan.allow_private:
-        lines.append("--allow-private: allowed names may reach loopback and private addresses")
+        lines.append("--allow-private: allowed names may reach private-use addresses (your LAN)")
     return lines
 
 

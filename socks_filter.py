@@ -25,22 +25,39 @@ USAGE
 
 RULES (--allow, --deny, and --allow-file with one rule per line, '#' comments)
     example.com          that name only (any letter case, with or without a trailing dot)
-    *.example.com        any name below example.com, but not example.com itself
+    *.example.com        any name below example.com, but not example.com itself (a name and
+                         all below it take two rules: example.com and *.example.com)
     1.2.3.4  10.0.0.0/8  [::1]  [2001:db8::]/32      IP addresses and networks
-    Any rule may end in :PORT (example.com:443, [::1]:8080); without one it matches every port.
-    Deny rules win over allow rules. Rules too broad to mean anything (*, *.com, a single label,
+    *:22                 every host on that port (deny rules only)
+    Any rule may end in :PORT (example.com:443, [::1]:8080; no leading zeros); without one it
+    matches every port. Names may hold '_' (_dmarc.example.com); an IPv6 zone id (fe80::1%eth0)
+    is refused. Deny rules win over allow rules and may be as broad as wanted (*:22, *.com,
+    [fc00::]/7, 0.0.0.0/0); allow rules too broad to mean anything (*, *.com, a single label,
     *.co.uk, *.github.io, 0.0.0.0/0) are refused at start.
+    An IP rule matches an address and also the IPv4 address an IPv6 one carries to a gateway:
+    IPv4-mapped (::ffff:10.0.0.5), NAT64 (64:ff9b::a00:5; in 64:ff9b:1::/48 every RFC 6052
+    layout, where a deny rule matches any reading and an allow rule must match every one) and
+    6to4 (2002:a00:5::1). So --deny 10.0.0.0/8 also refuses 64:ff9b::a00:5.
 
 HOW A REQUEST IS DECIDED (all of it before any DNS lookup of a denied name)
-    1. The requested host is classified. A name with a character outside [A-Za-z0-9.-], an empty
-       label, a label over 63 or a name over 253 bytes is denied ("bad-name"). Any spelling of an
-       IP address (127.1, 0x7f.1, 2130706433, 0177.0.0.1, [::ffff:127.0.0.1]) is that address.
-    2. A name passes only by a name rule; an IP address only by an IP rule.
+    1. The requested host is classified. A name with a character outside [A-Za-z0-9_.-], an
+       empty label, a label over 63 or a name over 253 bytes, or an IPv6 address with a zone id,
+       is denied ("bad-name"). Any spelling of an IP address (127.1, 0x7f.1, 2130706433,
+       0177.0.0.1, [::ffff:127.0.0.1]) is that address.
+    2. A name passes only by a name rule; an IP address only by an IP rule. Deny rules first.
     3. An allowed name is resolved once; every address it resolves to is checked and the
-       connection goes to one of those checked addresses, never to a second lookup. Loopback,
-       private, CGNAT, link-local, multicast, reserved and documentation addresses, and IPv6
-       wrappings of them (IPv4-mapped, NAT64, 6to4), are refused ("private-address") unless
-       --allow-private is given or an IP rule names the address.
+       connection goes to one of those checked addresses, never to a second lookup. Each
+       address, and each IPv4 address it carries, is checked:
+       - cloud platform endpoints (PLATFORM_ENDPOINTS: 169.254.169.254, fd00:ec2::254,
+         168.63.129.16, 100.100.100.200, 192.0.0.192, ECS/EKS credential agents...) are refused
+         ("platform-endpoint") unless an allow rule names exactly that one address (such as
+         169.254.169.254:80 or [fd00:ec2::254]; a network that merely contains it, such as
+         169.254.0.0/16, does not), even with --allow-private;
+       - private-use addresses (10/8, 172.16/12, 192.168/16, fc00::/7) are refused
+         ("private-address") unless an IP rule covers them or --allow-private is given;
+       - loopback, unspecified, link-local, CGNAT (100.64/10), multicast, broadcast, reserved,
+         documentation and benchmarking addresses, and IPv6 wrappings of them (NAT64, 6to4,
+         Teredo...), are refused ("private-address") unless an IP rule covers them.
     4. TLS tunnels to port 443 of a name: the ClientHello's server name (SNI) must be that name,
        else the tunnel is closed ("sni-mismatch"). A hello without SNI, or a stream that is not
        TLS, is let through and logged. Encrypted ClientHello (ECH) hides the real name from any
@@ -1837,12 +1854,14 @@ def build_parser():
                         help="allow a destination: name, *.name, IP or [IPv6], network, with "
                              "optional :PORT")
     parser.add_argument("--deny", action="append", default=[], metavar="RULE",
-                        help="deny a destination (wins over --allow)")
+                        help="deny a destination (wins over --allow); may be broad: *:22, "
+                             "*.com, [fc00::]/7, 0.0.0.0/0")
     parser.add_argument("--allow-file", action="append", default=[], metavar="FILE",
                         help="read allow rules from FILE, one per line, '#' comments")
     parser.add_argument("--allow-private", action="store_true",
-                        help="let allowed names resolve to loopback, private and link-local "
-                             "addresses (off: only an IP rule reaches those)")
+                        help="let allowed names resolve to private-use addresses (10/8, "
+                             "172.16/12, 192.168/16, fc00::/7); loopback, link-local, CGNAT and "
+                             "the rest still need an IP rule, cloud platform endpoints an exact one")
     parser.add_argument("--mode", choices=("enforce", "audit"), default="enforce",
                         help="audit: let through what passes the name and address checks and "
                              "log what enforce would decide (default: enforce)")
