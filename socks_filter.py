@@ -47,7 +47,7 @@ HOW A REQUEST IS DECIDED (all of it before any DNS lookup of a denied name)
     2. A name passes only by a name rule; an IP address only by an IP rule. Deny rules first.
     3. An allowed name is resolved once; every address it resolves to is checked and the
        connection goes to one of those checked addresses, never to a second lookup. Each
-       address, and each IPv4 address it carries, is checked:
+       address (and a requested IP address), with each IPv4 address it carries, is checked:
        - cloud platform endpoints (PLATFORM_ENDPOINTS: 169.254.169.254, fd00:ec2::254,
          168.63.129.16, 100.100.100.200, 192.0.0.192, ECS/EKS credential agents...) are refused
          ("platform-endpoint") unless an allow rule names exactly that one address (such as
@@ -56,8 +56,9 @@ HOW A REQUEST IS DECIDED (all of it before any DNS lookup of a denied name)
        - private-use addresses (10/8, 172.16/12, 192.168/16, fc00::/7) are refused
          ("private-address") unless an IP rule covers them or --allow-private is given;
        - loopback, unspecified, link-local, CGNAT (100.64/10), multicast, broadcast, reserved,
-         documentation and benchmarking addresses, and IPv6 wrappings of them (NAT64, 6to4,
-         Teredo...), are refused ("private-address") unless an IP rule covers them.
+         documentation and benchmarking addresses, IPv6 wrappings of them, and 6to4, Teredo
+         and local-use NAT64 addresses (never public), are refused ("private-address") unless
+         an IP rule covers them.
     4. TLS tunnels to port 443 of a name: the ClientHello's server name (SNI) must be that name,
        else the tunnel is closed ("sni-mismatch"). A hello without SNI, or a stream that is not
        TLS, is let through and logged. Encrypted ClientHello (ECH) hides the real name from any
