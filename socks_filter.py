@@ -58,7 +58,8 @@ HOW A REQUEST IS DECIDED (all of it before any DNS lookup of a denied name)
        - loopback, unspecified, link-local, CGNAT (100.64/10), multicast, broadcast, reserved,
          documentation and benchmarking addresses, IPv6 wrappings of them, and 6to4, Teredo
          and local-use NAT64 addresses (never public), are refused ("private-address") unless
-         an IP rule covers them.
+         an IP rule covers them. So are this machine's own interface addresses, read from
+         /proc at start (a name pointed at the host's public address reaches its services).
     4. TLS tunnels to port 443 of a name: the ClientHello's server name (SNI) must be that name,
        else the tunnel is closed ("sni-mismatch"). A hello without SNI, or a stream that is not
        TLS, is let through and logged. Encrypted ClientHello (ECH) hides the real name from any
@@ -516,11 +517,11 @@ class Verdict:
 class Policy:
     """The allow and deny rules and the address checks; pure, no sockets."""
 
-    def __init__(self, allow=(), deny=(), allow_private=False, mode="enforce"):
+    def __init__(self, allow=(), deny=(), allow_private=False, mode="enforce", own=frozenset()):
         if mode not in ("enforce", "audit"):
             raise ValueError(f"unknown mode {mode!r}")
         self.allow, self.deny = list(allow), list(deny)
-        self.allow_private, self.mode = allow_private, mode
+        self.allow_private, self.mode, self.own = allow_private, mode, own
 
     def _unlisted(self, reason, detail):
         if self.mode == "audit":
@@ -554,7 +555,9 @@ class Policy:
         if any(rule.matches_address(address, port) for rule in self.deny):
             return Verdict(False, "denied-by-rule", f"{shown} matches a deny rule")
         allowing = [rule for rule in self.allow if rule.matches_address(address, port)]
-        kind = address_class(address)
+        kind, what = address_class(address), None
+        if kind in ("public", "private-use") and not self.own.isdisjoint([address, *embedded_ipv4(address)]):
+            kind, what = "special", "this machine's own address"
         if kind == "platform" and not any(rule.names_exactly() for rule in allowing):
             return Verdict(False, "platform-endpoint", f"{shown}: {address_kind(address)}; only "
                            "an allow rule for exactly this address reaches it")
@@ -563,7 +566,7 @@ class Policy:
         if kind == "special" or (kind == "private-use" and not self.allow_private):
             how = "an IP rule or --allow-private" if kind == "private-use" else "only an IP rule"
             return Verdict(False, "private-address",
-                           f"{shown} is not public ({address_kind(address)}; {how} reaches it)")
+                           f"{shown} is not public ({what or address_kind(address)}; {how} reaches it)")
         if literal:
             return self._unlisted("ip-literal-not-allowed", f"no IP rule covers {shown}")
         return Verdict(True, "allowed-by-rule", f"resolved to {shown}")
@@ -1888,12 +1891,43 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def own_addresses():
+    """This machine's interface addresses, read from /proc once at start (no privileges, well
+    under a millisecond). A name resolving to one reaches the services listening on this host,
+    so the policy treats them like loopback. Addresses added later (a VPN coming up) are not
+    seen; a file that cannot be read adds nothing, and the other checks still hold."""
+    found = set()
+    for path, parse in (("/proc/net/if_inet6", _inet6_addresses), ("/proc/net/fib_trie", _local_ipv4)):
+        try:
+            with open(path, encoding="ascii") as handle:
+                found.update(parse(handle))
+        except (OSError, ValueError, IndexError):
+            pass
+    return frozenset(found)
+
+
+def _inet6_addresses(lines):
+    return [ipaddress.IPv6Address(int(line.split()[0], 16)) for line in lines if line.strip()]
+
+
+def _local_ipv4(lines):
+    """The "/32 host LOCAL" leaves of the kernel's routing trie: one per local IPv4 address."""
+    found, last = [], None
+    for line in lines:
+        words = line.split()
+        if words[:1] == ["|--"]:
+            last = words[1]
+        elif words[:3] == ["/32", "host", "LOCAL"] and last:
+            found.append(ipaddress.IPv4Address(last))
+    return found
+
+
 def policy_from_args(args):
     allow = [parse_rule(text) for text in args.allow]
     for path in args.allow_file:
         allow.extend(read_rule_file(path))
     deny = [parse_rule(text, deny=True) for text in args.deny]
-    return Policy(allow, deny, allow_private=args.allow_private, mode=args.mode)
+    return Policy(allow, deny, allow_private=args.allow_private, mode=args.mode, own=own_addresses())
 
 
 def exit_with_parent():

@@ -556,5 +556,57 @@ class SyntaxTest(unittest.TestCase):
             parse_rule("**.example.com")
 
 
+class OwnAddressTest(unittest.TestCase):
+    """Decided with issue 16: this machine's own interface addresses count as loopback, so a
+    name that resolves to one (an attacker's record under an allowed wildcard pointing at the
+    host's global IPv6 address) does not reach services listening on all interfaces. An IP rule
+    still reaches them. Smokescreen refuses them the same way (TestIPFilterBypassPolicy,
+    ipDenySelfConnection)."""
+
+    FIB_TRIE = """Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 127.0.0.0/8 2 0 2
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+     +-- 203.0.113.0/24 2 0 2
+           |-- 203.0.113.0
+              /24 link UNICAST
+           |-- 203.0.113.7
+              /32 host LOCAL
+"""
+    IF_INET6 = ("00000000000000000000000000000001 01 80 10 80       lo\n"
+                "2a0100000000000000000000000000ab 02 40 00 00     eth0\n")
+
+    def test_reading_the_kernel_tables(self):
+        self.assertEqual(socks_filter._local_ipv4(self.FIB_TRIE.splitlines()),
+                         [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("203.0.113.7")])
+        self.assertEqual(socks_filter._inet6_addresses(self.IF_INET6.splitlines()),
+                         [ipaddress.ip_address("::1"), ipaddress.ip_address("2a01::ab")])
+        here = socks_filter.own_addresses()
+        self.assertIn(ipaddress.ip_address("127.0.0.1"), here)
+
+    def test_names_do_not_reach_this_machine(self):
+        own = frozenset(map(ipaddress.ip_address, ("93.184.216.34", "2a01::ab", "10.0.0.5")))
+        rules = Policy([parse_rule("*.example.com")], allow_private=True, own=own)
+        for text in ("93.184.216.34", "2a01::ab", "10.0.0.5", "64:ff9b::5db8:d822", "::ffff:93.184.216.34"):
+            with self.subTest(address=text):
+                verdict = rules.check_address(ipaddress.ip_address(text), 443)
+                self.assertEqual((verdict.allowed, verdict.reason), (False, "private-address"))
+                self.assertIn("own address", verdict.detail)
+        self.assertEqual(verdict_of(rules, "93.184.216.35"), (True, "allowed-by-rule"))
+        opened = Policy([parse_rule("*.example.com"), parse_rule("93.184.216.34:443")], own=own)
+        self.assertEqual(verdict_of(opened, "93.184.216.34"), (True, "allowed-by-rule"))
+
+    def test_the_command_line_reads_them(self):
+        args = socks_filter.build_parser().parse_args(["--listen", "127.0.0.1:0", "--allow", "example.com"])
+        self.assertEqual(socks_filter.policy_from_args(args).own, socks_filter.own_addresses())
+
+
 if __name__ == "__main__":
     unittest.main()
