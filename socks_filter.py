@@ -324,13 +324,13 @@ def address_class(address):
     return "special"
 
 
-def address_kind(address):
+def describe_address(address):
     """What a non-public address is, in a word or two, for messages: "loopback", "CGNAT",
     "NAT64 form of link-local"..."""
     inner = embedded_ipv4(address)
     if len(inner) == 1 and not address.ipv4_mapped and not is_public_address(inner[0]):
         wrapping = "6to4" if address in SIXTOFOUR_NETWORK else "NAT64"
-        return f"{wrapping} form of {address_kind(inner[0])}"
+        return f"{wrapping} form of {describe_address(inner[0])}"
     if address in PLATFORM_ENDPOINTS:
         return f"cloud platform endpoint ({PLATFORM_ENDPOINTS[address]})"
     return next((kind for network, kind in SPECIAL_NETWORKS
@@ -559,14 +559,14 @@ class Policy:
         if kind in ("public", "private-use") and not self.own.isdisjoint([address, *embedded_ipv4(address)]):
             kind, what = "special", "this machine's own address"
         if kind == "platform" and not any(rule.names_exactly() for rule in allowing):
-            return Verdict(False, "platform-endpoint", f"{shown}: {address_kind(address)}; only "
+            return Verdict(False, "platform-endpoint", f"{shown}: {describe_address(address)}; only "
                            "an allow rule for exactly this address reaches it")
         if allowing:
             return Verdict(True, "allowed-by-rule", f"rule {allowing[0].text}")
         if kind == "special" or (kind == "private-use" and not self.allow_private):
             how = "an IP rule or --allow-private" if kind == "private-use" else "only an IP rule"
             return Verdict(False, "private-address",
-                           f"{shown} is not public ({what or address_kind(address)}; {how} reaches it)")
+                           f"{shown} is not public ({what or describe_address(address)}; {how} reaches it)")
         if literal:
             return self._unlisted("ip-literal-not-allowed", f"no IP rule covers {shown}")
         return Verdict(True, "allowed-by-rule", f"resolved to {shown}")
