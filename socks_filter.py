@@ -148,7 +148,8 @@ SPECIAL_NETWORKS = tuple((ipaddress.ip_network(n), kind) for n, kind in (
     ("255.255.255.255/32", "broadcast"), ("240.0.0.0/4", "reserved"),
     ("::/128", "unspecified"), ("::1/128", "loopback"), ("::/96", "IPv4-compatible"),
     ("64:ff9b:1::/48", "local-use NAT64"), ("100::/64", "discard"), ("2001::/32", "Teredo"),
-    ("2001:db8::/32", "documentation"), ("2002::/16", "6to4"), ("::ffff:0:0:0/96", "IPv4-translated"),
+    ("2001:db8::/32", "documentation"), ("2002::/16", "6to4"),
+    ("::ffff:0:0:0/96", "IPv4-translated"),
     ("fc00::/7", "private-use"), ("fe80::/10", "link-local"), ("fec0::/10", "site-local"),
     ("ff00::/8", "multicast"),
 ))
@@ -405,7 +406,7 @@ class Rule:
 
 def _parse_port(text, rule):
     if not text.isdigit() or text.startswith("0") or int(text) > 65535:
-        raise RuleError(f"rule {rule!r}: port must be a number from 1 to 65535, without leading zeros")
+        raise RuleError(f"rule {rule!r}: port must be 1 to 65535, without leading zeros")
     return int(text)
 
 
@@ -545,6 +546,15 @@ class Policy:
                 return Verdict(True, "allowed-by-rule", f"rule {rule.text}")
         return self._unlisted("not-in-allowlist", f"no allow rule matches {value}:{port}")
 
+    def _classify(self, address):
+        """address_class() and words for messages; this machine's own addresses (self.own)
+        count as loopback."""
+        kind = address_class(address)
+        own = not self.own.isdisjoint([address, *embedded_ipv4(address)])
+        if own and kind in ("public", "private-use"):
+            return "special", "this machine's own address"
+        return kind, describe_address(address)
+
     def check_address(self, address, port, literal=False):
         """Decide on an IP address: one that was asked for (literal) or that a name resolved to.
         Deny rules first; then a platform endpoint needs an allow rule for exactly that address,
@@ -555,18 +565,17 @@ class Policy:
         if any(rule.matches_address(address, port) for rule in self.deny):
             return Verdict(False, "denied-by-rule", f"{shown} matches a deny rule")
         allowing = [rule for rule in self.allow if rule.matches_address(address, port)]
-        kind, what = address_class(address), None
-        if kind in ("public", "private-use") and not self.own.isdisjoint([address, *embedded_ipv4(address)]):
-            kind, what = "special", "this machine's own address"
+        kind, what = self._classify(address)
         if kind == "platform" and not any(rule.names_exactly() for rule in allowing):
-            return Verdict(False, "platform-endpoint", f"{shown}: {describe_address(address)}; only "
-                           "an allow rule for exactly this address reaches it")
+            return Verdict(False, "platform-endpoint",
+                           f"{shown}: {what}; only an allow rule for exactly this address "
+                           "reaches it")
         if allowing:
             return Verdict(True, "allowed-by-rule", f"rule {allowing[0].text}")
         if kind == "special" or (kind == "private-use" and not self.allow_private):
             how = "an IP rule or --allow-private" if kind == "private-use" else "only an IP rule"
             return Verdict(False, "private-address",
-                           f"{shown} is not public ({what or describe_address(address)}; {how} reaches it)")
+                           f"{shown} is not public ({what}; {how} reaches it)")
         if literal:
             return self._unlisted("ip-literal-not-allowed", f"no IP rule covers {shown}")
         return Verdict(True, "allowed-by-rule", f"resolved to {shown}")
