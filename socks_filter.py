@@ -163,10 +163,11 @@ SIXTOFOUR_NETWORK = ipaddress.ip_network("2002::/16")
 # Cloud platform endpoints (metadata, credentials, host agents): what a VM or container on that
 # cloud reaches without any credential, some on public or private-use addresses. Refused, also
 # inside IPv6 wrappings, unless an IP rule for that one address allows it (Policy.check_address).
-# Sources: AWS EC2 "Retrieve instance metadata", ECS "task metadata endpoint v2", EKS "Set up
-# the Pod Identity Agent"; Microsoft "What is IP address 168.63.129.16"; Alibaba ECS "instance
-# metadata"; OCI "Getting instance metadata"; OpenStack neutron spec "IPv6 support in Metadata
-# service"; 192.0.0.192, fd20:ce::254, fd00:c1::a9fe:a9fe from peers' blocklists.
+# Sources: AWS docs (EC2 "Retrieve instance metadata", ECS "task metadata endpoint v2", EKS
+# "Set up the Pod Identity Agent"), Microsoft's "What is IP address 168.63.129.16?", cloud-init
+# and Alibaba ECI docs (100.100.100.200), OCI "Getting Instance Metadata", the OpenStack neutron
+# spec "IPv6 support in Metadata service"; 192.0.0.192, fd20:ce::254 and fd00:c1::a9fe:a9fe
+# only from other projects' blocklists (no first-party page found).
 PLATFORM_ENDPOINTS = {ipaddress.ip_address(address): what for address, what in (
     ("169.254.169.254", "instance metadata of AWS, Azure, GCP, Oracle, OpenStack..."),
     ("fd00:ec2::254", "AWS instance metadata"),
