@@ -336,7 +336,7 @@ REASONS = {
     "not-in-allowlist": "not in allow list",
     "denied-by-rule": "denied by rule",
     "private-address": "private address",
-    "platform-endpoint": "cloud platform endpoint (metadata, credentials)",
+    "platform-endpoint": "cloud platform endpoint",
     "ip-literal-not-allowed": "IP address without an IP rule",
     "sni-mismatch": "TLS name differs from the requested host",
     "bad-name": "malformed name",

@@ -5,6 +5,7 @@ table is one decision the proxy would make before (or after) a DNS lookup.
 """
 
 import ipaddress
+import json
 import os
 import tempfile
 import unittest
@@ -410,6 +411,15 @@ class PlatformEndpointTest(unittest.TestCase):
             with self.subTest(address=text):
                 expected = (True, "allowed-by-rule") if text.startswith("168.") else (False, "private-address")
                 self.assertEqual(verdict_of(rules, text), expected)
+
+    def test_the_summary_never_suggests_allowing_one(self):
+        import bw_lib
+        line = json.dumps({"event": "decision", "id": 1, "host": "169.254.169.254", "port": 80,
+                           "decision": "deny", "reason": "platform-endpoint"})
+        text = bw_lib.summarize("bw-claude", [line])
+        self.assertIn("cloud platform endpoint", text)
+        self.assertIn("allow only if you mean it", text)
+        self.assertNotIn("--allow-domain", text)
 
     def test_audit_mode_and_detail(self):
         rules = policy(mode="audit")
