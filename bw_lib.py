@@ -215,7 +215,8 @@ class State:
     seed: str = "copy"      # "copy": a writable copy; "ro": a read-only copy; "": none
     back: str = ""          # "": nothing; "keys": changes to `keys` (as guarded_changes);
                             # "secret": the same, plain values only; "lines": new or
-                            # appended JSON lines of *.jsonl files (transcripts)
+                            # appended JSON lines of *.jsonl files (transcripts); "id":
+                            # one line of letters, digits and "-" (an installation id)
     keys: tuple = ()
 
 
@@ -278,7 +279,7 @@ PROFILES = {
                      keys=("access_token", "refresh_token", "scope", "token_type", "id_token",
                            "expiry_date")),
                State(".gemini/google_accounts.json", back="secret", keys=("active", "old")),
-               State(".gemini/installation_id"),
+               State(".gemini/installation_id", back="id"),
                State(".gemini/settings.json", back="keys",
                      keys=("security.auth.selectedType", "ui.theme", "model.name",
                            "general.vimMode")),
@@ -1752,6 +1753,7 @@ STATE_COPY_DEPTH = 8
 SLUG = "{slug}"              # in a State path: this project's directory name in Claude's state
 SLUG_LIMIT = 200             # Claude shortens longer names with a hash: not carried then
 TRANSCRIPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.jsonl")
+INSTALLATION_ID = re.compile(rb"[A-Za-z0-9-]{1,64}\n?")
 
 
 def project_slug(project):
@@ -2051,8 +2053,18 @@ def back_lines(item, bases, home, private, project):
         raise ValueError("; ".join(problems))
 
 
+def back_id(item, base, home, private, project):
+    """An "id" item: one short line of letters, digits and "-", when it changed."""
+    ours = read_place(private_place(private, item.path))
+    if ours is None or ours == base:
+        return
+    if not INSTALLATION_ID.fullmatch(ours):
+        raise ValueError("not an id")
+    write_place(host_place(home, item.path), ours)
+
+
 # State.back: the check that decides what of the session's copy goes back to the host.
-FLOWS_BACK = {"keys": back_keys, "secret": back_keys, "lines": back_lines}
+FLOWS_BACK = {"keys": back_keys, "secret": back_keys, "lines": back_lines, "id": back_id}
 
 
 def flow_back(items, seeded, home, private, project):
