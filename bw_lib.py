@@ -10,8 +10,9 @@ What the sandbox sees
     /dev, /proc                      fresh and minimal
     /tmp, /var/tmp                   private, empty, gone when the session ends
     $HOME                            a private, empty directory for this session, with:
-        the CLI's state (~/.claude/, ~/.gemini/)                 read-write, except
-            what holds code it runs later (PROTECTED_HOME, below)
+        the CLI's state (~/.claude/, ~/.gemini/)     the session's own copy, seeded
+            from the host's by the profile's State items; at exit only what
+            FLOWS_BACK accepts goes back (the "CLI state" section)
         tool directories (.cargo, .nvm, .local/bin, .gitconfig...)  read-only
         the CLI's install, wherever it is                        read-only
     the project directory (--dir)    read-write, the working directory
@@ -36,19 +37,17 @@ Files that run code later, outside the sandbox
   .git/worktrees (or .git itself when it is a file), .claude/settings*.json,
   .claude/commands, agents, hooks, skills, .mcp.json, .gemini/settings.json, .env,
   commands, extensions, .vscode, .idea in the project and in every --allow-rw
-  directory; and in the CLI's state ~/.claude/settings*.json, hooks, plugins, skills,
-  local (the local install), commands, agents, scripts at its top (*.sh, executables),
-  ~/.gemini/settings.json, .env, extensions, commands, trustedFolders.json: all stay
-  read-only although their parent is writable (PROTECTED_*).  A missing one is held by
-  an empty placeholder ({} for .json, "." for commondir) for the session, removed at
-  exit, so it cannot be created; the directories between it and the project are bound
-  onto themselves, so `mv .git elsewhere` fails (a mount point cannot be renamed).  A
-  placeholder that cannot be made where the sandbox could make the file (a directory
-  of ours, mode 555) stops the session: protection is never dropped silently.  The
-  CLI's home settings files are the exception it needs: the sandbox gets a copy, and at
-  exit only changes to the profile's `guarded` keys (model, the accepted
-  bypass-permissions prompt, Gemini's trust for this project...) go back; hooks, env,
-  permissions and helpers never do.  --allow-config-writes turns all of this off.
+  directory: all stay read-only although their parent is writable (PROTECTED_*).  A
+  missing one is held by an empty placeholder ({} for .json, "." for commondir) for the
+  session, removed at exit, so it cannot be created; the directories between it and
+  the project are bound onto themselves, so `mv .git elsewhere` fails (a mount point
+  cannot be renamed).  A placeholder that cannot be made where the sandbox could make
+  the file (a directory of ours, mode 555) stops the session: protection is never
+  dropped silently.  The CLI's state needs none of this: it is the session's own copy,
+  and of its settings files only changes to the profile's guarded keys (model, the accepted bypass-permissions
+  prompt, Gemini's trust for this project...) go back; hooks, env, permissions and
+  helpers never do.  --allow-config-writes turns all of this off (and binds the host's
+  state directory read-write).
   Not contained: a new repository (git init, a clone, a submodule) made inside the
   project or an --allow-rw directory, and repositories nested below their top; files
   of the project itself (.env, Makefile, package.json scripts...) that tools run.
@@ -505,8 +504,8 @@ def build_parser(profile):
                               "e.g. --shell -- -c 'cmd'")
     add_switch(sandbox, "--allow-config-writes", "--no-allow-config-writes",
                "let the sandbox change .git/hooks, .git/config, .claude/settings*.json, "
-               ".mcp.json and the like (risk: code the agent writes there runs later, outside "
-               "the sandbox)")
+               ".mcp.json and the like, and the CLI's own state (~/.claude) directly "
+               "(risk: code the agent writes there runs later, outside the sandbox)")
     if profile.cli_args:
         add_switch(sandbox, "--no-skip-permissions", "--skip-permissions",
                    f"do not pass {' '.join(profile.cli_args)} to {cli}")
