@@ -180,6 +180,8 @@ STATE_FILE_LIMIT = 64 << 20
 
 
 PROJECT_KEY = "{project}"   # in a guarded key: the session's project directory, one segment
+GEMINI_ID = "{id}"          # in a State path: Gemini's short id for this project, the
+GEMINI_IDS = ".gemini/tmp"  # directory here whose .project_root names it
 
 # What of ~/.claude.json goes back to the host: the state Claude keeps across runs
 # (counters, onboarding and tips, caches, the project history and statistics), never what
@@ -285,6 +287,10 @@ PROFILES = {
                # Trust given inside: for this project only, never for its parent.
                State(".gemini/trustedFolders.json", back="keys",
                      keys=((PROJECT_KEY, ("TRUST_FOLDER", "DO_NOT_TRUST")),)),
+               # This project's chats, for --resume: the directory is seeded, and its
+               # chats/*.jsonl go back (after the project_id checks).
+               State(f"{GEMINI_IDS}/{GEMINI_ID}"),
+               State(f"{GEMINI_IDS}/{GEMINI_ID}/chats", seed="", back="lines"),
                State(".gemini/.env", seed="ro"),
                State(".gemini/GEMINI.md", seed="ro"),
                State(".gemini/commands", seed="ro")),
@@ -1750,6 +1756,8 @@ def could_be_made(path, error):
 STATE_COPY_ENTRIES = 10000   # files and directories copied for one State item, at most
 STATE_COPY_DEPTH = 8
 SLUG = "{slug}"              # in a State path: this project's directory name in Claude's state
+GEMINI_ID_NAME = re.compile(r"[a-z0-9-]{1,100}")
+PROJECT_ROOT = ".project_root"
 SLUG_LIMIT = 200             # Claude shortens longer names with a hash: not carried then
 TRANSCRIPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.jsonl")
 INSTALLATION_ID = re.compile(rb"[A-Za-z0-9-]{1,64}\n?")
@@ -1894,6 +1902,64 @@ def transcript_bases(private_dir):
     finally:
         os.close(fd)
     return bases
+
+
+def find_project_id(root, parts, project, limit=STATE_COPY_ENTRIES):
+    """The name of the directory at root/parts whose .project_root names `project` (how
+    Gemini finds a project's short id), or None."""
+    fd = open_beneath(root, parts)
+    if fd is None:
+        return None
+    try:
+        for name in sorted(os.listdir(fd))[:limit]:
+            if not GEMINI_ID_NAME.fullmatch(name):
+                continue
+            inner = open_beneath(f"/proc/self/fd/{fd}", [name])
+            if inner is None:
+                continue
+            try:
+                owner = read_at(inner, PROJECT_ROOT, 4096)
+            finally:
+                os.close(inner)
+            if owner is not None and owner.strip() == project.encode():
+                return name
+    finally:
+        os.close(fd)
+    return None
+
+
+def with_project_id(items, project_id):
+    """`items` with GEMINI_ID filled in; those that need it are left out when it is None."""
+    return [State(i.path.replace(GEMINI_ID, project_id), i.seed, i.back, i.keys)
+            if GEMINI_ID in i.path else i for i in items
+            if project_id is not None or GEMINI_ID not in i.path]
+
+
+def host_project_id(items, home, project):
+    """Gemini's id for this project on the host, if the profile has GEMINI_ID items."""
+    if not any(GEMINI_ID in i.path for i in items):
+        return None
+    root, parts, name = host_place(home, GEMINI_IDS + "/x")
+    return find_project_id(root, parts, project)
+
+
+def claim_project_id(home, private, project):
+    """The id the session's Gemini gave this project, if the host may take its chats under
+    it: no other project owns that directory on the host (its .project_root) nor that id in
+    ~/.gemini/projects.json.  The host's .project_root is written when missing."""
+    project_id = find_project_id(private, GEMINI_IDS.split("/"), project)
+    if project_id is None:
+        return None
+    root, parts, _ = host_place(home, f"{GEMINI_IDS}/{project_id}/{PROJECT_ROOT}")
+    owner = read_place((root, parts, PROJECT_ROOT))
+    registry = parse_json(read_place(host_place(home, ".gemini/projects.json")) or b"{}")
+    ids = registry.get("projects") if isinstance(registry, dict) else None
+    others = {v for k, v in ids.items() if k != project} if isinstance(ids, dict) else set()
+    if (owner is not None and owner.strip() != project.encode()) or project_id in others:
+        raise ValueError(f"~/{GEMINI_IDS}/{project_id} belongs to another project")
+    if owner is None:
+        write_place((root, parts, PROJECT_ROOT), project.encode())
+    return project_id
 
 
 def seed_state(items, home, private):
@@ -2043,7 +2109,7 @@ def back_lines(item, bases, home, private, project):
             continue
         place = host_place(home, f"{item.path}/{name}")
         try:
-            update = lines_update(bases.get(name), lines, read_place(place))
+            update = lines_update((bases or {}).get(name), lines, read_place(place))
             if update is not None:
                 write_place(place, update)
         except ValueError as error:
@@ -2070,6 +2136,13 @@ def flow_back(items, seeded, home, private, project):
     """Send back, item by item, what its FLOWS_BACK check accepts.  Returns a line for
     each item refused (its host copy is left as it was)."""
     lines = []
+    if any(GEMINI_ID in i.path for i in items):
+        try:
+            project_id = claim_project_id(home, private, project)
+        except (OSError, ValueError) as error:
+            lines.append(f"chats not saved: {printable(str(error))}")
+            project_id = None
+        items = with_project_id(items, project_id)
     for item in items:
         if not item.back:
             continue
@@ -2160,7 +2233,11 @@ class Session:
             os.makedirs(os.path.join(private, relative), 0o700, exist_ok=True)
             if os.path.join(self.plan.home, relative) in bound:    # --allow-config-writes
                 os.makedirs(os.path.join(self.plan.home, relative), 0o700, exist_ok=True)
-        self.seeded = seed_state(self.plan.state, self.plan.home, private)
+        project_id = host_project_id(self.plan.state, self.plan.home, self.plan.project)
+        if project_id is not None:
+            self.plan.state = with_project_id(self.plan.state, project_id)
+        self.seeded = seed_state([i for i in self.plan.state if GEMINI_ID not in i.path],
+                                 self.plan.home, private)
         self.plan.read_only_state = [i.path for i in self.plan.state if i.seed == "ro"
                                      and os.path.lexists(os.path.join(private, i.path))]
 

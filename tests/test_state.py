@@ -249,6 +249,43 @@ class AllowedDataFlowsBack(StateCase):
                                                 ".gemini/trustedFolders.json"])
 
 
+class GeminiChats(StateCase):
+    """Gemini keeps a project's chats in ~/.gemini/tmp/<id>/chats, <id> being the directory
+    whose .project_root names the project."""
+
+    def plant(self, project_id, owner):
+        return (f"mkdir -p ~/.gemini/tmp/{project_id}/chats && "
+                f"printf '%s\\n' '{owner}' > ~/.gemini/tmp/{project_id}/.project_root && "
+                f"echo '{{\"sessionId\": \"s\"}}' > ~/.gemini/tmp/{project_id}/chats/session-1.jsonl"
+                f" && echo 'evil' > ~/.gemini/tmp/{project_id}/shell_history && echo planted")
+
+    def test_this_projects_chats_flow_back_and_are_seeded_next_time(self):
+        result = self.bw(self.plant("project", self.project), tool=BW_GEMINI)
+        self.assertIn("planted", result.stdout, result.stderr)
+        self.assertEqual(self.tree(".gemini"), [
+            ".gemini/tmp", ".gemini/tmp/project", ".gemini/tmp/project/.project_root",
+            ".gemini/tmp/project/chats", ".gemini/tmp/project/chats/session-1.jsonl"])
+        self.assertEqual(self.read(".gemini/tmp/project/.project_root"), self.project)
+        result = self.bw("cat ~/.gemini/tmp/*/chats/*.jsonl", tool=BW_GEMINI)
+        self.assertIn('"sessionId"', result.stdout, result.stderr)
+
+    def test_chats_under_another_projects_id_do_not_flow_back(self):
+        other = self.put(".gemini/tmp/project/.project_root", "/home/u/other\n")
+        self.put(".gemini/tmp/project/chats/session-0.jsonl", json.dumps({"s": SECRET}) + "\n")
+        self.put(".gemini/projects.json", json.dumps({"projects": {"/home/u/x": "x"}}))
+        before = self.tree(".gemini")
+        for project_id in ("project", "x"):     # the first owned on disk, the second by name
+            result = self.bw("cat ~/.gemini/tmp/*/chats/* ~/.gemini/projects.json 2>&1; "
+                             + self.plant(project_id, self.project), tool=BW_GEMINI)
+            self.assertIn("planted", result.stdout, result.stderr)
+            self.assertNotIn(SECRET, result.stdout)
+            self.assertNotIn("/home/u/x", result.stdout)
+            self.assertEqual(self.tree(".gemini"), before)
+            self.assertIn(f"~/.gemini/tmp/{project_id} belongs to another project", result.stderr)
+        with open(other) as f:
+            self.assertEqual(f.read(), "/home/u/other\n")
+
+
 class RealClaudeState(RealCLITest):
     """The real Claude Code: a transcript written in one sandboxed session is what
     `--continue` resumes in the next."""
@@ -273,6 +310,23 @@ class RealClaudeState(RealCLITest):
         self.assertEqual(sorted(os.listdir(self.home)), [".claude", ".claude.json"])
         self.assertEqual(sorted(os.listdir(os.path.join(self.home, ".claude"))), ["projects"])
         self.assert_cleaned_up()
+
+
+class RealGeminiResume(RealCLITest):
+    def test_resume_sees_the_first_session(self):
+        self.need_cli("gemini")
+        self.seed_gemini_settings()
+        marker = f"remember-{uuid.uuid4().hex[:8]}"
+        code, out, err = self.run_wrapper(self.wrapper("gemini", "--", "--skip-trust", "-p",
+                                                       f"first {marker}"))
+        self.assertEqual(code, 0, f"stdout: {out}\nstderr: {err}")
+        code, out, err = self.run_wrapper(self.wrapper("gemini", "--", "--skip-trust", "--resume",
+                                                       "latest", "-p", "second"))
+        self.assertEqual(code, 0, f"stdout: {out}\nstderr: {err}")
+        self.assertIn(self.answer, out)
+        last = [r for r in self.fake.requests_to("gemini")
+                if r["path"].endswith(":streamGenerateContent")][-1]
+        self.assertIn(marker, json.dumps(last["body"]), "--resume did not bring back the chat")
 
 
 class RealGeminiTrust(RealCLITest):
