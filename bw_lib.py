@@ -44,9 +44,9 @@ Files that run code later, outside the sandbox
   cannot be renamed).  A placeholder that cannot be made where the sandbox could make
   the file (a directory of ours, mode 555) stops the session: protection is never
   dropped silently.  The CLI's state needs none of this: it is the session's own copy,
-  and of its settings files only changes to the profile's guarded keys (model, the accepted bypass-permissions
-  prompt, Gemini's trust for this project...) go back; hooks, env, permissions and
-  helpers never do.  --allow-config-writes turns all of this off (and binds the host's
+  and of its settings files only changes to the profile's guarded keys (model, the
+  accepted bypass-permissions prompt, Gemini's trust for this project...) go back;
+  hooks, env, permissions and helpers never do.  --allow-config-writes turns all of this off (and binds the host's
   state directory read-write).
   Not contained: a new repository (git init, a clone, a submodule) made inside the
   project or an --allow-rw directory, and repositories nested below their top; files
@@ -211,7 +211,8 @@ CLAUDE_CREDENTIAL_KEYS = tuple(f"claudeAiOauth.{key}" for key in (
 class State:
     """One home-relative path of a CLI's state: how the session gets the host's (seed) and
     what of the session's goes back at exit (back, checked by the FLOWS_BACK function of
-    that name).  `{slug}` in the path is this project's name in the CLI's state."""
+    that name).  In the path, "{slug}" (SLUG) is this project's directory name in
+    Claude's state, "{id}" (GEMINI_ID) its directory in Gemini's."""
     path: str
     seed: str = "copy"      # "copy": a writable copy; "ro": a read-only copy; "": none
     back: str = ""          # "": nothing; "keys": changes to `keys` (as guarded_changes);
@@ -797,7 +798,7 @@ class Plan:
                                                     # saw everything
     verbose: bool = False
     dry_run: bool = False
-    state: list = field(default_factory=list)       # State items, {slug} filled in
+    state: list = field(default_factory=list)       # State items, SLUG filled in
     read_only_state: list = field(default_factory=list)  # home-relative seeded "ro" copies
 
 
@@ -2395,6 +2396,9 @@ def describe(plan):
             lines.append("private addresses: reachable by allowed names (--allow-private)")
         lines += [f"allow file: {p}" for p in plan.allow_files]
     lines += [" ".join(x for x in mount if x) for mount in plan.mounts]
+    lines += [f"state: ~/{i.path}: " + ", ".join(filter(None, [
+        {"copy": "a copy", "ro": "a read-only copy"}.get(i.seed),
+        i.back and f"back: {i.back}"])) for i in plan.state]
     if not plan.sockets_complete:
         lines.append(f"unix sockets, nested repositories: the search below the shown and "
                      f"writable directories stopped at {SOCKET_WALK_ENTRIES} entries or "
