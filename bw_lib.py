@@ -214,11 +214,13 @@ class State:
     that name).  In the path, "{slug}" (SLUG) is this project's directory name in
     Claude's state, "{id}" (GEMINI_ID) its directory in Gemini's."""
     path: str
-    seed: str = "copy"      # "copy": a writable copy; "ro": a read-only copy; "": none
+    seed: str = "copy"      # "copy": a writable copy; "ro": a read-only copy; "mine":
+                            # the lines of this project (a shared JSONL file); "": none
     back: str = ""          # "": nothing; "keys": changes to `keys` (as guarded_changes);
                             # "secret": the same, plain values only; "lines": new or
                             # appended JSON lines of *.jsonl files (transcripts); "id":
-                            # one line of letters, digits and "-" (an installation id)
+                            # one line of letters, digits and "-" (an installation id);
+                            # "mine": appended JSON lines of this project
     keys: tuple = ()
 
 
@@ -263,7 +265,9 @@ PROFILES = {
                State(".claude/CLAUDE.md", seed="ro"),
                State(".claude/commands", seed="ro"),
                State(".claude/agents", seed="ro"),
-               State(".claude/projects/{slug}", back="lines")),
+               State(".claude/projects/{slug}", back="lines"),
+               # The prompt history (arrow up): this project's lines only, both ways.
+               State(".claude/history.jsonl", seed="mine", back="mine")),
     ),
     "gemini": Profile(
         name="gemini",
@@ -1963,14 +1967,27 @@ def claim_project_id(home, private, project):
     return project_id
 
 
-def seed_state(items, home, private):
+def project_lines(data, project):
+    """The lines of a shared JSONL file (~/.claude/history.jsonl) that belong to `project`
+    (their "project" names it); the others are other projects' and stay outside."""
+    return b"".join(line for line in (data or b"").splitlines(keepends=True)
+                    if line.endswith(b"\n") and isinstance(parse_json(line), dict)
+                    and parse_json(line).get("project") == project)
+
+
+def seed_state(items, home, private, project=None):
     """Copy the host's State items that are seeded into the session's home `private`.
     Returns what each item that flows back started from: the bytes of a file (None when
     the host had none), or the transcript_bases of a "lines" directory."""
     seeded = {}
     for item in items:
         dest = os.path.join(private, item.path)
-        if item.seed:
+        if item.seed == "mine":
+            os.makedirs(os.path.dirname(dest), 0o700, exist_ok=True)
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(project_lines(read_place(host_place(home, item.path)), project))
+        elif item.seed:
             root, parts, name = host_place(home, item.path)
             fd = open_beneath(root, parts)
             if fd is not None:
@@ -2119,6 +2136,34 @@ def back_lines(item, bases, home, private, project):
         raise ValueError("; ".join(problems))
 
 
+def back_mine(item, base, home, private, project):
+    """A "mine" item (a JSONL file all projects share): the complete lines the session
+    appended to what it was given, each a JSON object of this project, appended to the
+    host's file under the CLI's lock (NAME.lock)."""
+    ours = read_place(private_place(private, item.path))
+    if ours is None:
+        return
+    lines, base = complete_lines(ours), base or b""
+    if lines is None or not lines.startswith(base):
+        raise ValueError("not lines appended to what the session was given")
+    new = lines[len(base):]
+    if project_lines(new, project) != new:
+        raise ValueError("a line of another project, or not a JSON object")
+    if not new:
+        return
+    place = host_place(home, item.path)
+    lock = os.path.join(place[0], *place[1], place[2] + ".lock")
+    locked = take_lock(lock)
+    try:
+        theirs = read_place(place) or b""
+        if theirs and not theirs.endswith(b"\n"):
+            theirs += b"\n"
+        write_place(place, theirs + new)
+    finally:
+        if locked:
+            os.rmdir(lock)
+
+
 def back_id(item, base, home, private, project):
     """An "id" item: one short line of letters, digits and "-", when it changed."""
     ours = read_place(private_place(private, item.path))
@@ -2130,7 +2175,8 @@ def back_id(item, base, home, private, project):
 
 
 # State.back: the check that decides what of the session's copy goes back to the host.
-FLOWS_BACK = {"keys": back_keys, "secret": back_keys, "lines": back_lines, "id": back_id}
+FLOWS_BACK = {"keys": back_keys, "secret": back_keys, "lines": back_lines, "id": back_id,
+              "mine": back_mine}
 
 
 def flow_back(items, seeded, home, private, project):
@@ -2238,7 +2284,7 @@ class Session:
         if project_id is not None:
             self.plan.state = with_project_id(self.plan.state, project_id)
         self.seeded = seed_state([i for i in self.plan.state if GEMINI_ID not in i.path],
-                                 self.plan.home, private)
+                                 self.plan.home, private, self.plan.project)
         self.plan.read_only_state = [i.path for i in self.plan.state if i.seed == "ro"
                                      and os.path.lexists(os.path.join(private, i.path))]
 
@@ -2397,7 +2443,7 @@ def describe(plan):
         lines += [f"allow file: {p}" for p in plan.allow_files]
     lines += [" ".join(x for x in mount if x) for mount in plan.mounts]
     lines += [f"state: ~/{i.path}: " + ", ".join(filter(None, [
-        {"copy": "a copy", "ro": "a read-only copy"}.get(i.seed),
+        {"copy": "a copy", "ro": "a read-only copy", "mine": "this project's lines"}.get(i.seed),
         i.back and f"back: {i.back}"])) for i in plan.state]
     if not plan.sockets_complete:
         lines.append(f"unix sockets, nested repositories: the search below the shown and "

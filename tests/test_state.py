@@ -167,6 +167,31 @@ class OtherProjectsStayOutside(StateCase):
         self.assertIn('{"type": "mine"}', result.stdout)
 
 
+class PromptHistory(StateCase):
+    """~/.claude/history.jsonl holds every project's prompts, one JSON line each."""
+
+    def line(self, project, text):
+        return json.dumps({"display": text, "project": project}) + "\n"
+
+    def test_only_this_projects_prompts_go_in_and_out(self):
+        theirs, mine = self.line("/home/u/other", SECRET), self.line(self.project, "mine")
+        self.put(".claude/history.jsonl", theirs + mine)
+        new = self.line(self.project, "new")
+        result = self.bw(f"cat ~/.claude/history.jsonl; printf '%s' '{new}' >> ~/.claude/history.jsonl")
+        self.assertEqual(result.stdout, mine, result.stderr)
+        self.assertEqual(self.read(".claude/history.jsonl"), theirs + mine + new)
+
+    def test_lines_of_other_projects_or_rewrites_do_not_go_back(self):
+        original = self.line(self.project, "mine")
+        self.put(".claude/history.jsonl", original)
+        for script in (f"printf '%s' '{self.line('/home/u/other', 'forged')}' >> ~/.claude/history.jsonl",
+                       f"printf '%s' '{self.line(self.project, 'x')}' > ~/.claude/history.jsonl",
+                       "echo 'echo $(id)' >> ~/.claude/history.jsonl"):
+            result = self.bw(script)
+            self.assertIn("~/.claude/history.jsonl not saved", result.stderr)
+            self.assertEqual(self.read(".claude/history.jsonl"), original)
+
+
 class AllowedDataFlowsBack(StateCase):
     def test_valid_transcripts_flow_back(self):
         first = '{"type": "user", "n": 1}\n'
