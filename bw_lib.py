@@ -46,8 +46,8 @@ Files that run code later, outside the sandbox
   dropped silently.  The CLI's state needs none of this: it is the session's own copy,
   and of its settings files only changes to the profile's guarded keys (model, the
   accepted bypass-permissions prompt, Gemini's trust for this project...) go back;
-  hooks, env, permissions and helpers never do.  --allow-config-writes turns all of this off (and binds the host's
-  state directory read-write).
+  hooks, env, permissions and helpers never do.  --allow-config-writes turns all of
+  this off (and binds the host's state directory read-write).
   Not contained: a new repository (git init, a clone, a submodule) made inside the
   project or an --allow-rw directory, and repositories nested below their top; files
   of the project itself (.env, Makefile, package.json scripts...) that tools run.

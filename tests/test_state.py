@@ -130,7 +130,8 @@ class CodeNeverFlowsBack(StateCase):
             "ln -sf ../.ssh/id_ed25519 ~/.claude/.credentials.json; "
             "ln -s /etc ~/.claude/commands; echo linked")
         self.assertIn("linked", result.stdout, result.stderr)
-        self.assertEqual(self.tree(".claude"), [f".claude/projects", f".claude/projects/{self.slug}"])
+        self.assertEqual(self.tree(".claude"),
+                         [".claude/projects", f".claude/projects/{self.slug}"])
         self.assertFalse(os.path.lexists(os.path.join(self.home, ".bashrc")))
 
     def test_links_in_the_host_state_are_neither_read_nor_written_through(self):
@@ -145,8 +146,8 @@ class CodeNeverFlowsBack(StateCase):
         result = self.bw(
             "cat ~/.claude/CLAUDE.md ~/.claude/agents/* 2>&1; "
             f"echo '{{\"type\": \"user\"}}' >> ~/.claude/projects/{self.slug}/s.jsonl; "
-            "echo '{\"claudeAiOauth\": {\"accessToken\": \"$(id)\"}}' > ~/.claude/.credentials.json;"
-            " echo done")
+            "echo '{\"claudeAiOauth\": {\"accessToken\": \"$(id)\"}}' "
+            "> ~/.claude/.credentials.json; echo done")
         self.assertIn("done", result.stdout, result.stderr)
         self.assertNotIn(SECRET, result.stdout)
         with open(bashrc) as f:
@@ -177,16 +178,18 @@ class PromptHistory(StateCase):
         theirs, mine = self.line("/home/u/other", SECRET), self.line(self.project, "mine")
         self.put(".claude/history.jsonl", theirs + mine)
         new = self.line(self.project, "new")
-        result = self.bw(f"cat ~/.claude/history.jsonl; printf '%s' '{new}' >> ~/.claude/history.jsonl")
+        result = self.bw(f"cat ~/.claude/history.jsonl; "
+                         f"printf '%s' '{new}' >> ~/.claude/history.jsonl")
         self.assertEqual(result.stdout, mine, result.stderr)
         self.assertEqual(self.read(".claude/history.jsonl"), theirs + mine + new)
 
     def test_lines_of_other_projects_or_rewrites_do_not_go_back(self):
         original = self.line(self.project, "mine")
         self.put(".claude/history.jsonl", original)
-        for script in (f"printf '%s' '{self.line('/home/u/other', 'forged')}' >> ~/.claude/history.jsonl",
-                       f"printf '%s' '{self.line(self.project, 'x')}' > ~/.claude/history.jsonl",
-                       "echo 'echo $(id)' >> ~/.claude/history.jsonl"):
+        history = "~/.claude/history.jsonl"
+        for script in (f"printf '%s' '{self.line('/home/u/other', 'forged')}' >> {history}",
+                       f"printf '%s' '{self.line(self.project, 'x')}' > {history}",
+                       f"echo 'echo $(id)' >> {history}"):
             result = self.bw(script)
             self.assertIn("~/.claude/history.jsonl not saved", result.stderr)
             self.assertEqual(self.read(".claude/history.jsonl"), original)
@@ -197,7 +200,8 @@ class AllowedDataFlowsBack(StateCase):
         first = '{"type": "user", "n": 1}\n'
         self.put(f".claude/projects/{self.slug}/a.jsonl", first)
         result = self.bw(
-            f"cd ~/.claude/projects/{self.slug} && echo '{{\"type\": \"assistant\"}}' >> a.jsonl && "
+            f"cd ~/.claude/projects/{self.slug} && "
+            "echo '{\"type\": \"assistant\"}' >> a.jsonl && "
             "printf '%s\\n%s' '{\"type\": \"user\"}' '{\"partial' > b.jsonl && echo wrote")
         self.assertIn("wrote", result.stdout, result.stderr)
         self.assertEqual(self.read(f".claude/projects/{self.slug}/a.jsonl"),
@@ -231,7 +235,8 @@ class AllowedDataFlowsBack(StateCase):
             "cat ~/.claude/.credentials.json; echo; "
             "printf '%s' '{\"claudeAiOauth\": {\"accessToken\": \"new\", \"refreshToken\": \"r2\", "
             "\"expiresAt\": 2, \"scopes\": [\"user:inference\"], \"helper\": \"evil\"}, "
-            "\"apiKeyHelper\": \"evil\"}' > ~/.claude/t && mv ~/.claude/t ~/.claude/.credentials.json")
+            "\"apiKeyHelper\": \"evil\"}' > ~/.claude/t && "
+            "mv ~/.claude/t ~/.claude/.credentials.json")
         self.assertIn('"old"', result.stdout, result.stderr)
         self.assertEqual(json.loads(self.read(".claude/.credentials.json")), {"claudeAiOauth": {
             "accessToken": "new", "refreshToken": "r2", "expiresAt": 2,
@@ -281,7 +286,8 @@ class GeminiChats(StateCase):
     def plant(self, project_id, owner):
         return (f"mkdir -p ~/.gemini/tmp/{project_id}/chats && "
                 f"printf '%s\\n' '{owner}' > ~/.gemini/tmp/{project_id}/.project_root && "
-                f"echo '{{\"sessionId\": \"s\"}}' > ~/.gemini/tmp/{project_id}/chats/session-1.jsonl"
+                f"echo '{{\"sessionId\": \"s\"}}' "
+                f"> ~/.gemini/tmp/{project_id}/chats/session-1.jsonl"
                 f" && echo 'evil' > ~/.gemini/tmp/{project_id}/shell_history && echo planted")
 
     def test_this_projects_chats_flow_back_and_are_seeded_next_time(self):
@@ -326,7 +332,8 @@ class RealClaudeState(RealCLITest):
                          [os.path.basename(slug_dir)])
         transcripts = [n for n in os.listdir(slug_dir) if n.endswith(".jsonl")]
         self.assertEqual(len(transcripts), 1, os.listdir(slug_dir))
-        code, out, err = self.run_wrapper(self.wrapper("claude", "--", "-p", "--continue", "second"))
+        code, out, err = self.run_wrapper(self.wrapper("claude", "--", "-p", "--continue",
+                                                       "second"))
         self.assertEqual(code, 0, f"stdout: {out}\nstderr: {err}")
         self.assertIn(self.answer, out)
         last = self.fake.requests_to("anthropic")[-1]
