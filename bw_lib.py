@@ -10,8 +10,9 @@ What the sandbox sees
     /dev, /proc                      fresh and minimal
     /tmp, /var/tmp                   private, empty, gone when the session ends
     $HOME                            a private, empty directory for this session, with:
-        the CLI's state (~/.claude/, ~/.gemini/)                 read-write, except
-            what holds code it runs later (PROTECTED_HOME, below)
+        the CLI's state (~/.claude/, ~/.gemini/)     the session's own copy, seeded
+            from the host's by the profile's State items; at exit only what
+            FLOWS_BACK accepts goes back (the "CLI state" section)
         tool directories (.cargo, .nvm, .local/bin, .gitconfig...)  read-only
         the CLI's install, wherever it is                        read-only
     the project directory (--dir)    read-write, the working directory
@@ -36,19 +37,17 @@ Files that run code later, outside the sandbox
   .git/worktrees (or .git itself when it is a file), .claude/settings*.json,
   .claude/commands, agents, hooks, skills, .mcp.json, .gemini/settings.json, .env,
   commands, extensions, .vscode, .idea in the project and in every --allow-rw
-  directory; and in the CLI's state ~/.claude/settings*.json, hooks, plugins, skills,
-  local (the local install), commands, agents, scripts at its top (*.sh, executables),
-  ~/.gemini/settings.json, .env, extensions, commands, trustedFolders.json: all stay
-  read-only although their parent is writable (PROTECTED_*).  A missing one is held by
-  an empty placeholder ({} for .json, "." for commondir) for the session, removed at
-  exit, so it cannot be created; the directories between it and the project are bound
-  onto themselves, so `mv .git elsewhere` fails (a mount point cannot be renamed).  A
-  placeholder that cannot be made where the sandbox could make the file (a directory
-  of ours, mode 555) stops the session: protection is never dropped silently.  The
-  CLI's home settings files are the exception it needs: the sandbox gets a copy, and at
-  exit only changes to the profile's `guarded` keys (model, the accepted
-  bypass-permissions prompt, Gemini's trust for this project...) go back; hooks, env,
-  permissions and helpers never do.  --allow-config-writes turns all of this off.
+  directory: all stay read-only although their parent is writable (PROTECTED_*).  A
+  missing one is held by an empty placeholder ({} for .json, "." for commondir) for the
+  session, removed at exit, so it cannot be created; the directories between it and
+  the project are bound onto themselves, so `mv .git elsewhere` fails (a mount point
+  cannot be renamed).  A placeholder that cannot be made where the sandbox could make
+  the file (a directory of ours, mode 555) stops the session: protection is never
+  dropped silently.  The CLI's state needs none of this: it is the session's own copy,
+  and of its settings files only changes to the profile's guarded keys (model, the
+  accepted bypass-permissions prompt, Gemini's trust for this project...) go back;
+  hooks, env, permissions and helpers never do.  --allow-config-writes turns all of
+  this off (and binds the host's state directory read-write).
   Not contained: a new repository (git init, a clone, a submodule) made inside the
   project or an --allow-rw directory, and repositories nested below their top; files
   of the project itself (.env, Makefile, package.json scripts...) that tools run.
@@ -152,8 +151,10 @@ import contextlib
 import fcntl
 import fnmatch
 import glob
+import hashlib
 import json
 import os
+import re
 import select
 import shlex
 import shutil
@@ -181,6 +182,8 @@ STATE_FILE_LIMIT = 64 << 20
 
 
 PROJECT_KEY = "{project}"   # in a guarded key: the session's project directory, one segment
+GEMINI_ID = "{id}"          # in a State path: Gemini's short id for this project, the
+GEMINI_IDS = ".gemini/tmp"  # directory here whose .project_root names it
 
 # What of ~/.claude.json goes back to the host: the state Claude keeps across runs
 # (counters, onboarding and tips, caches, the project history and statistics), never what
@@ -200,6 +203,27 @@ CLAUDE_JSON_KEYS = (
     "projects.*.exampleFilesGeneratedAt", "projects.*.hasClaudeMdExternalIncludesWarningShown",
     "projects.*.reactVulnerabilityCache",
     (f"projects.{PROJECT_KEY}.hasTrustDialogAccepted", (True, False)))
+# What of ~/.claude/.credentials.json goes back: the OAuth tokens a login or a refresh inside
+# wrote (plain values only, see the "secret" check).
+CLAUDE_CREDENTIAL_KEYS = tuple(f"claudeAiOauth.{key}" for key in (
+    "accessToken", "refreshToken", "expiresAt", "scopes", "subscriptionType", "rateLimitTier"))
+
+
+@dataclass(frozen=True)
+class State:
+    """One home-relative path of a CLI's state: how the session gets the host's (seed) and
+    what of the session's goes back at exit (back, checked by the FLOWS_BACK function of
+    that name).  In the path, "{slug}" (SLUG) is this project's directory name in
+    Claude's state, "{id}" (GEMINI_ID) its directory in Gemini's."""
+    path: str
+    seed: str = "copy"      # "copy": a writable copy; "ro": a read-only copy; "mine":
+                            # the lines of this project (a shared JSONL file); "": none
+    back: str = ""          # "": nothing; "keys": changes to `keys` (as guarded_changes);
+                            # "secret": the same, plain values only; "lines": new or
+                            # appended JSON lines of *.jsonl files (transcripts); "id":
+                            # one line of letters, digits and "-" (an installation id);
+                            # "mine": appended JSON lines of this project
+    keys: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -209,15 +233,14 @@ class Profile:
     tool: str               # the wrapper's name, used in messages and config paths
     lookup: tuple           # home-relative places tried after PATH
     install_hint: str
-    state_dirs: tuple       # home-relative, bound read-write (created if missing)
-    state_files: tuple      # (home-relative file, keys): copied in; at exit only the changes
-                            # to those keys (as `guarded`) are merged back (see above)
+    state_dirs: tuple       # home-relative: the CLI's state, private to each session
     allow: tuple            # default allow list for --filter-network
     env_names: tuple        # host variables passed through (fnmatch patterns)
     env: tuple = ()         # (name, value) set inside
     cli_args: tuple = ()    # put before the user's arguments
     helpers: tuple = ()     # other programs the CLI needs visible (found on PATH)
-    guarded: tuple = ()     # (home-relative settings file, dotted keys the sandbox may change)
+    state: tuple = ()       # State items: what of the host's state the session gets, and
+                            # what of its own goes back (the "CLI state" section)
 
 
 PROFILES = {
@@ -227,7 +250,6 @@ PROFILES = {
         lookup=(".claude/local/claude", ".local/bin/claude"),
         install_hint="npm install -g @anthropic-ai/claude-code",
         state_dirs=(".claude",),
-        state_files=((".claude.json", CLAUDE_JSON_KEYS),),
         allow=("api.anthropic.com", "claude.ai", "claude.com", "platform.claude.com",
                "console.anthropic.com"),
         env_names=("ANTHROPIC_*", "CLAUDE_CODE_*", "DISABLE_TELEMETRY", "DISABLE_ERROR_REPORTING",
@@ -236,9 +258,18 @@ PROFILES = {
         # The install is read-only, and the sandbox is what makes skipping prompts safe.
         env=(("DISABLE_AUTOUPDATER", "1"), ("IS_SANDBOX", "1")),
         cli_args=("--allow-dangerously-skip-permissions",),
-        guarded=((".claude/settings.json", ("skipDangerousModePermissionPrompt", "model",
-                                            "outputStyle", "alwaysThinkingEnabled",
-                                            "spinnerTipsEnabled", "feedbackSurveyState")),),
+        state=(State(".claude.json", back="keys", keys=CLAUDE_JSON_KEYS),
+               State(".claude/.credentials.json", back="secret", keys=CLAUDE_CREDENTIAL_KEYS),
+               State(".claude/settings.json", back="keys",
+                     keys=("skipDangerousModePermissionPrompt", "model", "outputStyle",
+                           "alwaysThinkingEnabled", "spinnerTipsEnabled",
+                           "feedbackSurveyState")),
+               State(".claude/CLAUDE.md", seed="ro"),
+               State(".claude/commands", seed="ro"),
+               State(".claude/agents", seed="ro"),
+               State(".claude/projects/{slug}", back="lines"),
+               # The prompt history (arrow up): this project's lines only, both ways.
+               State(".claude/history.jsonl", seed="mine", back="mine")),
     ),
     "gemini": Profile(
         name="gemini",
@@ -246,18 +277,30 @@ PROFILES = {
         lookup=(),
         install_hint="npm install -g @google/gemini-cli",
         state_dirs=(".gemini",),
-        state_files=(),
         allow=("generativelanguage.googleapis.com", "cloudcode-pa.googleapis.com",
                "oauth2.googleapis.com", "www.googleapis.com", "accounts.google.com"),
         env_names=("GEMINI_*", "GOOGLE_GEMINI_BASE_URL", "GOOGLE_API_KEY", "GOOGLE_CLOUD_PROJECT",
                    "GOOGLE_CLOUD_LOCATION",
                    "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_GCA"),
         helpers=("node",),
-        guarded=((".gemini/settings.json", ("security.auth.selectedType", "ui.theme",
-                                            "model.name", "general.vimMode")),
-                 # Trust given inside: for this project only, never for its parent.
-                 (".gemini/trustedFolders.json", ((PROJECT_KEY, ("TRUST_FOLDER",
-                                                                 "DO_NOT_TRUST")),))),
+        state=(State(".gemini/oauth_creds.json", back="secret",
+                     keys=("access_token", "refresh_token", "scope", "token_type", "id_token",
+                           "expiry_date")),
+               State(".gemini/google_accounts.json", back="secret", keys=("active", "old")),
+               State(".gemini/installation_id", back="id"),
+               State(".gemini/settings.json", back="keys",
+                     keys=("security.auth.selectedType", "ui.theme", "model.name",
+                           "general.vimMode")),
+               # Trust given inside: for this project only, never for its parent.
+               State(".gemini/trustedFolders.json", back="keys",
+                     keys=((PROJECT_KEY, ("TRUST_FOLDER", "DO_NOT_TRUST")),)),
+               # This project's chats, for --resume: the directory is seeded, and its
+               # chats/*.jsonl go back (after the project_id checks).
+               State(f"{GEMINI_IDS}/{GEMINI_ID}"),
+               State(f"{GEMINI_IDS}/{GEMINI_ID}/chats", seed="", back="lines"),
+               State(".gemini/.env", seed="ro"),
+               State(".gemini/GEMINI.md", seed="ro"),
+               State(".gemini/commands", seed="ro")),
     ),
 }
 
@@ -361,18 +404,7 @@ PROTECTED_PROJECT = (".git/hooks/", ".git/config", ".git/commondir", ".git/confi
                      ".claude/hooks/", ".claude/skills/", ".mcp.json", ".gemini/settings.json",
                      ".gemini/.env", ".gemini/commands/", ".gemini/extensions/", ".vscode/",
                      ".idea/")
-# The CLIs' own state directories are writable (sessions, history, credentials...), but
-# these in them hold code or name commands the CLI runs later, unsandboxed.
-PROTECTED_HOME = (".claude/settings.json", ".claude/settings.local.json", ".claude/hooks/",
-                  ".claude/plugins/", ".claude/skills/", ".claude/local/", ".claude/commands/",
-                  ".claude/agents/", ".gemini/settings.json", ".gemini/trustedFolders.json",
-                  ".gemini/.env",
-                  ".gemini/extensions/", ".gemini/commands/")
 PROTECTED_GLOBS = (".claude/settings*.json",)
-# Scripts at the top of a state directory (a status line, hook scripts): read-only too.
-PROTECTED_HOME_GLOBS = tuple(f"{d}/{pattern}" for d in (".claude", ".gemini")
-                             for pattern in ("*.sh", "*.bash", "*.zsh", "*.py", "*.js", "*.mjs",
-                                             "*.cjs", "*.ts", "*.rb", "*.pl"))
 # A placeholder for a missing .json file holds an empty object: an empty file is invalid
 # JSON, and Gemini CLI refuses to start on it.  A missing .git/commondir is held by one
 # naming .git itself (git refuses an empty one).
@@ -486,8 +518,8 @@ def build_parser(profile):
                               "e.g. --shell -- -c 'cmd'")
     add_switch(sandbox, "--allow-config-writes", "--no-allow-config-writes",
                "let the sandbox change .git/hooks, .git/config, .claude/settings*.json, "
-               ".mcp.json and the like (risk: code the agent writes there runs later, outside "
-               "the sandbox)")
+               ".mcp.json and the like, and the CLI's own state (~/.claude) directly "
+               "(risk: code the agent writes there runs later, outside the sandbox)")
     if profile.cli_args:
         add_switch(sandbox, "--no-skip-permissions", "--skip-permissions",
                    f"do not pass {' '.join(profile.cli_args)} to {cli}")
@@ -770,11 +802,12 @@ class Plan:
     seccomp: bytes = None                           # the TIOCSTI filter program
     disable_userns: bool = False                    # bwrap has --disable-userns
     placeholders: list = field(default_factory=list)  # protected paths to create first
-    guarded: list = field(default_factory=list)     # (host path, keys): bound as a copy
     sockets_complete: bool = True                   # the socket and repository walks
                                                     # saw everything
     verbose: bool = False
     dry_run: bool = False
+    state: list = field(default_factory=list)       # State items, SLUG filled in
+    read_only_state: list = field(default_factory=list)  # home-relative seeded "ro" copies
 
 
 def hidden_paths(profile):
@@ -783,13 +816,16 @@ def hidden_paths(profile):
     ~/.claude/.credentials.json and ~/.claude.json from bw-gemini)."""
     others = [p for p in PROFILES.values() if p.name != profile.name]
     return tuple(dict.fromkeys([*SECRETS, *(d for p in others for d in p.state_dirs),
-                                *(f for p in others for f, _ in p.state_files)]))
+                                *(f for p in others for f in top_state_files(p))]))
 
 
-def home_mounts(profile, home, full_home, entries, exists=os.path.lexists):
-    """Binds that populate the session's home; `entries` lists the real home."""
-    mounts = [("--bind", os.path.join(home, d), os.path.join(home, d)) for d in profile.state_dirs]
-    files = [f for p in PROFILES.values() for f, _ in p.state_files]
+def home_mounts(profile, home, full_home, entries, exists=os.path.lexists, bind_state=False):
+    """Binds that populate the session's home; `entries` lists the real home.  The CLI's
+    state is the session's own copy (seed_state), unless `bind_state`
+    (--allow-config-writes): then the host's, read-write."""
+    mounts = [("--bind", os.path.join(home, d), os.path.join(home, d))
+              for d in profile.state_dirs if bind_state]
+    files = [f for p in PROFILES.values() for f in top_state_files(p)]
     skip = set(profile.state_dirs) | set(files) | set(hidden_paths(profile))
     if full_home:
         shown = [e for e in sorted(entries) if e not in skip
@@ -957,7 +993,8 @@ def make_plan(profile, opts, environ, skip=()):
 
     hidden = hidden_paths(profile)
     entries = showable_entries(home, hidden) if opts.full_home_access else set()
-    mounts = home_mounts(profile, home, opts.full_home_access, entries)
+    mounts = home_mounts(profile, home, opts.full_home_access, entries,
+                         bind_state=opts.allow_config_writes)
     rw_extra = []
     for flag, option, paths in (("--allow-ro", "--ro-bind", opts.allow_ro),
                                 ("--allow-rw", "--bind", opts.allow_rw)):
@@ -983,17 +1020,13 @@ def make_plan(profile, opts, environ, skip=()):
     mounts.append(("--bind", project, project))
     mounts += secret_masks(home, mounts, hidden=hidden)
     mounts += sockets
-    placeholders, guarded = [], []
+    placeholders = []
     if not opts.allow_config_writes:
         rw_roots = [dest for option, _, dest in mounts if option == "--bind"]
-        guarded = [(os.path.join(home, relative), keys) for relative, keys in profile.guarded
-                   if any(is_within(os.path.join(home, relative), r) for r in rw_roots)]
         nested, whole = nested_repositories([project, *rw_extra])
         walked = walked and whole
         protected, placeholders = protection(project, home, rw_roots, rw_extra, nested)
-        copies = {path for path, _ in guarded}
-        # The guarded settings files are bound as copies instead (build_bwrap_args).
-        mounts += [m for m in protected if not (m[0] == "--ro-bind" and m[2] in copies)]
+        mounts += protected
 
     allow_files = []
     user_file = config_path({**environ, "HOME": home}, profile.tool, "allowed-domains")
@@ -1033,9 +1066,9 @@ def make_plan(profile, opts, environ, skip=()):
         seccomp=tiocsti_filter(os.uname().machine),
         disable_userns=bwrap_supports(bwrap, "--disable-userns"),
         placeholders=placeholders,
-        guarded=guarded,
         sockets_complete=walked,
-        verbose=opts.verbose, dry_run=opts.dry_run)
+        verbose=opts.verbose, dry_run=opts.dry_run,
+        state=state_items(profile, project, opts.allow_config_writes))
 
 
 def assemble(program):
@@ -1104,14 +1137,10 @@ def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexi
             wanted.append((base, ".git"))      # a gitdir: pointer file
         wanted += [(base, p) for p in PROTECTED_PROJECT
                    if base in bases or p.startswith(".git/")]
-    wanted += [(home, p) for p in PROTECTED_HOME]
-    for base in bases + [home]:
-        for pattern in PROTECTED_GLOBS + (PROTECTED_HOME_GLOBS if base == home else ()):
+    for base in bases:
+        for pattern in PROTECTED_GLOBS:
             wanted += [(base, os.path.relpath(p, base))
                        for p in sorted(glob(os.path.join(base, pattern)))]
-    for directory in (".claude", ".gemini"):   # scripts without a telling name
-        wanted += [(home, os.path.relpath(p, home))
-                   for p in sorted(glob(os.path.join(home, directory, "*"))) if is_program(p)]
     mounts, placeholders, pins = [], [], []
     for base, relative in dict.fromkeys(wanted):
         path = os.path.join(base, relative.rstrip("/"))
@@ -1129,15 +1158,6 @@ def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexi
             placeholders.append(path + ("/" if relative.endswith("/") else ""))
         mounts.append(("--ro-bind", path, path))
     return [("--bind", p, p) for p in pins] + mounts, placeholders
-
-
-def is_program(path):
-    """An executable regular file (not a directory, not through a symlink)."""
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(info.st_mode) and bool(info.st_mode & 0o111)
 
 
 def depth(mount):
@@ -1175,8 +1195,8 @@ def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None):
         args += ["--ro-bind", path, path]
     args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
     mounts = [("--bind", os.path.join(private_dir, "home"), plan.home), *plan.mounts]
-    mounts += [("--bind", os.path.join(private_dir, f"guarded.{i}"), path)
-               for i, (path, _) in enumerate(plan.guarded)]
+    mounts += [("--ro-bind", os.path.join(private_dir, "home", relative),
+                os.path.join(plan.home, relative)) for relative in plan.read_only_state]
     if plan.filter:
         mounts += [("--ro-bind", BRIDGE_SCRIPT, SANDBOX_BRIDGE),
                    ("--ro-bind", os.path.join(private_dir, "proxy.sock"), SANDBOX_SOCKET)]
@@ -1624,28 +1644,6 @@ def take_lock(lock):
     return False
 
 
-def write_back(path, base, ours):
-    target = os.path.realpath(path)
-    locked = take_lock(target + ".lock")
-    try:
-        theirs = read_regular(target)
-        data = merge_state(base, ours, theirs)
-        if data is None:
-            return
-        try:
-            mode = os.stat(target).st_mode & 0o777
-        except OSError:
-            mode = 0o600
-        tmp = f"{target}.tmp.{os.getpid()}.bw"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    finally:
-        if locked:
-            os.rmdir(target + ".lock")
-
-
 def stop(process, sig=signal.SIGTERM):
     """Signal a child and reap it, bounded; SIGKILL if it lingers."""
     if process is None or process.poll() is not None:
@@ -1752,6 +1750,461 @@ def could_be_made(path, error):
     return owner == os.geteuid() or os.access(parent, os.W_OK)
 
 
+# ---------------------------------------------------------------------------
+# CLI state: the session's own copy, and what of it flows back
+# ---------------------------------------------------------------------------
+# Inside, ~/.claude (~/.gemini) is a directory of the session's private home, not the host's:
+# it starts with copies of what the profile's State items seed and is thrown away at exit.
+# Per session, not per project: sessions of one project overlap and end in any order, and
+# nothing one of them wrote (a session-env hook, a shell snapshot) may reach the next one
+# except through the checks below.  Only what a FLOWS_BACK check accepts reaches the host;
+# nothing else the CLI or the agent wrote there does.  On the host, the first component (the
+# state directory, or ~/.claude.json) may be the user's own link into a dotfiles repository
+# and is followed; below it, no link is ever followed, when reading or when writing.
+
+STATE_COPY_ENTRIES = 10000   # files and directories copied for one State item, at most
+STATE_COPY_DEPTH = 8
+SLUG = "{slug}"              # in a State path: this project's directory name in Claude's state
+GEMINI_ID_NAME = re.compile(r"[a-z0-9-]{1,100}")
+PROJECT_ROOT = ".project_root"
+SLUG_LIMIT = 200             # Claude shortens longer names with a hash: not carried then
+TRANSCRIPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.jsonl")
+INSTALLATION_ID = re.compile(rb"[A-Za-z0-9-]{1,64}\n?")
+
+
+def project_slug(project):
+    """Claude's name for a project under ~/.claude/projects: every character other than
+    an ASCII letter or digit becomes "-"."""
+    return re.sub(r"[^A-Za-z0-9]", "-", project)
+
+
+def top_state_files(profile):
+    """The profile's State paths that are not inside one of its state directories
+    (~/.claude.json)."""
+    return [i.path for i in profile.state
+            if not any(i.path.startswith(d + "/") for d in profile.state_dirs)]
+
+
+def state_items(profile, project, bind_state=False):
+    """The profile's State items for this project: SLUG filled in (an item whose name
+    Claude would shorten is left out), and when the host's state is bound (`bind_state`,
+    --allow-config-writes) only the files outside it."""
+    slug, items = project_slug(project), []
+    top = top_state_files(profile)
+    for item in profile.state:
+        if SLUG in item.path:
+            if len(slug) > SLUG_LIMIT:
+                continue
+            item = State(item.path.replace(SLUG, slug), item.seed, item.back, item.keys)
+        if bind_state and item.path not in top:
+            continue
+        items.append(item)
+    return items
+
+
+def host_place(home, relative):
+    """(root, [directories below it], name) of a home-relative state path on the host.
+    Only the first component is resolved: it is the user's (a dotfiles link)."""
+    first, *rest = relative.split("/")
+    top = os.path.realpath(os.path.join(home, first))
+    if not rest:
+        return os.path.dirname(top), [], os.path.basename(top)
+    return top, rest[:-1], rest[-1]
+
+
+def private_place(private, relative):
+    """The same for the session's copy: nothing in it is followed, not even the first."""
+    *parts, name = relative.split("/")
+    return private, parts, name
+
+
+def open_beneath(root, parts, create=False):
+    """A descriptor of the directory root/parts..., each part opened with O_NOFOLLOW (a link
+    is refused); missing parts (and root) are made (0700) when `create`.  None when that
+    fails."""
+    if create:
+        with contextlib.suppress(OSError):
+            os.mkdir(root, 0o700)
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    for part in parts:
+        try:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o700, dir_fd=fd)
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        except OSError:
+            os.close(fd)
+            return None
+        os.close(fd)
+        fd = inner
+    return fd
+
+
+def read_at(dir_fd, name, limit=STATE_FILE_LIMIT):
+    """The bytes of regular file `name` in dir_fd (never through a link), or None."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        return f.read(limit)
+
+
+def read_place(place):
+    """The bytes of the regular file at (root, parts, name), or None."""
+    root, parts, name = place
+    fd = open_beneath(root, parts)
+    if fd is None:
+        return None
+    try:
+        return read_at(fd, name)
+    finally:
+        os.close(fd)
+
+
+def copy_entry(src_fd, name, dest, budget, level=0):
+    """Copy src_fd/name to dest: regular files and directories, nothing through a link and
+    no link, device, socket or fifo; `budget` ([entries left]) bounds the whole copy."""
+    if budget[0] <= 0:
+        return
+    budget[0] -= 1
+    try:
+        info = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
+    except OSError:
+        return
+    if stat.S_ISREG(info.st_mode):
+        data = read_at(src_fd, name)
+        if data is not None:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+    elif stat.S_ISDIR(info.st_mode) and level < STATE_COPY_DEPTH:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=src_fd)
+        except OSError:
+            return
+        try:
+            os.mkdir(dest, 0o700)
+            for entry in sorted(os.listdir(fd)):
+                copy_entry(fd, entry, os.path.join(dest, entry), budget, level + 1)
+        finally:
+            os.close(fd)
+
+
+def transcript_bases(private_dir):
+    """{file name: (size, sha256)} of the transcripts seeded into a "lines" directory."""
+    bases = {}
+    fd = open_beneath(private_dir, [])
+    if fd is None:
+        return bases
+    try:
+        for name in os.listdir(fd):
+            data = read_at(fd, name) if TRANSCRIPT_NAME.fullmatch(name) else None
+            if data is not None:
+                bases[name] = (len(data), hashlib.sha256(data).digest())
+    finally:
+        os.close(fd)
+    return bases
+
+
+def find_project_id(root, parts, project, limit=STATE_COPY_ENTRIES):
+    """The name of the directory at root/parts whose .project_root names `project` (how
+    Gemini finds a project's short id), or None."""
+    fd = open_beneath(root, parts)
+    if fd is None:
+        return None
+    try:
+        for name in sorted(os.listdir(fd))[:limit]:
+            if not GEMINI_ID_NAME.fullmatch(name):
+                continue
+            inner = open_beneath(f"/proc/self/fd/{fd}", [name])
+            if inner is None:
+                continue
+            try:
+                owner = read_at(inner, PROJECT_ROOT, 4096)
+            finally:
+                os.close(inner)
+            if owner is not None and owner.strip() == project.encode():
+                return name
+    finally:
+        os.close(fd)
+    return None
+
+
+def with_project_id(items, project_id):
+    """`items` with GEMINI_ID filled in; those that need it are left out when it is None."""
+    return [State(i.path.replace(GEMINI_ID, project_id), i.seed, i.back, i.keys)
+            if GEMINI_ID in i.path else i for i in items
+            if project_id is not None or GEMINI_ID not in i.path]
+
+
+def host_project_id(items, home, project):
+    """Gemini's id for this project on the host, if the profile has GEMINI_ID items."""
+    if not any(GEMINI_ID in i.path for i in items):
+        return None
+    root, parts, name = host_place(home, GEMINI_IDS + "/x")
+    return find_project_id(root, parts, project)
+
+
+def claim_project_id(home, private, project):
+    """The id the session's Gemini gave this project, if the host may take its chats under
+    it: no other project owns that directory on the host (its .project_root) nor that id in
+    ~/.gemini/projects.json.  The host's .project_root is written when missing."""
+    project_id = find_project_id(private, GEMINI_IDS.split("/"), project)
+    if project_id is None:
+        return None
+    root, parts, _ = host_place(home, f"{GEMINI_IDS}/{project_id}/{PROJECT_ROOT}")
+    owner = read_place((root, parts, PROJECT_ROOT))
+    registry = parse_json(read_place(host_place(home, ".gemini/projects.json")) or b"{}")
+    ids = registry.get("projects") if isinstance(registry, dict) else None
+    others = {v for k, v in ids.items() if k != project} if isinstance(ids, dict) else set()
+    if (owner is not None and owner.strip() != project.encode()) or project_id in others:
+        raise ValueError(f"~/{GEMINI_IDS}/{project_id} belongs to another project")
+    if owner is None:
+        write_place((root, parts, PROJECT_ROOT), project.encode())
+    return project_id
+
+
+def project_lines(data, project):
+    """The lines of a shared JSONL file (~/.claude/history.jsonl) that belong to `project`
+    (their "project" names it); the others are other projects' and stay outside."""
+    return b"".join(line for line in (data or b"").splitlines(keepends=True)
+                    if line.endswith(b"\n") and isinstance(parse_json(line), dict)
+                    and parse_json(line).get("project") == project)
+
+
+def seed_state(items, home, private, project=None):
+    """Copy the host's State items that are seeded into the session's home `private`.
+    Returns what each item that flows back started from: the bytes of a file (None when
+    the host had none), or the transcript_bases of a "lines" directory."""
+    seeded = {}
+    for item in items:
+        dest = os.path.join(private, item.path)
+        if item.seed == "mine":
+            os.makedirs(os.path.dirname(dest), 0o700, exist_ok=True)
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(project_lines(read_place(host_place(home, item.path)), project))
+        elif item.seed:
+            root, parts, name = host_place(home, item.path)
+            fd = open_beneath(root, parts)
+            if fd is not None:
+                try:
+                    os.makedirs(os.path.dirname(dest), 0o700, exist_ok=True)
+                    copy_entry(fd, name, dest, [STATE_COPY_ENTRIES])
+                finally:
+                    os.close(fd)
+        if item.back == "lines":
+            seeded[item.path] = transcript_bases(dest)
+        elif item.back:
+            seeded[item.path] = read_place(private_place(private, item.path))
+    return seeded
+
+
+def plain(value):
+    """A credential's value: a string, number, boolean or null, or a list of strings."""
+    if isinstance(value, list):
+        return all(isinstance(v, str) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def keys_update(base, ours, keys, project, only_plain=False):
+    """What a "keys" (or, with only_plain, "secret") item sends back: `base` with only
+    the changes `ours` made to `keys`, or None.  A secret whose changed values are not all
+    plain is refused whole (ValueError)."""
+    changed = guarded_changes(base, ours, keys, project)
+    if changed is None or not only_plain:
+        return changed
+    tree = json.loads(changed)
+    for key in keys:
+        segments, _ = key_segments(key, project)
+        for path in key_paths((tree,), segments):
+            value = dotted(tree, path)
+            if value is not _MISSING and not plain(value):
+                raise ValueError(f"{'.'.join(path)} is not a plain value")
+    return changed
+
+
+def complete_lines(data):
+    """The complete lines of a JSONL file written by the sandbox, if every one is a JSON
+    object (a partial last line, still being written, is left out); else None."""
+    end = data.rfind(b"\n") + 1
+    for line in data[:end].splitlines():
+        if line.strip() and not isinstance(parse_json(line), dict):
+            return None
+    return data[:end]
+
+
+def lines_update(base, ours, theirs):
+    """The new content of a host transcript, or None to leave it alone.  `base` is what
+    the session was seeded with ((size, sha256) or None), `ours` the session's complete
+    lines, `theirs` the host's file now (None when absent).  Only lines appended to what
+    the session was given go back, after what the host has now; a rewritten transcript
+    is refused (ValueError)."""
+    size, digest = base or (0, hashlib.sha256(b"").digest())
+    if hashlib.sha256(ours[:size]).digest() != digest:
+        raise ValueError("the session rewrote it instead of appending")
+    new = ours[size:]
+    if not new:
+        return None
+    if theirs is None:
+        return ours if base is None else new
+    if theirs[:size] != ours[:size]:
+        raise ValueError("it changed on the host meanwhile")
+    return theirs + new
+
+
+def write_place(place, data, mode=0o600):
+    """Replace (or create) the host file at `place` with `data`: parents opened without
+    following links (made 0700 when missing), a temporary file made with O_EXCL beside it,
+    then rename().  The target must be a regular file of this user, or absent."""
+    root, parts, name = place
+    fd = open_beneath(root, parts, create=True)
+    if fd is None:
+        raise ValueError("a directory on its way is missing or a link")
+    tmp = f".{name}.{os.getpid()}.bw-tmp"
+    try:
+        try:
+            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                raise ValueError("it is not a regular file of yours")
+            mode = info.st_mode & 0o777
+        except FileNotFoundError:
+            pass
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode,
+                      dir_fd=fd)
+        try:
+            with os.fdopen(out, "wb") as f:
+                f.write(data)
+            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=fd)
+            raise
+    finally:
+        os.close(fd)
+
+
+def back_keys(item, base, home, private, project):
+    """A "keys" or "secret" item: the allowed changes, merged under the CLI's lock
+    (NAME.lock beside the file, as Claude's own) with what changed on the host meanwhile."""
+    ours = read_place(private_place(private, item.path))
+    if ours is None:
+        return
+    data = keys_update(base, ours, item.keys, project, only_plain=item.back == "secret")
+    if data is None:
+        return
+    place = host_place(home, item.path)
+    lock = os.path.join(place[0], *place[1], place[2] + ".lock")
+    locked = take_lock(lock)
+    try:
+        merged = merge_state(base, data, read_place(place))
+        if merged is not None:
+            write_place(place, merged)
+    finally:
+        if locked:
+            os.rmdir(lock)
+
+
+def back_lines(item, bases, home, private, project):
+    """A "lines" item: each *.jsonl file directly in the directory, regular, within
+    STATE_FILE_LIMIT, every complete line a JSON object, only appended to."""
+    fd = open_beneath(private, item.path.split("/"))
+    if fd is None:
+        return
+    try:
+        names = sorted(n for n in os.listdir(fd) if TRANSCRIPT_NAME.fullmatch(n))
+        ours = {n: read_at(fd, n) for n in names}
+    finally:
+        os.close(fd)
+    problems = []
+    for name, data in ours.items():
+        lines = complete_lines(data) if data is not None else None
+        if lines is None:
+            problems.append(f"{name}: not a regular file of JSON lines")
+            continue
+        place = host_place(home, f"{item.path}/{name}")
+        try:
+            update = lines_update((bases or {}).get(name), lines, read_place(place))
+            if update is not None:
+                write_place(place, update)
+        except ValueError as error:
+            problems.append(f"{name}: {error}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def back_mine(item, base, home, private, project):
+    """A "mine" item (a JSONL file all projects share): the complete lines the session
+    appended to what it was given, each a JSON object of this project, appended to the
+    host's file under the CLI's lock (NAME.lock)."""
+    ours = read_place(private_place(private, item.path))
+    if ours is None:
+        return
+    lines, base = complete_lines(ours), base or b""
+    if lines is None or not lines.startswith(base):
+        raise ValueError("not lines appended to what the session was given")
+    new = lines[len(base):]
+    if project_lines(new, project) != new:
+        raise ValueError("a line of another project, or not a JSON object")
+    if not new:
+        return
+    place = host_place(home, item.path)
+    lock = os.path.join(place[0], *place[1], place[2] + ".lock")
+    locked = take_lock(lock)
+    try:
+        theirs = read_place(place) or b""
+        if theirs and not theirs.endswith(b"\n"):
+            theirs += b"\n"
+        write_place(place, theirs + new)
+    finally:
+        if locked:
+            os.rmdir(lock)
+
+
+def back_id(item, base, home, private, project):
+    """An "id" item: one short line of letters, digits and "-", when it changed."""
+    ours = read_place(private_place(private, item.path))
+    if ours is None or ours == base:
+        return
+    if not INSTALLATION_ID.fullmatch(ours):
+        raise ValueError("not an id")
+    write_place(host_place(home, item.path), ours)
+
+
+# State.back: the check that decides what of the session's copy goes back to the host.
+FLOWS_BACK = {"keys": back_keys, "secret": back_keys, "lines": back_lines, "id": back_id,
+              "mine": back_mine}
+
+
+def flow_back(items, seeded, home, private, project):
+    """Send back, item by item, what its FLOWS_BACK check accepts.  Returns a line for
+    each item refused (its host copy is left as it was)."""
+    lines = []
+    if any(GEMINI_ID in i.path for i in items):
+        try:
+            project_id = claim_project_id(home, private, project)
+        except (OSError, ValueError) as error:
+            lines.append(f"chats not saved: {printable(str(error))}")
+            project_id = None
+        items = with_project_id(items, project_id)
+    for item in items:
+        if not item.back:
+            continue
+        try:
+            FLOWS_BACK[item.back](item, seeded.get(item.path), home, private, project)
+        except (OSError, ValueError, RecursionError) as error:
+            why = error.strerror if isinstance(error, OSError) and error.strerror else error
+            lines.append(f"~/{item.path} not saved: {printable(str(why))}")
+    return lines
+
+
 class Session:
     """One sandboxed run: private directory, proxy, bwrap; `with` guarantees the clean-up."""
 
@@ -1760,9 +2213,8 @@ class Session:
         self.dir = self.proxy = self.bwrap = None
         self.set_up = False          # bwrap ran the command (a session that did not
                                      # leaves an earlier --learn file alone)
-        self.snapshots = {}
+        self.seeded = {}             # State path: what was copied in (seed_state)
         self.created = []
-        self.guarded_bases = []
         self.tool = plan.profile.tool
 
     def __enter__(self):
@@ -1825,40 +2277,26 @@ class Session:
             self.created.append(path)
 
     def load_state(self):
+        """The session's own copy of the CLI's state (see the "CLI state" section)."""
+        private = os.path.join(self.dir, "home")
+        bound = {src for option, src, _ in self.plan.mounts if option == "--bind"}
         for relative in self.plan.profile.state_dirs:
-            os.makedirs(os.path.join(self.plan.home, relative), 0o700, exist_ok=True)
-        for relative, _ in self.plan.profile.state_files:
-            # A dotfile manager's symlink is followed on the host side only.
-            host = os.path.realpath(os.path.join(self.plan.home, relative))
-            data = read_regular(host)
-            self.snapshots[relative] = (host, data)
-            if data is not None:
-                fd = os.open(self.home_path(relative), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-        for i, (path, _) in enumerate(self.plan.guarded):
-            data = read_regular(path)
-            self.guarded_bases.append(data)
-            with open(os.path.join(self.dir, f"guarded.{i}"), "wb") as f:
-                f.write(PLACEHOLDER_JSON if data is None else data)
+            os.makedirs(os.path.join(private, relative), 0o700, exist_ok=True)
+            if os.path.join(self.plan.home, relative) in bound:    # --allow-config-writes
+                os.makedirs(os.path.join(self.plan.home, relative), 0o700, exist_ok=True)
+        project_id = host_project_id(self.plan.state, self.plan.home, self.plan.project)
+        if project_id is not None:
+            self.plan.state = with_project_id(self.plan.state, project_id)
+        self.seeded = seed_state([i for i in self.plan.state if GEMINI_ID not in i.path],
+                                 self.plan.home, private, self.plan.project)
+        self.plan.read_only_state = [i.path for i in self.plan.state if i.seed == "ro"
+                                     and os.path.lexists(os.path.join(private, i.path))]
 
     def save_state(self):
-        """Merge back what the sandbox may change: the allowed keys of state files and of
-        guarded settings, nothing else."""
-        project = self.plan.project
-        for relative, keys in self.plan.profile.state_files:
-            host, base = self.snapshots.get(relative, (None, None))
-            if host is None:
-                continue
-            ours = read_regular(self.home_path(relative))
-            changed = guarded_changes(base, ours, keys, project) if ours is not None else None
-            if changed is not None:
-                write_back(host, base, changed)
-        for i, ((path, keys), base) in enumerate(zip(self.plan.guarded, self.guarded_bases)):
-            ours = read_regular(os.path.join(self.dir, f"guarded.{i}"))
-            changed = guarded_changes(base, ours, keys, project) if ours is not None else None
-            if changed is not None:
-                write_back(path, base, changed)
+        """Send back what may flow back (FLOWS_BACK), nothing else; one line for each refusal."""
+        for line in flow_back(self.plan.state, self.seeded, self.plan.home,
+                              os.path.join(self.dir, "home"), self.plan.project):
+            say(f"{self.tool}: {line}")
 
     def launch_proxy(self):
         """Start the proxy; the caller prepares the rest meanwhile, then awaits it."""
@@ -2008,6 +2446,9 @@ def describe(plan):
             lines.append("private addresses: reachable by allowed names (--allow-private)")
         lines += [f"allow file: {p}" for p in plan.allow_files]
     lines += [" ".join(x for x in mount if x) for mount in plan.mounts]
+    lines += [f"state: ~/{i.path}: " + ", ".join(filter(None, [
+        {"copy": "a copy", "ro": "a read-only copy", "mine": "this project's lines"}.get(i.seed),
+        i.back and f"back: {i.back}"])) for i in plan.state]
     if not plan.sockets_complete:
         lines.append(f"unix sockets, nested repositories: the search below the shown and "
                      f"writable directories stopped at {SOCKET_WALK_ENTRIES} entries or "

@@ -95,22 +95,19 @@ class ProtectionPlanTest(unittest.TestCase):
     def test_existing_paths_are_read_only_and_their_parents_pinned(self):
         mounts, placeholders = self.plan(
             ["/p/.git/config", "/p/.git/hooks", "/p/.claude/settings.json",
-             "/p/.claude/settings.old.json", "/p/.mcp.json", "/h/.claude/settings.json"],
+             "/p/.claude/settings.old.json", "/p/.mcp.json"],
             dirs=["/p/.git", "/p/.claude", "/p/.claude/commands", "/p/.claude/agents",
                   "/p/.gemini", "/p/.vscode", "/p/.idea"])
         for path in ("/p/.git", "/p/.claude", "/p/.gemini"):
             self.assertIn(("--bind", path, path), mounts)
         for path in ("/p/.git/hooks", "/p/.git/config", "/p/.claude/settings.json",
-                     "/p/.claude/settings.old.json", "/p/.mcp.json", "/p/.vscode",
-                     "/h/.claude/settings.json"):
+                     "/p/.claude/settings.old.json", "/p/.mcp.json", "/p/.vscode"):
             self.assertIn(("--ro-bind", path, path), mounts)
         self.assertEqual(placeholders, [
             "/p/.git/commondir", "/p/.git/config.worktree", "/p/.git/modules/",
             "/p/.git/worktrees/", "/p/.claude/settings.local.json", "/p/.claude/hooks/",
             "/p/.claude/skills/", "/p/.gemini/settings.json", "/p/.gemini/.env",
-            "/p/.gemini/commands/", "/p/.gemini/extensions/", "/h/.claude/settings.local.json",
-            "/h/.claude/hooks/", "/h/.claude/plugins/", "/h/.claude/skills/", "/h/.claude/local/",
-            "/h/.claude/commands/", "/h/.claude/agents/"])
+            "/p/.gemini/commands/", "/p/.gemini/extensions/"])
 
     def test_missing_paths_get_placeholders_and_no_git_means_no_git_rules(self):
         mounts, placeholders = self.plan([])
@@ -120,10 +117,9 @@ class ProtectionPlanTest(unittest.TestCase):
             "/p/.claude/commands/", "/p/.claude/agents/", "/p/.claude/hooks/",
             "/p/.claude/skills/", "/p/.mcp.json", "/p/.gemini/", "/p/.gemini/settings.json",
             "/p/.gemini/.env", "/p/.gemini/commands/", "/p/.gemini/extensions/", "/p/.vscode/",
-            "/p/.idea/", "/h/.claude/settings.json", "/h/.claude/settings.local.json",
-            "/h/.claude/hooks/", "/h/.claude/plugins/", "/h/.claude/skills/",
-            "/h/.claude/local/", "/h/.claude/commands/", "/h/.claude/agents/"])
-        self.assertNotIn("/h/.gemini/settings.json", [m[2] for m in mounts])
+            "/p/.idea/"])
+        # The CLI's state is the session's own copy (tests/test_state.py): nothing in it.
+        self.assertFalse([m for m in mounts if m[2].startswith("/h/")])
 
     def test_git_file_and_allow_rw_directories_are_protected(self):
         existing = {"/p/.git", "/r/.git", "/r/.git/config"}
@@ -223,8 +219,6 @@ class HardeningTest(unittest.TestCase):
         "gemini-settings": "mkdir -p .gemini && echo '{}' > .gemini/settings.json",
         "vscode": "mkdir -p .vscode && echo '{}' > .vscode/tasks.json",
         "idea": "mkdir -p .idea/x",
-        "home-claude-local": "echo '{\"hooks\": {}}' > ~/.claude/settings.local.json",
-        "home-claude-rename": "mv ~/.claude/settings.json ~/.claude/s.json",
     }
     ALLOWED = {"git-object": "echo x > .git/objects/new && echo done",
                "claude-other": "mkdir -p .claude && echo x > .claude/notes.txt && echo done"}
@@ -255,7 +249,7 @@ class HardeningTest(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(self.project)),
                          sorted(before + [".claude", ".fake-cli-args"]))
         self.assertEqual(os.listdir(os.path.join(self.project, ".claude")), ["notes.txt"])
-        self.assertEqual(os.listdir(os.path.join(self.home, ".claude")), [])
+        self.assertFalse(os.path.lexists(os.path.join(self.home, ".claude")))
         self.assertEqual(os.listdir(self.runtime), [])
 
     def test_home_settings_keep_only_the_safe_changes(self):
@@ -277,10 +271,9 @@ class HardeningTest(unittest.TestCase):
 
     def test_missing_home_settings_are_created_with_safe_changes_only(self):
         result = self.bw(script=(
-            "cat ~/.claude/settings.json; printf '%s' '{\"hooks\": 1, "
+            "printf '%s' '{\"hooks\": 1, "
             "\"skipDangerousModePermissionPrompt\": true}' > ~/.claude/settings.json"))
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertEqual(result.stdout, "{}\n")
         with open(os.path.join(self.home, ".claude", "settings.json")) as f:
             self.assertEqual(json.load(f), {"skipDangerousModePermissionPrompt": True})
 
@@ -292,7 +285,7 @@ class HardeningTest(unittest.TestCase):
         self.assertEqual(os.listdir(self.project), [".fake-cli-args"])
         with open(os.path.join(self.project, ".fake-cli-args")) as f:
             self.assertTrue(f.read())
-        self.assertEqual(os.listdir(os.path.join(self.home, ".claude")), [])
+        self.assertFalse(os.path.lexists(os.path.join(self.home, ".claude")))
 
     def without_privileges(self):
         """A prefix that runs the wrapper without root's power to write anywhere (as the
@@ -442,9 +435,10 @@ class HardeningTest(unittest.TestCase):
                              capture_output=True, text=True)
         self.assertEqual(log.stdout, "inside\n", log.stderr)
 
-    def test_cli_state_that_runs_code_is_read_only(self):
+    def test_cli_state_that_runs_code_never_reaches_the_host(self):
         # Both CLIs run code from their state directories: hooks and status-line scripts,
-        # plugins, skills, the local install, commands, agents, extensions, .env.
+        # plugins, skills, the local install, commands, agents, extensions, .env.  Inside
+        # they are the session's own copies; none of it reaches the host's.
         os.makedirs(os.path.join(self.home, ".claude", "hooks"))
         for name, mode in (("statusline.sh", 0o644), ("statusline", 0o755)):
             with open(os.path.join(self.home, ".claude", name), "w") as f:
@@ -469,15 +463,16 @@ class HardeningTest(unittest.TestCase):
                             for n, c in allowed.items()])
         result = self.bw(script=script)
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertNotIn("WORKED", result.stdout)
         for name in allowed:
             self.assertIn(f"ALLOWED {name}", result.stdout)
-        self.assertEqual(sorted(os.listdir(os.path.join(self.home, ".claude"))), sorted(
-            ["hooks", "statusline.sh", "statusline", ".credentials.json", "history.jsonl",
-             "projects", "todos", "statsig", "shell-snapshots", "tmp"]))
+        self.assertEqual(sorted(os.listdir(os.path.join(self.home, ".claude"))),
+                         ["hooks", "statusline", "statusline.sh"])
         self.assertEqual(os.listdir(os.path.join(self.home, ".claude", "hooks")), [])
+        for name in ("statusline.sh", "statusline"):
+            with open(os.path.join(self.home, ".claude", name)) as f:
+                self.assertEqual(f.read(), "#!/bin/sh\necho status\n")
 
-    def test_gemini_state_that_runs_code_is_read_only(self):
+    def test_gemini_state_that_runs_code_never_reaches_the_host(self):
         if not shutil.which("node", path=self.env["PATH"]):
             missing("node is not installed")
         with open(os.path.join(self.bin, "gemini"), "w") as f:
@@ -500,7 +495,7 @@ class HardeningTest(unittest.TestCase):
                                                               "bw-gemini"), "--", script],
                                 cwd=p, env=self.env, capture_output=True, text=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertNotIn("WORKED", result.stdout)
+        self.assertNotIn("WORKED project-env", result.stdout)
         self.assertIn("TRUSTED", result.stdout)
         self.assertIn("ALLOWED", result.stdout)
         # Trust goes back for this project only.
@@ -546,7 +541,7 @@ class HardeningTest(unittest.TestCase):
         self.assertNotIn("Traceback", result.stderr)
         self.assertEqual(os.listdir(self.runtime), [])
         self.assertEqual(sorted(os.listdir(self.project)), [".fake-cli-args"])
-        self.assertEqual(os.listdir(os.path.join(self.home, ".claude")), [])
+        self.assertFalse(os.path.lexists(os.path.join(self.home, ".claude")))
         self.assertFalse(os.path.exists(os.path.join(self.home, ".claude.json")))
 
     def test_home_must_be_absolute_and_relative_xdg_config_is_ignored(self):
@@ -600,7 +595,7 @@ class HardeningTest(unittest.TestCase):
         self.make_git()
         result = self.bw("--allow-config-writes", script=self.attack_script())
         self.assertEqual(result.returncode, 0, result.stderr)
-        for name in ("hook", "git-config", "mcp", "claude-settings", "home-claude-local"):
+        for name in ("hook", "git-config", "mcp", "claude-settings"):
             self.assertIn(f"WORKED {name}", result.stdout)
         self.assertTrue(os.path.exists(os.path.join(self.project, ".mcp.json")))
 
