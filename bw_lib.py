@@ -147,6 +147,7 @@ happens.  A relative XDG_CONFIG_HOME is ignored.
 
 import argparse
 import contextlib
+import difflib
 import fcntl
 import fnmatch
 import glob
@@ -161,6 +162,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from dataclasses import dataclass, field
 
@@ -200,6 +202,30 @@ CLAUDE_JSON_KEYS = (
     (f"projects.{PROJECT_KEY}.hasTrustDialogAccepted", (True, False)))
 
 
+# The CLIs' long options (`claude --help` of 2.1.197, `gemini --help` of 0.61.0), as data: an
+# unknown option close to one of the wrapper's is refused as a typo unless the CLI has it.
+CLAUDE_OPTIONS = (
+    "--add-dir", "--agent", "--agents", "--allow-dangerously-skip-permissions", "--allowedTools",
+    "--append-system-prompt", "--ax-screen-reader", "--bare", "--betas", "--bg", "--brief",
+    "--chrome", "--continue", "--dangerously-skip-permissions", "--debug", "--debug-file",
+    "--disable-slash-commands", "--disallowedTools", "--effort",
+    "--exclude-dynamic-system-prompt-sections", "--fallback-model", "--file", "--fork-session",
+    "--from-pr", "--ide", "--include-hook-events", "--include-partial-messages",
+    "--input-format", "--json-schema", "--max-budget-usd", "--mcp-config", "--model", "--name",
+    "--no-chrome", "--no-session-persistence", "--output-format", "--permission-mode",
+    "--plugin-dir", "--plugin-url", "--print", "--prompt-suggestions", "--remote-control",
+    "--remote-control-session-name-prefix", "--replay-user-messages", "--resume", "--safe-mode",
+    "--session-id", "--setting-sources", "--settings", "--strict-mcp-config", "--system-prompt",
+    "--tmux", "--tools", "--version", "--worktree")
+GEMINI_OPTIONS = (
+    "--accept-raw-output-risk", "--acp", "--admin-policy", "--allowed-mcp-server-names",
+    "--allowed-tools", "--approval-mode", "--debug", "--delete-session", "--experimental-acp",
+    "--extensions", "--include-directories", "--list-extensions", "--list-sessions", "--model",
+    "--output-format", "--policy", "--prompt", "--prompt-interactive", "--raw-output", "--resume",
+    "--sandbox", "--screen-reader", "--session-file", "--session-id", "--skip-trust",
+    "--version", "--worktree", "--yolo")
+
+
 @dataclass(frozen=True)
 class Profile:
     """Everything that differs between the CLIs, as data."""
@@ -216,6 +242,8 @@ class Profile:
     cli_args: tuple = ()    # put before the user's arguments
     helpers: tuple = ()     # other programs the CLI needs visible (found on PATH)
     guarded: tuple = ()     # (home-relative settings file, dotted keys the sandbox may change)
+    cli_options: tuple = ()  # the CLI's own long options, passed through even when one looks
+                             # like a misspelt option of the wrapper's (see misspelt_option)
 
 
 PROFILES = {
@@ -237,6 +265,7 @@ PROFILES = {
         guarded=((".claude/settings.json", ("skipDangerousModePermissionPrompt", "model",
                                             "outputStyle", "alwaysThinkingEnabled",
                                             "spinnerTipsEnabled", "feedbackSurveyState")),),
+        cli_options=CLAUDE_OPTIONS,
     ),
     "gemini": Profile(
         name="gemini",
@@ -256,6 +285,7 @@ PROFILES = {
                  # Trust given inside: for this project only, never for its parent.
                  (".gemini/trustedFolders.json", ((PROJECT_KEY, ("TRUST_FOLDER",
                                                                  "DO_NOT_TRUST")),))),
+        cli_options=GEMINI_OPTIONS,
     ),
 }
 
@@ -273,7 +303,8 @@ ETC_ENTRIES = ("alternatives", "bash.bashrc", "ca-certificates", "ca-certificate
                "resolv.conf", "services", "shells", "ssl", "terminfo", "timezone", "vim")
 
 # Home-relative tool directories made visible read-only, when present.
-HOME_TOOLS = (".cargo", ".rustup", ".npm", ".nvm", ".pyenv", ".rbenv", ".volta", ".bun",
+# Caches (~/.npm...) are not tools: each session has its own (CACHE_ENV).
+HOME_TOOLS = (".cargo", ".rustup", ".nvm", ".pyenv", ".rbenv", ".volta", ".bun",
               ".deno", ".local/bin", ".local/lib", "go", ".gitconfig", ".config/git",
               ".inputrc", ".vimrc")
 
@@ -558,6 +589,7 @@ def parse_args(profile, argv, defaults=()):
     ours, after = split_argv(argv)
     parser = build_parser(profile)
     given, unknown = parser.parse_known_args(ours)
+    refuse_misspelt(profile, parser, unknown)
     opts = parser.parse_known_args([*defaults, *ours])[0] if defaults else given
     opts.args = unknown + after
     resolve_options(opts, given)
@@ -721,13 +753,15 @@ def install_roots(chain, home):
     return [r for r in roots if not any(r != o and is_within(r, o) for o in roots)]
 
 
-def build_env(profile, environ, home, pass_env=(), assignments=()):
-    """The sandbox's environment: allow list, profile defaults, --pass-env, --env."""
+def build_env(profile, environ, home, pass_env=(), assignments=(), defaults=()):
+    """The sandbox's environment: allow list, profile defaults, `defaults` (inside_env),
+    --pass-env, --env."""
     patterns = ENV_NAMES + profile.env_names
     env = {name: value for name, value in environ.items()
            if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
     env["HOME"] = home
     env.update(profile.env)
+    env.update(defaults)
     env.update((name, environ[name]) for name in pass_env if name in environ)
     env.update(a.partition("=")[::2] for a in assignments)
     return env
@@ -771,6 +805,7 @@ class Plan:
                                                     # saw everything
     verbose: bool = False
     dry_run: bool = False
+    allow_file_rules: list = field(default_factory=list)  # the allow files' rules, read once
 
 
 def hidden_paths(profile):
@@ -978,6 +1013,7 @@ def make_plan(profile, opts, environ, skip=()):
         mounts += [("--ro-bind", r, r) for r in install_roots(symlink_chain(program), home)]
     mounts.append(("--bind", project, project))
     mounts += secret_masks(home, mounts, hidden=hidden)
+    mounts += session_masks(environ, mounts, create=not opts.dry_run)
     mounts += sockets
     placeholders, guarded = [], []
     if not opts.allow_config_writes:
@@ -991,16 +1027,17 @@ def make_plan(profile, opts, environ, skip=()):
         # The guarded settings files are bound as copies instead (build_bwrap_args).
         mounts += [m for m in protected if not (m[0] == "--ro-bind" and m[2] in copies)]
 
-    allow_files = []
+    allow_files, file_rules = [], []
     user_file = config_path({**environ, "HOME": home}, profile.tool, "allowed-domains")
+    writable = [dest for option, _, dest in mounts if option == "--bind"]
     for path in ([user_file] if os.path.isfile(user_file) else []) + opts.allow_file:
-        if not os.path.isfile(path):
-            raise Failure(f"--allow-file {path}: no such file")
+        if opts.filter_network:
+            file_rules += allow_file_rules(path, writable)
         allow_files.append(os.path.abspath(path))
     allow = list(profile.allow) + preset_rules(opts.allow_preset) + opts.allow_domain
     if opts.filter_network:
         # Every rule now, before anything starts: the proxy would refuse it later.
-        problems = rule_problems(allow, allow_files)[1]
+        problems = rule_problems(allow)[1]
         if problems:
             raise Failure(f"bad allow rule: {problems[0]}", 2)
     learn = os.path.abspath(opts.learn) if opts.learn else None
@@ -1011,7 +1048,8 @@ def make_plan(profile, opts, environ, skip=()):
     bwrap = shutil.which("bwrap", path=search_path) or "bwrap"
     return Plan(
         profile=profile, home=home, project=project, command=command,
-        env=build_env(profile, environ, home, opts.pass_env, opts.env),
+        env=build_env(profile, environ, home, opts.pass_env, opts.env,
+                      defaults=inside_env(opts.filter_network)),
         bwrap=bwrap,
         system=[(d, os.readlink(d) if os.path.islink(d) else None)
                 for d in SYSTEM_DIRS if os.path.lexists(d)],
@@ -1031,7 +1069,7 @@ def make_plan(profile, opts, environ, skip=()):
         placeholders=placeholders,
         guarded=guarded,
         sockets_complete=walked,
-        verbose=opts.verbose, dry_run=opts.dry_run)
+        verbose=opts.verbose, dry_run=opts.dry_run, allow_file_rules=file_rules)
 
 
 def assemble(program):
@@ -1160,7 +1198,7 @@ def namespace_args(disable_userns, unshare_net):
     return args
 
 
-def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None):
+def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None, socket_dir=None):
     """The bwrap command line.  The environment is not in it: it goes to bwrap as its own
     environment, so API keys never show in `ps`."""
     args = [plan.bwrap, *namespace_args(plan.disable_userns, plan.unshare_net),
@@ -1170,12 +1208,14 @@ def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None):
     for path in plan.etc:
         args += ["--ro-bind", path, path]
     args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
-    mounts = [("--bind", os.path.join(private_dir, "home"), plan.home), *plan.mounts]
+    mounts = [("--bind", os.path.join(private_dir, "home"), plan.home), *plan.mounts,
+              ("--bind", os.path.join(private_dir, "cache"), SANDBOX_CACHE)]
     mounts += [("--bind", os.path.join(private_dir, f"guarded.{i}"), path)
                for i, (path, _) in enumerate(plan.guarded)]
     if plan.filter:
         mounts += [("--ro-bind", BRIDGE_SCRIPT, SANDBOX_BRIDGE),
-                   ("--ro-bind", os.path.join(private_dir, "proxy.sock"), SANDBOX_SOCKET)]
+                   ("--ro-bind", os.path.join(socket_dir or private_dir, "proxy.sock"),
+                    SANDBOX_SOCKET)]
     # Parents before children, so no mount hides one meant to be on top of it.
     for option, source, dest in sorted(mounts, key=depth):
         if source is None:
@@ -1190,15 +1230,13 @@ def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None):
     return args + ["--", *inner_command(plan)]
 
 
-def build_proxy_args(plan, private_dir, ready_fd):
+def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
     # -I -S: the proxy needs only the standard library; skipping site-packages and the
     # user's PYTHON* variables saves start-up time and keeps it what this file says.
     args = [sys.executable, "-I", "-S", FILTER_SCRIPT,
-            "--listen", os.path.join(private_dir, "proxy.sock")]
-    for rule in plan.allow:
+            "--listen", os.path.join(socket_dir or private_dir, "proxy.sock")]
+    for rule in plan.allow + plan.allow_file_rules:
         args += ["--allow", rule]
-    for path in plan.allow_files:
-        args += ["--allow-file", path]
     if plan.allow_private:
         args.append("--allow-private")
     if plan.learn:
@@ -1753,7 +1791,7 @@ class Session:
 
     def __init__(self, plan, environ):
         self.plan, self.environ = plan, environ
-        self.dir = self.proxy = self.bwrap = None
+        self.dir = self.proxy = self.bwrap = self.socket_dir = None
         self.set_up = False          # bwrap ran the command (a session that did not
                                      # leaves an earlier --learn file alone)
         self.snapshots = {}
@@ -1762,8 +1800,18 @@ class Session:
         self.tool = plan.profile.tool
 
     def __enter__(self):
-        self.dir, self.lock_fd = make_private_dir(private_base(self.environ), self.tool)
-        os.mkdir(os.path.join(self.dir, "home"), 0o700)
+        self.dir, self.lock_fd = make_private_dir(session_dirs_base(self.environ, self.tool),
+                                                  self.tool)
+        try:
+            os.mkdir(os.path.join(self.dir, "home"), 0o700)
+            os.mkdir(os.path.join(self.dir, "cache"), 0o700)
+            if self.plan.filter:
+                self.socket_dir, self.socket_lock = make_private_dir(
+                    private_base(self.environ), self.tool)
+        except BaseException:
+            remove_tree(self.dir)
+            os.close(self.lock_fd)
+            raise
         return self
 
     def __exit__(self, *exc_info):
@@ -1788,6 +1836,9 @@ class Session:
         finally:
             remove_tree(self.dir)
             os.close(self.lock_fd)
+            if self.socket_dir:
+                remove_tree(self.socket_dir)
+                os.close(self.socket_lock)
         return False
 
     def home_path(self, relative):
@@ -1859,7 +1910,7 @@ class Session:
     def launch_proxy(self):
         """Start the proxy; the caller prepares the rest meanwhile, then awaits it."""
         read_fd, write_fd = os.pipe()
-        args = build_proxy_args(self.plan, self.dir, write_fd)
+        args = build_proxy_args(self.plan, self.dir, write_fd, socket_dir=self.socket_dir)
         if self.plan.verbose:
             say(shlex.join(args))
         try:
@@ -1900,7 +1951,8 @@ class Session:
                     "programs that ignore HTTP(S)_PROXY reach the network directly")
         read_fd, write_fd = os.pipe()
         seccomp_fd = filter_fd(self.plan.seccomp)
-        args = build_bwrap_args(self.plan, self.dir, write_fd, seccomp_fd)
+        args = build_bwrap_args(self.plan, self.dir, write_fd, seccomp_fd,
+                                socket_dir=self.socket_dir)
         if self.plan.verbose:
             say(format_env_command(self.plan.env, args))
         # bwrap dies on SIGINT and SIGQUIT (Ctrl-C, Ctrl-\) and takes the sandbox with it:
@@ -2028,6 +2080,265 @@ def check_tools(plan):
                 raise Failure(f"{path} is missing; keep {os.path.basename(path)} next to bw_lib.py")
 
 
+# ---------------------------------------------------------------------------------------------
+# Tools inside the sandbox (issue 13): package caches, Node's fetch, the terminal, misspelt
+# options, allow files that are pipes, the session's home on disk.
+# ---------------------------------------------------------------------------------------------
+
+# The session's cache directory inside: on disk, the session's own, removed at exit.
+SANDBOX_CACHE = "/var/cache/bw"
+# Package managers write their caches there, never into the host's: a cache the sandbox wrote
+# and a later install outside read would carry a poisoned package out.  The tools themselves
+# (~/.cargo/bin, ~/.nvm, ~/go/bin...) stay visible read-only.  (variable, subdirectory)
+CACHE_ENV = (("XDG_CACHE_HOME", ""),            # pip, go-build, deno, yarn 1, pnpm's cache...
+             ("npm_config_cache", "npm"), ("PIP_CACHE_DIR", "pip"),
+             ("YARN_CACHE_FOLDER", "yarn"), ("npm_config_store_dir", "pnpm-store"),
+             ("BUN_INSTALL_CACHE_DIR", "bun"), ("GOMODCACHE", "go-mod"),
+             ("GOCACHE", "go-build"),
+             # Cargo keeps its registry and git checkouts in CARGO_HOME, whose bin/ stays on
+             # PATH read-only; ~/.cargo/config.toml is then not read inside.
+             ("CARGO_HOME", "cargo"))
+# Node's fetch() honours HTTP(S)_PROXY only with NODE_USE_ENV_PROXY=1, from Node 24.0 and
+# 22.21; http/https.request from 24.5 and 22.21 (Node's changelogs).  Earlier versions ignore
+# the variable, so it is set for every session with the filter; nothing is put in NODE_OPTIONS,
+# which an older node would refuse to start with.
+NODE_FETCH_PROXY = ((22, 21), (24, 0))
+NODE_HTTP_PROXY = ((22, 21), (24, 5))
+TERMINAL_SIGNALS = (signal.SIGTTOU, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+ALLOW_FILE_LIMIT = 16 << 20
+
+
+def inside_env(filter_network, cache=SANDBOX_CACHE):
+    """Variables every session sets inside (before --pass-env and --env, which win)."""
+    env = {name: f"{cache}/{sub}" if sub else cache for name, sub in CACHE_ENV}
+    if filter_network:
+        env["NODE_USE_ENV_PROXY"] = "1"
+    return env
+
+
+def node_version(text):
+    """(major, minor) from `node --version` output such as "v20.20.2", or None."""
+    parts = text.strip().lstrip("v").split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return None
+
+
+def node_honours(version, since):
+    """Whether Node `version` has a feature added in the (major, minor) releases of `since`
+    (each line from its release on, and every later major)."""
+    lines = dict(since)
+    if version[0] in lines:
+        return version[1] >= lines[version[0]]
+    return version[0] > max(lines)
+
+
+def node_check(search_path):
+    """--doctor: whether the node inside makes fetch() go through the proxy."""
+    node = find_program("node", search_path)
+    if node is None:
+        return Check("node fetch", "ok", "no node on PATH")
+    code, output = run_briefly([node, "--version"], 10)
+    version = node_version(output) if code == 0 else None
+    if version is None:
+        return Check("node fetch", "note", f"cannot tell the version of {node}")
+    name = f"Node {output.strip()} ({node})"
+    if not node_honours(version, NODE_FETCH_PROXY):
+        return Check("node fetch", "note", f"{name}: its built-in fetch() ignores proxy "
+                     "variables, so inside --unshare-net it fails (ECONNREFUSED, EAI_AGAIN); "
+                     "npm, the CLIs, curl, git and pip use the proxy",
+                     "Node 22.21 or 24 and later honour NODE_USE_ENV_PROXY=1, which the "
+                     "sandbox sets")
+    if not node_honours(version, NODE_HTTP_PROXY):
+        return Check("node fetch", "note", f"{name}: fetch() uses the proxy "
+                     "(NODE_USE_ENV_PROXY=1), http.request does not", "Node 24.5 and later")
+    return Check("node fetch", "ok", f"{name}: fetch() and http.request use the proxy "
+                 "(NODE_USE_ENV_PROXY=1)")
+
+
+@contextlib.contextmanager
+def terminal_kept(stream):
+    """Restore the terminal's modes on every way out: a CLI killed with the wrapper (SIGTERM,
+    timeout) leaves it raw and without echo."""
+    try:
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (OSError, ValueError, AttributeError, termios.error):
+        saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            restore_terminal(fd, saved)
+
+
+def restore_terminal(fd, saved):
+    """tcsetattr, even from the background (SIGTTOU) or when the terminal is gone."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in TERMINAL_SIGNALS}
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+    except (OSError, termios.error):
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def misspelt_option(token, ours, cli_options=()):
+    """The wrapper's options `token` (an option its parser did not know) may be a typo of: a
+    prefix of them, or close to one (--filter-netwrok); [] when the CLI has it, or when
+    nothing of ours looks like it.  A CLI option that looks like ours goes after --."""
+    name = token.split("=", 1)[0]
+    if not name.startswith("--") or len(name) < 3 or name in cli_options or \
+            any(c.isspace() for c in name):
+        return []
+    prefixed = [o for o in ours if o.startswith(name)]
+    return prefixed or difflib.get_close_matches(name, ours, n=1, cutoff=0.8)
+
+
+def refuse_misspelt(profile, parser, unknown):
+    """Refuse, before anything starts, an unknown option that looks like one of ours."""
+    ours = sorted(o for o in parser._option_string_actions if o.startswith("--"))
+    for token in unknown:
+        close = misspelt_option(token, ours, profile.cli_options)
+        if close:
+            name = token.split("=", 1)[0]
+            raise Failure(f"{name}: not a {profile.tool} option; did you mean "
+                          f"{' or '.join(close)}?  (an option for {profile.name} goes after "
+                          f"--: {profile.tool} -- {name})", 2)
+
+
+def allow_file_rules(path, writable):
+    """The rules of one --allow-file, read once here and handed to the proxy as rules, so a
+    pipe (--allow-file <(...)) works.  Any readable file but a directory; never one the
+    sandbox can write (`writable`: the project, --allow-rw directories, the CLI's state), nor
+    reached through a link there: a session could have changed it to widen the next one's
+    network."""
+    filters = rules_module()
+    for place in (os.path.abspath(path), os.path.realpath(path)):
+        root = next((r for r in writable if is_within(place, r)), None)
+        if root is not None:
+            raise Failure(f"--allow-file {path}: it is in {root}, which the sandbox can write, "
+                          "so a session could have changed it; keep allow files elsewhere "
+                          "(e.g. ~/.config/)", 2)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as error:
+        raise Failure(f"--allow-file {path}: {error.strerror.lower()}", 2) from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise Failure(f"--allow-file {path}: a directory, not a file of rules", 2)
+        if stat.S_ISREG(info.st_mode) and not same_file(info, os.path.realpath(path)):
+            raise Failure(f"--allow-file {path}: it changed while being opened", 2)
+        data = read_limited(fd, ALLOW_FILE_LIMIT)
+    finally:
+        os.close(fd)
+    if data is None:
+        raise Failure(f"--allow-file {path}: larger than {ALLOW_FILE_LIMIT >> 20} MiB", 2)
+    # socks_filter parses it (one parser), from a copy in memory.
+    copy = os.memfd_create("allow-file", os.MFD_CLOEXEC)
+    where = f"/proc/self/fd/{copy}"
+    try:
+        os.write(copy, data)
+        return [rule.text for rule in filters.read_rule_file(where)]
+    except filters.RuleError as error:
+        raise Failure(f"bad allow rule: {printable(str(error).replace(where, path))}", 2) \
+            from None
+    finally:
+        os.close(copy)
+
+
+def same_file(info, path):
+    try:
+        other = os.stat(path)
+    except OSError:
+        return False
+    return (info.st_dev, info.st_ino) == (other.st_dev, other.st_ino)
+
+
+def read_limited(fd, limit):
+    """All of fd (blocking, as a pipe needs), or None past `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+
+
+def session_base(environ, tool):
+    """Where sessions keep their homes, caches and logs: $XDG_CACHE_HOME/TOOL (when absolute)
+    or ~/.cache/TOOL, on disk; $XDG_RUNTIME_DIR is a small tmpfs that a session's caches
+    would fill.  Only the proxy's socket goes there."""
+    base = environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(environ.get("HOME", ""), ".cache")
+    return os.path.join(base, tool)
+
+
+def checked_session_base(environ, tool, create=True):
+    """session_base, made (0700) when missing and checked without following a link: a
+    directory of ours that nobody else can enter.  None when it cannot be made (a read-only
+    home): sessions then live in the runtime directory, as the socket does."""
+    path = session_base(environ, tool)
+    if create:
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            try:
+                os.mkdir(path, 0o700)
+            except OSError:
+                return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise Failure(f"{path}: {error.strerror.lower()}; it must be a directory of yours "
+                      "(mode 0700), not a link: remove it") from None
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise Failure(f"{path}: must be yours with mode 0700 (it is uid {info.st_uid}, mode "
+                      f"{stat.S_IMODE(info.st_mode):04o}): chmod 700 it, or remove it")
+    return path
+
+
+def session_dirs_base(environ, tool):
+    """The base of the session's directory: on disk when it can be, else the runtime one."""
+    return checked_session_base(environ, tool) or private_base(environ)
+
+
+def sweep_sessions(environ, tool):
+    """sweep_stale for both places sessions live."""
+    sweep_stale(private_base(environ), tool)
+    base = checked_session_base(environ, tool, create=False)
+    if base is not None:
+        sweep_stale(base, tool)
+
+
+def session_masks(environ, mounts, create=True):
+    """Every tool's session base holds other sessions' homes, caches and logs (bw-claude's a
+    copy of ~/.claude.json, which bw-gemini must not see): an empty mount over it wherever a
+    bind would show it.  It is made first when missing, so one made later cannot appear."""
+    sources = [src for _, src, _ in mounts if src]
+    masks = []
+    for profile in PROFILES.values():
+        base = session_base(environ, profile.tool)
+        if not any(is_within(base, src) and src != base for src in sources):
+            continue
+        if create and checked_session_base(environ, profile.tool) is None:
+            continue        # it cannot be made: nor can a session make it
+        masks.append(("--tmpfs", None, base))
+    return masks
+
 def run(profile, argv, environ=None, skip=()):
     environ = dict(os.environ if environ is None else environ)
     ours = split_argv(argv)[0]
@@ -2043,7 +2354,7 @@ def run(profile, argv, environ=None, skip=()):
         sys.stdout.write(format_presets())
         return 0
     if not opts.dry_run:
-        sweep_stale(private_base(environ), profile.tool)
+        sweep_sessions(environ, profile.tool)
     plan = make_plan(profile, opts, environ, skip)
     tool = profile.tool
     if plan.verbose:
@@ -2051,10 +2362,12 @@ def run(profile, argv, environ=None, skip=()):
             say(f"{tool}: defaults: {shlex.join(defaults)}")
         say(describe(plan))
     if plan.dry_run:
-        private_dir = os.path.join(private_base(environ), tool + ".XXXXXXXX")
+        private_dir = session_base(environ, tool) + "/" + tool + ".XXXXXXXX"
+        socket_dir = os.path.join(private_base(environ), tool + ".XXXXXXXX")
         if plan.filter:
-            write_out(shlex.join(build_proxy_args(plan, private_dir, "FD")))
-        write_out(format_env_command(plan.env, build_bwrap_args(plan, private_dir, seccomp_fd="FD")))
+            write_out(shlex.join(build_proxy_args(plan, private_dir, "FD", socket_dir)))
+        write_out(format_env_command(plan.env, build_bwrap_args(plan, private_dir, seccomp_fd="FD",
+                                                                socket_dir=socket_dir)))
         return 0
     check_tools(plan)
     with Session(plan, environ) as session:
@@ -2174,7 +2487,7 @@ def allow_list_checks(profile, opts, environ):
     user_file = config_path(environ, profile.tool, "allowed-domains")
     files += [user_file] if os.path.isfile(user_file) else []
     for path in opts.allow_file:
-        if os.path.isfile(path):
+        if os.path.exists(path) and not os.path.isdir(path):
             files.append(path)
         else:
             checks.append(Check("allow list", "FAIL", f"--allow-file {path}: no such file",
@@ -2274,6 +2587,7 @@ def host_checks(profile, opts, environ, skip=()):
     if not (env_program and env_resets_signals(env_program)):
         checks.append(Check("Ctrl-C", "note", "env(1) lacks --default-signal: Ctrl-C ends the "
                             "whole session instead of reaching the CLI", "coreutils 8.31 or later"))
+    checks.append(node_check(search_path))
     try:
         checks += allow_list_checks(profile, opts, environ)
     except Failure:
@@ -2326,7 +2640,8 @@ def main(name):
         signal.signal(sig, raise_terminated)
     entry = os.path.realpath(sys.argv[0])
     try:
-        code = run(profile, sys.argv[1:], skip=(entry,))
+        with terminal_kept(sys.stdin):
+            code = run(profile, sys.argv[1:], skip=(entry,))
     except Failure as failure:
         say(f"{profile.tool}: error: {failure}")
         code = failure.code
