@@ -2289,11 +2289,12 @@ def checked_session_base(environ, tool, create=True):
     if create:
         with contextlib.suppress(OSError):
             os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            try:
-                os.mkdir(path, 0o700)
-            except OSError:
-                return None
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except FileNotFoundError:
