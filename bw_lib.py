@@ -1,7 +1,7 @@
 """Run an AI coding CLI inside a bubblewrap sandbox, optionally with filtered network.
 
 This module is the whole of bw-claude and bw-gemini; the two entry scripts only pick
-a profile and call main().  Python 3.11 standard library only.
+a profile and call main().  Python 3.10 or later (os.splice), standard library only.
 
 What the sandbox sees
     /usr, /bin, /sbin, /lib*, /opt   read-only, laid out as on the host
