@@ -9,12 +9,15 @@ What the sandbox sees
                                      time zone and /etc/alternatives need
     /dev, /proc                      fresh and minimal
     /tmp, /var/tmp                   private, empty, gone when the session ends
-    $HOME                            a private, empty directory for this session, with:
+    $HOME                            a private, empty directory for this session (on disk,
+                                     below ~/.cache/TOOL: session_base), with:
         the CLI's state (~/.claude/, ~/.gemini/)                 read-write, except
             what holds code it runs later (PROTECTED_HOME, below)
         tool directories (.cargo, .nvm, .local/bin, .gitconfig...)  read-only
         the CLI's install, wherever it is                        read-only
     the project directory (--dir)    read-write, the working directory
+    /var/cache/bw                    the session's caches (CACHE_ENV points npm, pip, yarn,
+                                     pnpm, bun, go and cargo there), on disk, its own
   Never visible: ~/.ssh, ~/.aws, ~/.gnupg, ~/.kube, ~/.docker, ~/.netrc,
   ~/.password-store, browser profiles, ~/.config/gh, shell histories and the other
   SECRETS below, nor the other CLI's state (its credentials), not even with
@@ -65,7 +68,7 @@ Files that run code later, outside the sandbox
   back.
 
 --filter-network
-  A private directory (mode 0700, under $XDG_RUNTIME_DIR when set) holds the unix
+  A private directory (mode 0700, under $XDG_RUNTIME_DIR when set) holds only the unix
   socket of socks_filter.py, started for this session with the profile's allow list.
   The socket is bound into the sandbox, and socat_bridge.sh, the sandbox's first
   process, forwards 127.0.0.1:PORT (a port the kernel picks) to it, sets
@@ -73,12 +76,19 @@ Files that run code later, outside the sandbox
   sandbox has no other way out; without it, programs that ignore proxy variables go
   around the filter (advisory mode, said at start).  At exit the proxy is stopped,
   the directory removed, and the summary below is printed.
-  The private directory exists for every session (it holds the session's home) and is
-  locked while the session lives; a run after one killed with SIGKILL removes it.
+  Every session has a private directory on disk (~/.cache/TOOL/TOOL.XXXXXXXX, mode 0700,
+  under an absolute $XDG_CACHE_HOME when set; the runtime directory when it cannot be
+  made) holding its home, caches, copies of guarded files and the proxy's log.  Both are
+  locked while the session lives; a run after one killed with SIGKILL removes them.
+  NODE_USE_ENV_PROXY=1 is set, so Node's fetch() uses the proxy where Node honours it
+  (22.21, 24 and later; --doctor says).
 
 The allow list
   The profile's API hosts, then --allow-preset lists, --allow-domain rules,
-  ~/.config/TOOL/allowed-domains and --allow-file files (one rule a line, # comments).
+  ~/.config/TOOL/allowed-domains and --allow-file files (one rule a line, # comments),
+  read once by the wrapper (so a pipe works) and handed to the proxy as rules; a file the
+  sandbox can write, or a link there (the project, --allow-rw, the CLI's state), is
+  refused: an earlier session could have widened this one's network.
   The rule syntax is socks_filter.py's: example.com, *.example.com, 1.2.3.4,
   10.0.0.0/8, [::1], each with an optional :PORT.  Names pass only by name rules, IP
   addresses only by IP rules, and no name may lead to a loopback or private address
@@ -109,6 +119,12 @@ When something is blocked
   --allow-file FILE.  Learn implies --filter-network and --unshare-net (--share-net
   still wins), so the session learns exactly the way out an enforced session has.
 
+Options
+  Options this wrapper does not know, and everything after the first --, go to the CLI;
+  but an unknown option close to one of ours (--filter-netwrok, a prefix such as
+  --filter) is refused before anything starts, with "did you mean", unless the profile
+  lists it as the CLI's (cli_options).  A CLI option that looks like ours goes after --.
+
 Defaults file
   ~/.config/TOOL/options (under $XDG_CONFIG_HOME when set): each line holds options,
   split like a shell would (quotes, # comments; ~/ is the home), read before the
@@ -124,7 +140,8 @@ Defaults file
   Checks what --filter-network --unshare-net needs: bwrap and its version, a trial
   sandbox with the session's namespaces (explaining the sysctl or AppArmor setting
   that forbids one), the seccomp filter on this architecture, socat, the CLI (run
-  with --version, bounded), and every allow rule from the files and options; notes
+  with --version, bounded), whether the node on PATH sends fetch() through the proxy,
+  and every allow rule from the files and options; notes
   the kernel's TIOCSTI switch and what this bwrap and env(1) lack.  Each failure
   comes with its fix.  Exit 0 when everything needed works, 1 otherwise.
 
@@ -134,7 +151,8 @@ Terminal and signals
   bwrap ignore SIGINT while the CLI runs (bwrap would die and take the sandbox with
   it), and the CLI gets it back by `env --default-signal`; SIGQUIT (Ctrl-\\) likewise.
   The proxy runs in a session of its own and socat_bridge.sh starts socat with setsid,
-  so Ctrl-C never cuts the network.  SIGTERM and SIGHUP (and SIGQUIT before the CLI
+  so Ctrl-C never cuts the network.  The terminal's modes are saved at start and restored
+  on every way out (a CLI killed with the wrapper leaves it raw).  SIGTERM and SIGHUP (and SIGQUIT before the CLI
   starts) end the session with full clean-up, which also empties what the sandbox made
   unwritable.  The CLI's exit status is the wrapper's.
 
@@ -481,7 +499,7 @@ def build_parser(profile):
         description=f"Run {cli} in a bubblewrap sandbox: read-only system, an empty home with only "
                     f"{cli}'s state,\nthe project directory writable, secrets (~/.ssh, ~/.aws, ...) "
                     "never visible.\nOptions this wrapper does not know, and everything after --, "
-                    f"go to {cli}.\nOf two options that contradict each other, the last wins.",
+                    f"go to {cli};\none that looks like a typo of ours is refused.\nOf two options that contradict each other, the last wins.",
         epilog=f"examples:\n"
                f"  {tool}                                  {cli} in the current directory\n"
                f"  {tool} --filter-network --unshare-net   network only to {cli}'s API\n"

@@ -595,6 +595,9 @@ class ReadmeTest(unittest.TestCase):
         with open(os.path.join(REPO, "README.md")) as f:
             cls.readme = f.read()
 
+    def says(self, text):
+        self.assertTrue(text in self.readme, f"the README does not say {text!r}")
+
     def test_one_python_version(self):
         stated = set(re.findall(r"Python (3\.\d+)(?: or newer| or later)", self.readme))
         self.assertEqual(len(stated), 1, stated)
@@ -602,19 +605,19 @@ class ReadmeTest(unittest.TestCase):
 
     def test_how_to_install_the_clis_and_where_they_are_looked_for(self):
         for profile in PROFILES.values():
-            self.assertIn(profile.install_hint, self.readme)
+            self.says(profile.install_hint)
             for place in profile.lookup:
-                self.assertIn(f"~/{place}", self.readme)
-        self.assertIn("https://claude.ai/install.sh", self.readme)
+                self.says(f"~/{place}")
+        self.says("https://claude.ai/install.sh")
 
     def test_root_commands_without_sudo(self):
-        self.assertNotIn("sudo ", self.readme)
-        self.assertIn("as root", self.readme)
+        self.assertFalse("sudo " in self.readme, "the README assumes sudo")
+        self.says("as root")
 
     def test_the_exit_summary_is_described_as_the_code_prints_it(self):
-        self.assertNotIn("At exit one line on stderr", self.readme)
-        self.assertIn("a small table", self.readme)
-        self.assertIn("## Package managers inside", self.readme)
+        self.assertFalse("At exit one line on stderr" in self.readme)
+        self.says("a small table")
+        self.says("## Package managers inside")
 
 
 if __name__ == "__main__":
