@@ -1048,6 +1048,7 @@ def make_plan(profile, opts, environ, skip=()):
     allow_files, file_rules = [], []
     user_file = config_path({**environ, "HOME": home}, profile.tool, "allowed-domains")
     writable = [dest for option, _, dest in mounts if option == "--bind"]
+    writable += [session_base(environ, p.tool) for p in PROFILES.values()]
     for path in ([user_file] if os.path.isfile(user_file) else []) + opts.allow_file:
         if opts.filter_network:
             file_rules += allow_file_rules(path, writable)
@@ -2351,7 +2352,11 @@ def session_masks(environ, mounts, create=True):
     masks = []
     for profile in PROFILES.values():
         base = session_base(environ, profile.tool)
-        if not any(is_within(base, src) and src != base for src in sources):
+        inside = next((src for src in sources if is_within(src, base)), None)
+        if inside is not None:
+            raise Failure(f"{inside}: {profile.tool} keeps its sessions' homes there; it is "
+                          "never shown in the sandbox")
+        if not any(is_within(base, src) for src in sources):
             continue
         if create and checked_session_base(environ, profile.tool) is None:
             continue        # it cannot be made: nor can a session make it

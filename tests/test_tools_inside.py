@@ -585,6 +585,14 @@ class HomeOnDiskTest(ToolsCase, unittest.TestCase):
                                                  f"{self.home}/.cache/bw-gemini:"])
         with open(other) as f:
             self.assertEqual(f.read(), "other\n")
+        # Nor can a session directory be shown on request (its placeholders.json is what
+        # the next run's sweep reads).
+        result = self.bw("--allow-rw", os.path.dirname(os.path.dirname(other)),
+                         script="echo forged > ../placeholders.json")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("keeps its sessions' homes there", result.stderr)
+        self.assertFalse(os.path.exists(os.path.join(os.path.dirname(os.path.dirname(other)),
+                                                     "placeholders.json")))
 
 
 # -- 8. the README says what the code does ---------------------------------------------------
