@@ -152,9 +152,9 @@ Terminal and signals
   it), and the CLI gets it back by `env --default-signal`; SIGQUIT (Ctrl-\\) likewise.
   The proxy runs in a session of its own and socat_bridge.sh starts socat with setsid,
   so Ctrl-C never cuts the network.  The terminal's modes are saved at start and restored
-  on every way out (a CLI killed with the wrapper leaves it raw).  SIGTERM and SIGHUP (and SIGQUIT before the CLI
-  starts) end the session with full clean-up, which also empties what the sandbox made
-  unwritable.  The CLI's exit status is the wrapper's.
+  on every way out (a CLI killed with the wrapper leaves it raw).  SIGTERM and SIGHUP
+  (and SIGQUIT before the CLI starts) end the session with full clean-up, which also
+  empties what the sandbox made unwritable.  The CLI's exit status is the wrapper's.
 
 Exit status: the CLI's; 2 for bad options (or a bad defaults file, or an allow rule
 or allow file that does not parse: checked before anything starts); 127 when bwrap,
@@ -499,7 +499,8 @@ def build_parser(profile):
         description=f"Run {cli} in a bubblewrap sandbox: read-only system, an empty home with only "
                     f"{cli}'s state,\nthe project directory writable, secrets (~/.ssh, ~/.aws, ...) "
                     "never visible.\nOptions this wrapper does not know, and everything after --, "
-                    f"go to {cli};\none that looks like a typo of ours is refused.\nOf two options that contradict each other, the last wins.",
+                    f"go to {cli};\none that looks like a typo of ours is refused.\n"
+                    "Of two options that contradict each other, the last wins.",
         epilog=f"examples:\n"
                f"  {tool}                                  {cli} in the current directory\n"
                f"  {tool} --filter-network --unshare-net   network only to {cli}'s API\n"

@@ -258,7 +258,8 @@ class PackageManagersTest(ToolsCase, unittest.TestCase):
         for name, _ in bw_lib.CACHE_ENV:
             self.assertTrue(env.get(name, "").startswith(bw_lib.SANDBOX_CACHE), name)
         # --env wins over them.
-        result = self.check(self.bw("--env", "PIP_CACHE_DIR=/tmp/mine", script="echo $PIP_CACHE_DIR"))
+        result = self.check(self.bw("--env", "PIP_CACHE_DIR=/tmp/mine",
+                                    script="echo $PIP_CACHE_DIR"))
         self.assertEqual(result.stdout.strip(), "/tmp/mine")
         self.assertNotIn(".npm", bw_lib.HOME_TOOLS)
 
