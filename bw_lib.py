@@ -165,7 +165,6 @@ happens.  A relative XDG_CONFIG_HOME is ignored.
 
 import argparse
 import contextlib
-import difflib
 import fcntl
 import fnmatch
 import glob
@@ -2214,7 +2213,10 @@ def misspelt_option(token, ours, cli_options=()):
             any(c.isspace() for c in name):
         return []
     prefixed = [o for o in ours if o.startswith(name)]
-    return prefixed or difflib.get_close_matches(name, ours, n=1, cutoff=0.8)
+    if prefixed:
+        return prefixed
+    import difflib      # here: only an unknown option pays for it
+    return difflib.get_close_matches(name, ours, n=1, cutoff=0.8)
 
 
 def refuse_misspelt(profile, parser, unknown):
