@@ -1,7 +1,7 @@
 """Run an AI coding CLI inside a bubblewrap sandbox, optionally with filtered network.
 
 This module is the whole of bw-claude and bw-gemini; the two entry scripts only pick
-a profile and call main().  Python 3.11 standard library only.
+a profile and call main().  Python 3.10 or later (os.splice), standard library only.
 
 What the sandbox sees
     /usr, /bin, /sbin, /lib*, /opt   read-only, laid out as on the host
@@ -9,13 +9,16 @@ What the sandbox sees
                                      time zone and /etc/alternatives need
     /dev, /proc                      fresh and minimal
     /tmp, /var/tmp                   private, empty, gone when the session ends
-    $HOME                            a private, empty directory for this session, with:
+    $HOME                            a private, empty directory for this session (on disk,
+                                     below ~/.cache/TOOL: session_base), with:
         the CLI's state (~/.claude/, ~/.gemini/)     the session's own copy, seeded
             from the host's by the profile's State items; at exit only what
             FLOWS_BACK accepts goes back (the "CLI state" section)
         tool directories (.cargo, .nvm, .local/bin, .gitconfig...)  read-only
         the CLI's install, wherever it is                        read-only
     the project directory (--dir)    read-write, the working directory
+    /var/cache/bw                    the session's caches (CACHE_ENV points npm, pip, yarn,
+                                     pnpm, bun, go and cargo there), on disk, its own
   Never visible: ~/.ssh, ~/.aws, ~/.gnupg, ~/.kube, ~/.docker, ~/.netrc,
   ~/.password-store, browser profiles, ~/.config/gh, shell histories and the other
   SECRETS below, nor the other CLI's state (its credentials), not even with
@@ -64,7 +67,7 @@ Files that run code later, outside the sandbox
   back.
 
 --filter-network
-  A private directory (mode 0700, under $XDG_RUNTIME_DIR when set) holds the unix
+  A private directory (mode 0700, under $XDG_RUNTIME_DIR when set) holds only the unix
   socket of socks_filter.py, started for this session with the profile's allow list.
   The socket is bound into the sandbox, and socat_bridge.sh, the sandbox's first
   process, forwards 127.0.0.1:PORT (a port the kernel picks) to it, sets
@@ -72,12 +75,19 @@ Files that run code later, outside the sandbox
   sandbox has no other way out; without it, programs that ignore proxy variables go
   around the filter (advisory mode, said at start).  At exit the proxy is stopped,
   the directory removed, and the summary below is printed.
-  The private directory exists for every session (it holds the session's home) and is
-  locked while the session lives; a run after one killed with SIGKILL removes it.
+  Every session has a private directory on disk (~/.cache/TOOL/TOOL.XXXXXXXX, mode 0700,
+  under an absolute $XDG_CACHE_HOME when set; the runtime directory when it cannot be
+  made) holding its home, caches, copies of guarded files and the proxy's log.  Both are
+  locked while the session lives; a run after one killed with SIGKILL removes them.
+  NODE_USE_ENV_PROXY=1 is set, so Node's fetch() uses the proxy where Node honours it
+  (22.21, 24 and later; --doctor says).
 
 The allow list
   The profile's API hosts, then --allow-preset lists, --allow-domain rules,
-  ~/.config/TOOL/allowed-domains and --allow-file files (one rule a line, # comments).
+  ~/.config/TOOL/allowed-domains and --allow-file files (one rule a line, # comments),
+  read once by the wrapper (so a pipe works) and handed to the proxy as rules; a file the
+  sandbox can write, or a link there (the project, --allow-rw, the CLI's state), is
+  refused: an earlier session could have widened this one's network.
   The rule syntax is socks_filter.py's: example.com, *.example.com, 1.2.3.4,
   10.0.0.0/8, [::1], each with an optional :PORT.  Names pass only by name rules, IP
   addresses only by IP rules, and no name may lead to a non-public address unless an
@@ -110,6 +120,12 @@ When something is blocked
   --allow-file FILE.  Learn implies --filter-network and --unshare-net (--share-net
   still wins), so the session learns exactly the way out an enforced session has.
 
+Options
+  Options this wrapper does not know, and everything after the first --, go to the CLI;
+  but an unknown option close to one of ours (--filter-netwrok, a prefix such as
+  --filter) is refused before anything starts, with "did you mean", unless the profile
+  lists it as the CLI's (cli_options).  A CLI option that looks like ours goes after --.
+
 Defaults file
   ~/.config/TOOL/options (under $XDG_CONFIG_HOME when set): each line holds options,
   split like a shell would (quotes, # comments; ~/ is the home), read before the
@@ -125,7 +141,8 @@ Defaults file
   Checks what --filter-network --unshare-net needs: bwrap and its version, a trial
   sandbox with the session's namespaces (explaining the sysctl or AppArmor setting
   that forbids one), the seccomp filter on this architecture, socat, the CLI (run
-  with --version, bounded), and every allow rule from the files and options; notes
+  with --version, bounded), whether the node on PATH sends fetch() through the proxy,
+  and every allow rule from the files and options; notes
   the kernel's TIOCSTI switch and what this bwrap and env(1) lack.  Each failure
   comes with its fix.  Exit 0 when everything needed works, 1 otherwise.
 
@@ -135,9 +152,10 @@ Terminal and signals
   bwrap ignore SIGINT while the CLI runs (bwrap would die and take the sandbox with
   it), and the CLI gets it back by `env --default-signal`; SIGQUIT (Ctrl-\\) likewise.
   The proxy runs in a session of its own and socat_bridge.sh starts socat with setsid,
-  so Ctrl-C never cuts the network.  SIGTERM and SIGHUP (and SIGQUIT before the CLI
-  starts) end the session with full clean-up, which also empties what the sandbox made
-  unwritable.  The CLI's exit status is the wrapper's.
+  so Ctrl-C never cuts the network.  The terminal's modes are saved at start and restored
+  on every way out (a CLI killed with the wrapper leaves it raw).  SIGTERM and SIGHUP
+  (and SIGQUIT before the CLI starts) end the session with full clean-up, which also
+  empties what the sandbox made unwritable.  The CLI's exit status is the wrapper's.
 
 Exit status: the CLI's; 2 for bad options (or a bad defaults file, or an allow rule
 or allow file that does not parse: checked before anything starts); 127 when bwrap,
@@ -164,6 +182,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from dataclasses import dataclass, field
 
@@ -226,6 +245,30 @@ class State:
     keys: tuple = ()
 
 
+# The CLIs' long options (`claude --help` of 2.1.197, `gemini --help` of 0.61.0), as data: an
+# unknown option close to one of the wrapper's is refused as a typo unless the CLI has it.
+CLAUDE_OPTIONS = (
+    "--add-dir", "--agent", "--agents", "--allow-dangerously-skip-permissions", "--allowedTools",
+    "--append-system-prompt", "--ax-screen-reader", "--bare", "--betas", "--bg", "--brief",
+    "--chrome", "--continue", "--dangerously-skip-permissions", "--debug", "--debug-file",
+    "--disable-slash-commands", "--disallowedTools", "--effort",
+    "--exclude-dynamic-system-prompt-sections", "--fallback-model", "--file", "--fork-session",
+    "--from-pr", "--ide", "--include-hook-events", "--include-partial-messages",
+    "--input-format", "--json-schema", "--max-budget-usd", "--mcp-config", "--model", "--name",
+    "--no-chrome", "--no-session-persistence", "--output-format", "--permission-mode",
+    "--plugin-dir", "--plugin-url", "--print", "--prompt-suggestions", "--remote-control",
+    "--remote-control-session-name-prefix", "--replay-user-messages", "--resume", "--safe-mode",
+    "--session-id", "--setting-sources", "--settings", "--strict-mcp-config", "--system-prompt",
+    "--tmux", "--tools", "--version", "--worktree")
+GEMINI_OPTIONS = (
+    "--accept-raw-output-risk", "--acp", "--admin-policy", "--allowed-mcp-server-names",
+    "--allowed-tools", "--approval-mode", "--debug", "--delete-session", "--experimental-acp",
+    "--extensions", "--include-directories", "--list-extensions", "--list-sessions", "--model",
+    "--output-format", "--policy", "--prompt", "--prompt-interactive", "--raw-output", "--resume",
+    "--sandbox", "--screen-reader", "--session-file", "--session-id", "--skip-trust",
+    "--version", "--worktree", "--yolo")
+
+
 @dataclass(frozen=True)
 class Profile:
     """Everything that differs between the CLIs, as data."""
@@ -241,6 +284,8 @@ class Profile:
     helpers: tuple = ()     # other programs the CLI needs visible (found on PATH)
     state: tuple = ()       # State items: what of the host's state the session gets, and
                             # what of its own goes back (the "CLI state" section)
+    cli_options: tuple = ()  # the CLI's own long options, passed through even when one looks
+                             # like a misspelt option of the wrapper's (see misspelt_option)
 
 
 PROFILES = {
@@ -270,6 +315,7 @@ PROFILES = {
                State(".claude/projects/{slug}", back="lines"),
                # The prompt history (arrow up): this project's lines only, both ways.
                State(".claude/history.jsonl", seed="mine", back="mine")),
+        cli_options=CLAUDE_OPTIONS,
     ),
     "gemini": Profile(
         name="gemini",
@@ -301,6 +347,7 @@ PROFILES = {
                State(".gemini/.env", seed="ro"),
                State(".gemini/GEMINI.md", seed="ro"),
                State(".gemini/commands", seed="ro")),
+        cli_options=GEMINI_OPTIONS,
     ),
 }
 
@@ -318,7 +365,8 @@ ETC_ENTRIES = ("alternatives", "bash.bashrc", "ca-certificates", "ca-certificate
                "resolv.conf", "services", "shells", "ssl", "terminfo", "timezone", "vim")
 
 # Home-relative tool directories made visible read-only, when present.
-HOME_TOOLS = (".cargo", ".rustup", ".npm", ".nvm", ".pyenv", ".rbenv", ".volta", ".bun",
+# Caches (~/.npm...) are not tools: each session has its own (CACHE_ENV).
+HOME_TOOLS = (".cargo", ".rustup", ".nvm", ".pyenv", ".rbenv", ".volta", ".bun",
               ".deno", ".local/bin", ".local/lib", "go", ".gitconfig", ".config/git",
               ".inputrc", ".vimrc")
 
@@ -485,7 +533,8 @@ def build_parser(profile):
         description=f"Run {cli} in a bubblewrap sandbox: read-only system, an empty home with only "
                     f"{cli}'s state,\nthe project directory writable, secrets (~/.ssh, ~/.aws, ...) "
                     "never visible.\nOptions this wrapper does not know, and everything after --, "
-                    f"go to {cli}.\nOf two options that contradict each other, the last wins.",
+                    f"go to {cli};\none that looks like a typo of ours is refused.\n"
+                    "Of two options that contradict each other, the last wins.",
         epilog=f"examples:\n"
                f"  {tool}                                  {cli} in the current directory\n"
                f"  {tool} --filter-network --unshare-net   network only to {cli}'s API\n"
@@ -594,6 +643,7 @@ def parse_args(profile, argv, defaults=()):
     ours, after = split_argv(argv)
     parser = build_parser(profile)
     given, unknown = parser.parse_known_args(ours)
+    refuse_misspelt(profile, parser, unknown)
     opts = parser.parse_known_args([*defaults, *ours])[0] if defaults else given
     opts.args = unknown + after
     resolve_options(opts, given)
@@ -757,13 +807,15 @@ def install_roots(chain, home):
     return [r for r in roots if not any(r != o and is_within(r, o) for o in roots)]
 
 
-def build_env(profile, environ, home, pass_env=(), assignments=()):
-    """The sandbox's environment: allow list, profile defaults, --pass-env, --env."""
+def build_env(profile, environ, home, pass_env=(), assignments=(), defaults=()):
+    """The sandbox's environment: allow list, profile defaults, `defaults` (inside_env),
+    --pass-env, --env."""
     patterns = ENV_NAMES + profile.env_names
     env = {name: value for name, value in environ.items()
            if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
     env["HOME"] = home
     env.update(profile.env)
+    env.update(defaults)
     env.update((name, environ[name]) for name in pass_env if name in environ)
     env.update(a.partition("=")[::2] for a in assignments)
     return env
@@ -808,6 +860,7 @@ class Plan:
     dry_run: bool = False
     state: list = field(default_factory=list)       # State items, SLUG filled in
     read_only_state: list = field(default_factory=list)  # home-relative seeded "ro" copies
+    allow_file_rules: list = field(default_factory=list)  # the allow files' rules, read once
 
 
 def hidden_paths(profile):
@@ -1019,6 +1072,7 @@ def make_plan(profile, opts, environ, skip=()):
         mounts += [("--ro-bind", r, r) for r in install_roots(symlink_chain(program), home)]
     mounts.append(("--bind", project, project))
     mounts += secret_masks(home, mounts, hidden=hidden)
+    mounts += session_masks(environ, mounts, create=not opts.dry_run)
     mounts += sockets
     placeholders = []
     if not opts.allow_config_writes:
@@ -1028,16 +1082,18 @@ def make_plan(profile, opts, environ, skip=()):
         protected, placeholders = protection(project, home, rw_roots, rw_extra, nested)
         mounts += protected
 
-    allow_files = []
+    allow_files, file_rules = [], []
     user_file = config_path({**environ, "HOME": home}, profile.tool, "allowed-domains")
+    writable = [dest for option, _, dest in mounts if option == "--bind"]
+    writable += [session_base(environ, p.tool) for p in PROFILES.values()]
     for path in ([user_file] if os.path.isfile(user_file) else []) + opts.allow_file:
-        if not os.path.isfile(path):
-            raise Failure(f"--allow-file {path}: no such file")
+        if opts.filter_network:
+            file_rules += allow_file_rules(path, writable)
         allow_files.append(os.path.abspath(path))
     allow = list(profile.allow) + preset_rules(opts.allow_preset) + opts.allow_domain
     if opts.filter_network:
         # Every rule now, before anything starts: the proxy would refuse it later.
-        problems = rule_problems(allow, allow_files)[1]
+        problems = rule_problems(allow)[1]
         if problems:
             raise Failure(f"bad allow rule: {problems[0]}", 2)
     learn = os.path.abspath(opts.learn) if opts.learn else None
@@ -1048,7 +1104,8 @@ def make_plan(profile, opts, environ, skip=()):
     bwrap = shutil.which("bwrap", path=search_path) or "bwrap"
     return Plan(
         profile=profile, home=home, project=project, command=command,
-        env=build_env(profile, environ, home, opts.pass_env, opts.env),
+        env=build_env(profile, environ, home, opts.pass_env, opts.env,
+                      defaults=inside_env(opts.filter_network)),
         bwrap=bwrap,
         system=[(d, os.readlink(d) if os.path.islink(d) else None)
                 for d in SYSTEM_DIRS if os.path.lexists(d)],
@@ -1067,7 +1124,7 @@ def make_plan(profile, opts, environ, skip=()):
         disable_userns=bwrap_supports(bwrap, "--disable-userns"),
         placeholders=placeholders,
         sockets_complete=walked,
-        verbose=opts.verbose, dry_run=opts.dry_run,
+        verbose=opts.verbose, dry_run=opts.dry_run, allow_file_rules=file_rules,
         state=state_items(profile, project, opts.allow_config_writes))
 
 
@@ -1184,7 +1241,7 @@ def namespace_args(disable_userns, unshare_net):
     return args
 
 
-def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None):
+def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None, socket_dir=None):
     """The bwrap command line.  The environment is not in it: it goes to bwrap as its own
     environment, so API keys never show in `ps`."""
     args = [plan.bwrap, *namespace_args(plan.disable_userns, plan.unshare_net),
@@ -1194,12 +1251,14 @@ def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None):
     for path in plan.etc:
         args += ["--ro-bind", path, path]
     args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
-    mounts = [("--bind", os.path.join(private_dir, "home"), plan.home), *plan.mounts]
+    mounts = [("--bind", os.path.join(private_dir, "home"), plan.home), *plan.mounts,
+              ("--bind", os.path.join(private_dir, "cache"), SANDBOX_CACHE)]
     mounts += [("--ro-bind", os.path.join(private_dir, "home", relative),
                 os.path.join(plan.home, relative)) for relative in plan.read_only_state]
     if plan.filter:
         mounts += [("--ro-bind", BRIDGE_SCRIPT, SANDBOX_BRIDGE),
-                   ("--ro-bind", os.path.join(private_dir, "proxy.sock"), SANDBOX_SOCKET)]
+                   ("--ro-bind", os.path.join(socket_dir or private_dir, "proxy.sock"),
+                    SANDBOX_SOCKET)]
     # Parents before children, so no mount hides one meant to be on top of it.
     for option, source, dest in sorted(mounts, key=depth):
         if source is None:
@@ -1214,15 +1273,13 @@ def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None):
     return args + ["--", *inner_command(plan)]
 
 
-def build_proxy_args(plan, private_dir, ready_fd):
+def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
     # -I -S: the proxy needs only the standard library; skipping site-packages and the
     # user's PYTHON* variables saves start-up time and keeps it what this file says.
     args = [sys.executable, "-I", "-S", FILTER_SCRIPT,
-            "--listen", os.path.join(private_dir, "proxy.sock")]
-    for rule in plan.allow:
+            "--listen", os.path.join(socket_dir or private_dir, "proxy.sock")]
+    for rule in plan.allow + plan.allow_file_rules:
         args += ["--allow", rule]
-    for path in plan.allow_files:
-        args += ["--allow-file", path]
     if plan.allow_private:
         args.append("--allow-private")
     if plan.learn:
@@ -2210,7 +2267,7 @@ class Session:
 
     def __init__(self, plan, environ):
         self.plan, self.environ = plan, environ
-        self.dir = self.proxy = self.bwrap = None
+        self.dir = self.proxy = self.bwrap = self.socket_dir = None
         self.set_up = False          # bwrap ran the command (a session that did not
                                      # leaves an earlier --learn file alone)
         self.seeded = {}             # State path: what was copied in (seed_state)
@@ -2218,8 +2275,18 @@ class Session:
         self.tool = plan.profile.tool
 
     def __enter__(self):
-        self.dir, self.lock_fd = make_private_dir(private_base(self.environ), self.tool)
-        os.mkdir(os.path.join(self.dir, "home"), 0o700)
+        self.dir, self.lock_fd = make_private_dir(session_dirs_base(self.environ, self.tool),
+                                                  self.tool)
+        try:
+            os.mkdir(os.path.join(self.dir, "home"), 0o700)
+            os.mkdir(os.path.join(self.dir, "cache"), 0o700)
+            if self.plan.filter:
+                self.socket_dir, self.socket_lock = make_private_dir(
+                    private_base(self.environ), self.tool)
+        except BaseException:
+            remove_tree(self.dir)
+            os.close(self.lock_fd)
+            raise
         return self
 
     def __exit__(self, *exc_info):
@@ -2244,6 +2311,9 @@ class Session:
         finally:
             remove_tree(self.dir)
             os.close(self.lock_fd)
+            if self.socket_dir:
+                remove_tree(self.socket_dir)
+                os.close(self.socket_lock)
         return False
 
     def home_path(self, relative):
@@ -2301,7 +2371,7 @@ class Session:
     def launch_proxy(self):
         """Start the proxy; the caller prepares the rest meanwhile, then awaits it."""
         read_fd, write_fd = os.pipe()
-        args = build_proxy_args(self.plan, self.dir, write_fd)
+        args = build_proxy_args(self.plan, self.dir, write_fd, socket_dir=self.socket_dir)
         if self.plan.verbose:
             say(shlex.join(args))
         try:
@@ -2342,7 +2412,8 @@ class Session:
                     "programs that ignore HTTP(S)_PROXY reach the network directly")
         read_fd, write_fd = os.pipe()
         seccomp_fd = filter_fd(self.plan.seccomp)
-        args = build_bwrap_args(self.plan, self.dir, write_fd, seccomp_fd)
+        args = build_bwrap_args(self.plan, self.dir, write_fd, seccomp_fd,
+                                socket_dir=self.socket_dir)
         if self.plan.verbose:
             say(format_env_command(self.plan.env, args))
         # bwrap dies on SIGINT and SIGQUIT (Ctrl-C, Ctrl-\) and takes the sandbox with it:
@@ -2473,6 +2544,273 @@ def check_tools(plan):
                 raise Failure(f"{path} is missing; keep {os.path.basename(path)} next to bw_lib.py")
 
 
+# ---------------------------------------------------------------------------------------------
+# Tools inside the sandbox (issue 13): package caches, Node's fetch, the terminal, misspelt
+# options, allow files that are pipes, the session's home on disk.
+# ---------------------------------------------------------------------------------------------
+
+# The session's cache directory inside: on disk, the session's own, removed at exit.
+SANDBOX_CACHE = "/var/cache/bw"
+# Package managers write their caches there, never into the host's: a cache the sandbox wrote
+# and a later install outside read would carry a poisoned package out.  The tools themselves
+# (~/.cargo/bin, ~/.nvm, ~/go/bin...) stay visible read-only.  (variable, subdirectory)
+CACHE_ENV = (("XDG_CACHE_HOME", ""),            # pip, go-build, deno, yarn 1, pnpm's cache...
+             ("npm_config_cache", "npm"), ("PIP_CACHE_DIR", "pip"),
+             ("YARN_CACHE_FOLDER", "yarn"), ("npm_config_store_dir", "pnpm-store"),
+             ("BUN_INSTALL_CACHE_DIR", "bun"), ("GOMODCACHE", "go-mod"),
+             ("GOCACHE", "go-build"),
+             # Cargo keeps its registry and git checkouts in CARGO_HOME, whose bin/ stays on
+             # PATH read-only; ~/.cargo/config.toml is then not read inside.
+             ("CARGO_HOME", "cargo"))
+# Node's fetch() honours HTTP(S)_PROXY only with NODE_USE_ENV_PROXY=1, from Node 24.0 and
+# 22.21; http/https.request from 24.5 and 22.21 (Node's changelogs).  Earlier versions ignore
+# the variable, so it is set for every session with the filter; nothing is put in NODE_OPTIONS,
+# which an older node would refuse to start with.
+NODE_FETCH_PROXY = ((22, 21), (24, 0))
+NODE_HTTP_PROXY = ((22, 21), (24, 5))
+TERMINAL_SIGNALS = (signal.SIGTTOU, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+ALLOW_FILE_LIMIT = 16 << 20
+
+
+def inside_env(filter_network, cache=SANDBOX_CACHE):
+    """Variables every session sets inside (before --pass-env and --env, which win)."""
+    env = {name: f"{cache}/{sub}" if sub else cache for name, sub in CACHE_ENV}
+    if filter_network:
+        env["NODE_USE_ENV_PROXY"] = "1"
+    return env
+
+
+def node_version(text):
+    """(major, minor) from `node --version` output such as "v20.20.2", or None."""
+    parts = text.strip().lstrip("v").split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return None
+
+
+def node_honours(version, since):
+    """Whether Node `version` has a feature added in the (major, minor) releases of `since`
+    (each line from its release on, and every later major)."""
+    lines = dict(since)
+    if version[0] in lines:
+        return version[1] >= lines[version[0]]
+    return version[0] > max(lines)
+
+
+def node_check(search_path):
+    """--doctor: whether the node inside makes fetch() go through the proxy."""
+    node = find_program("node", search_path)
+    if node is None:
+        return Check("node fetch", "ok", "no node on PATH")
+    code, output = run_briefly([node, "--version"], 10)
+    version = node_version(output) if code == 0 else None
+    if version is None:
+        return Check("node fetch", "note", f"cannot tell the version of {node}")
+    name = f"Node {output.strip()} ({node})"
+    if not node_honours(version, NODE_FETCH_PROXY):
+        return Check("node fetch", "note", f"{name}: its built-in fetch() ignores proxy "
+                     "variables, so inside --unshare-net it fails (ECONNREFUSED, EAI_AGAIN); "
+                     "npm, the CLIs, curl, git and pip use the proxy",
+                     "Node 22.21 or 24 and later honour NODE_USE_ENV_PROXY=1, which the "
+                     "sandbox sets")
+    if not node_honours(version, NODE_HTTP_PROXY):
+        return Check("node fetch", "note", f"{name}: fetch() uses the proxy "
+                     "(NODE_USE_ENV_PROXY=1), http.request does not", "Node 24.5 and later")
+    return Check("node fetch", "ok", f"{name}: fetch() and http.request use the proxy "
+                 "(NODE_USE_ENV_PROXY=1)")
+
+
+@contextlib.contextmanager
+def terminal_kept(stream):
+    """Restore the terminal's modes on every way out: a CLI killed with the wrapper (SIGTERM,
+    timeout) leaves it raw and without echo."""
+    try:
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (OSError, ValueError, AttributeError, termios.error):
+        saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            restore_terminal(fd, saved)
+
+
+def restore_terminal(fd, saved):
+    """tcsetattr, even from the background (SIGTTOU) or when the terminal is gone."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in TERMINAL_SIGNALS}
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+    except (OSError, termios.error):
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def misspelt_option(token, ours, cli_options=()):
+    """The wrapper's options `token` (an option its parser did not know) may be a typo of: a
+    prefix of them, or close to one (--filter-netwrok); [] when the CLI has it, or when
+    nothing of ours looks like it.  A CLI option that looks like ours goes after --."""
+    name = token.split("=", 1)[0]
+    if not name.startswith("--") or len(name) < 3 or name in cli_options or \
+            any(c.isspace() for c in name):
+        return []
+    prefixed = [o for o in ours if o.startswith(name)]
+    if prefixed:
+        return prefixed
+    import difflib      # here: only an unknown option pays for it
+    return difflib.get_close_matches(name, ours, n=1, cutoff=0.8)
+
+
+def refuse_misspelt(profile, parser, unknown):
+    """Refuse, before anything starts, an unknown option that looks like one of ours."""
+    ours = sorted(o for o in parser._option_string_actions if o.startswith("--"))
+    for token in unknown:
+        close = misspelt_option(token, ours, profile.cli_options)
+        if close:
+            name = token.split("=", 1)[0]
+            raise Failure(f"{name}: not a {profile.tool} option; did you mean "
+                          f"{' or '.join(close)}?  (an option for {profile.name} goes after "
+                          f"--: {profile.tool} -- {name})", 2)
+
+
+def allow_file_rules(path, writable):
+    """The rules of one --allow-file, read once here and handed to the proxy as rules, so a
+    pipe (--allow-file <(...)) works.  Any readable file but a directory; never one the
+    sandbox can write (`writable`: the project, --allow-rw directories, the CLI's state), nor
+    reached through a link there: a session could have changed it to widen the next one's
+    network."""
+    filters = rules_module()
+    for place in (os.path.abspath(path), os.path.realpath(path)):
+        root = next((r for r in writable if is_within(place, r)), None)
+        if root is not None:
+            raise Failure(f"--allow-file {path}: it is in {root}, which the sandbox can write, "
+                          "so a session could have changed it; keep allow files elsewhere "
+                          "(e.g. ~/.config/)", 2)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as error:
+        raise Failure(f"--allow-file {path}: {error.strerror.lower()}", 2) from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise Failure(f"--allow-file {path}: a directory, not a file of rules", 2)
+        if stat.S_ISREG(info.st_mode) and not same_file(info, os.path.realpath(path)):
+            raise Failure(f"--allow-file {path}: it changed while being opened", 2)
+        data = read_limited(fd, ALLOW_FILE_LIMIT)
+    finally:
+        os.close(fd)
+    if data is None:
+        raise Failure(f"--allow-file {path}: larger than {ALLOW_FILE_LIMIT >> 20} MiB", 2)
+    # socks_filter parses it (one parser), from a copy in memory.
+    copy = os.memfd_create("allow-file", os.MFD_CLOEXEC)
+    where = f"/proc/self/fd/{copy}"
+    try:
+        os.write(copy, data)
+        return [rule.text for rule in filters.read_rule_file(where)]
+    except filters.RuleError as error:
+        raise Failure(f"bad allow rule: {printable(str(error).replace(where, path))}", 2) \
+            from None
+    finally:
+        os.close(copy)
+
+
+def same_file(info, path):
+    try:
+        other = os.stat(path)
+    except OSError:
+        return False
+    return (info.st_dev, info.st_ino) == (other.st_dev, other.st_ino)
+
+
+def read_limited(fd, limit):
+    """All of fd (blocking, as a pipe needs), or None past `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+
+
+def session_base(environ, tool):
+    """Where sessions keep their homes, caches and logs: $XDG_CACHE_HOME/TOOL (when absolute)
+    or ~/.cache/TOOL, on disk; $XDG_RUNTIME_DIR is a small tmpfs that a session's caches
+    would fill.  Only the proxy's socket goes there."""
+    base = environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(environ.get("HOME", ""), ".cache")
+    return os.path.join(base, tool)
+
+
+def checked_session_base(environ, tool, create=True):
+    """session_base, made (0700) when missing and checked without following a link: a
+    directory of ours that nobody else can enter.  None when it cannot be made (a read-only
+    home): sessions then live in the runtime directory, as the socket does."""
+    path = session_base(environ, tool)
+    if create:
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise Failure(f"{path}: {error.strerror.lower()}; it must be a directory of yours "
+                      "(mode 0700), not a link: remove it") from None
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise Failure(f"{path}: must be yours with mode 0700 (it is uid {info.st_uid}, mode "
+                      f"{stat.S_IMODE(info.st_mode):04o}): chmod 700 it, or remove it")
+    return path
+
+
+def session_dirs_base(environ, tool):
+    """The base of the session's directory: on disk when it can be, else the runtime one."""
+    return checked_session_base(environ, tool) or private_base(environ)
+
+
+def sweep_sessions(environ, tool):
+    """sweep_stale for both places sessions live."""
+    sweep_stale(private_base(environ), tool)
+    base = checked_session_base(environ, tool, create=False)
+    if base is not None:
+        sweep_stale(base, tool)
+
+
+def session_masks(environ, mounts, create=True):
+    """Every tool's session base holds other sessions' homes, caches and logs (bw-claude's a
+    copy of ~/.claude.json, which bw-gemini must not see): an empty mount over it wherever a
+    bind would show it.  It is made first when missing, so one made later cannot appear."""
+    sources = [src for _, src, _ in mounts if src]
+    masks = []
+    for profile in PROFILES.values():
+        base = session_base(environ, profile.tool)
+        inside = next((src for src in sources if is_within(src, base)), None)
+        if inside is not None:
+            raise Failure(f"{inside}: {profile.tool} keeps its sessions' homes there; it is "
+                          "never shown in the sandbox")
+        if not any(is_within(base, src) for src in sources):
+            continue
+        if create and checked_session_base(environ, profile.tool) is None:
+            continue        # it cannot be made: nor can a session make it
+        masks.append(("--tmpfs", None, base))
+    return masks
+
 def run(profile, argv, environ=None, skip=()):
     environ = dict(os.environ if environ is None else environ)
     ours = split_argv(argv)[0]
@@ -2488,7 +2826,7 @@ def run(profile, argv, environ=None, skip=()):
         sys.stdout.write(format_presets())
         return 0
     if not opts.dry_run:
-        sweep_stale(private_base(environ), profile.tool)
+        sweep_sessions(environ, profile.tool)
     plan = make_plan(profile, opts, environ, skip)
     tool = profile.tool
     if plan.verbose:
@@ -2496,10 +2834,12 @@ def run(profile, argv, environ=None, skip=()):
             say(f"{tool}: defaults: {shlex.join(defaults)}")
         say(describe(plan))
     if plan.dry_run:
-        private_dir = os.path.join(private_base(environ), tool + ".XXXXXXXX")
+        private_dir = session_base(environ, tool) + "/" + tool + ".XXXXXXXX"
+        socket_dir = os.path.join(private_base(environ), tool + ".XXXXXXXX")
         if plan.filter:
-            write_out(shlex.join(build_proxy_args(plan, private_dir, "FD")))
-        write_out(format_env_command(plan.env, build_bwrap_args(plan, private_dir, seccomp_fd="FD")))
+            write_out(shlex.join(build_proxy_args(plan, private_dir, "FD", socket_dir)))
+        write_out(format_env_command(plan.env, build_bwrap_args(plan, private_dir, seccomp_fd="FD",
+                                                                socket_dir=socket_dir)))
         return 0
     check_tools(plan)
     with Session(plan, environ) as session:
@@ -2619,7 +2959,7 @@ def allow_list_checks(profile, opts, environ):
     user_file = config_path(environ, profile.tool, "allowed-domains")
     files += [user_file] if os.path.isfile(user_file) else []
     for path in opts.allow_file:
-        if os.path.isfile(path):
+        if os.path.exists(path) and not os.path.isdir(path):
             files.append(path)
         else:
             checks.append(Check("allow list", "FAIL", f"--allow-file {path}: no such file",
@@ -2719,6 +3059,7 @@ def host_checks(profile, opts, environ, skip=()):
     if not (env_program and env_resets_signals(env_program)):
         checks.append(Check("Ctrl-C", "note", "env(1) lacks --default-signal: Ctrl-C ends the "
                             "whole session instead of reaching the CLI", "coreutils 8.31 or later"))
+    checks.append(node_check(search_path))
     try:
         checks += allow_list_checks(profile, opts, environ)
     except Failure:
@@ -2771,7 +3112,8 @@ def main(name):
         signal.signal(sig, raise_terminated)
     entry = os.path.realpath(sys.argv[0])
     try:
-        code = run(profile, sys.argv[1:], skip=(entry,))
+        with terminal_kept(sys.stdin):
+            code = run(profile, sys.argv[1:], skip=(entry,))
     except Failure as failure:
         say(f"{profile.tool}: error: {failure}")
         code = failure.code

@@ -78,7 +78,11 @@ class ParseArgsTest(unittest.TestCase):
         self.assertEqual(opts.env, ["X=1", "Y=a=b"])
 
     def test_no_abbreviations(self):
-        opts = bw_lib.parse_args(CLAUDE, ["--verb", "--filter"])
+        # An abbreviation of ours is not taken as ours, nor passed on: a typo (issue 13).
+        for argv in (["--verb"], ["--filter"]):
+            with self.assertRaises(Failure):
+                bw_lib.parse_args(CLAUDE, argv)
+        opts = bw_lib.parse_args(CLAUDE, ["--", "--verb", "--filter"])
         self.assertFalse(opts.verbose)
         self.assertEqual(opts.args, ["--verb", "--filter"])
 
@@ -382,7 +386,7 @@ class BwrapArgsTest(Fixture):
         pairs = list(zip(args, args[1:]))
         for rule in (*CLAUDE.allow, "127.0.0.1:8080"):
             self.assertIn(("--allow", rule), pairs)
-        self.assertIn(("--allow-file", allow), pairs)
+        self.assertIn(("--allow", "x.example"), pairs)     # the file's rules, read once
         self.assertIn(("--log", "/PRIV/proxy.log"), pairs)
         self.assertEqual(args[-2:], ["--ready-fd", "5"])
         for telemetry in ("sentry.io", "statsig.anthropic.com", "play.googleapis.com"):

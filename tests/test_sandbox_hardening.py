@@ -10,13 +10,14 @@ import os
 import pty
 import select
 import shutil
+import stat
 import struct
 import subprocess
 import sys
 import unittest
 
 import bw_lib
-from tests.test_sandbox import BW_CLAUDE, FAKE_CLI, make_session_dirs, missing, read_pty
+from tests.test_sandbox import BW_CLAUDE, FAKE_CLI, REPO, make_session_dirs, missing, read_pty
 
 TIOCSTI_ATTACK = """
 import errno, fcntl, sys, termios
@@ -28,6 +29,21 @@ for name, request in (("TIOCSTI", termios.TIOCSTI), ("TIOCSTI-HIGH", termios.TIO
     except OSError as error:
         print(name, errno.errorcode[error.errno])
 """
+
+
+def reachable_by_others(path):
+    """Whether a user with no rights of its own can run `path`: every directory on the way
+    searchable by others, the file executable by them."""
+    real = os.path.realpath(path)
+    if not os.path.isfile(real) or not os.stat(real).st_mode & stat.S_IXOTH:
+        return False
+    parent = os.path.dirname(real)
+    while True:
+        if not os.stat(parent).st_mode & stat.S_IXOTH:
+            return False
+        if parent == "/":
+            return True
+        parent = os.path.dirname(parent)
 
 
 def run_bpf(program, nr, arch, request):
@@ -328,16 +344,28 @@ class HardeningTest(unittest.TestCase):
         # either, so no protection is lost and the session runs.  As root, the session runs
         # as nobody (its directories handed over) in a read-only directory of root's.
         project = "/usr/share/doc" if os.path.isdir("/usr/share/doc") else "/usr/share"
-        as_user = []
+        as_user, python, entry = [], sys.executable, BW_CLAUDE
         if os.geteuid() == 0:
             setpriv = shutil.which("setpriv")
             if not setpriv:
                 missing("setpriv (util-linux) is needed to run as another user")
+            # The clone may sit in a directory nobody can enter (/root, a mode-700 mktemp):
+            # nobody runs a copy of the scripts, from its own directory, with a python3 it
+            # can reach.
+            entry = os.path.join(self.root, "scripts", "bw-claude")
+            os.makedirs(os.path.dirname(entry))
+            for name in ("bw-claude", "bw_lib.py", "socks_filter.py", "socat_bridge.sh"):
+                shutil.copy2(os.path.join(REPO, name), os.path.dirname(entry))
+            python = next((p for p in (sys.executable, "/usr/bin/python3")
+                           if reachable_by_others(p)), None)
+            if python is None:
+                missing(f"no python3 that {os.path.basename(sys.executable)}'s other users "
+                        "can run: apt-get install python3")
             for directory, _, files in os.walk(self.root):
                 for path in (directory, *(os.path.join(directory, f) for f in files)):
                     os.lchown(path, 65534, 65534)
             as_user = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
-        result = subprocess.run([*as_user, sys.executable, BW_CLAUDE, "--dir", project, "--",
+        result = subprocess.run([*as_user, python, entry, "--dir", project, "--",
                                  "echo ran"], cwd=project, env=self.env, capture_output=True,
                                 text=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
