@@ -339,7 +339,9 @@ class RealClaudeState(RealCLITest):
         last = self.fake.requests_to("anthropic")[-1]
         self.assertIn(marker, json.dumps(last["body"].get("messages")),
                       "--continue did not bring back the first session")
-        self.assertEqual(sorted(os.listdir(self.home)), [".claude", ".claude.json"])
+        # .cache holds only the (now empty) base of the sessions' directories.
+        self.assertEqual(sorted(os.listdir(self.home)), [".cache", ".claude", ".claude.json"])
+        self.assertEqual(os.listdir(os.path.join(self.home, ".cache", "bw-claude")), [])
         self.assertEqual(sorted(os.listdir(os.path.join(self.home, ".claude"))), ["projects"])
         self.assert_cleaned_up()
 

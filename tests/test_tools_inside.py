@@ -447,7 +447,8 @@ class AllowFileTest(ToolsCase, unittest.TestCase):
 
     def test_files_the_sandbox_can_write_are_refused(self):
         # A session (this one, or an earlier one) could have written these: a rule there is
-        # the agent's, not the user's.  The host-side effect checked: the session does not
+        # the agent's, not the user's.  The CLI's state is the host's own only with
+        # --allow-config-writes (otherwise the sandbox gets a copy).  The host-side effect checked: the session does not
         # start, so no rule of the agent's ever reaches the proxy.
         outside = self.write_home("rules/allow", f"127.0.0.2:{self.port}\n")
         in_project = os.path.join(self.project, "allow")
@@ -462,7 +463,7 @@ class AllowFileTest(ToolsCase, unittest.TestCase):
         in_extra = os.path.join(extra, "allow")
         shutil.copy(outside, in_extra)
         for path, argv in ((in_project, ()), (link_in_project, ()), (link_outside, ()),
-                           (state, ()), (in_extra, ("--allow-rw", extra))):
+                           (state, ("--allow-config-writes",)), (in_extra, ("--allow-rw", extra))):
             with self.subTest(path=path):
                 result = self.bw("--filter-network", "--unshare-net", *argv, "--allow-file",
                                  path, script=self.curl())
