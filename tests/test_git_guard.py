@@ -225,7 +225,7 @@ class GitCheckTest(unittest.TestCase):
         self.marker = os.path.join(self.root, "PWNED")
 
     def snapshot(self):
-        bw_lib.take_git_snapshot([self.project], self.private)
+        bw_lib.take_git_snapshot([self.project], self.private, [os.path.dirname(self.private)])
 
     def check(self):
         return bw_lib.check_git(self.private, "bw-claude")
