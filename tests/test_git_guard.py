@@ -322,6 +322,23 @@ class GitCheckTest(unittest.TestCase):
         self.assertFalse(complete)
         self.assertIn(os.path.join(self.project, "zz", ".git"), found)
 
+    def test_a_gitlink_beyond_a_cut_short_search_is_still_checked(self):
+        for n in range(30):
+            os.makedirs(os.path.join(self.project, f"d{n}"))
+        limit = bw_lib.GIT_CHECK_ENTRIES
+        bw_lib.GIT_CHECK_ENTRIES = 10
+        self.addCleanup(setattr, bw_lib, "GIT_CHECK_ENTRIES", limit)
+        self.snapshot()
+        sub = make_repo(os.path.join(self.project, "zz", "deep", "sub"))
+        git(sub, "config", "core.fsmonitor", f"touch {self.marker}; false")
+        head = git(sub, "rev-parse", "HEAD").stdout.strip()
+        git(self.project, "update-index", "--add", "--cacheinfo", f"160000,{head},zz/deep/sub")
+        report = self.check()
+        self.assertIn(f"{sub}/.git: a repository made during the session", report)
+        self.assertIn("WARNING: the search stopped", report)
+        git(self.project, "status", env=host_env(self.root))
+        self.assertFalse(os.path.exists(self.marker))
+
     def test_a_cut_short_search_is_said_loudly(self):
         for n in range(30):
             os.makedirs(os.path.join(self.project, f"d{n}"))
