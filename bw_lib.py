@@ -1013,6 +1013,11 @@ def make_plan(profile, opts, environ, skip=()):
         if problems:
             raise Failure(f"bad allow rule: {problems[0]}", 2)
     learn = os.path.abspath(opts.learn) if opts.learn else None
+    roots = writable_roots(project, home, profile, rw_extra)
+    for flag, given in (("--learn", opts.learn), ("--proxy-log", opts.proxy_log)):
+        problem = given and host_file_problem(os.path.abspath(given), roots)
+        if problem:
+            raise Failure(f"{flag} {given}: will not write there: {problem}")
     if learn and (os.path.isdir(learn) or not os.access(os.path.dirname(learn), os.W_OK)):
         raise Failure(f"--learn {opts.learn}: cannot write a file there")
 
@@ -1165,6 +1170,36 @@ def is_program(path):
 LOCKS_DIR = "bw-locks.{uid}"        # under private_base(): one per user, shared by the tools
 LOCK_SECONDS = 10                   # bound on waiting for another session's start or end
 FD_OPTIONS = {"--ro-bind": "--ro-bind-fd", "--bind": "--bind-fd"}
+
+
+def host_file_problem(path, roots=()):
+    """Why the wrapper must not write `path` on the host (None when it may): a link on the
+    way to it below a writable root, or something there that is not a regular file of
+    ours (a link to ~/.bashrc the sandbox left in place of a log)."""
+    where = root_of(path, roots)
+    link = planted_link(where[0], os.path.join(*where)) if where else None
+    if link is not None and link != path:
+        return f"{link} is a symbolic link (remove it: rm {shlex.quote(link)})"
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return error.strerror
+    if stat.S_ISLNK(info.st_mode):
+        return f"it is a symbolic link (remove it: rm {shlex.quote(path)})"
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        return "it is not a regular file of yours"
+    return None
+
+
+def open_text(path):
+    """A regular file for reading, never through a link at its name."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return open(fd, errors="replace")
 
 
 def is_real_dir(path):
@@ -1353,7 +1388,9 @@ def flock_until(fd, operation, seconds=LOCK_SECONDS):
 
 class RootLock:
     """One writable root's lock file (held shared for the session's life) and its list of
-    placeholders, both in LOCKS_DIR under a name made of the root's device and inode."""
+    placeholders, both in LOCKS_DIR under a name made of the root's device and inode.
+    Joining, listing and leaving happen only while the locks directory itself is locked
+    (Protection), so the exclusive tries never race each other."""
 
     def __init__(self, locks_fd, root):
         info = os.stat(root)
@@ -1361,25 +1398,8 @@ class RootLock:
         self.name = f"{info.st_dev:x}-{info.st_ino:x}"
         self.fd = None
 
-    def open_locked(self, suffix, operation):
-        """The file NAME.suffix, created if missing, flocked, and still the one at that name
-        (one removed meanwhile by a session's clean-up is not)."""
-        for _ in range(100):
-            fd = os.open(self.name + suffix, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600,
-                         dir_fd=self.locks_fd)
-            if not flock_until(fd, operation):
-                os.close(fd)
-                raise Failure(f"another session of {self.root} holds its lock for more than "
-                              f"{LOCK_SECONDS} s; try again")
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(self.name + suffix, dir_fd=self.locks_fd,
-                           follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
-                    return fd
-            os.close(fd)
-        raise Failure(f"cannot lock {self.root} for the session")
-
     def listed(self):
-        with contextlib.suppress(OSError, ValueError, RecursionError):
+        with contextlib.suppress(OSError, ValueError, RecursionError, TypeError):
             fd = os.open(self.name + ".json", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.locks_fd)
             with os.fdopen(fd) as f:
                 return [p for p in json.load(f) if isinstance(p, str)]
@@ -1387,26 +1407,27 @@ class RootLock:
 
     def join(self):
         """Hold the root shared; when no other session holds it, first remove what sessions
-        killed with SIGKILL left."""
-        self.fd = self.open_locked(".lock", fcntl.LOCK_SH)
+        killed with SIGKILL left.  (A failed conversion to exclusive would drop a lock
+        already held, so the exclusive try comes first.)"""
+        self.fd = os.open(self.name + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600,
+                          dir_fd=self.locks_fd)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return
-        self.clear()
-        fcntl.flock(self.fd, fcntl.LOCK_SH)
+            pass
+        else:
+            self.clear()
+        if not flock_until(self.fd, fcntl.LOCK_SH):
+            raise Failure(f"another session of {self.root} holds its lock for more than "
+                          f"{LOCK_SECONDS} s; try again")
 
     def note(self, relative):
         """Add a placeholder to the root's list before it is made."""
-        fd = self.open_locked(".json", fcntl.LOCK_EX)
-        with os.fdopen(fd, "r+") as f:
-            try:
-                names = json.load(f)
-            except (ValueError, RecursionError):
-                names = []
-            f.seek(0)
-            f.truncate()
-            json.dump([*names, relative] if isinstance(names, list) else [relative], f)
+        names = [*self.listed(), relative]
+        fd = os.open(self.name + ".json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                     0o600, dir_fd=self.locks_fd)
+        with os.fdopen(fd, "w") as f:
+            json.dump(names, f)
 
     def clear(self):
         """With the lock held exclusively: remove the listed placeholders, deepest first."""
@@ -1448,8 +1469,31 @@ class Protection:
         cannot be made where the sandbox could make one stops the session."""
         if not self.roots:
             return self
+        self.lock_directory()
+        try:
+            self.hold_locked()
+        finally:
+            fcntl.flock(self.locks_fd, fcntl.LOCK_UN)
+        return self
+
+    def lock_directory(self):
+        """Open and lock LOCKS_DIR, the one still at its name (the last session out may
+        have removed the one we waited for)."""
         base, name = os.path.split(self.locks_path)
-        self.locks_fd = private_subdir(base, name)
+        for _ in range(100):
+            fd = private_subdir(base, name)
+            if not flock_until(fd, fcntl.LOCK_EX):
+                os.close(fd)
+                raise Failure(f"{self.locks_path} stayed locked for more than {LOCK_SECONDS} "
+                              "s; try again")
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.locks_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    self.locks_fd = fd
+                    return
+            os.close(fd)
+        raise Failure(f"cannot lock {self.locks_path}")
+
+    def hold_locked(self):
         by_root = {}
         for root in self.roots:
             lock = RootLock(self.locks_fd, root)
@@ -1469,7 +1513,6 @@ class Protection:
             elif fd is not None:
                 os.close(fd)        # a guarded file's place: held, bound as a copy
         plan.mounts = [m for m in plan.mounts if m[1] not in plan.beneath or m[1] in self.fds]
-        return self
 
     def make(self, lock, root, relative, is_dir, source):
         """Make one placeholder, listed first so that a crash right after leaves nothing
@@ -1498,15 +1541,18 @@ class Protection:
         """The session is over: leave every root (the last one out cleans) and remove the
         locks directory when it is empty."""
         self.close_fds()
+        if self.locks_fd is None:
+            return
+        # Our lock files keep the directory from being removed: it is the one at its name.
+        flock_until(self.locks_fd, fcntl.LOCK_EX)
         for lock in self.locks:
             with contextlib.suppress(OSError):
                 lock.leave()
         self.locks = []
-        if self.locks_fd is not None:
-            os.close(self.locks_fd)
-            self.locks_fd = None
-            with contextlib.suppress(OSError):
-                os.rmdir(self.locks_path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.locks_path)
+        os.close(self.locks_fd)
+        self.locks_fd = None
 
 
 def not_writable(plan, root, path, error):
@@ -1990,8 +2036,13 @@ def take_lock(lock):
     return False
 
 
-def write_back(path, base, ours):
-    target = os.path.realpath(path)
+def write_back(path, base, ours, follow=True):
+    """Merge `ours` into the host's file.  `follow`: a link at `path` is the user's (a
+    dotfile manager's, where the sandbox cannot write) and is followed; else it is refused."""
+    target = os.path.realpath(path) if follow else path
+    problem = host_file_problem(target)
+    if problem:
+        raise OSError(f"{target}: {problem}")
     locked = take_lock(target + ".lock")
     try:
         theirs = read_regular(target)
@@ -2003,7 +2054,7 @@ def write_back(path, base, ours):
         except OSError:
             mode = 0o600
         tmp = f"{target}.tmp.{os.getpid()}.bw"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, target)
@@ -2204,7 +2255,7 @@ class Session:
             ours = read_regular(os.path.join(self.dir, f"guarded.{i}"))
             changed = guarded_changes(base, ours, keys, project) if ours is not None else None
             if changed is not None:
-                write_back(path, base, changed)
+                write_back(path, base, changed, follow=False)
 
     def launch_proxy(self):
         """Start the proxy; the caller prepares the rest meanwhile, then awaits it."""
@@ -2284,12 +2335,16 @@ class Session:
                           "for bwrap)", code or 1)
         return 128 - code if code < 0 else code
 
+    def plan_roots(self):
+        return [(root, root) for root in dict.fromkeys(r for r, _, _ in
+                                                        self.plan.beneath.values())]
+
     def log_path(self):
         return self.plan.proxy_log or os.path.join(self.dir, "proxy.log")
 
     def summary(self):
         try:
-            with open(self.log_path(), errors="replace") as f:
+            with open_text(self.log_path()) as f:
                 text = summarize(self.tool, f, terminal_width(sys.stderr))
         except OSError:
             text = f"{self.tool}: network: no proxy log"
@@ -2302,7 +2357,10 @@ class Session:
         """Write the --learn file (atomically: a partial one would be a wrong allow list)."""
         target = self.plan.learn
         try:
-            with open(self.log_path(), errors="replace") as f:
+            problem = host_file_problem(target, self.plan_roots())
+            if problem:
+                raise OSError(problem)
+            with open_text(self.log_path()) as f:
                 used = learned(read_records(f))
             when = time.strftime("%Y-%m-%d %H:%M %Z")
             text, count = format_learned(self.tool, used, when)
