@@ -40,9 +40,14 @@ Files that run code later, outside the sandbox
   local (the local install), commands, agents, scripts at its top (*.sh, executables),
   ~/.gemini/settings.json, .env, extensions, commands, trustedFolders.json: all stay
   read-only although their parent is writable (PROTECTED_*).  A missing one is held by
-  an empty placeholder ({} for .json, "." for commondir) for the session, removed at
-  exit, so it cannot be created; the directories between it and the project are bound
-  onto themselves, so `mv .git elsewhere` fails (a mount point cannot be renamed).  A
+  an empty placeholder ({} for .json, "." for commondir), so it cannot be created,
+  removed when the last session of that directory ends (or by the next start after a
+  SIGKILL: per-root flocks in LOCKS_DIR); the directories between it and the project are
+  bound onto themselves, so `mv .git elsewhere` fails (a mount point cannot be renamed).
+  All of these, and every other mount source below a writable directory, are reached
+  without following a link and bound through the descriptor that was checked; a link
+  there (planted by an earlier session) stops the session with one line.  The proxy log,
+  the --learn file and the settings written back are never written through a link.  A
   placeholder that cannot be made where the sandbox could make the file (a directory
   of ours, mode 555) stops the session: protection is never dropped silently.  The
   CLI's home settings files are the exception it needs: the sandbox gets a copy, and at
@@ -1233,9 +1238,10 @@ def planted_link(root, path, lstat=os.lstat):
 
 
 def link_refusal(path, what="a protected path"):
+    way_out = ", or run with --allow-config-writes" if what == "a protected path" else ""
     return Failure(f"{path} is a symbolic link where {what} is expected; it is never followed "
                    f"(it may have been planted by a sandboxed session): remove it "
-                   f"(rm {shlex.quote(path)}), or run with --allow-config-writes")
+                   f"(rm {shlex.quote(path)}){way_out}")
 
 
 def root_of(path, roots):
