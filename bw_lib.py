@@ -1282,8 +1282,7 @@ def check_chain(chain, roots):
     place: the next session would show whatever they name."""
     for hop, target in zip(chain, chain[1:]):
         where = root_of(hop, roots)
-        if where and not is_within(target, where[0]) and not (root_of(target, roots) or
-                                                              (None,))[0] == where[0]:
+        if where and (root_of(target, roots) or (None,))[0] != where[0]:
             raise link_refusal(hop, "a program the session runs")
 
 
@@ -1365,6 +1364,15 @@ def remove_placeholder(root, relative):
             os.close(fd)
 
 
+def root_identity(root):
+    """A writable root's name in LOCKS_DIR: its device and inode."""
+    try:
+        info = os.stat(root)
+    except OSError:
+        return None
+    return f"{info.st_dev:x}-{info.st_ino:x}"
+
+
 def private_subdir(base, name):
     """base/name, a directory of this user only (made 0700 if missing); refused if it is a
     link, someone else's or open to others."""
@@ -1398,18 +1406,34 @@ class RootLock:
     Joining, listing and leaving happen only while the locks directory itself is locked
     (Protection), so the exclusive tries never race each other."""
 
-    def __init__(self, locks_fd, root):
-        info = os.stat(root)
-        self.root, self.locks_fd = root, locks_fd
-        self.name = f"{info.st_dev:x}-{info.st_ino:x}"
-        self.fd = None
+    def __init__(self, locks_fd, root, name=None):
+        self.root, self.locks_fd, self.fd = root, locks_fd, None
+        self.name = name or root_identity(root)
 
     def listed(self):
-        with contextlib.suppress(OSError, ValueError, RecursionError, TypeError):
+        """The placeholders listed for this root, from the list file (ours, in LOCKS_DIR)."""
+        with contextlib.suppress(OSError, ValueError, RecursionError, TypeError, KeyError):
             fd = os.open(self.name + ".json", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.locks_fd)
             with os.fdopen(fd) as f:
-                return [p for p in json.load(f) if isinstance(p, str)]
+                return [p for p in json.load(f)["placeholders"] if isinstance(p, str)]
         return []
+
+    @classmethod
+    def sweep(cls, locks_fd):
+        """Clean every root whose sessions all ended without cleaning (SIGKILL), wherever
+        the session starting now runs."""
+        names = {e.rpartition(".")[0] for e in os.listdir(locks_fd)
+                 if e.endswith((".json", ".lock"))}
+        for name in sorted(names):
+            lock = cls(locks_fd, "", name)
+            with contextlib.suppress(OSError, ValueError, RecursionError, TypeError, KeyError):
+                fd = os.open(name + ".json", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=locks_fd)
+                with os.fdopen(fd) as f:
+                    lock.root = str(json.load(f)["root"])
+            with contextlib.suppress(OSError):
+                lock.fd = os.open(name + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600,
+                                  dir_fd=locks_fd)
+                lock.leave()
 
     def join(self):
         """Hold the root shared; when no other session holds it, first remove what sessions
@@ -1433,12 +1457,14 @@ class RootLock:
         fd = os.open(self.name + ".json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
                      0o600, dir_fd=self.locks_fd)
         with os.fdopen(fd, "w") as f:
-            json.dump(names, f)
+            json.dump({"root": self.root, "placeholders": names}, f)
 
     def clear(self):
-        """With the lock held exclusively: remove the listed placeholders, deepest first."""
-        for relative in sorted(set(self.listed()), key=lambda p: -p.count("/")):
-            remove_placeholder(self.root, relative)
+        """With the lock held exclusively: remove the listed placeholders, deepest first
+        (only while the root is still the directory the list was made for)."""
+        if root_identity(self.root) == self.name:
+            for relative in sorted(set(self.listed()), key=lambda p: -p.count("/")):
+                remove_placeholder(self.root, relative)
         with contextlib.suppress(OSError):
             os.unlink(self.name + ".json", dir_fd=self.locks_fd)
 
@@ -1500,6 +1526,7 @@ class Protection:
         raise Failure(f"cannot lock {self.locks_path}")
 
     def hold_locked(self):
+        RootLock.sweep(self.locks_fd)
         by_root = {}
         for root in self.roots:
             lock = RootLock(self.locks_fd, root)

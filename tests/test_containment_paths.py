@@ -253,6 +253,16 @@ class ConcurrentSessionsTest(ContainmentCase, unittest.TestCase):
                 self.end("b", "normal")
                 self.assert_all_gone()
 
+    def test_what_a_killed_session_held_goes_at_the_next_start_in_any_project(self):
+        self.start("a")
+        self.end("a", "kill")
+        self.assertTrue(os.path.exists(os.path.join(self.project, ".mcp.json")))
+        other = os.path.join(self.root, "other")
+        os.mkdir(other)
+        self.check(self.bw("--shell", "--dir", other, "--", "-c", "true"))
+        self.assert_all_gone()
+        self.assertEqual(os.listdir(other), [])
+
     def test_three_sessions_ending_in_every_order(self):
         orders = [(("a", "normal"), ("b", "normal"), "c"), (("c", "kill"), ("a", "normal"), "b"),
                   (("b", "normal"), ("c", "kill"), "a"), (("a", "kill"), ("b", "kill"), "c")]
