@@ -318,6 +318,16 @@ class HostWrittenFilesTest(ContainmentCase, unittest.TestCase):
                            capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
         self.assertFalse(os.path.exists(marker))
 
+    def test_settings_written_back_never_follow_a_planted_link(self):
+        # Session 1 (protection off) leaves ~/.claude/settings.json -> ~/.bashrc; session 2
+        # changes a key that goes back: the merge was written over what the link named.
+        self.check(self.shell("ln -sf ../.bashrc ~/.claude/settings.json",
+                              "--allow-config-writes"))
+        result = self.shell("echo '{\"model\": \"opus\"}' > ~/.claude/settings.json")
+        self.assertEqual(self.read(os.path.join(self.home, ".bashrc")), BASHRC)
+        self.assertTrue(os.path.islink(os.path.join(self.home, ".claude", "settings.json")))
+        self.assertIn("symbolic link", result.stderr)
+
     def test_a_learn_file_turned_into_a_link_is_not_replaced(self):
         learn = os.path.join(self.project, "learned")
         self.check(self.shell("ln -s ../home/.bashrc learned"))
