@@ -54,6 +54,9 @@ LOG (--log FILE: one JSON object per line)
     {"event": "decision", "ts", "id", "proto", "host", "port", "decision", "reason", "mode"}
     {"event": "close", ... "address", "bytes_up", "bytes_down", "duration"}  (allowed ones)
     In audit mode a decision that was not enforced carries "enforced": false.
+    FILE is appended to only if it is a regular file of ours (never through a link), and no
+    shell reading it runs anything: "host" escapes every character outside [A-Za-z0-9.-]
+    (an IP address excepted) as \\xNN, other text its $, ` and \\.
 
 LIMITS
     The allow list decides where bytes may go, not what they say: an allowed API is a capability
@@ -260,7 +263,7 @@ def shell_inert(record):
     text: inside JSON's double quotes those are all a shell would expand."""
     safe = {}
     for key, value in record.items():
-        if isinstance(value, str) and key in ("host", "sni"):
+        if isinstance(value, str) and key == "host":
             value = log_name(value)
         elif isinstance(value, str):
             value = value.replace("\\", "\\x5c").replace("$", "\\x24").replace("`", "\\x60")

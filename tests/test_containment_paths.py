@@ -253,6 +253,18 @@ class ConcurrentSessionsTest(ContainmentCase, unittest.TestCase):
                 self.end("b", "normal")
                 self.assert_all_gone()
 
+    def test_a_session_starting_while_another_ends_keeps_its_protection(self):
+        for round in range(4):
+            with self.subTest(round=round):
+                self.forget_markers()
+                self.start("a")
+                open(self.marker("end", "a"), "w").close()     # a ends while b starts
+                self.start("b")
+                self.sessions["a"].communicate(timeout=30)
+                self.attack_from("b")
+                self.end("b", "normal")
+                self.assert_all_gone()
+
     def test_what_a_killed_session_held_goes_at_the_next_start_in_any_project(self):
         self.start("a")
         self.end("a", "kill")
