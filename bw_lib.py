@@ -1451,9 +1451,11 @@ class RootLock:
             raise Failure(f"another session of {self.root} holds its lock for more than "
                           f"{LOCK_SECONDS} s; try again")
 
-    def note(self, relative):
-        """Add a placeholder to the root's list before it is made."""
-        names = [*self.listed(), relative]
+    def note(self, relatives):
+        """Add placeholders to the root's list before they are made."""
+        if not relatives:
+            return
+        names = [*self.listed(), *relatives]
         fd = os.open(self.name + ".json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
                      0o600, dir_fd=self.locks_fd)
         with os.fdopen(fd, "w") as f:
@@ -1533,24 +1535,47 @@ class Protection:
             lock.join()
             self.locks.append(lock)
             by_root[root] = lock
-        plan = self.plan
+        found = {}
+        try:
+            self.open_all(by_root, found)
+        except BaseException:
+            for fd in found.values():
+                if fd is not None:
+                    os.close(fd)
+            raise
+
+    def open_all(self, by_root, found):
+        """Open every checked source into `found`, making the placeholders missing now."""
+        plan, missing = self.plan, []
         for source in sorted(plan.beneath, key=lambda p: p.count("/")):
+            fd = open_beneath(*plan.beneath[source][:2])
+            if fd is None:
+                missing.append(source)
+            else:
+                found[source] = fd
+        # Listed before they are made, so that a crash right after leaves nothing unknown.
+        for root, lock in by_root.items():
+            lock.note([plan.beneath[s][1] for s in missing if plan.beneath[s][0] == root])
+        for source in missing:
             if source not in plan.beneath:      # dropped with a parent that cannot be made
                 continue
             root, relative, is_dir = plan.beneath[source]
-            fd = open_beneath(root, relative)
-            if fd is None and self.make(by_root[root], root, relative, is_dir, source):
-                fd = open_beneath(root, relative)
-            if fd is not None and any(m[1] == source for m in plan.mounts):
+            if self.make(root, relative, is_dir, source):
+                found[source] = open_beneath(root, relative)
+                if found[source] is None:
+                    raise Failure(f"{source} vanished while the session started; try again")
+        mounted = {m[1] for m in plan.mounts}
+        for source, fd in list(found.items()):
+            del found[source]
+            if fd is not None and source in mounted and source in plan.beneath:
                 self.fds[source] = fd
             elif fd is not None:
                 os.close(fd)        # a guarded file's place: held, bound as a copy
         plan.mounts = [m for m in plan.mounts if m[1] not in plan.beneath or m[1] in self.fds]
 
-    def make(self, lock, root, relative, is_dir, source):
-        """Make one placeholder, listed first so that a crash right after leaves nothing
-        unknown; False when neither we nor the sandbox can create it (its mounts go)."""
-        lock.note(relative)
+    def make(self, root, relative, is_dir, source):
+        """Make one placeholder; False when neither we nor the sandbox can create it (its
+        mounts go)."""
         try:
             make_placeholder(root, relative, is_dir)
         except FileExistsError:
