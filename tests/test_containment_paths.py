@@ -15,6 +15,8 @@ import sys
 import tempfile
 import unittest
 
+import bw_lib
+import socks_filter
 from tests.test_sandbox import (BW_CLAUDE, SessionCase, make_session_dirs, missing,
                                 require_sandbox, wait_for)
 
@@ -31,6 +33,63 @@ def connect_script(host):
             "printf '\\005\\001\\000' >&3; head -c 2 <&3 >/dev/null; "
             f"printf '\\005\\001\\000\\003\\{len(host):03o}%s\\001\\273' '{host}' >&3; "
             "timeout 5 cat <&3 >/dev/null; true")
+
+
+class PathRulesTest(unittest.TestCase):
+    """The pure decisions behind the session tests below."""
+
+    def setUp(self):
+        self.root = os.path.realpath(tempfile.mkdtemp(prefix="bw-paths-"))
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.project = os.path.join(self.root, "p")
+        os.makedirs(os.path.join(self.project, "sub", "real"))
+        os.symlink("../..", os.path.join(self.project, "sub", ".git"))
+        self.roots = [(self.project, self.project)]
+
+    def test_binds_below_a_writable_root_go_through_descriptors(self):
+        real = os.path.join(self.project, "sub", "real")
+        mounts, beneath = bw_lib.bind_checked(
+            [("--ro-bind", real, real), ("--bind", self.project, self.project),
+             ("--ro-bind", "/usr", "/usr"), ("--tmpfs", None, "/x")], self.roots)
+        self.assertEqual(mounts, [("--ro-bind-fd", real, real),
+                                  ("--bind", self.project, self.project),
+                                  ("--ro-bind", "/usr", "/usr"), ("--tmpfs", None, "/x")])
+        self.assertEqual(beneath, {real: (self.project, "sub/real", True)})
+
+    def test_a_link_on_the_way_is_refused_by_name(self):
+        link = os.path.join(self.project, "sub", ".git")
+        self.assertEqual(bw_lib.planted_link(self.project, link + "/config"), link)
+        with self.assertRaises(bw_lib.Failure) as caught:
+            bw_lib.bind_checked([("--bind", link, link)], self.roots)
+        self.assertIn(f"{link} is a symbolic link", str(caught.exception))
+        with self.assertRaises(bw_lib.Failure):
+            bw_lib.open_beneath(self.project, "sub/.git/config")
+        self.assertIsNone(bw_lib.open_beneath(self.project, "sub/missing/config"))
+
+    def test_a_program_linked_out_of_a_writable_root_is_refused(self):
+        inside = os.path.join(self.project, "bin", "tool")
+        bw_lib.check_chain([inside, os.path.join(self.project, "lib", "tool")], self.roots)
+        bw_lib.check_chain(["/usr/bin/x", "/opt/x"], self.roots)
+        with self.assertRaises(bw_lib.Failure):
+            bw_lib.check_chain([inside, "/home/u/tools/tool"], self.roots)
+
+    def test_host_files_must_be_our_regular_files(self):
+        path = os.path.join(self.project, "log")
+        self.assertIsNone(bw_lib.host_file_problem(path, self.roots))
+        os.symlink(os.path.join(self.root, "elsewhere"), path)
+        self.assertIn("symbolic link", bw_lib.host_file_problem(path, self.roots))
+        self.assertIn("symbolic link", bw_lib.host_file_problem(
+            os.path.join(self.project, "sub", ".git", "log"), self.roots))
+
+    def test_log_names_hold_nothing_a_shell_expands(self):
+        self.assertEqual(socks_filter.log_name("api.anthropic.com"), "api.anthropic.com")
+        self.assertEqual(socks_filter.log_name("::1"), "::1")
+        self.assertEqual(socks_filter.log_name("$(id)`x`"), "\\x24\\x28id\\x29\\x60x\\x60")
+        record = socks_filter.shell_inert({"host": "a b;c", "detail": "x $(y) `z`", "port": 1})
+        self.assertEqual(record["port"], 1)
+        self.assertEqual(record["host"], "a\\x20b\\x3bc")
+        self.assertNotIn("$", record["detail"])
+        self.assertNotIn("`", record["detail"])
 
 
 class ContainmentCase(SessionCase):
