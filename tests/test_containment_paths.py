@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import unittest
 
 import bw_lib
@@ -313,11 +314,12 @@ class ConcurrentSessionsTest(ContainmentCase, unittest.TestCase):
                 self.assert_all_gone()
 
     def test_a_session_starting_while_another_ends_keeps_its_protection(self):
-        for round in range(4):
-            with self.subTest(round=round):
+        # The end is timed to land before, during and after b's own start.
+        for delay in (0, 0.05, 0.1, 0.15, 0.2, 0.3):
+            with self.subTest(delay=delay):
                 self.forget_markers()
                 self.start("a")
-                open(self.marker("end", "a"), "w").close()     # a ends while b starts
+                threading.Timer(delay, open, (self.marker("end", "a"), "w")).start()
                 self.start("b")
                 self.sessions["a"].communicate(timeout=30)
                 self.attack_from("b")
