@@ -982,8 +982,9 @@ def make_plan(profile, opts, environ, skip=()):
     socat = shutil.which("socat", path=search_path) or "socat"
     if opts.filter_network:
         programs.append(socat)
+    roots = writable_roots(project, home, profile, rw_extra)
     for program in programs:
-        check_chain(symlink_chain(program), writable_roots(project, home, profile, rw_extra))
+        check_chain(symlink_chain(program), roots)
         mounts += [("--ro-bind", r, r) for r in install_roots(symlink_chain(program), home)]
     mounts.append(("--bind", project, project))
     mounts += secret_masks(home, mounts, hidden=hidden)
@@ -999,7 +1000,6 @@ def make_plan(profile, opts, environ, skip=()):
         copies = {path for path, _ in guarded}
         # The guarded settings files are bound as copies instead (build_bwrap_args).
         mounts += [m for m in protected if not (m[0] == "--ro-bind" and m[2] in copies)]
-        roots = writable_roots(project, home, profile, rw_extra)
         mounts, beneath = bind_checked(mounts, roots, placeholders)
         # A guarded file's place is held too (bwrap would make its mount point on the host).
         beneath.update((path, (*root_of(path, roots), False)) for path in copies
@@ -1018,7 +1018,6 @@ def make_plan(profile, opts, environ, skip=()):
         if problems:
             raise Failure(f"bad allow rule: {problems[0]}", 2)
     learn = os.path.abspath(opts.learn) if opts.learn else None
-    roots = writable_roots(project, home, profile, rw_extra)
     for flag, given in (("--learn", opts.learn), ("--proxy-log", opts.proxy_log)):
         problem = given and host_file_problem(os.path.abspath(given), roots)
         if problem:
