@@ -2346,7 +2346,7 @@ def private_place(private, relative):
     return private, parts, name
 
 
-def open_beneath(root, parts, create=False):
+def open_dir_beneath(root, parts, create=False):
     """A descriptor of the directory root/parts..., each part opened with O_NOFOLLOW (a link
     is refused); missing parts (and root) are made (0700) when `create`.  None when that
     fails."""
@@ -2387,7 +2387,7 @@ def read_at(dir_fd, name, limit=STATE_FILE_LIMIT):
 def read_place(place):
     """The bytes of the regular file at (root, parts, name), or None."""
     root, parts, name = place
-    fd = open_beneath(root, parts)
+    fd = open_dir_beneath(root, parts)
     if fd is None:
         return None
     try:
@@ -2428,7 +2428,7 @@ def copy_entry(src_fd, name, dest, budget, level=0):
 def transcript_bases(private_dir):
     """{file name: (size, sha256)} of the transcripts seeded into a "lines" directory."""
     bases = {}
-    fd = open_beneath(private_dir, [])
+    fd = open_dir_beneath(private_dir, [])
     if fd is None:
         return bases
     try:
@@ -2444,14 +2444,14 @@ def transcript_bases(private_dir):
 def find_project_id(root, parts, project, limit=STATE_COPY_ENTRIES):
     """The name of the directory at root/parts whose .project_root names `project` (how
     Gemini finds a project's short id), or None."""
-    fd = open_beneath(root, parts)
+    fd = open_dir_beneath(root, parts)
     if fd is None:
         return None
     try:
         for name in sorted(os.listdir(fd))[:limit]:
             if not GEMINI_ID_NAME.fullmatch(name):
                 continue
-            inner = open_beneath(f"/proc/self/fd/{fd}", [name])
+            inner = open_dir_beneath(f"/proc/self/fd/{fd}", [name])
             if inner is None:
                 continue
             try:
@@ -2521,7 +2521,7 @@ def seed_state(items, home, private, project=None):
                 f.write(project_lines(read_place(host_place(home, item.path)), project))
         elif item.seed:
             root, parts, name = host_place(home, item.path)
-            fd = open_beneath(root, parts)
+            fd = open_dir_beneath(root, parts)
             if fd is not None:
                 try:
                     os.makedirs(os.path.dirname(dest), 0o700, exist_ok=True)
@@ -2593,7 +2593,7 @@ def write_place(place, data, mode=0o600):
     following links (made 0700 when missing), a temporary file made with O_EXCL beside it,
     then rename().  The target must be a regular file of this user, or absent."""
     root, parts, name = place
-    fd = open_beneath(root, parts, create=True)
+    fd = open_dir_beneath(root, parts, create=True)
     if fd is None:
         raise ValueError("a directory on its way is missing or a link")
     tmp = f".{name}.{os.getpid()}.bw-tmp"
@@ -2643,7 +2643,7 @@ def back_keys(item, base, home, private, project):
 def back_lines(item, bases, home, private, project):
     """A "lines" item: each *.jsonl file directly in the directory, regular, within
     STATE_FILE_LIMIT, every complete line a JSON object, only appended to."""
-    fd = open_beneath(private, item.path.split("/"))
+    fd = open_dir_beneath(private, item.path.split("/"))
     if fd is None:
         return
     try:
