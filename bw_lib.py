@@ -41,16 +41,21 @@ Files that run code later, outside the sandbox
   .claude/commands, agents, hooks, skills, .mcp.json, .gemini/settings.json, .env,
   commands, extensions, .vscode, .idea in the project and in every --allow-rw
   directory: all stay read-only although their parent is writable (PROTECTED_*).  A
-  missing one is held by an empty placeholder ({} for .json, "." for commondir) for the
-  session, removed at exit, so it cannot be created; the directories between it and
-  the project are bound onto themselves, so `mv .git elsewhere` fails (a mount point
-  cannot be renamed).  A placeholder that cannot be made where the sandbox could make
-  the file (a directory of ours, mode 555) stops the session: protection is never
-  dropped silently.  The CLI's state needs none of this: it is the session's own copy,
-  and of its settings files only changes to the profile's guarded keys (model, the
-  accepted bypass-permissions prompt, Gemini's trust for this project...) go back;
-  hooks, env, permissions and helpers never do.  --allow-config-writes turns all of
-  this off (and binds the host's state directory read-write).
+  missing one is held by an empty placeholder ({} for .json, "." for commondir), so it
+  cannot be created, removed when the last session of that directory ends (or by the
+  next start after a SIGKILL: per-root flocks in LOCKS_DIR); the directories between it
+  and the project are bound onto themselves, so `mv .git elsewhere` fails (a mount point
+  cannot be renamed).  All of these, and every other mount source below a writable
+  directory, are reached without following a link and bound through the descriptor that
+  was checked; a link there (planted by an earlier session) stops the session with one
+  line.  The proxy log and the --learn file are never written through a link.  A
+  placeholder that cannot be made where the sandbox could make the file (a directory of
+  ours, mode 555) stops the session: protection is never dropped silently.  The CLI's
+  state needs none of this: it is the session's own copy, and of its settings files only
+  changes to the profile's guarded keys (model, the accepted bypass-permissions prompt,
+  Gemini's trust for this project...) go back; hooks, env, permissions and helpers never
+  do.  --allow-config-writes turns all of this off (and binds the host's state directory
+  read-write).
   Repositories the session made, and config or hooks it changed in repositories the
   protection did not reach, are set aside at its end (the git guard, below).
   Not contained: files of the project itself (.env, Makefile, package.json
@@ -864,6 +869,8 @@ class Plan:
     state: list = field(default_factory=list)       # State items, SLUG filled in
     read_only_state: list = field(default_factory=list)  # home-relative seeded "ro" copies
     allow_file_rules: list = field(default_factory=list)  # the allow files' rules, read once
+    beneath: dict = field(default_factory=dict)     # fd-bound source: (real root, relative,
+                                                    # is a directory), see bind_checked
     git_roots: list = field(default_factory=list)   # checked for git metadata at the end
 
 
@@ -1056,6 +1063,7 @@ def make_plan(profile, opts, environ, skip=()):
     for flag, option, paths in (("--allow-ro", "--ro-bind", opts.allow_ro),
                                 ("--allow-rw", "--bind", opts.allow_rw)):
         for path in paths:
+            check_given(flag, path, writable_roots(project, home, profile))
             real = os.path.realpath(path)
             if not os.path.exists(real):
                 raise Failure(f"{flag} {path}: no such file or directory")
@@ -1072,19 +1080,22 @@ def make_plan(profile, opts, environ, skip=()):
     socat = shutil.which("socat", path=search_path) or "socat"
     if opts.filter_network:
         programs.append(socat)
+    roots = writable_roots(project, home, profile, rw_extra)
     for program in programs:
+        check_chain(symlink_chain(program), roots)
         mounts += [("--ro-bind", r, r) for r in install_roots(symlink_chain(program), home)]
     mounts.append(("--bind", project, project))
     mounts += secret_masks(home, mounts, hidden=hidden)
     mounts += session_masks(environ, mounts, create=not opts.dry_run)
     mounts += sockets
-    placeholders = []
+    placeholders, beneath = [], {}
     if not opts.allow_config_writes:
         rw_roots = [dest for option, _, dest in mounts if option == "--bind"]
         nested, whole = nested_repositories([project, *rw_extra])
         walked = walked and whole
         protected, placeholders = protection(project, home, rw_roots, rw_extra, nested)
         mounts += protected
+        mounts, beneath = bind_checked(mounts, roots, placeholders)
 
     allow_files, file_rules = [], []
     user_file = config_path({**environ, "HOME": home}, profile.tool, "allowed-domains")
@@ -1101,6 +1112,10 @@ def make_plan(profile, opts, environ, skip=()):
         if problems:
             raise Failure(f"bad allow rule: {problems[0]}", 2)
     learn = os.path.abspath(opts.learn) if opts.learn else None
+    for flag, given in (("--learn", opts.learn), ("--proxy-log", opts.proxy_log)):
+        problem = given and host_file_problem(os.path.abspath(given), roots)
+        if problem:
+            raise Failure(f"{flag} {given}: will not write there: {problem}")
     if learn and (os.path.isdir(learn) or not os.access(os.path.dirname(learn), os.W_OK)):
         raise Failure(f"--learn {opts.learn}: cannot write a file there")
 
@@ -1129,7 +1144,7 @@ def make_plan(profile, opts, environ, skip=()):
         placeholders=placeholders,
         sockets_complete=walked,
         verbose=opts.verbose, dry_run=opts.dry_run, allow_file_rules=file_rules,
-        state=state_items(profile, project, opts.allow_config_writes),
+        state=state_items(profile, project, opts.allow_config_writes), beneath=beneath,
         git_roots=[] if opts.allow_config_writes else [project, *rw_extra])
 
 
@@ -1183,7 +1198,7 @@ def bwrap_supports(bwrap, option):
 
 
 def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexists,
-               isdir=os.path.isdir, glob=glob.glob):
+               isdir=None, glob=glob.glob):
     """What keeps PROTECTED_* read-only: (mounts, placeholders to create first).
 
     PROTECTED_PROJECT applies to the project and to each of `extra` (the --allow-rw
@@ -1191,6 +1206,7 @@ def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexi
     between it and its writable root are bound onto themselves, which pins them (a mount
     point cannot be renamed, so `mv .git x` cannot carry the protection away).
     """
+    isdir = isdir or is_real_dir     # a link to a directory is a link (bind_checked refuses it)
     bases = list(dict.fromkeys([project, *extra]))
     wanted = []
     for base in bases + [n for n in nested if n not in bases]:
@@ -1222,6 +1238,472 @@ def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexi
     return [("--bind", p, p) for p in pins] + mounts, placeholders
 
 
+# ---------------------------------------------------------------------------------------------
+# Paths the sandbox can write: never followed, bound as they were checked (issue 11)
+#
+# The project, the --allow-rw directories and the CLI's state are the sandbox's to write, for
+# this session and the ones before it, so a path below them may be a link it planted
+# (`sub/.git -> ../../..`).  Every mount source below such a root is walked component by
+# component with O_NOFOLLOW: a symlink stops the session with one line naming it, and what
+# was checked is what bwrap binds (an O_PATH descriptor, --ro-bind-fd / --bind-fd; bwrap
+# compares the mount with the descriptor afterwards).  Placeholders are made and removed
+# through descriptors of their checked parents.  Sessions sharing a root hold a shared
+# flock on a lock file of that root for their whole life, in a directory of the user's the
+# sandbox cannot see (LOCKS_DIR); the one that can take it exclusively (at its end, or at
+# the next start after a SIGKILL) removes the placeholders the sessions listed, so no
+# session's end or crash takes away a mount another still stands on.
+# ---------------------------------------------------------------------------------------------
+
+LOCKS_DIR = "bw-locks.{uid}"        # under private_base(): one per user, shared by the tools
+LOCK_SECONDS = 10                   # bound on waiting for another session's start or end
+FD_OPTIONS = {"--ro-bind": "--ro-bind-fd", "--bind": "--bind-fd"}
+
+
+def host_file_problem(path, roots=()):
+    """Why the wrapper must not write `path` on the host (None when it may): a link on the
+    way to it below a writable root, or something there that is not a regular file of
+    ours (a link to ~/.bashrc the sandbox left in place of a log)."""
+    where = root_of(path, roots)
+    link = planted_link(where[0], os.path.join(*where)) if where else None
+    if link is not None and link != path:
+        return f"{link} is a symbolic link (remove it: rm {shlex.quote(link)})"
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return error.strerror
+    if stat.S_ISLNK(info.st_mode):
+        return f"it is a symbolic link (remove it: rm {shlex.quote(path)})"
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        return "it is not a regular file of yours"
+    return None
+
+
+def open_text(path):
+    """A regular file for reading, never through a link at its name."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return open(fd, errors="replace")
+
+
+def is_real_dir(path):
+    """A directory itself, not a link to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def writable_roots(project, home, profile, extra=()):
+    """The sandbox-writable trees, as (path as mounted, real path) pairs: the CLI's state
+    directories, the --allow-rw directories and the project."""
+    paths = [os.path.join(home, d) for d in profile.state_dirs] + [*extra, project]
+    return [(p, os.path.realpath(p)) for p in dict.fromkeys(paths)]
+
+
+def planted_link(root, path, lstat=os.lstat):
+    """The first component of `path` below `root` that is a symlink, or None (a missing
+    component ends the search: nothing below it exists)."""
+    current = root
+    for part in os.path.relpath(path, root).split("/"):
+        current = os.path.join(current, part)
+        try:
+            mode = lstat(current).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if stat.S_ISLNK(mode):
+            return current
+    return None
+
+
+def link_refusal(path, what="a protected path"):
+    way_out = ", or run with --allow-config-writes" if what == "a protected path" else ""
+    return Failure(f"{path} is a symbolic link where {what} is expected; it is never followed "
+                   f"(it may have been planted by a sandboxed session): remove it "
+                   f"(rm {shlex.quote(path)}){way_out}")
+
+
+def root_of(path, roots):
+    """(real root, path relative to it) for the writable root `path` lies strictly below,
+    or None.  `roots` are (path as mounted, real path) pairs."""
+    for mounted, real in roots:
+        for base in (mounted, real):
+            if path != base and is_within(path, base):
+                return real, os.path.relpath(path, base)
+    return None
+
+
+def bind_checked(mounts, roots, placeholders=(), lstat=os.lstat):
+    """`mounts` with every bind whose source lies below a writable root turned into a bind
+    of a descriptor (FD_OPTIONS), and {source: (real root, relative, is a directory)} saying
+    what to open; a symlink on the way to one refuses the session."""
+    result, beneath = [], {}
+    dirs = {p.rstrip("/") for p in placeholders if p.endswith("/")}
+    for option, source, dest in mounts:
+        where = root_of(source, roots) if source and option in FD_OPTIONS else None
+        if where is None:
+            result.append((option, source, dest))
+            continue
+        link = planted_link(where[0], os.path.join(*where), lstat)
+        if link is not None:
+            raise link_refusal(link)
+        try:
+            is_dir = stat.S_ISDIR(lstat(os.path.join(*where)).st_mode)
+        except OSError:
+            is_dir = option == "--bind" or source in dirs
+        beneath[source] = (*where, is_dir)
+        result.append((FD_OPTIONS[option], source, dest))
+    return result, beneath
+
+
+def check_chain(chain, roots):
+    """Refuse a program whose symlinks, where the sandbox can write them, lead out of that
+    place: the next session would show whatever they name."""
+    for hop, target in zip(chain, chain[1:]):
+        where = root_of(hop, roots)
+        if where and (root_of(target, roots) or (None,))[0] != where[0]:
+            raise link_refusal(hop, "a program the session runs")
+
+
+def check_given(flag, path, roots):
+    """An --allow-ro/--allow-rw path given below a writable root must not go through a link
+    planted there."""
+    where = root_of(os.path.abspath(path), roots)
+    if where:
+        link = planted_link(where[0], os.path.join(*where))
+        if link is not None:
+            raise link_refusal(link, f"the {flag} directory")
+
+
+def open_beneath(root, relative):
+    """An O_PATH descriptor of root/relative, reached without following any link below
+    root; None when a component is missing.  A link raises link_refusal."""
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    path = root
+    try:
+        for part in relative.split("/"):
+            if part in ("", ".", ".."):
+                raise Failure(f"{root}/{relative}: not a plain path below {root}")
+            path = os.path.join(path, part)
+            try:
+                child = os.open(part, os.O_PATH | os.O_NOFOLLOW, dir_fd=fd)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            os.close(fd)
+            fd = child
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise link_refusal(path)
+        result, fd = fd, None
+        return result
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def parent_beneath(root, relative):
+    """(descriptor of relative's directory, its last name), checked as open_beneath."""
+    head, name = os.path.split(relative)
+    fd = open_beneath(root, head) if head else os.open(root, os.O_PATH | os.O_DIRECTORY)
+    if fd is None:
+        raise FileNotFoundError(2, "No such file or directory", os.path.join(root, head))
+    return fd, name
+
+
+def make_placeholder(root, relative, is_dir):
+    """Create the empty placeholder root/relative in its checked parent (O_EXCL, no link)."""
+    fd, name = parent_beneath(root, relative)
+    try:
+        if is_dir:
+            os.mkdir(name, 0o755, dir_fd=fd)
+            return
+        new = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                      dir_fd=fd)
+        with os.fdopen(new, "wb") as f:
+            f.write(placeholder_content(os.path.join(root, relative)))
+    finally:
+        os.close(fd)
+
+
+def remove_placeholder(root, relative):
+    """Remove a placeholder still as it was made (an empty directory, or the exact content);
+    anything else the sandbox put there stays, and no link is followed."""
+    with contextlib.suppress(OSError, Failure):
+        fd, name = parent_beneath(root, relative)
+        try:
+            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                os.rmdir(name, dir_fd=fd)
+            elif stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+                data = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+                with os.fdopen(data, "rb") as f:
+                    same = f.read(64) == placeholder_content(os.path.join(root, relative))
+                if same:
+                    os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
+
+
+def root_identity(root):
+    """A writable root's name in LOCKS_DIR: its device and inode."""
+    try:
+        info = os.stat(root)
+    except OSError:
+        return None
+    return f"{info.st_dev:x}-{info.st_ino:x}"
+
+
+def private_subdir(base, name):
+    """base/name, a directory of this user only (made 0700 if missing); refused if it is a
+    link, someone else's or open to others."""
+    path = os.path.join(base, name)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        os.close(fd)
+        raise Failure(f"{path} is not a private directory of yours; remove it")
+    return fd
+
+
+def flock_until(fd, operation, seconds=LOCK_SECONDS):
+    """flock, retried without blocking for at most `seconds`; False if it never came."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+
+
+class RootLock:
+    """One writable root's lock file (held shared for the session's life) and its list of
+    placeholders, both in LOCKS_DIR under a name made of the root's device and inode.
+    Joining, listing and leaving happen only while the locks directory itself is locked
+    (Protection), so the exclusive tries never race each other."""
+
+    def __init__(self, locks_fd, root, name=None):
+        self.root, self.locks_fd, self.fd = root, locks_fd, None
+        self.name = name or root_identity(root)
+
+    def listed(self):
+        """The placeholders listed for this root, from the list file (ours, in LOCKS_DIR)."""
+        with contextlib.suppress(OSError, ValueError, RecursionError, TypeError, KeyError):
+            fd = os.open(self.name + ".json", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.locks_fd)
+            with os.fdopen(fd) as f:
+                return [p for p in json.load(f)["placeholders"] if isinstance(p, str)]
+        return []
+
+    @classmethod
+    def sweep(cls, locks_fd):
+        """Clean every root whose sessions all ended without cleaning (SIGKILL), wherever
+        the session starting now runs."""
+        names = {e.rpartition(".")[0] for e in os.listdir(locks_fd)
+                 if e.endswith((".json", ".lock"))}
+        for name in sorted(names):
+            lock = cls(locks_fd, "", name)
+            with contextlib.suppress(OSError, ValueError, RecursionError, TypeError, KeyError):
+                fd = os.open(name + ".json", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=locks_fd)
+                with os.fdopen(fd) as f:
+                    lock.root = str(json.load(f)["root"])
+            with contextlib.suppress(OSError):
+                lock.fd = os.open(name + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600,
+                                  dir_fd=locks_fd)
+                lock.leave()
+
+    def join(self):
+        """Hold the root shared; when no other session holds it, first remove what sessions
+        killed with SIGKILL left.  (A failed conversion to exclusive would drop a lock
+        already held, so the exclusive try comes first.)"""
+        self.fd = os.open(self.name + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600,
+                          dir_fd=self.locks_fd)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
+            self.clear()
+        if not flock_until(self.fd, fcntl.LOCK_SH):
+            raise Failure(f"another session of {self.root} holds its lock for more than "
+                          f"{LOCK_SECONDS} s; try again")
+
+    def note(self, relatives):
+        """Add placeholders to the root's list before they are made."""
+        if not relatives:
+            return
+        names = [*self.listed(), *relatives]
+        fd = os.open(self.name + ".json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                     0o600, dir_fd=self.locks_fd)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"root": self.root, "placeholders": names}, f)
+
+    def clear(self):
+        """With the lock held exclusively: remove the listed placeholders, deepest first
+        (only while the root is still the directory the list was made for)."""
+        if root_identity(self.root) == self.name:
+            for relative in sorted(set(self.listed()), key=lambda p: -p.count("/")):
+                remove_placeholder(self.root, relative)
+        with contextlib.suppress(OSError):
+            os.unlink(self.name + ".json", dir_fd=self.locks_fd)
+
+    def leave(self):
+        """The session is over: the last one out removes the placeholders and the files."""
+        if self.fd is None:
+            return
+        try:
+            # A failed conversion drops the shared lock: nothing of ours needs it any more.
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
+            self.clear()
+            with contextlib.suppress(OSError):
+                os.unlink(self.name + ".lock", dir_fd=self.locks_fd)
+        os.close(self.fd)
+        self.fd = None
+
+
+class Protection:
+    """What keeps one session's protected paths in place: a shared lock on every writable
+    root it protects something in, the placeholders it needed, and the descriptors bwrap
+    binds (closed once bwrap has them)."""
+
+    def __init__(self, plan, locks_base):
+        self.plan, self.fds, self.locks, self.locks_fd = plan, {}, [], None
+        self.locks_path = os.path.join(locks_base, LOCKS_DIR.format(uid=os.geteuid()))
+        self.roots = list(dict.fromkeys(root for root, _, _ in plan.beneath.values()))
+
+    def hold(self):
+        """Lock the roots, make the placeholders needed now (another session may have
+        removed some since the plan was made) and open the descriptors.  A placeholder that
+        cannot be made where the sandbox could make one stops the session."""
+        if not self.roots:
+            return self
+        self.lock_directory()
+        try:
+            self.hold_locked()
+        finally:
+            fcntl.flock(self.locks_fd, fcntl.LOCK_UN)
+        return self
+
+    def lock_directory(self):
+        """Open and lock LOCKS_DIR, the one still at its name (the last session out may
+        have removed the one we waited for)."""
+        base, name = os.path.split(self.locks_path)
+        for _ in range(100):
+            fd = private_subdir(base, name)
+            if not flock_until(fd, fcntl.LOCK_EX):
+                os.close(fd)
+                raise Failure(f"{self.locks_path} stayed locked for more than {LOCK_SECONDS} "
+                              "s; try again")
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.locks_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    self.locks_fd = fd
+                    return
+            os.close(fd)
+        raise Failure(f"cannot lock {self.locks_path}")
+
+    def hold_locked(self):
+        RootLock.sweep(self.locks_fd)
+        by_root = {}
+        for root in self.roots:
+            lock = RootLock(self.locks_fd, root)
+            lock.join()
+            self.locks.append(lock)
+            by_root[root] = lock
+        found = {}
+        try:
+            self.open_all(by_root, found)
+        except BaseException:
+            for fd in found.values():
+                if fd is not None:
+                    os.close(fd)
+            raise
+
+    def open_all(self, by_root, found):
+        """Open every checked source into `found`, making the placeholders missing now."""
+        plan, missing = self.plan, []
+        for source in sorted(plan.beneath, key=lambda p: p.count("/")):
+            fd = open_beneath(*plan.beneath[source][:2])
+            if fd is None:
+                missing.append(source)
+            else:
+                found[source] = fd
+        # Listed before they are made, so that a crash right after leaves nothing unknown.
+        for root, lock in by_root.items():
+            lock.note([plan.beneath[s][1] for s in missing if plan.beneath[s][0] == root])
+        for source in missing:
+            if source not in plan.beneath:      # dropped with a parent that cannot be made
+                continue
+            root, relative, is_dir = plan.beneath[source]
+            if self.make(root, relative, is_dir, source):
+                found[source] = open_beneath(root, relative)
+                if found[source] is None:
+                    raise Failure(f"{source} vanished while the session started; try again")
+        mounted = {m[1] for m in plan.mounts}
+        for source, fd in list(found.items()):
+            del found[source]
+            if fd is not None and source in mounted and source in plan.beneath:
+                self.fds[source] = fd
+            elif fd is not None:
+                os.close(fd)        # a guarded file's place: held, bound as a copy
+        plan.mounts = [m for m in plan.mounts if m[1] not in plan.beneath or m[1] in self.fds]
+
+    def make(self, root, relative, is_dir, source):
+        """Make one placeholder; False when neither we nor the sandbox can create it (its
+        mounts go)."""
+        try:
+            make_placeholder(root, relative, is_dir)
+        except FileExistsError:
+            pass
+        except OSError as error:
+            if could_be_made(source, error):
+                raise Failure(not_writable(self.plan, root, source, error)) from None
+            self.plan.mounts = [m for m in self.plan.mounts if not is_within(m[2], source)]
+            for path in [p for p in self.plan.beneath if is_within(p, source)]:
+                del self.plan.beneath[path]
+            return False
+        return True
+
+    def close_fds(self):
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = {}
+
+    def release(self):
+        """The session is over: leave every root (the last one out cleans) and remove the
+        locks directory when it is empty."""
+        self.close_fds()
+        if self.locks_fd is None:
+            return
+        # Our lock files keep the directory from being removed: it is the one at its name.
+        flock_until(self.locks_fd, fcntl.LOCK_EX)
+        for lock in self.locks:
+            with contextlib.suppress(OSError):
+                lock.leave()
+        self.locks = []
+        with contextlib.suppress(OSError):
+            os.rmdir(self.locks_path)
+        os.close(self.locks_fd)
+        self.locks_fd = None
+
+
+def not_writable(plan, root, path, error):
+    """Say which directory is not writable and what to do (issue 13.6)."""
+    what = ("the project" if root == plan.project else
+            f"{plan.profile.name}'s state directory" if is_within(root, plan.home) else
+            "the --allow-rw directory")
+    return (f"{what} {root} is not writable ({error.strerror}), so {path} cannot be held "
+            f"read-only for the session: make it writable (chmod u+w {shlex.quote(root)}), or "
+            "run with --allow-config-writes to go without that protection")
+
 def depth(mount):
     return mount[2].rstrip("/").count("/")
 
@@ -1246,7 +1728,8 @@ def namespace_args(disable_userns, unshare_net):
     return args
 
 
-def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None, socket_dir=None):
+def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None, socket_dir=None,
+                     mount_fds=None):
     """The bwrap command line.  The environment is not in it: it goes to bwrap as its own
     environment, so API keys never show in `ps`."""
     args = [plan.bwrap, *namespace_args(plan.disable_userns, plan.unshare_net),
@@ -1268,6 +1751,8 @@ def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None, socket_
     for option, source, dest in sorted(mounts, key=depth):
         if source is None:
             args += [option, dest, "--remount-ro", dest]
+        elif source in plan.beneath:        # --dry-run shows FD: opened only to run
+            args += [option, str(mount_fds[source]) if mount_fds else "FD", dest]
         else:
             args += [option, source, dest]
     args += ["--chdir", plan.project]
@@ -1324,17 +1809,6 @@ def placeholder_content(path):
     if path.endswith("/.git/commondir"):
         return PLACEHOLDER_COMMONDIR
     return PLACEHOLDER_JSON if path.endswith(".json") else b""
-
-
-def remove_placeholders(created):
-    """Remove the placeholders this session made, deepest first; any that now holds
-    something else is left alone."""
-    for path in reversed(created):
-        with contextlib.suppress(OSError):
-            if path.endswith("/"):
-                os.rmdir(path)
-            elif read_regular(path) == placeholder_content(path):
-                os.unlink(path)
 
 
 def key_segments(key, project=None):
@@ -1438,9 +1912,6 @@ def sweep_stale(base, tool):
             continue
         finally:
             os.close(fd)
-        with contextlib.suppress(OSError, ValueError, RecursionError, TypeError):
-            with open(os.path.join(path, "placeholders.json")) as f:
-                remove_placeholders([p for p in json.load(f) if isinstance(p, str)])
         remove_tree(path)
 
 
@@ -1880,7 +2351,7 @@ def private_place(private, relative):
     return private, parts, name
 
 
-def open_beneath(root, parts, create=False):
+def open_dir_beneath(root, parts, create=False):
     """A descriptor of the directory root/parts..., each part opened with O_NOFOLLOW (a link
     is refused); missing parts (and root) are made (0700) when `create`.  None when that
     fails."""
@@ -1921,7 +2392,7 @@ def read_at(dir_fd, name, limit=STATE_FILE_LIMIT):
 def read_place(place):
     """The bytes of the regular file at (root, parts, name), or None."""
     root, parts, name = place
-    fd = open_beneath(root, parts)
+    fd = open_dir_beneath(root, parts)
     if fd is None:
         return None
     try:
@@ -1962,7 +2433,7 @@ def copy_entry(src_fd, name, dest, budget, level=0):
 def transcript_bases(private_dir):
     """{file name: (size, sha256)} of the transcripts seeded into a "lines" directory."""
     bases = {}
-    fd = open_beneath(private_dir, [])
+    fd = open_dir_beneath(private_dir, [])
     if fd is None:
         return bases
     try:
@@ -1978,14 +2449,14 @@ def transcript_bases(private_dir):
 def find_project_id(root, parts, project, limit=STATE_COPY_ENTRIES):
     """The name of the directory at root/parts whose .project_root names `project` (how
     Gemini finds a project's short id), or None."""
-    fd = open_beneath(root, parts)
+    fd = open_dir_beneath(root, parts)
     if fd is None:
         return None
     try:
         for name in sorted(os.listdir(fd))[:limit]:
             if not GEMINI_ID_NAME.fullmatch(name):
                 continue
-            inner = open_beneath(f"/proc/self/fd/{fd}", [name])
+            inner = open_dir_beneath(f"/proc/self/fd/{fd}", [name])
             if inner is None:
                 continue
             try:
@@ -2055,7 +2526,7 @@ def seed_state(items, home, private, project=None):
                 f.write(project_lines(read_place(host_place(home, item.path)), project))
         elif item.seed:
             root, parts, name = host_place(home, item.path)
-            fd = open_beneath(root, parts)
+            fd = open_dir_beneath(root, parts)
             if fd is not None:
                 try:
                     os.makedirs(os.path.dirname(dest), 0o700, exist_ok=True)
@@ -2127,7 +2598,7 @@ def write_place(place, data, mode=0o600):
     following links (made 0700 when missing), a temporary file made with O_EXCL beside it,
     then rename().  The target must be a regular file of this user, or absent."""
     root, parts, name = place
-    fd = open_beneath(root, parts, create=True)
+    fd = open_dir_beneath(root, parts, create=True)
     if fd is None:
         raise ValueError("a directory on its way is missing or a link")
     tmp = f".{name}.{os.getpid()}.bw-tmp"
@@ -2177,7 +2648,7 @@ def back_keys(item, base, home, private, project):
 def back_lines(item, bases, home, private, project):
     """A "lines" item: each *.jsonl file directly in the directory, regular, within
     STATE_FILE_LIMIT, every complete line a JSON object, only appended to."""
-    fd = open_beneath(private, item.path.split("/"))
+    fd = open_dir_beneath(private, item.path.split("/"))
     if fd is None:
         return
     try:
@@ -2838,7 +3309,7 @@ class Session:
         self.set_up = False          # bwrap ran the command (a session that did not
                                      # leaves an earlier --learn file alone)
         self.seeded = {}             # State path: what was copied in (seed_state)
-        self.created = []
+        self.protection = None
         self.tool = plan.profile.tool
 
     def __enter__(self):
@@ -2865,7 +3336,8 @@ class Session:
                 stop(self.proxy)
             finally:
                 # First, and whatever happens next: a placeholder left behind would stay.
-                remove_placeholders(self.created)
+                if self.protection is not None:
+                    self.protection.release()
                 say_git_check(self.dir, self.tool)
             try:
                 self.save_state()
@@ -2888,31 +3360,10 @@ class Session:
         return os.path.join(self.dir, "home", relative)
 
     def make_placeholders(self):
-        """Create the missing protected paths (empty), noting them so clean-up, or the
-        next run's sweep after a SIGKILL, removes them.  One that cannot be made is a
-        protection that would be lost: refuse to start (fail closed)."""
-        with open(os.path.join(self.dir, "placeholders.json"), "w") as f:
-            json.dump(self.plan.placeholders, f)
-        for path in self.plan.placeholders:
-            try:
-                if path.endswith("/"):
-                    os.mkdir(path, 0o755)
-                else:
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(placeholder_content(path))
-            except FileExistsError:
-                continue
-            except OSError as error:
-                if not could_be_made(path, error):
-                    # Nor can the sandbox make it: its mount goes, and nothing is lost.
-                    self.plan.mounts = [m for m in self.plan.mounts
-                                        if not is_within(m[2], path.rstrip("/"))]
-                    continue
-                raise Failure(f"cannot hold {path.rstrip('/')} read-only for the session "
-                              f"({error.strerror}); make its directory writable, or run with "
-                              "--allow-config-writes to go without that protection") from None
-            self.created.append(path)
+        """Hold the protected paths for the session (Protection): placeholders for the
+        missing ones, descriptors of what bwrap binds, the roots' shared locks."""
+        self.protection = Protection(self.plan, private_base(self.environ))
+        self.protection.hold()
 
     def load_state(self):
         """The session's own copy of the CLI's state (see the "CLI state" section)."""
@@ -2981,8 +3432,9 @@ class Session:
                     "programs that ignore HTTP(S)_PROXY reach the network directly")
         read_fd, write_fd = os.pipe()
         seccomp_fd = filter_fd(self.plan.seccomp)
+        mount_fds = self.protection.fds if self.protection else {}
         args = build_bwrap_args(self.plan, self.dir, write_fd, seccomp_fd,
-                                socket_dir=self.socket_dir)
+                                socket_dir=self.socket_dir, mount_fds=mount_fds)
         if self.plan.verbose:
             say(format_env_command(self.plan.env, args))
         # bwrap dies on SIGINT and SIGQUIT (Ctrl-C, Ctrl-\) and takes the sandbox with it:
@@ -2994,10 +3446,13 @@ class Session:
             for sig in keyboard:
                 signal.signal(sig, signal.SIG_IGN)
         try:
-            self.bwrap = subprocess.Popen(args, env=self.plan.env, pass_fds=(write_fd, seccomp_fd))
+            self.bwrap = subprocess.Popen(args, env=self.plan.env,
+                                          pass_fds=(write_fd, seccomp_fd, *mount_fds.values()))
         finally:
             os.close(write_fd)
             os.close(seccomp_fd)
+            if self.protection:
+                self.protection.close_fds()
             for sig in keyboard:
                 signal.signal(sig, signal.SIG_IGN)
         with os.fdopen(read_fd, "rb") as status_pipe:
@@ -3012,12 +3467,16 @@ class Session:
                           "for bwrap)", code or 1)
         return 128 - code if code < 0 else code
 
+    def plan_roots(self):
+        return [(root, root) for root in dict.fromkeys(r for r, _, _ in
+                                                        self.plan.beneath.values())]
+
     def log_path(self):
         return self.plan.proxy_log or os.path.join(self.dir, "proxy.log")
 
     def summary(self):
         try:
-            with open(self.log_path(), errors="replace") as f:
+            with open_text(self.log_path()) as f:
                 text = summarize(self.tool, f, terminal_width(sys.stderr))
         except OSError:
             text = f"{self.tool}: network: no proxy log"
@@ -3030,7 +3489,10 @@ class Session:
         """Write the --learn file (atomically: a partial one would be a wrong allow list)."""
         target = self.plan.learn
         try:
-            with open(self.log_path(), errors="replace") as f:
+            problem = host_file_problem(target, self.plan_roots())
+            if problem:
+                raise OSError(problem)
+            with open_text(self.log_path()) as f:
                 used = learned(read_records(f))
             when = time.strftime("%Y-%m-%d %H:%M %Z")
             text, count = format_learned(self.tool, used, when)

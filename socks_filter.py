@@ -73,6 +73,9 @@ LOG (--log FILE: one JSON object per line)
     {"event": "decision", "ts", "id", "proto", "host", "port", "decision", "reason", "mode"}
     {"event": "close", ... "address", "bytes_up", "bytes_down", "duration"}  (allowed ones)
     In audit mode a decision that was not enforced carries "enforced": false.
+    FILE is appended to only if it is a regular file of ours (never through a link), and no
+    shell reading it runs anything: "host" escapes every character outside [A-Za-z0-9.-]
+    (an IP address excepted) as \\xNN, other text its $, ` and \\.
 
 LIMITS
     The allow list decides where bytes may go, not what they say: an allowed API is a capability
@@ -347,6 +350,43 @@ def display_host(text):
     except BadName:
         return "".join(c if "!" <= c <= "~" else f"\\x{ord(c):02x}" for c in text[:255])
     return str(value)
+
+
+def log_name(text):
+    """A host name as the log writes it: an IP address as such, a name with everything
+    outside [A-Za-z0-9.-] escaped (\\xNN), so that no shell reading the log would run any of
+    it (a log may be turned into a link to ~/.bashrc by a sandbox that could write it)."""
+    if parse_ip_spelling(text):
+        return text
+    return "".join(c if c.isascii() and (c.isalnum() or c in ".-") else
+                   "".join(f"\\x{b:02x}" for b in c.encode("utf-8", "surrogateescape"))
+                   for c in text)
+
+
+def shell_inert(record):
+    """A log record with its names escaped (log_name) and no `$` or backquote in any other
+    text: inside JSON's double quotes those are all a shell would expand."""
+    safe = {}
+    for key, value in record.items():
+        if isinstance(value, str) and key == "host":
+            value = log_name(value)
+        elif isinstance(value, str):
+            value = value.replace("\\", "\\x5c").replace("$", "\\x24").replace("`", "\\x60")
+        safe[key] = value
+    return safe
+
+
+def open_log(path):
+    """The log, opened to append without following a link, and refused unless it is a
+    regular file of ours: it may sit where the sandbox can write."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                 | os.O_CLOEXEC, 0o600)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file of yours")
+    os.set_blocking(fd, True)
+    return open(fd, "a", buffering=1, encoding="utf-8")
 
 
 def host_port(host, port):
@@ -1465,7 +1505,7 @@ class FilterServer:
         try:
             if self.log_path:
                 try:
-                    self.log_file = open(self.log_path, "a", buffering=1, encoding="utf-8")
+                    self.log_file = open_log(self.log_path)
                 except OSError as error:
                     raise OSError(f"cannot open the log: {error}") from None
             for spec in self.listen_specs:
@@ -1675,7 +1715,7 @@ class FilterServer:
         that a client making endless denied requests cannot fill the disk."""
         if self.log_file is None:
             return
-        line = json.dumps(record, separators=(",", ":")) + "\n"
+        line = json.dumps(shell_inert(record), separators=(",", ":")) + "\n"
         self.log_bytes += len(line)
         if self.log_bytes > MAX_LOG_BYTES:
             line = json.dumps({"ts": record["ts"], "event": "log-full",

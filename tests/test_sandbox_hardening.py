@@ -329,7 +329,8 @@ class HardeningTest(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(self.project, ".mcp.json")))
         line = result.stderr.strip()
         self.assertNotIn("\n", line)
-        self.assertTrue(line.startswith("bw-claude: error: cannot hold " + self.project), line)
+        self.assertTrue(line.startswith(f"bw-claude: error: the project {self.project} is not "
+                                        "writable"), line)
         self.assertIn("--allow-config-writes", line)
         self.assertEqual(os.listdir(self.runtime), [])
         # The way out the message names.
