@@ -2605,6 +2605,8 @@ def write_place(place, data, mode=0o600):
     try:
         try:
             info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(info.st_mode):
+                raise ValueError("it is a symbolic link, which is never followed")
             if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
                 raise ValueError("it is not a regular file of yours")
             mode = info.st_mode & 0o777

@@ -130,7 +130,10 @@ class ContainmentCase(SessionCase):
     def assert_home_untouched(self, result):
         self.assertNotIn(SECRET, result.stdout + result.stderr)
         self.assertEqual(self.read(os.path.join(self.home, ".bashrc")), BASHRC)
-        self.assertEqual(set(os.listdir(self.home)) - {".claude"}, self.home_before - {".claude"})
+        # ~/.cache holds only the sessions' base, empty once they ended.
+        self.assertEqual(set(os.listdir(self.home)) - {".claude", ".cache"},
+                         self.home_before - {".claude", ".cache"})
+        self.assertEqual(os.listdir(os.path.join(self.home, ".cache", "bw-claude")), [])
         self.assertEqual(os.listdir(os.path.join(self.home, ".ssh")), ["id_ed25519"])
 
     def assert_refused_naming(self, result, path):
