@@ -181,7 +181,10 @@ def make_rule(text):
     """
     host, _, port = text.partition(":")
     if host == "localhost":
-        return socks_filter.Rule(text, "name", "localhost", int(port) if port else None)
+        port, raw, _ = port.partition(socks_filter.RAW_SUFFIX)
+        rule = socks_filter.Rule(text, "name", "localhost", int(port) if port else None)
+        rule.raw = bool(raw)
+        return rule
     return socks_filter.parse_rule(text)
 
 
@@ -505,7 +508,7 @@ class Socks5Test(ProxyTestCase):
 
     def test_name_with_allow_private(self):
         """ATYP 3 'localhost' with a name rule and allow_private connects and relays."""
-        proxy = self.proxy(f"localhost:{self.echo.port}", allow_private=True)
+        proxy = self.proxy(f"localhost:{self.echo.port}/raw", allow_private=True)
         sock, reply = socks5_open(proxy.address, "localhost", self.echo.port, early=b"hi")
         self.connection(sock)
         self.assertEqual(reply[:2], b"\x05\x00")
@@ -585,7 +588,7 @@ class Socks4Test(ProxyTestCase):
 
     def test_socks4a_name_allowed(self):
         """SOCKS4a (DSTIP 0.0.0.1 + name) to an allowed name relays, logged as proto socks4a."""
-        proxy = self.proxy(f"localhost:{self.echo.port}", allow_private=True)
+        proxy = self.proxy(f"localhost:{self.echo.port}/raw", allow_private=True)
         sock = self.connection(dial(proxy.address))
         sock.sendall(socks4_request(self.echo.port, name="localhost") + b"4a")
         self.assertEqual(recv_exact(sock, 8)[:2], b"\x00\x5a")
