@@ -152,6 +152,7 @@ import fnmatch
 import glob
 import json
 import os
+import secrets
 import select
 import shlex
 import shutil
@@ -161,6 +162,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 
@@ -216,6 +218,8 @@ class Profile:
     cli_args: tuple = ()    # put before the user's arguments
     helpers: tuple = ()     # other programs the CLI needs visible (found on PATH)
     guarded: tuple = ()     # (home-relative settings file, dotted keys the sandbox may change)
+    expected_blocked: tuple = ()  # host:port every session contacts and the default allow list
+                                  # blocks by design: summed up on one quiet line at exit
 
 
 PROFILES = {
@@ -226,8 +230,8 @@ PROFILES = {
         install_hint="npm install -g @anthropic-ai/claude-code",
         state_dirs=(".claude",),
         state_files=((".claude.json", CLAUDE_JSON_KEYS),),
-        allow=("api.anthropic.com", "claude.ai", "claude.com", "platform.claude.com",
-               "console.anthropic.com"),
+        allow=("api.anthropic.com:443", "claude.ai:443", "claude.com:443",
+               "platform.claude.com:443", "console.anthropic.com:443"),
         env_names=("ANTHROPIC_*", "CLAUDE_CODE_*", "DISABLE_TELEMETRY", "DISABLE_ERROR_REPORTING",
                    "DISABLE_BUG_COMMAND", "MAX_THINKING_TOKENS", "BASH_DEFAULT_TIMEOUT_MS",
                    "BASH_MAX_TIMEOUT_MS", "MCP_TIMEOUT"),
@@ -245,8 +249,8 @@ PROFILES = {
         install_hint="npm install -g @google/gemini-cli",
         state_dirs=(".gemini",),
         state_files=(),
-        allow=("generativelanguage.googleapis.com", "cloudcode-pa.googleapis.com",
-               "oauth2.googleapis.com", "www.googleapis.com", "accounts.google.com"),
+        allow=("generativelanguage.googleapis.com:443", "cloudcode-pa.googleapis.com:443",
+               "oauth2.googleapis.com:443", "www.googleapis.com:443", "accounts.google.com:443"),
         env_names=("GEMINI_*", "GOOGLE_GEMINI_BASE_URL", "GOOGLE_API_KEY", "GOOGLE_CLOUD_PROJECT",
                    "GOOGLE_CLOUD_LOCATION",
                    "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_GCA"),
@@ -340,6 +344,22 @@ REASONS = {
     "bad-port": "bad port",
     "too-many-connections": "too many connections",
     "bad-request": "malformed request",
+    # A tunnel to a name that did not open with a ClientHello naming that host (socks_filter).
+    "no-sni": "TLS without a server name",
+    "not-tls": "not TLS",
+    "bad-client-hello": "malformed TLS ClientHello",
+    "tls-timeout": "no TLS ClientHello in time",
+    "tls-alert-first": "TLS alert before the ClientHello",
+    "tls-change-cipher-spec-first": "TLS change-cipher-spec before the ClientHello",
+    "tls-heartbeat-first": "TLS heartbeat before the ClientHello",
+    "tls-data-first": "TLS application data before the ClientHello",
+    "proxy-auth": "no session credential",
+    # Allowed, but the connection did not happen.
+    "lookup-failed": "DNS lookup failed",
+    "connect-refused": "connection refused",
+    "unreachable": "unreachable",
+    "connect-timeout": "connect timed out",
+    "connect-failed": "connect failed",
 }
 # Reasons an --allow-domain HOST:PORT would cure.
 ALLOWABLE = {"not-in-allowlist", "ip-literal-not-allowed"}
@@ -496,13 +516,21 @@ def build_parser(profile):
                          help="no network at all (an empty network namespace); "
                               "--unshare-net --no-filter-network")
     add_switch(network, "--unshare-net", "--share-net",
-               "an empty network namespace; with --filter-network the proxy is the only way out")
+               "an empty network namespace (the default with --filter-network); "
+               "--filter-network --share-net is advisory: programs that ignore the proxy "
+               "variables reach the network directly")
     add_switch(network, "--filter-network", "--no-filter-network",
                f"network only through a filtering proxy that allows the {cli} API and your "
-               "allow list (enforced with --unshare-net, advisory without)")
+               "allow list; implies --unshare-net, so nothing else gets out")
     network.add_argument("--allow-domain", metavar="RULE", action="append", default=[],
                          help="allow a destination: example.com, *.example.com, 1.2.3.4, "
-                              "10.0.0.0/8, [::1], each with optional :PORT (repeatable)")
+                              "10.0.0.0/8, [::1], each with optional :PORT; a name carries "
+                              "only TLS for that name unless the rule ends in :PORT/raw "
+                              "(ssh, plain HTTP, a database: github.com:22/raw) (repeatable)")
+    network.add_argument("--host-port", metavar="PORT[:HOSTPORT]", action="append", default=[],
+                         help="make the host's 127.0.0.1:HOSTPORT (default PORT) appear at "
+                              "127.0.0.1:PORT inside, through the proxy, which logs it "
+                              "(repeatable; needs --unshare-net)")
     network.add_argument("--allow-file", metavar="FILE", action="append", default=[],
                          help="read allow rules from FILE, one a line (repeatable)")
     network.add_argument("--allow-preset", metavar="NAME", action="append", default=[],
@@ -541,7 +569,7 @@ ONE_SHOT = ("--doctor", "--list-presets", "--dry-run", "--shell", "--learn", "--
 # ignored when they come from the defaults file (a session run with --no-filter-network).
 NEEDS_FILTER = (("--allow-domain", "allow_domain"), ("--allow-file", "allow_file"),
                 ("--allow-preset", "allow_preset"), ("--proxy-log", "proxy_log"),
-                ("--allow-private", "allow_private"))
+                ("--allow-private", "allow_private"), ("--host-port", "host_port"))
 
 
 def split_argv(argv):
@@ -571,7 +599,8 @@ def resolve_options(opts, given):
     if learn and opts.filter_network is False:
         raise Failure("--learn and --no-filter-network (or --no-network) contradict each other", 2)
     opts.filter_network = learn or bool(opts.filter_network)
-    opts.unshare_net = learn if opts.unshare_net is None else opts.unshare_net
+    # Filtering is enforced unless sharing the host's network is asked for (--share-net).
+    opts.unshare_net = opts.filter_network if opts.unshare_net is None else opts.unshare_net
     for name in ("full_home_access", "allow_config_writes", "allow_private", "verbose"):
         setattr(opts, name, bool(getattr(opts, name)))
     opts.no_skip_permissions = bool(getattr(opts, "no_skip_permissions", False))
@@ -579,6 +608,7 @@ def resolve_options(opts, given):
         for flag, name in NEEDS_FILTER:
             if getattr(given, name):
                 raise Failure(f"{flag} needs --filter-network", 2)
+    opts.host_port = host_ports(opts, given)
     for name in opts.allow_preset:
         if name not in PRESETS:
             raise Failure(f"--allow-preset {name!r}: no such preset; there are "
@@ -771,6 +801,8 @@ class Plan:
                                                     # saw everything
     verbose: bool = False
     dry_run: bool = False
+    host_ports: list = field(default_factory=list)  # --host-port: (inside, host port)
+    proxy_token: str = None                         # --share-net: the proxy's password
 
 
 def hidden_paths(profile):
@@ -998,6 +1030,7 @@ def make_plan(profile, opts, environ, skip=()):
             raise Failure(f"--allow-file {path}: no such file")
         allow_files.append(os.path.abspath(path))
     allow = list(profile.allow) + preset_rules(opts.allow_preset) + opts.allow_domain
+    allow += [host_port_rule(host) for _, host in opts.host_port]
     if opts.filter_network:
         # Every rule now, before anything starts: the proxy would refuse it later.
         problems = rule_problems(allow, allow_files)[1]
@@ -1009,9 +1042,10 @@ def make_plan(profile, opts, environ, skip=()):
 
     env_program = shutil.which("env", path="/usr/bin:/bin")
     bwrap = shutil.which("bwrap", path=search_path) or "bwrap"
+    token = advisory_token(opts)
     return Plan(
         profile=profile, home=home, project=project, command=command,
-        env=build_env(profile, environ, home, opts.pass_env, opts.env),
+        env=with_token(build_env(profile, environ, home, opts.pass_env, opts.env), token),
         bwrap=bwrap,
         system=[(d, os.readlink(d) if os.path.islink(d) else None)
                 for d in SYSTEM_DIRS if os.path.lexists(d)],
@@ -1031,7 +1065,8 @@ def make_plan(profile, opts, environ, skip=()):
         placeholders=placeholders,
         guarded=guarded,
         sockets_complete=walked,
-        verbose=opts.verbose, dry_run=opts.dry_run)
+        verbose=opts.verbose, dry_run=opts.dry_run,
+        host_ports=opts.host_port, proxy_token=token)
 
 
 def assemble(program):
@@ -1145,7 +1180,8 @@ def inner_command(plan):
     if plan.env_program:
         command = [plan.env_program, "--default-signal=INT,QUIT", *command]
     if plan.filter:
-        command = ["/bin/sh", SANDBOX_BRIDGE, plan.socat, SANDBOX_SOCKET, *command]
+        command = ["/bin/sh", SANDBOX_BRIDGE, plan.socat, SANDBOX_SOCKET,
+                   " ".join(f"{inside}:{host}" for inside, host in plan.host_ports), *command]
     return command
 
 
@@ -1203,6 +1239,8 @@ def build_proxy_args(plan, private_dir, ready_fd):
         args.append("--allow-private")
     if plan.learn:
         args += ["--mode", "audit"]
+    if plan.proxy_token:
+        args += ["--token-env", TOKEN_VARIABLE]
     return args + ["--log", plan.proxy_log or os.path.join(private_dir, "proxy.log"),
                    "--ready-fd", str(ready_fd)]
 
@@ -1427,6 +1465,7 @@ class Blocked:
     port: str
     count: int = 0
     reasons: list = field(default_factory=list)   # log reasons, in order seen
+    address: str = ""       # the private address a name resolved to ("10.0.0.5:8000")
 
     @property
     def why(self):
@@ -1442,7 +1481,7 @@ class Blocked:
         if any(r in ALLOWABLE for r in self.reasons) or (
                 "private-address" in self.reasons and is_ip(self.host)):
             return allow_option(self.host, self.port)
-        return ""
+        return fix_option(self)
 
 
 def network_story(records):
@@ -1461,10 +1500,12 @@ def network_story(records):
         reason = str(record.get("reason", ""))
         if reason not in entry.reasons:
             entry.reasons.append(reason)
+        if reason == "private-address" and record.get("address"):
+            entry.address = printable(record["address"])
     return allowed, sorted(blocked.values(), key=lambda b: (-b.count, b.host, b.port))
 
 
-def format_story(tool, allowed, blocked, width=None):
+def format_story(tool, allowed, blocked, width=None, failed=(), quiet=(), refused=0):
     """The summary: one line, or with `width` (a terminal's) a small table when it fits."""
     total = sum(b.count for b in blocked)
     head = f"{tool}: network: {allowed} allowed, {total} blocked"
@@ -1477,26 +1518,128 @@ def format_story(tool, allowed, blocked, width=None):
              for row in rows]
     if more > 0:
         lines.append(f"  and {more} more (see --proxy-log)")
-    if blocked and width and max(map(len, lines)) <= width:
-        return head + ":\n" + "\n".join(lines)
+    extras = story_extras(failed, quiet, refused)
+    if failed:
+        head += f", {sum(f.count for f in failed)} failed"
+    if blocked and width and max([*map(len, lines), *(len(e) + 2 for e in extras)]) <= width:
+        return head + ":\n" + "\n".join(lines + ["  " + e for e in extras])
     items = []
     for b in shown:
         item = host_port(b.host, b.port) + (f" x{b.count}" if b.count > 1 else "")
         items.append(f"{item} ({b.why})" + (f" {b.option}" if b.option else ""))
     if more > 0:
         items.append(f"and {more} more (see --proxy-log)")
-    return head + (": " + "; ".join(items) if items else "")
+    return wrap_words(head + (": " + "; ".join(items + extras) if items or extras else ""), width)
 
 
-def summarize(tool, lines, width=None):
-    """The end-of-session summary from the proxy's JSON log lines (so --proxy-log rebuilds it)."""
-    return format_story(tool, *network_story(read_records(lines)), width)
+def summarize(tool, lines, width=None, expected=()):
+    """The end-of-session summary from the proxy's JSON log lines (so --proxy-log rebuilds it).
+    `expected`: the profile's expected_blocked, summed up on one quiet line."""
+    records = list(read_records(lines))
+    allowed, blocked = network_story(records)
+    failed = failed_connections(records)
+    blocked, quiet, refused = set_apart(blocked, expected)
+    return format_story(tool, allowed - sum(f.count for f in failed), blocked, width,
+                        failed=failed, quiet=quiet, refused=refused)
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary's extras: failed connections, what is blocked by design, refused strangers
+
+FAILURES = ("lookup-failed", "connect-refused", "unreachable", "connect-timeout",
+            "connect-failed")
+# Reasons a tunnel to a name was closed that a :PORT/raw rule cures (a client that is not
+# TLS, or that waits for the server to speak first); the others look like attacks.
+RAW_CURES = {"not-tls", "tls-timeout", "no-sni"}
+
+
+def fix_option(blocked):
+    """The fix for a blocked name that an --allow-domain NAME:PORT would not cure: an IP rule
+    for the private address it resolved to (or --allow-private), or a /raw rule."""
+    if is_ip(blocked.host):
+        return ""
+    if "private-address" in blocked.reasons and blocked.address:
+        return (f"--allow-domain {shlex.quote(blocked.address)} (only if you mean it) "
+                "or --allow-private")
+    if blocked.reasons and set(blocked.reasons) <= RAW_CURES:
+        return allow_option(blocked.host, blocked.port) + "/raw"
+    return ""
+
+
+@dataclass
+class Failed:
+    """An allowed destination whose lookup or connect failed, counted apart from "allowed"."""
+    host: str
+    port: str
+    count: int = 0
+    reasons: list = field(default_factory=list)
+
+    @property
+    def text(self):
+        times = f" x{self.count}" if self.count > 1 else ""
+        return (host_port(self.host, self.port) + times + " (" +
+                ", ".join(REASONS.get(r, printable(r)) for r in self.reasons) + ")")
+
+
+def failed_connections(records):
+    """[Failed], most first, from the close records of allowed connections that never
+    connected (the proxy logs them allowed, then closed with a FAILURES reason)."""
+    failed = {}
+    for record in records:
+        reason = str(record.get("reason", ""))
+        if record.get("event") != "close" or reason not in FAILURES:
+            continue
+        host, port = printable(record.get("host", "?")), printable(record.get("port", "?"))
+        entry = failed.setdefault((host, port), Failed(host, port))
+        entry.count += 1
+        if reason not in entry.reasons:
+            entry.reasons.append(reason)
+    return sorted(failed.values(), key=lambda f: (-f.count, f.host, f.port))
+
+
+def set_apart(blocked, expected):
+    """(blocked to list, [Blocked] the profile expects, connections refused for lacking the
+    session's proxy credential): the last two are summed up, not listed as problems."""
+    listed, quiet, refused = [], [], 0
+    for entry in blocked:
+        if entry.reasons == ["proxy-auth"]:
+            refused += entry.count
+        elif entry.reasons == ["not-in-allowlist"] and \
+                host_port(entry.host, entry.port) in expected:
+            quiet.append(entry)
+        else:
+            listed.append(entry)
+    return listed, quiet, refused
+
+
+def story_extras(failed, quiet, refused):
+    """The summary's short sentences after the blocked list."""
+    extras = []
+    if failed:
+        extras.append("failed: " + ", ".join(f.text for f in failed[:SUMMARY_HOSTS]))
+    if quiet:
+        extras.append("blocked by design, as in every session: " + ", ".join(
+            host_port(q.host, q.port) + (f" x{q.count}" if q.count > 1 else "") for q in quiet))
+    if refused:
+        extras.append(f"{refused} connection{'s' if refused > 1 else ''} without this "
+                      "session's proxy credential refused (another local user?)")
+    return extras
+
+
+def wrap_words(text, width):
+    """`text` on one line, or for a terminal `width` wide, folded between words (a long
+    option stays whole) with the continuation lines indented."""
+    if not width or len(text) <= width:
+        return text
+    return textwrap.fill(text, width, subsequent_indent="  ", break_long_words=False,
+                         break_on_hyphens=False)
 
 
 def learned(records):
     """What --learn writes, from the proxy's log: {(host, port): {"count", "reached",
-    "protos", "failures", "addresses"}} for every destination the proxy attempted;
-    "reached" counts the connections that got through (a failed one teaches nothing)."""
+    "protos", "failures", "addresses", "raw"}} for every destination the proxy attempted;
+    "reached" counts the connections that got through (a failed one teaches nothing); "raw"
+    says a tunnel to that name carried something other than TLS for it."""
     attempts, closes = {}, {}
     for record in records:
         if went_ahead(record):
@@ -1507,8 +1650,9 @@ def learned(records):
     for key, record in attempts.items():
         entry = used.setdefault((str(record.get("host", "")), record.get("port")),
                                 {"count": 0, "reached": 0, "protos": set(), "failures": set(),
-                                 "addresses": set()})
+                                 "addresses": set(), "raw": False})
         entry["count"] += 1
+        entry["raw"] = entry["raw"] or record.get("tunnel") == "raw"
         entry["protos"].add(str(record.get("proto", "?")))
         close = closes.get(key, {})
         reason = str(close.get("reason", "closed"))
@@ -1534,6 +1678,8 @@ def format_learned(tool, used, when):
     rules, notes = [], []
     for (host, port), use in sorted(used.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         rule = host_port(printable(host), printable(port))
+        if use.get("raw") and not is_ip(host):      # it saw a stream that was not TLS
+            rule += filters.RAW_SUFFIX
         plural = "s" if use["count"] > 1 else ""
         comment = f"{use['count']} connection{plural}: {', '.join(sorted(use['protos']))}"
         if use["failures"]:
@@ -1867,7 +2013,7 @@ class Session:
                 # Its own session: the terminal's Ctrl-C is for the CLI, not for the proxy.
                 self.proxy = subprocess.Popen(
                     args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                    pass_fds=(write_fd,), start_new_session=True)
+                    pass_fds=(write_fd,), start_new_session=True, env=proxy_env(self.plan))
         except BaseException:
             os.close(read_fd)
             raise
@@ -1896,8 +2042,8 @@ class Session:
             for line in network_warnings(self.plan):
                 say(f"{self.tool}: {line}")
             if not self.plan.unshare_net:
-                say(f"{self.tool}: --filter-network without --unshare-net is advisory: "
-                    "programs that ignore HTTP(S)_PROXY reach the network directly")
+                say(f"{self.tool}: --filter-network --share-net is advisory: programs that "
+                    "ignore HTTP(S)_PROXY reach the network directly")
         read_fd, write_fd = os.pipe()
         seccomp_fd = filter_fd(self.plan.seccomp)
         args = build_bwrap_args(self.plan, self.dir, write_fd, seccomp_fd)
@@ -1936,7 +2082,8 @@ class Session:
     def summary(self):
         try:
             with open(self.log_path(), errors="replace") as f:
-                text = summarize(self.tool, f, terminal_width(sys.stderr))
+                text = summarize(self.tool, f, terminal_width(sys.stderr),
+                                 self.plan.profile.expected_blocked)
         except OSError:
             text = f"{self.tool}: network: no proxy log"
         if self.proxy.returncode not in (0, -signal.SIGTERM):
@@ -1969,6 +2116,79 @@ class Session:
                 f"then use --filter-network --unshare-net --allow-file {shlex.quote(target)}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Network options: host ports, the advisory bridge's credential, hints
+
+TOKEN_VARIABLE = "BW_PROXY_TOKEN"   # the proxy's password, in the proxy's and the bridge's
+                                    # environment (never on a command line, where ps shows it)
+LOOPBACKS = ("127.0.0.1", "::1")    # the sandbox's own loopback inside --unshare-net
+
+
+def host_ports(opts, given):
+    """--host-port PORT[:HOSTPORT] values as [(inside port, host port)].  [] in a session
+    without the filter or with the host's network shared (where 127.0.0.1 already is the
+    host's); an error there when the command line, not the defaults file, gave them."""
+    if not (opts.filter_network and opts.unshare_net):
+        if given.host_port and opts.filter_network:
+            raise Failure("--host-port needs --unshare-net (with --share-net the host's "
+                          "127.0.0.1 is already reachable)", 2)
+        return []
+    pairs = []
+    for text in opts.host_port:
+        inside, _, host = text.partition(":")
+        ports = [inside, host or inside]
+        if not all(p.isdigit() and p == str(int(p)) and 1 <= int(p) <= 65535 for p in ports):
+            raise Failure(f"--host-port {text!r}: expected PORT or PORT:HOSTPORT, "
+                          "ports 1-65535", 2)
+        if any(int(inside) == seen for seen, _ in pairs):
+            raise Failure(f"--host-port {text!r}: port {inside} is already mapped", 2)
+        pairs.append((int(inside), int(ports[1])))
+    return pairs
+
+
+def host_port_rule(port):
+    """The exact IP rule that lets the proxy reach the host's 127.0.0.1:PORT."""
+    return f"127.0.0.1:{port}"
+
+
+def advisory_token(opts):
+    """A fresh random password for the proxy when its bridge listens on the host's loopback
+    (--filter-network --share-net), where every local user could use it; else None."""
+    if opts.filter_network and not opts.unshare_net:
+        return secrets.token_urlsafe(24)
+    return None
+
+
+def with_token(env, token):
+    return {**env, TOKEN_VARIABLE: token} if token else env
+
+
+def proxy_env(plan):
+    """The proxy's environment: the wrapper's, plus the password when there is one."""
+    return with_token(dict(os.environ), plan.proxy_token)
+
+
+def loopback_hints(plan):
+    """Rules for the sandbox's own 127.0.0.1 or ::1 (which NO_PROXY keeps away from the
+    proxy inside --unshare-net): a hint pointing at --host-port for each."""
+    if not plan.unshare_net:
+        return []
+    rules, hints = rules_module(), []
+    own = {host_port_rule(host) for _, host in plan.host_ports}
+    for text in plan.allow:
+        try:
+            rule = rules.parse_rule(text)
+        except rules.RuleError:
+            continue
+        if text in own or rule.kind != "ip":
+            continue
+        if any(rule.matches_address(rules.parse_ip_spelling(a), rule.port or 1) for a in LOOPBACKS):
+            port = rule.port or "PORT"
+            hints.append(f"hint: --allow-domain {text} names the sandbox's own loopback; for a "
+                         f"service on the host's 127.0.0.1:{port} use --host-port {port}")
+    return hints
+
+
 def network_warnings(plan):
     """The loud lines at start for the options that open the network."""
     lines = []
@@ -1979,7 +2199,7 @@ def network_warnings(plan):
                      f"; the destinations used go to {plan.learn} at exit")
     elif plan.allow_private:
         lines.append("--allow-private: allowed names may reach loopback and private addresses")
-    return lines
+    return lines + loopback_hints(plan)
 
 
 def terminal_width(stream):
