@@ -238,6 +238,9 @@ PROFILES = {
         # The install is read-only, and the sandbox is what makes skipping prompts safe.
         env=(("DISABLE_AUTOUPDATER", "1"), ("IS_SANDBOX", "1")),
         cli_args=("--allow-dangerously-skip-permissions",),
+        # Measured (2.1.197, interactive start): raw.githubusercontent.com (release notes);
+        # downloads.claude.ai is the updater's, which DISABLE_AUTOUPDATER mostly keeps quiet.
+        expected_blocked=("raw.githubusercontent.com:443", "downloads.claude.ai:443"),
         guarded=((".claude/settings.json", ("skipDangerousModePermissionPrompt", "model",
                                             "outputStyle", "alwaysThinkingEnabled",
                                             "spinnerTipsEnabled", "feedbackSurveyState")),),
@@ -255,6 +258,8 @@ PROFILES = {
                    "GOOGLE_CLOUD_LOCATION",
                    "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_GCA"),
         helpers=("node",),
+        # Measured (0.61.0, interactive start): usage statistics and the update check.
+        expected_blocked=("play.googleapis.com:443", "registry.npmjs.org:443"),
         guarded=((".gemini/settings.json", ("security.auth.selectedType", "ui.theme",
                                             "model.name", "general.vimMode")),
                  # Trust given inside: for this project only, never for its parent.
@@ -2168,25 +2173,36 @@ def proxy_env(plan):
     return with_token(dict(os.environ), plan.proxy_token)
 
 
-def loopback_hints(plan):
-    """Rules for the sandbox's own 127.0.0.1 or ::1 (which NO_PROXY keeps away from the
-    proxy inside --unshare-net): a hint pointing at --host-port for each."""
-    if not plan.unshare_net:
-        return []
+def loopback_hints(allow):
+    """For each rule naming the sandbox's own 127.0.0.1 or ::1 (inside --unshare-net, where
+    NO_PROXY keeps them away from the proxy anyway): a hint pointing at --host-port."""
     rules, hints = rules_module(), []
-    own = {host_port_rule(host) for _, host in plan.host_ports}
-    for text in plan.allow:
+    for text in allow:
         try:
             rule = rules.parse_rule(text)
         except rules.RuleError:
             continue
-        if text in own or rule.kind != "ip":
+        if rule.kind != "ip":
             continue
         if any(rule.matches_address(rules.parse_ip_spelling(a), rule.port or 1) for a in LOOPBACKS):
             port = rule.port or "PORT"
             hints.append(f"hint: --allow-domain {text} names the sandbox's own loopback; for a "
                          f"service on the host's 127.0.0.1:{port} use --host-port {port}")
     return hints
+
+
+def network_checks(opts):
+    """--doctor's lines about the network options in force (from the defaults file)."""
+    if not opts.unshare_net:
+        return [Check("network", "note", "--filter-network --share-net is advisory: programs "
+                      "that ignore the proxy variables go around it; the bridge on the host's "
+                      "127.0.0.1 asks every client for a per-session credential",
+                      "drop --share-net: --filter-network alone is enforced")]
+    checks = [Check("network", "ok", "--filter-network: enforced (an empty network namespace, "
+                    "the proxy is the only way out)")]
+    checks += [Check("host port", "ok", f"127.0.0.1:{inside} inside is the host's "
+                     f"127.0.0.1:{host}, through the proxy") for inside, host in opts.host_port]
+    return checks + [Check("allow list", "note", hint) for hint in loopback_hints(opts.allow_domain)]
 
 
 def network_warnings(plan):
@@ -2199,7 +2215,10 @@ def network_warnings(plan):
                      f"; the destinations used go to {plan.learn} at exit")
     elif plan.allow_private:
         lines.append("--allow-private: allowed names may reach loopback and private addresses")
-    return lines + loopback_hints(plan)
+    if plan.unshare_net:
+        own = {host_port_rule(host) for _, host in plan.host_ports}
+        lines += loopback_hints([r for r in plan.allow[len(plan.profile.allow):] if r not in own])
+    return lines
 
 
 def terminal_width(stream):
@@ -2531,6 +2550,7 @@ def doctor(profile, argv, environ, skip=()):
             checks.append(Check("defaults", "ok", shlex.join(defaults)))
     opts = parse_args(profile, ["--filter-network", *argv], defaults)
     checks += host_checks(profile, opts, environ, skip)
+    checks += network_checks(opts)
     write_out(format_doctor(profile.tool, checks))
     return 1 if any(c.status == "FAIL" for c in checks) else 0
 
