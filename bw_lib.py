@@ -69,10 +69,16 @@ Files that run code later, outside the sandbox
   socket of socks_filter.py, started for this session with the profile's allow list.
   The socket is bound into the sandbox, and socat_bridge.sh, the sandbox's first
   process, forwards 127.0.0.1:PORT (a port the kernel picks) to it, sets
-  HTTP(S)_PROXY, ALL_PROXY and NO_PROXY, then execs the CLI.  With --unshare-net the
-  sandbox has no other way out; without it, programs that ignore proxy variables go
-  around the filter (advisory mode, said at start).  At exit the proxy is stopped,
-  the directory removed, and the summary below is printed.
+  HTTP(S)_PROXY, ALL_PROXY and NO_PROXY, then execs the CLI.  --filter-network implies
+  --unshare-net, so the sandbox has no other way out.  --filter-network --share-net is
+  advisory (said at start): programs that ignore proxy variables go around the filter,
+  and the bridge listens on the host's 127.0.0.1, open to every local user, so the proxy
+  then serves only clients that send a random per-session password (TOKEN_VARIABLE, in
+  the environment of the proxy and the bridge, never on a command line), which the
+  bridge puts in the proxy URLs (http://bw:TOKEN@127.0.0.1:PORT).  --host-port PORT[:HOST]
+  makes the host's 127.0.0.1:HOST appear at 127.0.0.1:PORT inside: one more socat in the
+  bridge asks the proxy for it, which allows exactly that IP rule and logs it.  At exit
+  the proxy is stopped, the directory removed, and the summary below is printed.
   The private directory exists for every session (it holds the session's home) and is
   locked while the session lives; a run after one killed with SIGKILL removes it.
 
@@ -80,7 +86,9 @@ The allow list
   The profile's API hosts, then --allow-preset lists, --allow-domain rules,
   ~/.config/TOOL/allowed-domains and --allow-file files (one rule a line, # comments).
   The rule syntax is socks_filter.py's: example.com, *.example.com, 1.2.3.4,
-  10.0.0.0/8, [::1], each with an optional :PORT.  Names pass only by name rules, IP
+  10.0.0.0/8, [::1], each with an optional :PORT; the profiles' rules name port 443.  A
+  name rule carries TLS for that name only (a tunnel must open with a ClientHello naming
+  it); host:PORT/raw carries any protocol to that port.  Names pass only by name rules, IP
   addresses only by IP rules, and no name may lead to a loopback or private address
   unless an IP rule names it or --allow-private (dangerous: your LAN, the cloud
   metadata service, every service on this machine) is given.  Presets (PRESETS, a
@@ -94,7 +102,13 @@ When something is blocked
   private address (loopback, the LAN, the cloud metadata service) is flagged "allow only
   if you mean it", and a name that resolved to one is not offered --allow-private: that
   is for the user to decide.
-  On a terminal wide enough it is a small table; otherwise (a pipe, a file) one line.
+  A name that resolved to a private address is offered the IP rule for that address
+  (only if you mean it) or --allow-private; a tunnel that was not TLS, a :PORT/raw rule.
+  Allowed connections whose lookup or connect failed are counted apart, with the reason;
+  the hosts the profile expects to stay blocked (expected_blocked), and clients refused
+  for lacking the advisory bridge's password, are summed up on one line each.
+  On a terminal wide enough it is a small table; otherwise one line (a pipe, a file), or
+  on a narrow terminal that line folded between words.
   It is built from the proxy's JSON log alone (summarize()), so --proxy-log FILE keeps
   what it takes to rebuild it.
 
@@ -103,7 +117,8 @@ When something is blocked
   name and address checks goes through (private addresses stay blocked unless
   --allow-private), and enforce mode's verdict is logged.  A loud line says so at
   start.  At exit FILE is replaced by the destinations the session reached, as
-  host:port rules, sorted, each with a comment giving its connections and protocols;
+  host:port rules (host:port/raw where a tunnel carried something other than TLS for
+  that name), sorted, each with a comment giving its connections and protocols;
   what failed to connect, and names that cannot be rules (a single label such as
   localhost), stay comments.  Review it, then run with --filter-network --unshare-net
   --allow-file FILE.  Learn implies --filter-network and --unshare-net (--share-net
@@ -125,7 +140,9 @@ Defaults file
   sandbox with the session's namespaces (explaining the sysctl or AppArmor setting
   that forbids one), the seccomp filter on this architecture, socat, the CLI (run
   with --version, bounded), and every allow rule from the files and options; notes
-  the kernel's TIOCSTI switch and what this bwrap and env(1) lack.  Each failure
+  the kernel's TIOCSTI switch and what this bwrap and env(1) lack, the network mode in
+  force (advisory with --share-net), --host-port mappings, and allow rules that name the
+  sandbox's own loopback (a hint pointing at --host-port).  Each failure
   comes with its fix.  Exit 0 when everything needed works, 1 otherwise.
 
 Terminal and signals
@@ -478,15 +495,17 @@ def build_parser(profile):
                     f"go to {cli}.\nOf two options that contradict each other, the last wins.",
         epilog=f"examples:\n"
                f"  {tool}                                  {cli} in the current directory\n"
-               f"  {tool} --filter-network --unshare-net   network only to {cli}'s API\n"
-               f"  {tool} --filter-network --unshare-net --allow-domain registry.npmjs.org\n"
+               f"  {tool} --filter-network                 network only to {cli}'s API\n"
+               f"  {tool} --filter-network --allow-domain registry.npmjs.org:443\n"
+               f"  {tool} --filter-network --allow-domain github.com:22/raw   ssh to GitHub\n"
+               f"  {tool} --filter-network --host-port 5173   the host's localhost:5173 inside\n"
                f"  {tool} --learn ~/learned                open network; writes what was used\n"
-               f"  {tool} --filter-network --unshare-net --allow-file ~/learned   ...then only that\n"
+               f"  {tool} --filter-network --allow-file ~/learned   ...then only that\n"
                f"  {tool} --shell -- -c 'ls -la ~'         look around inside the sandbox\n"
                f"  {tool} --dry-run -v                     show what would run\n"
                f"files:\n"
                f"  ~/.config/{tool}/options          options read before the command line's,\n"
-               f"  {'':{len(tool) + 26}}  e.g. a line: --filter-network --unshare-net\n"
+               f"  {'':{len(tool) + 26}}  e.g. a line: --filter-network\n"
                f"  ~/.config/{tool}/allowed-domains  allow rules, one a line, # comments\n"
                f"  (both under $XDG_CONFIG_HOME instead of ~/.config when it is set)")
     sandbox = parser.add_argument_group(
@@ -514,8 +533,7 @@ def build_parser(profile):
         add_switch(sandbox, "--no-skip-permissions", "--skip-permissions",
                    f"do not pass {' '.join(profile.cli_args)} to {cli}")
     network = parser.add_argument_group(
-        "network", f"e.g. {tool} --filter-network --unshare-net --allow-preset github "
-                   "--allow-preset npm")
+        "network", f"e.g. {tool} --filter-network --allow-preset github --allow-preset npm")
     network.add_argument("--no-network", action=SetAll, dest=argparse.SUPPRESS,
                          values={"unshare_net": True, "filter_network": False},
                          help="no network at all (an empty network namespace); "
@@ -523,7 +541,8 @@ def build_parser(profile):
     add_switch(network, "--unshare-net", "--share-net",
                "an empty network namespace (the default with --filter-network); "
                "--filter-network --share-net is advisory: programs that ignore the proxy "
-               "variables reach the network directly")
+               "variables reach the network directly, and the proxy asks every client for a "
+               "per-session credential, so other local users cannot use it")
     add_switch(network, "--filter-network", "--no-filter-network",
                f"network only through a filtering proxy that allows the {cli} API and your "
                "allow list; implies --unshare-net, so nothing else gets out")
@@ -2233,7 +2252,7 @@ def describe(plan):
     """--verbose: the decisions, one per line."""
     net = ("learning: open, audited" if plan.learn else
            "filtered, enforced" if plan.filter and plan.unshare_net else
-           "filtered, advisory" if plan.filter else
+           "filtered, advisory (the proxy wants a per-session credential)" if plan.filter else
            "none" if plan.unshare_net else "host network")
     lines = [f"profile: {plan.profile.name}", f"project: {plan.project}",
              f"command: {shlex.join(plan.command)}", f"network: {net}"]
@@ -2242,6 +2261,8 @@ def describe(plan):
         if plan.allow_private:
             lines.append("private addresses: reachable by allowed names (--allow-private)")
         lines += [f"allow file: {p}" for p in plan.allow_files]
+        lines += [f"host port: 127.0.0.1:{inside} inside is the host's 127.0.0.1:{host}"
+                  for inside, host in plan.host_ports]
     lines += [" ".join(x for x in mount if x) for mount in plan.mounts]
     if not plan.sockets_complete:
         lines.append(f"unix sockets, nested repositories: the search below the shown and "
