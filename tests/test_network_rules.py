@@ -441,6 +441,19 @@ class BridgeTest(BridgeCase):
         self.assertEqual(server.received, [b""] * 2, "the upstream got bytes without a raw rule")
         self.assertIn(f"--allow-domain {NAME}:{server.port}/raw", self.summary(plain))
 
+    def test_learn_writes_a_raw_rule_for_a_stream_that_was_not_tls(self):
+        ssh, tls = self.upstream("ssh"), self.upstream()
+        self.put("hello", b"SSH-2.0-OpenSSH_9.2\r\n")
+        self.put("tls", built_client_hello(NAME.encode()))
+        learned = os.path.join(self.root, "learned")
+        result = self.bw("--learn", learned, "--allow-private",
+                         script="; ".join([tunnel("hello", NAME, ssh.port),
+                                           tunnel("tls", NAME, tls.port)]))
+        self.assertIn(SSH_BANNER.hex(), result.stdout, result.stderr)
+        with open(learned) as f:
+            rules = [line.split()[0] for line in f if not line.startswith("#")]
+        self.assertEqual(sorted(rules), sorted([f"{NAME}:{ssh.port}/raw", f"{NAME}:{tls.port}"]))
+
     def test_filter_network_alone_leaves_only_lo(self):
         server = self.upstream("http")
         script = ("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; "
