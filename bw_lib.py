@@ -2159,8 +2159,8 @@ def host_ports(opts, given):
         return []
     pairs = []
     for text in opts.host_port:
-        inside, _, host = text.partition(":")
-        ports = [inside, host or inside]
+        inside, colon, host = text.partition(":")
+        ports = [inside, host if colon else inside]
         if not all(p.isdigit() and p == str(int(p)) and 1 <= int(p) <= 65535 for p in ports):
             raise Failure(f"--host-port {text!r}: expected PORT or PORT:HOSTPORT, "
                           "ports 1-65535", 2)

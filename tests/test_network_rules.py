@@ -163,6 +163,7 @@ class OptionsTest(unittest.TestCase):
                      ["--filter-network", "--host-port", "0"], ["--filter-network", "--host-port", "080"],
                      ["--filter-network", "--host-port", "1:70000"],
                      ["--filter-network", "--host-port", "a:b"],
+                     ["--filter-network", "--host-port", "8000:"],
                      ["--filter-network", "--host-port", "80", "--host-port", "80:81"]):
             with self.subTest(argv=argv), self.assertRaises(bw_lib.Failure) as caught:
                 self.parse(*argv)
