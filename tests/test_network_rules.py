@@ -442,6 +442,19 @@ class BridgeTest(BridgeCase):
         self.assertEqual(server.received, [b""] * 2, "the upstream got bytes without a raw rule")
         self.assertIn(f"--allow-domain {NAME}:{server.port}/raw", self.summary(plain))
 
+    def test_plain_http_through_the_http_proxy_needs_only_the_name_rule(self):
+        """Absolute-form GET http://name:port/ keeps its Host check and needs no /raw rule."""
+        server = self.upstream("http")
+        url = f"http://{NAME}:{server.port}/"
+        script = (f"curl -sS -m 8 --noproxy '' -x \"$HTTP_PROXY\" {url}; "
+                  f"curl -sS -m 8 --noproxy '' -x \"$HTTP_PROXY\" -H 'Host: attacker.example' {url}")
+        result = self.bw("--filter-network", "--allow-private", "--allow-domain",
+                         f"{NAME}:{server.port}", script=script)
+        self.assertEqual(result.stdout.count("ok"), 1, result.stdout + result.stderr)
+        self.assertIn("Host header does not match", result.stdout)
+        self.assertTrue(wait(lambda: len(server.received) == 1))
+        self.assertIn(f"Host: {NAME}:{server.port}".encode(), server.received[0])
+
     def test_learn_writes_a_raw_rule_for_a_stream_that_was_not_tls(self):
         ssh, tls = self.upstream("ssh"), self.upstream()
         self.put("hello", b"SSH-2.0-OpenSSH_9.2\r\n")
