@@ -15,6 +15,8 @@ host's 127.0.0.1.
     BridgeTest             end to end: ports on defaults, refusals on a non-443 port, a raw rule
                            for ssh-like traffic, only `lo` inside, --host-port, summary counts
     AdvisoryBridgeTest     --filter-network --share-net: another user cannot use the bridge
+    QuietLineTest          the real CLIs against tests/fake_apis.py: what they contact besides
+                           their API is summed up on the quiet line, not listed as blocked
 
 The wrapper runs under `unshare -rm` with a private /etc/hosts (test names -> 127.0.0.1, one
 -> 10.1.2.3, which is refused before any connect) and /etc/resolv.conf (nameserver 127.0.0.1,
@@ -37,6 +39,7 @@ import unittest
 import bw_lib
 import socks_filter
 from tests.test_proxy_adversarial import built_client_hello, client_hello
+from tests.test_real_cli import RealCLITest
 from tests.test_sandbox import missing, require_sandbox
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -589,6 +592,52 @@ class AdvisoryBridgeTest(BridgeCase):
         self.assertIn("--token-env BW_PROXY_TOKEN", runs[0].stdout)
         self.assertIn("BW_PROXY_TOKEN=<hidden>", runs[0].stdout)
         self.assertEqual(runs[0].stdout, runs[1].stdout)
+
+
+class QuietLineTest(RealCLITest):
+    def test_gemini_telemetry_is_on_the_quiet_line(self):
+        self.need_cli("gemini")
+        self.seed_gemini_settings()
+        code, out, err = self.run_wrapper(self.wrapper("gemini", "--", "--skip-trust", "-p", "say hi"))
+        self.assertEqual(code, 0, f"stdout: {out}\nstderr: {err}")
+        blocked = {(r["host"], r["port"]) for r in read_decisions(self.proxy_log)
+                   if r["decision"] == "deny"}
+        self.assertIn(("play.googleapis.com", 443), blocked)
+        expected = bw_lib.PROFILES["gemini"].expected_blocked
+        self.assertLessEqual({f"{h}:{p}" for h, p in blocked}, set(expected), blocked)
+        summary = self.summary_line(err, "bw-gemini")
+        self.assertRegex(summary, r"^bw-gemini: network: \d+ allowed, 0 blocked: blocked by design, "
+                                  r"as in every session: play\.googleapis\.com:443")
+
+    def test_claude_lookups_that_fail_are_counted_apart(self):
+        """Claude Code 2.1.x also CONNECTs api.anthropic.com:443 when its base URL is the fake:
+        allowed, and (no DNS here: resolv.conf names 127.0.0.1, where nothing answers) failed.
+        The summary must not count those as allowed (issue 12: "7 allowed" with 6 failed)."""
+        self.need_cli("claude")
+        for name, text in (("hosts", "127.0.0.1 localhost\n"), ("resolv.conf", RESOLV)):
+            with open(os.path.join(self.tmp, name), "w") as f:
+                f.write(text)
+        pinned = ["unshare", "-rm", "sh", "-c", PINNED, "sh", os.path.join(self.tmp, "hosts"),
+                  os.path.join(self.tmp, "resolv.conf")]
+        if subprocess.run(pinned + ["true"], capture_output=True, timeout=20).returncode != 0:
+            missing("needs `unshare -rm` and `mount` for a private /etc/resolv.conf")
+        code, out, err = self.run_wrapper(pinned + self.wrapper("claude", "--", "-p", "say hi"))
+        self.assertEqual(code, 0, f"stdout: {out}\nstderr: {err}")
+        self.assertIn(self.answer, out)
+        records = read_decisions(self.proxy_log)
+        self.assertEqual([r for r in records if r["decision"] == "deny"], [])
+        fake = [r for r in records if r["host"] == self.fake.host]
+        summary = self.summary_line(err, "bw-claude")
+        match = re.match(r"^bw-claude: network: (\d+) allowed, 0 blocked(?:, (\d+) failed: failed: "
+                         r"api\.anthropic\.com:443(?: x\d+)? \(DNS lookup failed\))?$", summary)
+        self.assertTrue(match, summary)
+        self.assertEqual(int(match.group(1)), len(fake), summary)
+        self.assertEqual(int(match.group(1)) + int(match.group(2) or 0), len(records), summary)
+
+
+def read_decisions(path):
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if r["event"] == "decision"]
 
 
 if __name__ == "__main__":
