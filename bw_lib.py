@@ -1570,8 +1570,6 @@ def summarize(tool, lines, width=None, expected=()):
 # ---------------------------------------------------------------------------------------------
 # The summary's extras: failed connections, what is blocked by design, refused strangers
 
-FAILURES = ("lookup-failed", "connect-refused", "unreachable", "connect-timeout",
-            "connect-failed")
 # Reasons a tunnel to a name was closed that a :PORT/raw rule cures (a client that is not
 # TLS, or that waits for the server to speak first); the others look like attacks.
 RAW_CURES = {"not-tls", "tls-timeout", "no-sni"}
@@ -1607,11 +1605,11 @@ class Failed:
 
 def failed_connections(records):
     """[Failed], most first, from the close records of allowed connections that never
-    connected (the proxy logs them allowed, then closed with a FAILURES reason)."""
-    failed = {}
+    connected (the proxy logs them allowed, then closed with a FAILURE_REASONS reason)."""
+    failed, failures = {}, rules_module().FAILURE_REASONS
     for record in records:
         reason = str(record.get("reason", ""))
-        if record.get("event") != "close" or reason not in FAILURES:
+        if record.get("event") != "close" or reason not in failures:
             continue
         host, port = printable(record.get("host", "?")), printable(record.get("port", "?"))
         entry = failed.setdefault((host, port), Failed(host, port))

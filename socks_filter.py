@@ -849,6 +849,8 @@ CONNECT_FAILURES = {
 LOOKUP_FAILED = ("lookup-failed", 0x04, 502)
 CONNECT_TIMED_OUT = ("connect-timeout", 0x04, 504)
 OTHER_FAILURE = ("connect-failed", 0x01, 502)
+FAILURE_REASONS = frozenset(reason for reason, _, _ in (*CONNECT_FAILURES.values(), LOOKUP_FAILED,
+                                                        CONNECT_TIMED_OUT, OTHER_FAILURE))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1480,7 +1482,7 @@ class FilterServer:
         self.log_bytes = 0
         self.stopping = False
         self.accept_paused_until = None
-        self.stats = {"allowed": 0, "denied": 0, "denied_hosts": collections.Counter(),
+        self.stats = {"allowed": 0, "denied": 0, "failed": 0, "denied_hosts": collections.Counter(),
                       "audited_hosts": collections.Counter()}
         self.wake_lock = threading.Lock()
         self.wake_read = self.wake_write = None
@@ -1756,6 +1758,9 @@ class FilterServer:
                   "bytes_up": up.count if up else 0, "bytes_down": down.count if down else 0,
                   "duration": round(time.monotonic() - connection.started, 3)}
         self._write_log(record)
+        if reason in FAILURE_REASONS:       # allowed, but never connected: counted apart
+            self.stats["allowed"] -= 1
+            self.stats["failed"] += 1
         if self.verbose and reason != "closed":
             print(f"socks_filter: #{connection.id} {record['host']}:{request.port} failed: {reason}",
                   file=self.stderr, flush=True)
@@ -1767,6 +1772,8 @@ class FilterServer:
     def summary(self):
         """One line: counts, the denied hosts, and in audit mode the hosts enforce would deny."""
         text = f"socks_filter: {self.stats['allowed']} allowed, {self.stats['denied']} denied"
+        if self.stats["failed"]:
+            text += f", {self.stats['failed']} failed to connect"
         text += _count_list(": ", self.stats["denied_hosts"])
         text += _count_list("; audit let through what enforce would deny: ", self.stats["audited_hosts"])
         return text
