@@ -475,8 +475,12 @@ class BridgeTest(BridgeCase):
         server = self.upstream("http")
         script = ("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; "
                   f"curl -sS -m 5 --noproxy '*' http://127.0.0.1:{server.port}/; echo direct=$?")
-        result = self.bw("--filter-network", script=script, pinned=False)
+        result = self.bw("--filter-network", "--allow-domain", "127.0.0.1:8001", script=script,
+                         pinned=False)
         self.assertEqual(result.stdout.split()[0], "lo")
+        hints = [line for line in result.stderr.splitlines() if "hint:" in line]
+        self.assertEqual(len(hints), 1, result.stderr)
+        self.assertIn("--host-port 8001", hints[0])
         self.assertNotIn("eth", result.stdout)
         self.assertIn("direct=7", result.stdout)
         self.assertNotIn("advisory", result.stderr)
