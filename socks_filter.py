@@ -1361,6 +1361,8 @@ class Connection:
         except OSError:
             data = b""
         if not data:
+            if self.stage == "sni":     # logged, or the summary would not know it was tried
+                self.sni_denied("the client closed the tunnel before a whole ClientHello", "not-tls")
             self.close()
         elif self.stage in ("closing", "draining"):
             self.drained += len(data)

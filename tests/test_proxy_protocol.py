@@ -528,7 +528,8 @@ class Socks5Test(ProxyTestCase):
 
     def test_name_case_and_trailing_dot(self):
         """'LOCALHOST.' matches the rule for localhost and is logged canonically."""
-        proxy = self.proxy(f"localhost:{self.echo.port}", allow_private=True)
+        # /raw: a plain name rule logs its decision only once the ClientHello came
+        proxy = self.proxy(f"localhost:{self.echo.port}/raw", allow_private=True)
         sock, reply = socks5_open(proxy.address, "LOCALHOST.", self.echo.port)
         self.connection(sock)
         self.assertEqual(reply[1], 0)
