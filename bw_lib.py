@@ -1,7 +1,7 @@
 """Run an AI coding CLI inside a bubblewrap sandbox, optionally with filtered network.
 
 This module is the whole of bw-claude and bw-gemini; the two entry scripts only pick
-a profile and call main().  Python 3.11 standard library only.
+a profile and call main().  Python 3.10 or later (os.splice), standard library only.
 
 What the sandbox sees
     /usr, /bin, /sbin, /lib*, /opt   read-only, laid out as on the host
@@ -9,12 +9,16 @@ What the sandbox sees
                                      time zone and /etc/alternatives need
     /dev, /proc                      fresh and minimal
     /tmp, /var/tmp                   private, empty, gone when the session ends
-    $HOME                            a private, empty directory for this session, with:
-        the CLI's state (~/.claude/, ~/.gemini/)                 read-write, except
-            what holds code it runs later (PROTECTED_HOME, below)
+    $HOME                            a private, empty directory for this session (on disk,
+                                     below ~/.cache/TOOL: session_base), with:
+        the CLI's state (~/.claude/, ~/.gemini/)     the session's own copy, seeded
+            from the host's by the profile's State items; at exit only what
+            FLOWS_BACK accepts goes back (the "CLI state" section)
         tool directories (.cargo, .nvm, .local/bin, .gitconfig...)  read-only
         the CLI's install, wherever it is                        read-only
     the project directory (--dir)    read-write, the working directory
+    /var/cache/bw                    the session's caches (CACHE_ENV points npm, pip, yarn,
+                                     pnpm, bun, go and cargo there), on disk, its own
   Never visible: ~/.ssh, ~/.aws, ~/.gnupg, ~/.kube, ~/.docker, ~/.netrc,
   ~/.password-store, browser profiles, ~/.config/gh, shell histories and the other
   SECRETS below, nor the other CLI's state (its credentials), not even with
@@ -36,19 +40,22 @@ Files that run code later, outside the sandbox
   .git/worktrees (or .git itself when it is a file), .claude/settings*.json,
   .claude/commands, agents, hooks, skills, .mcp.json, .gemini/settings.json, .env,
   commands, extensions, .vscode, .idea in the project and in every --allow-rw
-  directory; and in the CLI's state ~/.claude/settings*.json, hooks, plugins, skills,
-  local (the local install), commands, agents, scripts at its top (*.sh, executables),
-  ~/.gemini/settings.json, .env, extensions, commands, trustedFolders.json: all stay
-  read-only although their parent is writable (PROTECTED_*).  A missing one is held by
-  an empty placeholder ({} for .json, "." for commondir) for the session, removed at
-  exit, so it cannot be created; the directories between it and the project are bound
-  onto themselves, so `mv .git elsewhere` fails (a mount point cannot be renamed).  A
-  placeholder that cannot be made where the sandbox could make the file (a directory
-  of ours, mode 555) stops the session: protection is never dropped silently.  The
-  CLI's home settings files are the exception it needs: the sandbox gets a copy, and at
-  exit only changes to the profile's `guarded` keys (model, the accepted
-  bypass-permissions prompt, Gemini's trust for this project...) go back; hooks, env,
-  permissions and helpers never do.  --allow-config-writes turns all of this off.
+  directory: all stay read-only although their parent is writable (PROTECTED_*).  A
+  missing one is held by an empty placeholder ({} for .json, "." for commondir), so it
+  cannot be created, removed when the last session of that directory ends (or by the
+  next start after a SIGKILL: per-root flocks in LOCKS_DIR); the directories between it
+  and the project are bound onto themselves, so `mv .git elsewhere` fails (a mount point
+  cannot be renamed).  All of these, and every other mount source below a writable
+  directory, are reached without following a link and bound through the descriptor that
+  was checked; a link there (planted by an earlier session) stops the session with one
+  line.  The proxy log and the --learn file are never written through a link.  A
+  placeholder that cannot be made where the sandbox could make the file (a directory of
+  ours, mode 555) stops the session: protection is never dropped silently.  The CLI's
+  state needs none of this: it is the session's own copy, and of its settings files only
+  changes to the profile's guarded keys (model, the accepted bypass-permissions prompt,
+  Gemini's trust for this project...) go back; hooks, env, permissions and helpers never
+  do.  --allow-config-writes turns all of this off (and binds the host's state directory
+  read-write).
   Not contained: a new repository (git init, a clone, a submodule) made inside the
   project or an --allow-rw directory, and repositories nested below their top; files
   of the project itself (.env, Makefile, package.json scripts...) that tools run.
@@ -65,7 +72,7 @@ Files that run code later, outside the sandbox
   back.
 
 --filter-network
-  A private directory (mode 0700, under $XDG_RUNTIME_DIR when set) holds the unix
+  A private directory (mode 0700, under $XDG_RUNTIME_DIR when set) holds only the unix
   socket of socks_filter.py, started for this session with the profile's allow list.
   The socket is bound into the sandbox, and socat_bridge.sh, the sandbox's first
   process, forwards 127.0.0.1:PORT (a port the kernel picks) to it, sets
@@ -79,19 +86,28 @@ Files that run code later, outside the sandbox
   makes the host's 127.0.0.1:HOST appear at 127.0.0.1:PORT inside: one more socat in the
   bridge asks the proxy for it, which allows exactly that IP rule and logs it.  At exit
   the proxy is stopped, the directory removed, and the summary below is printed.
-  The private directory exists for every session (it holds the session's home) and is
-  locked while the session lives; a run after one killed with SIGKILL removes it.
+  Every session has a private directory on disk (~/.cache/TOOL/TOOL.XXXXXXXX, mode 0700,
+  under an absolute $XDG_CACHE_HOME when set; the runtime directory when it cannot be
+  made) holding its home, caches, copies of guarded files and the proxy's log.  Both are
+  locked while the session lives; a run after one killed with SIGKILL removes them.
+  NODE_USE_ENV_PROXY=1 is set, so Node's fetch() uses the proxy where Node honours it
+  (22.21, 24 and later; --doctor says).
 
 The allow list
   The profile's API hosts, then --allow-preset lists, --allow-domain rules,
-  ~/.config/TOOL/allowed-domains and --allow-file files (one rule a line, # comments).
+  ~/.config/TOOL/allowed-domains and --allow-file files (one rule a line, # comments),
+  read once by the wrapper (so a pipe works) and handed to the proxy as rules; a file the
+  sandbox can write, or a link there (the project, --allow-rw, the CLI's state), is
+  refused: an earlier session could have widened this one's network.
   The rule syntax is socks_filter.py's: example.com, *.example.com, 1.2.3.4,
   10.0.0.0/8, [::1], each with an optional :PORT; the profiles' rules name port 443.  A
   name rule carries TLS for that name only (a tunnel must open with a ClientHello naming
   it); host:PORT/raw carries any protocol to that port.  Names pass only by name rules, IP
-  addresses only by IP rules, and no name may lead to a loopback or private address
-  unless an IP rule names it or --allow-private (dangerous: your LAN, the cloud
-  metadata service, every service on this machine) is given.  Presets (PRESETS, a
+  addresses only by IP rules, and no name may lead to a non-public address unless an
+  IP rule covers it; --allow-private (dangerous: your LAN) opens only the private-use
+  networks (10/8, 172.16/12, 192.168/16, fc00::/7), never loopback, link-local or
+  CGNAT.  Cloud platform endpoints (the metadata service, Azure's 168.63.129.16...)
+  need a rule for exactly that address.  Presets (PRESETS, a
   plain dict; --list-presets prints them as an allow file) name hosts, never wildcards
   over hosts that serve anyone's content.
 
@@ -124,6 +140,12 @@ When something is blocked
   --allow-file FILE.  Learn implies --filter-network and --unshare-net (--share-net
   still wins), so the session learns exactly the way out an enforced session has.
 
+Options
+  Options this wrapper does not know, and everything after the first --, go to the CLI;
+  but an unknown option close to one of ours (--filter-netwrok, a prefix such as
+  --filter) is refused before anything starts, with "did you mean", unless the profile
+  lists it as the CLI's (cli_options).  A CLI option that looks like ours goes after --.
+
 Defaults file
   ~/.config/TOOL/options (under $XDG_CONFIG_HOME when set): each line holds options,
   split like a shell would (quotes, # comments; ~/ is the home), read before the
@@ -139,7 +161,8 @@ Defaults file
   Checks what --filter-network --unshare-net needs: bwrap and its version, a trial
   sandbox with the session's namespaces (explaining the sysctl or AppArmor setting
   that forbids one), the seccomp filter on this architecture, socat, the CLI (run
-  with --version, bounded), and every allow rule from the files and options; notes
+  with --version, bounded), whether the node on PATH sends fetch() through the proxy,
+  and every allow rule from the files and options; notes
   the kernel's TIOCSTI switch and what this bwrap and env(1) lack, the network mode in
   force (advisory with --share-net), --host-port mappings, and allow rules that name the
   sandbox's own loopback (a hint pointing at --host-port).  Each failure
@@ -151,9 +174,10 @@ Terminal and signals
   bwrap ignore SIGINT while the CLI runs (bwrap would die and take the sandbox with
   it), and the CLI gets it back by `env --default-signal`; SIGQUIT (Ctrl-\\) likewise.
   The proxy runs in a session of its own and socat_bridge.sh starts socat with setsid,
-  so Ctrl-C never cuts the network.  SIGTERM and SIGHUP (and SIGQUIT before the CLI
-  starts) end the session with full clean-up, which also empties what the sandbox made
-  unwritable.  The CLI's exit status is the wrapper's.
+  so Ctrl-C never cuts the network.  The terminal's modes are saved at start and restored
+  on every way out (a CLI killed with the wrapper leaves it raw).  SIGTERM and SIGHUP
+  (and SIGQUIT before the CLI starts) end the session with full clean-up, which also
+  empties what the sandbox made unwritable.  The CLI's exit status is the wrapper's.
 
 Exit status: the CLI's; 2 for bad options (or a bad defaults file, or an allow rule
 or allow file that does not parse: checked before anything starts); 127 when bwrap,
@@ -167,8 +191,10 @@ import contextlib
 import fcntl
 import fnmatch
 import glob
+import hashlib
 import json
 import os
+import re
 import secrets
 import select
 import shlex
@@ -179,6 +205,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -198,6 +225,8 @@ STATE_FILE_LIMIT = 64 << 20
 
 
 PROJECT_KEY = "{project}"   # in a guarded key: the session's project directory, one segment
+GEMINI_ID = "{id}"          # in a State path: Gemini's short id for this project, the
+GEMINI_IDS = ".gemini/tmp"  # directory here whose .project_root names it
 
 # What of ~/.claude.json goes back to the host: the state Claude keeps across runs
 # (counters, onboarding and tips, caches, the project history and statistics), never what
@@ -217,6 +246,51 @@ CLAUDE_JSON_KEYS = (
     "projects.*.exampleFilesGeneratedAt", "projects.*.hasClaudeMdExternalIncludesWarningShown",
     "projects.*.reactVulnerabilityCache",
     (f"projects.{PROJECT_KEY}.hasTrustDialogAccepted", (True, False)))
+# What of ~/.claude/.credentials.json goes back: the OAuth tokens a login or a refresh inside
+# wrote (plain values only, see the "secret" check).
+CLAUDE_CREDENTIAL_KEYS = tuple(f"claudeAiOauth.{key}" for key in (
+    "accessToken", "refreshToken", "expiresAt", "scopes", "subscriptionType", "rateLimitTier"))
+
+
+@dataclass(frozen=True)
+class State:
+    """One home-relative path of a CLI's state: how the session gets the host's (seed) and
+    what of the session's goes back at exit (back, checked by the FLOWS_BACK function of
+    that name).  In the path, "{slug}" (SLUG) is this project's directory name in
+    Claude's state, "{id}" (GEMINI_ID) its directory in Gemini's."""
+    path: str
+    seed: str = "copy"      # "copy": a writable copy; "ro": a read-only copy; "mine":
+                            # the lines of this project (a shared JSONL file); "": none
+    back: str = ""          # "": nothing; "keys": changes to `keys` (as guarded_changes);
+                            # "secret": the same, plain values only; "lines": new or
+                            # appended JSON lines of *.jsonl files (transcripts); "id":
+                            # one line of letters, digits and "-" (an installation id);
+                            # "mine": appended JSON lines of this project
+    keys: tuple = ()
+
+
+# The CLIs' long options (`claude --help` of 2.1.197, `gemini --help` of 0.61.0), as data: an
+# unknown option close to one of the wrapper's is refused as a typo unless the CLI has it.
+CLAUDE_OPTIONS = (
+    "--add-dir", "--agent", "--agents", "--allow-dangerously-skip-permissions", "--allowedTools",
+    "--append-system-prompt", "--ax-screen-reader", "--bare", "--betas", "--bg", "--brief",
+    "--chrome", "--continue", "--dangerously-skip-permissions", "--debug", "--debug-file",
+    "--disable-slash-commands", "--disallowedTools", "--effort",
+    "--exclude-dynamic-system-prompt-sections", "--fallback-model", "--file", "--fork-session",
+    "--from-pr", "--ide", "--include-hook-events", "--include-partial-messages",
+    "--input-format", "--json-schema", "--max-budget-usd", "--mcp-config", "--model", "--name",
+    "--no-chrome", "--no-session-persistence", "--output-format", "--permission-mode",
+    "--plugin-dir", "--plugin-url", "--print", "--prompt-suggestions", "--remote-control",
+    "--remote-control-session-name-prefix", "--replay-user-messages", "--resume", "--safe-mode",
+    "--session-id", "--setting-sources", "--settings", "--strict-mcp-config", "--system-prompt",
+    "--tmux", "--tools", "--version", "--worktree")
+GEMINI_OPTIONS = (
+    "--accept-raw-output-risk", "--acp", "--admin-policy", "--allowed-mcp-server-names",
+    "--allowed-tools", "--approval-mode", "--debug", "--delete-session", "--experimental-acp",
+    "--extensions", "--include-directories", "--list-extensions", "--list-sessions", "--model",
+    "--output-format", "--policy", "--prompt", "--prompt-interactive", "--raw-output", "--resume",
+    "--sandbox", "--screen-reader", "--session-file", "--session-id", "--skip-trust",
+    "--version", "--worktree", "--yolo")
 
 
 @dataclass(frozen=True)
@@ -226,15 +300,16 @@ class Profile:
     tool: str               # the wrapper's name, used in messages and config paths
     lookup: tuple           # home-relative places tried after PATH
     install_hint: str
-    state_dirs: tuple       # home-relative, bound read-write (created if missing)
-    state_files: tuple      # (home-relative file, keys): copied in; at exit only the changes
-                            # to those keys (as `guarded`) are merged back (see above)
+    state_dirs: tuple       # home-relative: the CLI's state, private to each session
     allow: tuple            # default allow list for --filter-network
     env_names: tuple        # host variables passed through (fnmatch patterns)
     env: tuple = ()         # (name, value) set inside
     cli_args: tuple = ()    # put before the user's arguments
     helpers: tuple = ()     # other programs the CLI needs visible (found on PATH)
-    guarded: tuple = ()     # (home-relative settings file, dotted keys the sandbox may change)
+    state: tuple = ()       # State items: what of the host's state the session gets, and
+                            # what of its own goes back (the "CLI state" section)
+    cli_options: tuple = ()  # the CLI's own long options, passed through even when one looks
+                             # like a misspelt option of the wrapper's (see misspelt_option)
     expected_blocked: tuple = ()  # host:port every session contacts and the default allow list
                                   # blocks by design: summed up on one quiet line at exit
 
@@ -246,7 +321,6 @@ PROFILES = {
         lookup=(".claude/local/claude", ".local/bin/claude"),
         install_hint="npm install -g @anthropic-ai/claude-code",
         state_dirs=(".claude",),
-        state_files=((".claude.json", CLAUDE_JSON_KEYS),),
         allow=("api.anthropic.com:443", "claude.ai:443", "claude.com:443",
                "platform.claude.com:443", "console.anthropic.com:443"),
         env_names=("ANTHROPIC_*", "CLAUDE_CODE_*", "DISABLE_TELEMETRY", "DISABLE_ERROR_REPORTING",
@@ -258,9 +332,19 @@ PROFILES = {
         # Measured (2.1.197, interactive start): raw.githubusercontent.com (release notes);
         # downloads.claude.ai is the updater's, which DISABLE_AUTOUPDATER mostly keeps quiet.
         expected_blocked=("raw.githubusercontent.com:443", "downloads.claude.ai:443"),
-        guarded=((".claude/settings.json", ("skipDangerousModePermissionPrompt", "model",
-                                            "outputStyle", "alwaysThinkingEnabled",
-                                            "spinnerTipsEnabled", "feedbackSurveyState")),),
+        state=(State(".claude.json", back="keys", keys=CLAUDE_JSON_KEYS),
+               State(".claude/.credentials.json", back="secret", keys=CLAUDE_CREDENTIAL_KEYS),
+               State(".claude/settings.json", back="keys",
+                     keys=("skipDangerousModePermissionPrompt", "model", "outputStyle",
+                           "alwaysThinkingEnabled", "spinnerTipsEnabled",
+                           "feedbackSurveyState")),
+               State(".claude/CLAUDE.md", seed="ro"),
+               State(".claude/commands", seed="ro"),
+               State(".claude/agents", seed="ro"),
+               State(".claude/projects/{slug}", back="lines"),
+               # The prompt history (arrow up): this project's lines only, both ways.
+               State(".claude/history.jsonl", seed="mine", back="mine")),
+        cli_options=CLAUDE_OPTIONS,
     ),
     "gemini": Profile(
         name="gemini",
@@ -268,7 +352,6 @@ PROFILES = {
         lookup=(),
         install_hint="npm install -g @google/gemini-cli",
         state_dirs=(".gemini",),
-        state_files=(),
         allow=("generativelanguage.googleapis.com:443", "cloudcode-pa.googleapis.com:443",
                "oauth2.googleapis.com:443", "www.googleapis.com:443", "accounts.google.com:443"),
         env_names=("GEMINI_*", "GOOGLE_GEMINI_BASE_URL", "GOOGLE_API_KEY", "GOOGLE_CLOUD_PROJECT",
@@ -277,11 +360,25 @@ PROFILES = {
         helpers=("node",),
         # Measured (0.61.0, interactive start): usage statistics and the update check.
         expected_blocked=("play.googleapis.com:443", "registry.npmjs.org:443"),
-        guarded=((".gemini/settings.json", ("security.auth.selectedType", "ui.theme",
-                                            "model.name", "general.vimMode")),
-                 # Trust given inside: for this project only, never for its parent.
-                 (".gemini/trustedFolders.json", ((PROJECT_KEY, ("TRUST_FOLDER",
-                                                                 "DO_NOT_TRUST")),))),
+        state=(State(".gemini/oauth_creds.json", back="secret",
+                     keys=("access_token", "refresh_token", "scope", "token_type", "id_token",
+                           "expiry_date")),
+               State(".gemini/google_accounts.json", back="secret", keys=("active", "old")),
+               State(".gemini/installation_id", back="id"),
+               State(".gemini/settings.json", back="keys",
+                     keys=("security.auth.selectedType", "ui.theme", "model.name",
+                           "general.vimMode")),
+               # Trust given inside: for this project only, never for its parent.
+               State(".gemini/trustedFolders.json", back="keys",
+                     keys=((PROJECT_KEY, ("TRUST_FOLDER", "DO_NOT_TRUST")),)),
+               # This project's chats, for --resume: the directory is seeded, and its
+               # chats/*.jsonl go back (after the project_id checks).
+               State(f"{GEMINI_IDS}/{GEMINI_ID}"),
+               State(f"{GEMINI_IDS}/{GEMINI_ID}/chats", seed="", back="lines"),
+               State(".gemini/.env", seed="ro"),
+               State(".gemini/GEMINI.md", seed="ro"),
+               State(".gemini/commands", seed="ro")),
+        cli_options=GEMINI_OPTIONS,
     ),
 }
 
@@ -299,7 +396,8 @@ ETC_ENTRIES = ("alternatives", "bash.bashrc", "ca-certificates", "ca-certificate
                "resolv.conf", "services", "shells", "ssl", "terminfo", "timezone", "vim")
 
 # Home-relative tool directories made visible read-only, when present.
-HOME_TOOLS = (".cargo", ".rustup", ".npm", ".nvm", ".pyenv", ".rbenv", ".volta", ".bun",
+# Caches (~/.npm...) are not tools: each session has its own (CACHE_ENV).
+HOME_TOOLS = (".cargo", ".rustup", ".nvm", ".pyenv", ".rbenv", ".volta", ".bun",
               ".deno", ".local/bin", ".local/lib", "go", ".gitconfig", ".config/git",
               ".inputrc", ".vimrc")
 
@@ -360,6 +458,7 @@ REASONS = {
     "not-in-allowlist": "not in allow list",
     "denied-by-rule": "denied by rule",
     "private-address": "private address",
+    "platform-endpoint": "cloud platform endpoint",
     "ip-literal-not-allowed": "IP address without an IP rule",
     "sni-mismatch": "TLS name differs from the requested host",
     "bad-name": "malformed name",
@@ -400,18 +499,7 @@ PROTECTED_PROJECT = (".git/hooks/", ".git/config", ".git/commondir", ".git/confi
                      ".claude/hooks/", ".claude/skills/", ".mcp.json", ".gemini/settings.json",
                      ".gemini/.env", ".gemini/commands/", ".gemini/extensions/", ".vscode/",
                      ".idea/")
-# The CLIs' own state directories are writable (sessions, history, credentials...), but
-# these in them hold code or name commands the CLI runs later, unsandboxed.
-PROTECTED_HOME = (".claude/settings.json", ".claude/settings.local.json", ".claude/hooks/",
-                  ".claude/plugins/", ".claude/skills/", ".claude/local/", ".claude/commands/",
-                  ".claude/agents/", ".gemini/settings.json", ".gemini/trustedFolders.json",
-                  ".gemini/.env",
-                  ".gemini/extensions/", ".gemini/commands/")
 PROTECTED_GLOBS = (".claude/settings*.json",)
-# Scripts at the top of a state directory (a status line, hook scripts): read-only too.
-PROTECTED_HOME_GLOBS = tuple(f"{d}/{pattern}" for d in (".claude", ".gemini")
-                             for pattern in ("*.sh", "*.bash", "*.zsh", "*.py", "*.js", "*.mjs",
-                                             "*.cjs", "*.ts", "*.rb", "*.pl"))
 # A placeholder for a missing .json file holds an empty object: an empty file is invalid
 # JSON, and Gemini CLI refuses to start on it.  A missing .git/commondir is held by one
 # naming .git itself (git refuses an empty one).
@@ -492,7 +580,8 @@ def build_parser(profile):
         description=f"Run {cli} in a bubblewrap sandbox: read-only system, an empty home with only "
                     f"{cli}'s state,\nthe project directory writable, secrets (~/.ssh, ~/.aws, ...) "
                     "never visible.\nOptions this wrapper does not know, and everything after --, "
-                    f"go to {cli}.\nOf two options that contradict each other, the last wins.",
+                    f"go to {cli};\none that looks like a typo of ours is refused.\n"
+                    "Of two options that contradict each other, the last wins.",
         epilog=f"examples:\n"
                f"  {tool}                                  {cli} in the current directory\n"
                f"  {tool} --filter-network                 network only to {cli}'s API\n"
@@ -527,8 +616,8 @@ def build_parser(profile):
                               "e.g. --shell -- -c 'cmd'")
     add_switch(sandbox, "--allow-config-writes", "--no-allow-config-writes",
                "let the sandbox change .git/hooks, .git/config, .claude/settings*.json, "
-               ".mcp.json and the like (risk: code the agent writes there runs later, outside "
-               "the sandbox)")
+               ".mcp.json and the like, and the CLI's own state (~/.claude) directly "
+               "(risk: code the agent writes there runs later, outside the sandbox)")
     if profile.cli_args:
         add_switch(sandbox, "--no-skip-permissions", "--skip-permissions",
                    f"do not pass {' '.join(profile.cli_args)} to {cli}")
@@ -565,9 +654,10 @@ def build_parser(profile):
                               "and at exit write the destinations used to FILE, ready for "
                               "--allow-file; implies --filter-network --unshare-net")
     add_switch(network, "--allow-private", "--no-allow-private",
-               "DANGEROUS: let allowed names reach loopback and private addresses (your LAN, "
-               "the cloud metadata service, services on this machine); with --learn, learn them "
-               "too.  An IP rule (--allow-domain 10.0.0.5:8080) is the narrow way")
+               "DANGEROUS: let allowed names reach private-use addresses (10/8, 172.16/12, "
+               "192.168/16, fc00::/7: your LAN); with --learn, learn them too.  Loopback, "
+               "link-local and CGNAT still need an IP rule (--allow-domain 10.0.0.5:8080 is the "
+               "narrow way), cloud metadata endpoints a rule for exactly their address")
     network.add_argument("--proxy-log", metavar="FILE",
                          help="keep the proxy's JSON log (one object per decision and close) "
                               "in FILE")
@@ -610,6 +700,7 @@ def parse_args(profile, argv, defaults=()):
     ours, after = split_argv(argv)
     parser = build_parser(profile)
     given, unknown = parser.parse_known_args(ours)
+    refuse_misspelt(profile, parser, unknown)
     opts = parser.parse_known_args([*defaults, *ours])[0] if defaults else given
     opts.args = unknown + after
     resolve_options(opts, given)
@@ -775,13 +866,15 @@ def install_roots(chain, home):
     return [r for r in roots if not any(r != o and is_within(r, o) for o in roots)]
 
 
-def build_env(profile, environ, home, pass_env=(), assignments=()):
-    """The sandbox's environment: allow list, profile defaults, --pass-env, --env."""
+def build_env(profile, environ, home, pass_env=(), assignments=(), defaults=()):
+    """The sandbox's environment: allow list, profile defaults, `defaults` (inside_env),
+    --pass-env, --env."""
     patterns = ENV_NAMES + profile.env_names
     env = {name: value for name, value in environ.items()
            if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
     env["HOME"] = home
     env.update(profile.env)
+    env.update(defaults)
     env.update((name, environ[name]) for name in pass_env if name in environ)
     env.update(a.partition("=")[::2] for a in assignments)
     return env
@@ -820,11 +913,15 @@ class Plan:
     seccomp: bytes = None                           # the TIOCSTI filter program
     disable_userns: bool = False                    # bwrap has --disable-userns
     placeholders: list = field(default_factory=list)  # protected paths to create first
-    guarded: list = field(default_factory=list)     # (host path, keys): bound as a copy
     sockets_complete: bool = True                   # the socket and repository walks
                                                     # saw everything
     verbose: bool = False
     dry_run: bool = False
+    state: list = field(default_factory=list)       # State items, SLUG filled in
+    read_only_state: list = field(default_factory=list)  # home-relative seeded "ro" copies
+    allow_file_rules: list = field(default_factory=list)  # the allow files' rules, read once
+    beneath: dict = field(default_factory=dict)     # fd-bound source: (real root, relative,
+                                                    # is a directory), see bind_checked
     host_ports: list = field(default_factory=list)  # --host-port: (inside, host port)
     proxy_token: str = None                         # --share-net: the proxy's password
 
@@ -835,13 +932,16 @@ def hidden_paths(profile):
     ~/.claude/.credentials.json and ~/.claude.json from bw-gemini)."""
     others = [p for p in PROFILES.values() if p.name != profile.name]
     return tuple(dict.fromkeys([*SECRETS, *(d for p in others for d in p.state_dirs),
-                                *(f for p in others for f, _ in p.state_files)]))
+                                *(f for p in others for f in top_state_files(p))]))
 
 
-def home_mounts(profile, home, full_home, entries, exists=os.path.lexists):
-    """Binds that populate the session's home; `entries` lists the real home."""
-    mounts = [("--bind", os.path.join(home, d), os.path.join(home, d)) for d in profile.state_dirs]
-    files = [f for p in PROFILES.values() for f, _ in p.state_files]
+def home_mounts(profile, home, full_home, entries, exists=os.path.lexists, bind_state=False):
+    """Binds that populate the session's home; `entries` lists the real home.  The CLI's
+    state is the session's own copy (seed_state), unless `bind_state`
+    (--allow-config-writes): then the host's, read-write."""
+    mounts = [("--bind", os.path.join(home, d), os.path.join(home, d))
+              for d in profile.state_dirs if bind_state]
+    files = [f for p in PROFILES.values() for f in top_state_files(p)]
     skip = set(profile.state_dirs) | set(files) | set(hidden_paths(profile))
     if full_home:
         shown = [e for e in sorted(entries) if e not in skip
@@ -1009,11 +1109,13 @@ def make_plan(profile, opts, environ, skip=()):
 
     hidden = hidden_paths(profile)
     entries = showable_entries(home, hidden) if opts.full_home_access else set()
-    mounts = home_mounts(profile, home, opts.full_home_access, entries)
+    mounts = home_mounts(profile, home, opts.full_home_access, entries,
+                         bind_state=opts.allow_config_writes)
     rw_extra = []
     for flag, option, paths in (("--allow-ro", "--ro-bind", opts.allow_ro),
                                 ("--allow-rw", "--bind", opts.allow_rw)):
         for path in paths:
+            check_given(flag, path, writable_roots(project, home, profile))
             real = os.path.realpath(path)
             if not os.path.exists(real):
                 raise Failure(f"{flag} {path}: no such file or directory")
@@ -1030,37 +1132,43 @@ def make_plan(profile, opts, environ, skip=()):
     socat = shutil.which("socat", path=search_path) or "socat"
     if opts.filter_network:
         programs.append(socat)
+    roots = writable_roots(project, home, profile, rw_extra)
     for program in programs:
+        check_chain(symlink_chain(program), roots)
         mounts += [("--ro-bind", r, r) for r in install_roots(symlink_chain(program), home)]
     mounts.append(("--bind", project, project))
     mounts += secret_masks(home, mounts, hidden=hidden)
+    mounts += session_masks(environ, mounts, create=not opts.dry_run)
     mounts += sockets
-    placeholders, guarded = [], []
+    placeholders, beneath = [], {}
     if not opts.allow_config_writes:
         rw_roots = [dest for option, _, dest in mounts if option == "--bind"]
-        guarded = [(os.path.join(home, relative), keys) for relative, keys in profile.guarded
-                   if any(is_within(os.path.join(home, relative), r) for r in rw_roots)]
         nested, whole = nested_repositories([project, *rw_extra])
         walked = walked and whole
         protected, placeholders = protection(project, home, rw_roots, rw_extra, nested)
-        copies = {path for path, _ in guarded}
-        # The guarded settings files are bound as copies instead (build_bwrap_args).
-        mounts += [m for m in protected if not (m[0] == "--ro-bind" and m[2] in copies)]
+        mounts += protected
+        mounts, beneath = bind_checked(mounts, roots, placeholders)
 
-    allow_files = []
+    allow_files, file_rules = [], []
     user_file = config_path({**environ, "HOME": home}, profile.tool, "allowed-domains")
+    writable = [dest for option, _, dest in mounts if option == "--bind"]
+    writable += [session_base(environ, p.tool) for p in PROFILES.values()]
     for path in ([user_file] if os.path.isfile(user_file) else []) + opts.allow_file:
-        if not os.path.isfile(path):
-            raise Failure(f"--allow-file {path}: no such file")
+        if opts.filter_network:
+            file_rules += allow_file_rules(path, writable)
         allow_files.append(os.path.abspath(path))
     allow = list(profile.allow) + preset_rules(opts.allow_preset) + opts.allow_domain
     allow += [host_port_rule(host) for _, host in opts.host_port]
     if opts.filter_network:
         # Every rule now, before anything starts: the proxy would refuse it later.
-        problems = rule_problems(allow, allow_files)[1]
+        problems = rule_problems(allow)[1]
         if problems:
             raise Failure(f"bad allow rule: {problems[0]}", 2)
     learn = os.path.abspath(opts.learn) if opts.learn else None
+    for flag, given in (("--learn", opts.learn), ("--proxy-log", opts.proxy_log)):
+        problem = given and host_file_problem(os.path.abspath(given), roots)
+        if problem:
+            raise Failure(f"{flag} {given}: will not write there: {problem}")
     if learn and (os.path.isdir(learn) or not os.access(os.path.dirname(learn), os.W_OK)):
         raise Failure(f"--learn {opts.learn}: cannot write a file there")
 
@@ -1069,7 +1177,8 @@ def make_plan(profile, opts, environ, skip=()):
     token = advisory_token(opts)
     return Plan(
         profile=profile, home=home, project=project, command=command,
-        env=with_token(build_env(profile, environ, home, opts.pass_env, opts.env), token),
+        env=with_token(build_env(profile, environ, home, opts.pass_env, opts.env,
+                                 defaults=inside_env(opts.filter_network)), token),
         bwrap=bwrap,
         system=[(d, os.readlink(d) if os.path.islink(d) else None)
                 for d in SYSTEM_DIRS if os.path.lexists(d)],
@@ -1087,9 +1196,9 @@ def make_plan(profile, opts, environ, skip=()):
         seccomp=tiocsti_filter(os.uname().machine),
         disable_userns=bwrap_supports(bwrap, "--disable-userns"),
         placeholders=placeholders,
-        guarded=guarded,
         sockets_complete=walked,
-        verbose=opts.verbose, dry_run=opts.dry_run,
+        verbose=opts.verbose, dry_run=opts.dry_run, allow_file_rules=file_rules,
+        state=state_items(profile, project, opts.allow_config_writes), beneath=beneath,
         host_ports=opts.host_port, proxy_token=token)
 
 
@@ -1143,7 +1252,7 @@ def bwrap_supports(bwrap, option):
 
 
 def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexists,
-               isdir=os.path.isdir, glob=glob.glob):
+               isdir=None, glob=glob.glob):
     """What keeps PROTECTED_* read-only: (mounts, placeholders to create first).
 
     PROTECTED_PROJECT applies to the project and to each of `extra` (the --allow-rw
@@ -1151,6 +1260,7 @@ def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexi
     between it and its writable root are bound onto themselves, which pins them (a mount
     point cannot be renamed, so `mv .git x` cannot carry the protection away).
     """
+    isdir = isdir or is_real_dir     # a link to a directory is a link (bind_checked refuses it)
     bases = list(dict.fromkeys([project, *extra]))
     wanted = []
     for base in bases + [n for n in nested if n not in bases]:
@@ -1159,14 +1269,10 @@ def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexi
             wanted.append((base, ".git"))      # a gitdir: pointer file
         wanted += [(base, p) for p in PROTECTED_PROJECT
                    if base in bases or p.startswith(".git/")]
-    wanted += [(home, p) for p in PROTECTED_HOME]
-    for base in bases + [home]:
-        for pattern in PROTECTED_GLOBS + (PROTECTED_HOME_GLOBS if base == home else ()):
+    for base in bases:
+        for pattern in PROTECTED_GLOBS:
             wanted += [(base, os.path.relpath(p, base))
                        for p in sorted(glob(os.path.join(base, pattern)))]
-    for directory in (".claude", ".gemini"):   # scripts without a telling name
-        wanted += [(home, os.path.relpath(p, home))
-                   for p in sorted(glob(os.path.join(home, directory, "*"))) if is_program(p)]
     mounts, placeholders, pins = [], [], []
     for base, relative in dict.fromkeys(wanted):
         path = os.path.join(base, relative.rstrip("/"))
@@ -1186,14 +1292,471 @@ def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexi
     return [("--bind", p, p) for p in pins] + mounts, placeholders
 
 
-def is_program(path):
-    """An executable regular file (not a directory, not through a symlink)."""
+# ---------------------------------------------------------------------------------------------
+# Paths the sandbox can write: never followed, bound as they were checked (issue 11)
+#
+# The project, the --allow-rw directories and the CLI's state are the sandbox's to write, for
+# this session and the ones before it, so a path below them may be a link it planted
+# (`sub/.git -> ../../..`).  Every mount source below such a root is walked component by
+# component with O_NOFOLLOW: a symlink stops the session with one line naming it, and what
+# was checked is what bwrap binds (an O_PATH descriptor, --ro-bind-fd / --bind-fd; bwrap
+# compares the mount with the descriptor afterwards).  Placeholders are made and removed
+# through descriptors of their checked parents.  Sessions sharing a root hold a shared
+# flock on a lock file of that root for their whole life, in a directory of the user's the
+# sandbox cannot see (LOCKS_DIR); the one that can take it exclusively (at its end, or at
+# the next start after a SIGKILL) removes the placeholders the sessions listed, so no
+# session's end or crash takes away a mount another still stands on.
+# ---------------------------------------------------------------------------------------------
+
+LOCKS_DIR = "bw-locks.{uid}"        # under private_base(): one per user, shared by the tools
+LOCK_SECONDS = 10                   # bound on waiting for another session's start or end
+FD_OPTIONS = {"--ro-bind": "--ro-bind-fd", "--bind": "--bind-fd"}
+
+
+def host_file_problem(path, roots=()):
+    """Why the wrapper must not write `path` on the host (None when it may): a link on the
+    way to it below a writable root, or something there that is not a regular file of
+    ours (a link to ~/.bashrc the sandbox left in place of a log)."""
+    where = root_of(path, roots)
+    link = planted_link(where[0], os.path.join(*where)) if where else None
+    if link is not None and link != path:
+        return f"{link} is a symbolic link (remove it: rm {shlex.quote(link)})"
     try:
         info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return error.strerror
+    if stat.S_ISLNK(info.st_mode):
+        return f"it is a symbolic link (remove it: rm {shlex.quote(path)})"
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        return "it is not a regular file of yours"
+    return None
+
+
+def open_text(path):
+    """A regular file for reading, never through a link at its name."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return open(fd, errors="replace")
+
+
+def is_real_dir(path):
+    """A directory itself, not a link to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
         return False
-    return stat.S_ISREG(info.st_mode) and bool(info.st_mode & 0o111)
 
+
+def writable_roots(project, home, profile, extra=()):
+    """The sandbox-writable trees, as (path as mounted, real path) pairs: the CLI's state
+    directories, the --allow-rw directories and the project."""
+    paths = [os.path.join(home, d) for d in profile.state_dirs] + [*extra, project]
+    return [(p, os.path.realpath(p)) for p in dict.fromkeys(paths)]
+
+
+def planted_link(root, path, lstat=os.lstat):
+    """The first component of `path` below `root` that is a symlink, or None (a missing
+    component ends the search: nothing below it exists)."""
+    current = root
+    for part in os.path.relpath(path, root).split("/"):
+        current = os.path.join(current, part)
+        try:
+            mode = lstat(current).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if stat.S_ISLNK(mode):
+            return current
+    return None
+
+
+def link_refusal(path, what="a protected path"):
+    way_out = ", or run with --allow-config-writes" if what == "a protected path" else ""
+    return Failure(f"{path} is a symbolic link where {what} is expected; it is never followed "
+                   f"(it may have been planted by a sandboxed session): remove it "
+                   f"(rm {shlex.quote(path)}){way_out}")
+
+
+def root_of(path, roots):
+    """(real root, path relative to it) for the writable root `path` lies strictly below,
+    or None.  `roots` are (path as mounted, real path) pairs."""
+    for mounted, real in roots:
+        for base in (mounted, real):
+            if path != base and is_within(path, base):
+                return real, os.path.relpath(path, base)
+    return None
+
+
+def bind_checked(mounts, roots, placeholders=(), lstat=os.lstat):
+    """`mounts` with every bind whose source lies below a writable root turned into a bind
+    of a descriptor (FD_OPTIONS), and {source: (real root, relative, is a directory)} saying
+    what to open; a symlink on the way to one refuses the session."""
+    result, beneath = [], {}
+    dirs = {p.rstrip("/") for p in placeholders if p.endswith("/")}
+    for option, source, dest in mounts:
+        where = root_of(source, roots) if source and option in FD_OPTIONS else None
+        if where is None:
+            result.append((option, source, dest))
+            continue
+        link = planted_link(where[0], os.path.join(*where), lstat)
+        if link is not None:
+            raise link_refusal(link)
+        try:
+            is_dir = stat.S_ISDIR(lstat(os.path.join(*where)).st_mode)
+        except OSError:
+            is_dir = option == "--bind" or source in dirs
+        beneath[source] = (*where, is_dir)
+        result.append((FD_OPTIONS[option], source, dest))
+    return result, beneath
+
+
+def check_chain(chain, roots):
+    """Refuse a program whose symlinks, where the sandbox can write them, lead out of that
+    place: the next session would show whatever they name."""
+    for hop, target in zip(chain, chain[1:]):
+        where = root_of(hop, roots)
+        if where and (root_of(target, roots) or (None,))[0] != where[0]:
+            raise link_refusal(hop, "a program the session runs")
+
+
+def check_given(flag, path, roots):
+    """An --allow-ro/--allow-rw path given below a writable root must not go through a link
+    planted there."""
+    where = root_of(os.path.abspath(path), roots)
+    if where:
+        link = planted_link(where[0], os.path.join(*where))
+        if link is not None:
+            raise link_refusal(link, f"the {flag} directory")
+
+
+def open_beneath(root, relative):
+    """An O_PATH descriptor of root/relative, reached without following any link below
+    root; None when a component is missing.  A link raises link_refusal."""
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    path = root
+    try:
+        for part in relative.split("/"):
+            if part in ("", ".", ".."):
+                raise Failure(f"{root}/{relative}: not a plain path below {root}")
+            path = os.path.join(path, part)
+            try:
+                child = os.open(part, os.O_PATH | os.O_NOFOLLOW, dir_fd=fd)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            os.close(fd)
+            fd = child
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise link_refusal(path)
+        result, fd = fd, None
+        return result
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def parent_beneath(root, relative):
+    """(descriptor of relative's directory, its last name), checked as open_beneath."""
+    head, name = os.path.split(relative)
+    fd = open_beneath(root, head) if head else os.open(root, os.O_PATH | os.O_DIRECTORY)
+    if fd is None:
+        raise FileNotFoundError(2, "No such file or directory", os.path.join(root, head))
+    return fd, name
+
+
+def make_placeholder(root, relative, is_dir):
+    """Create the empty placeholder root/relative in its checked parent (O_EXCL, no link)."""
+    fd, name = parent_beneath(root, relative)
+    try:
+        if is_dir:
+            os.mkdir(name, 0o755, dir_fd=fd)
+            return
+        new = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                      dir_fd=fd)
+        with os.fdopen(new, "wb") as f:
+            f.write(placeholder_content(os.path.join(root, relative)))
+    finally:
+        os.close(fd)
+
+
+def remove_placeholder(root, relative):
+    """Remove a placeholder still as it was made (an empty directory, or the exact content);
+    anything else the sandbox put there stays, and no link is followed."""
+    with contextlib.suppress(OSError, Failure):
+        fd, name = parent_beneath(root, relative)
+        try:
+            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                os.rmdir(name, dir_fd=fd)
+            elif stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+                data = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+                with os.fdopen(data, "rb") as f:
+                    same = f.read(64) == placeholder_content(os.path.join(root, relative))
+                if same:
+                    os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
+
+
+def root_identity(root):
+    """A writable root's name in LOCKS_DIR: its device and inode."""
+    try:
+        info = os.stat(root)
+    except OSError:
+        return None
+    return f"{info.st_dev:x}-{info.st_ino:x}"
+
+
+def private_subdir(base, name):
+    """base/name, a directory of this user only (made 0700 if missing); refused if it is a
+    link, someone else's or open to others."""
+    path = os.path.join(base, name)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        os.close(fd)
+        raise Failure(f"{path} is not a private directory of yours; remove it")
+    return fd
+
+
+def flock_until(fd, operation, seconds=LOCK_SECONDS):
+    """flock, retried without blocking for at most `seconds`; False if it never came."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+
+
+class RootLock:
+    """One writable root's lock file (held shared for the session's life) and its list of
+    placeholders, both in LOCKS_DIR under a name made of the root's device and inode.
+    Joining, listing and leaving happen only while the locks directory itself is locked
+    (Protection), so the exclusive tries never race each other."""
+
+    def __init__(self, locks_fd, root, name=None):
+        self.root, self.locks_fd, self.fd = root, locks_fd, None
+        self.name = name or root_identity(root)
+
+    def listed(self):
+        """The placeholders listed for this root, from the list file (ours, in LOCKS_DIR)."""
+        with contextlib.suppress(OSError, ValueError, RecursionError, TypeError, KeyError):
+            fd = os.open(self.name + ".json", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.locks_fd)
+            with os.fdopen(fd) as f:
+                return [p for p in json.load(f)["placeholders"] if isinstance(p, str)]
+        return []
+
+    @classmethod
+    def sweep(cls, locks_fd):
+        """Clean every root whose sessions all ended without cleaning (SIGKILL), wherever
+        the session starting now runs."""
+        names = {e.rpartition(".")[0] for e in os.listdir(locks_fd)
+                 if e.endswith((".json", ".lock"))}
+        for name in sorted(names):
+            lock = cls(locks_fd, "", name)
+            with contextlib.suppress(OSError, ValueError, RecursionError, TypeError, KeyError):
+                fd = os.open(name + ".json", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=locks_fd)
+                with os.fdopen(fd) as f:
+                    lock.root = str(json.load(f)["root"])
+            with contextlib.suppress(OSError):
+                lock.fd = os.open(name + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600,
+                                  dir_fd=locks_fd)
+                lock.leave()
+
+    def join(self):
+        """Hold the root shared; when no other session holds it, first remove what sessions
+        killed with SIGKILL left.  (A failed conversion to exclusive would drop a lock
+        already held, so the exclusive try comes first.)"""
+        self.fd = os.open(self.name + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600,
+                          dir_fd=self.locks_fd)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
+            self.clear()
+        if not flock_until(self.fd, fcntl.LOCK_SH):
+            raise Failure(f"another session of {self.root} holds its lock for more than "
+                          f"{LOCK_SECONDS} s; try again")
+
+    def note(self, relatives):
+        """Add placeholders to the root's list before they are made."""
+        if not relatives:
+            return
+        names = [*self.listed(), *relatives]
+        fd = os.open(self.name + ".json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                     0o600, dir_fd=self.locks_fd)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"root": self.root, "placeholders": names}, f)
+
+    def clear(self):
+        """With the lock held exclusively: remove the listed placeholders, deepest first
+        (only while the root is still the directory the list was made for)."""
+        if root_identity(self.root) == self.name:
+            for relative in sorted(set(self.listed()), key=lambda p: -p.count("/")):
+                remove_placeholder(self.root, relative)
+        with contextlib.suppress(OSError):
+            os.unlink(self.name + ".json", dir_fd=self.locks_fd)
+
+    def leave(self):
+        """The session is over: the last one out removes the placeholders and the files."""
+        if self.fd is None:
+            return
+        try:
+            # A failed conversion drops the shared lock: nothing of ours needs it any more.
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
+            self.clear()
+            with contextlib.suppress(OSError):
+                os.unlink(self.name + ".lock", dir_fd=self.locks_fd)
+        os.close(self.fd)
+        self.fd = None
+
+
+class Protection:
+    """What keeps one session's protected paths in place: a shared lock on every writable
+    root it protects something in, the placeholders it needed, and the descriptors bwrap
+    binds (closed once bwrap has them)."""
+
+    def __init__(self, plan, locks_base):
+        self.plan, self.fds, self.locks, self.locks_fd = plan, {}, [], None
+        self.locks_path = os.path.join(locks_base, LOCKS_DIR.format(uid=os.geteuid()))
+        self.roots = list(dict.fromkeys(root for root, _, _ in plan.beneath.values()))
+
+    def hold(self):
+        """Lock the roots, make the placeholders needed now (another session may have
+        removed some since the plan was made) and open the descriptors.  A placeholder that
+        cannot be made where the sandbox could make one stops the session."""
+        if not self.roots:
+            return self
+        self.lock_directory()
+        try:
+            self.hold_locked()
+        finally:
+            fcntl.flock(self.locks_fd, fcntl.LOCK_UN)
+        return self
+
+    def lock_directory(self):
+        """Open and lock LOCKS_DIR, the one still at its name (the last session out may
+        have removed the one we waited for)."""
+        base, name = os.path.split(self.locks_path)
+        for _ in range(100):
+            fd = private_subdir(base, name)
+            if not flock_until(fd, fcntl.LOCK_EX):
+                os.close(fd)
+                raise Failure(f"{self.locks_path} stayed locked for more than {LOCK_SECONDS} "
+                              "s; try again")
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.locks_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    self.locks_fd = fd
+                    return
+            os.close(fd)
+        raise Failure(f"cannot lock {self.locks_path}")
+
+    def hold_locked(self):
+        RootLock.sweep(self.locks_fd)
+        by_root = {}
+        for root in self.roots:
+            lock = RootLock(self.locks_fd, root)
+            lock.join()
+            self.locks.append(lock)
+            by_root[root] = lock
+        found = {}
+        try:
+            self.open_all(by_root, found)
+        except BaseException:
+            for fd in found.values():
+                if fd is not None:
+                    os.close(fd)
+            raise
+
+    def open_all(self, by_root, found):
+        """Open every checked source into `found`, making the placeholders missing now."""
+        plan, missing = self.plan, []
+        for source in sorted(plan.beneath, key=lambda p: p.count("/")):
+            fd = open_beneath(*plan.beneath[source][:2])
+            if fd is None:
+                missing.append(source)
+            else:
+                found[source] = fd
+        # Listed before they are made, so that a crash right after leaves nothing unknown.
+        for root, lock in by_root.items():
+            lock.note([plan.beneath[s][1] for s in missing if plan.beneath[s][0] == root])
+        for source in missing:
+            if source not in plan.beneath:      # dropped with a parent that cannot be made
+                continue
+            root, relative, is_dir = plan.beneath[source]
+            if self.make(root, relative, is_dir, source):
+                found[source] = open_beneath(root, relative)
+                if found[source] is None:
+                    raise Failure(f"{source} vanished while the session started; try again")
+        mounted = {m[1] for m in plan.mounts}
+        for source, fd in list(found.items()):
+            del found[source]
+            if fd is not None and source in mounted and source in plan.beneath:
+                self.fds[source] = fd
+            elif fd is not None:
+                os.close(fd)        # a guarded file's place: held, bound as a copy
+        plan.mounts = [m for m in plan.mounts if m[1] not in plan.beneath or m[1] in self.fds]
+
+    def make(self, root, relative, is_dir, source):
+        """Make one placeholder; False when neither we nor the sandbox can create it (its
+        mounts go)."""
+        try:
+            make_placeholder(root, relative, is_dir)
+        except FileExistsError:
+            pass
+        except OSError as error:
+            if could_be_made(source, error):
+                raise Failure(not_writable(self.plan, root, source, error)) from None
+            self.plan.mounts = [m for m in self.plan.mounts if not is_within(m[2], source)]
+            for path in [p for p in self.plan.beneath if is_within(p, source)]:
+                del self.plan.beneath[path]
+            return False
+        return True
+
+    def close_fds(self):
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = {}
+
+    def release(self):
+        """The session is over: leave every root (the last one out cleans) and remove the
+        locks directory when it is empty."""
+        self.close_fds()
+        if self.locks_fd is None:
+            return
+        # Our lock files keep the directory from being removed: it is the one at its name.
+        flock_until(self.locks_fd, fcntl.LOCK_EX)
+        for lock in self.locks:
+            with contextlib.suppress(OSError):
+                lock.leave()
+        self.locks = []
+        with contextlib.suppress(OSError):
+            os.rmdir(self.locks_path)
+        os.close(self.locks_fd)
+        self.locks_fd = None
+
+
+def not_writable(plan, root, path, error):
+    """Say which directory is not writable and what to do (issue 13.6)."""
+    what = ("the project" if root == plan.project else
+            f"{plan.profile.name}'s state directory" if is_within(root, plan.home) else
+            "the --allow-rw directory")
+    return (f"{what} {root} is not writable ({error.strerror}), so {path} cannot be held "
+            f"read-only for the session: make it writable (chmod u+w {shlex.quote(root)}), or "
+            "run with --allow-config-writes to go without that protection")
 
 def depth(mount):
     return mount[2].rstrip("/").count("/")
@@ -1220,7 +1783,8 @@ def namespace_args(disable_userns, unshare_net):
     return args
 
 
-def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None):
+def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None, socket_dir=None,
+                     mount_fds=None):
     """The bwrap command line.  The environment is not in it: it goes to bwrap as its own
     environment, so API keys never show in `ps`."""
     args = [plan.bwrap, *namespace_args(plan.disable_userns, plan.unshare_net),
@@ -1230,16 +1794,20 @@ def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None):
     for path in plan.etc:
         args += ["--ro-bind", path, path]
     args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
-    mounts = [("--bind", os.path.join(private_dir, "home"), plan.home), *plan.mounts]
-    mounts += [("--bind", os.path.join(private_dir, f"guarded.{i}"), path)
-               for i, (path, _) in enumerate(plan.guarded)]
+    mounts = [("--bind", os.path.join(private_dir, "home"), plan.home), *plan.mounts,
+              ("--bind", os.path.join(private_dir, "cache"), SANDBOX_CACHE)]
+    mounts += [("--ro-bind", os.path.join(private_dir, "home", relative),
+                os.path.join(plan.home, relative)) for relative in plan.read_only_state]
     if plan.filter:
         mounts += [("--ro-bind", BRIDGE_SCRIPT, SANDBOX_BRIDGE),
-                   ("--ro-bind", os.path.join(private_dir, "proxy.sock"), SANDBOX_SOCKET)]
+                   ("--ro-bind", os.path.join(socket_dir or private_dir, "proxy.sock"),
+                    SANDBOX_SOCKET)]
     # Parents before children, so no mount hides one meant to be on top of it.
     for option, source, dest in sorted(mounts, key=depth):
         if source is None:
             args += [option, dest, "--remount-ro", dest]
+        elif source in plan.beneath:        # --dry-run shows FD: opened only to run
+            args += [option, str(mount_fds[source]) if mount_fds else "FD", dest]
         else:
             args += [option, source, dest]
     args += ["--chdir", plan.project]
@@ -1250,15 +1818,13 @@ def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None):
     return args + ["--", *inner_command(plan)]
 
 
-def build_proxy_args(plan, private_dir, ready_fd):
+def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
     # -I -S: the proxy needs only the standard library; skipping site-packages and the
     # user's PYTHON* variables saves start-up time and keeps it what this file says.
     args = [sys.executable, "-I", "-S", FILTER_SCRIPT,
-            "--listen", os.path.join(private_dir, "proxy.sock")]
-    for rule in plan.allow:
+            "--listen", os.path.join(socket_dir or private_dir, "proxy.sock")]
+    for rule in plan.allow + plan.allow_file_rules:
         args += ["--allow", rule]
-    for path in plan.allow_files:
-        args += ["--allow-file", path]
     if plan.allow_private:
         args.append("--allow-private")
     if plan.learn:
@@ -1300,17 +1866,6 @@ def placeholder_content(path):
     if path.endswith("/.git/commondir"):
         return PLACEHOLDER_COMMONDIR
     return PLACEHOLDER_JSON if path.endswith(".json") else b""
-
-
-def remove_placeholders(created):
-    """Remove the placeholders this session made, deepest first; any that now holds
-    something else is left alone."""
-    for path in reversed(created):
-        with contextlib.suppress(OSError):
-            if path.endswith("/"):
-                os.rmdir(path)
-            elif read_regular(path) == placeholder_content(path):
-                os.unlink(path)
 
 
 def key_segments(key, project=None):
@@ -1414,9 +1969,6 @@ def sweep_stale(base, tool):
             continue
         finally:
             os.close(fd)
-        with contextlib.suppress(OSError, ValueError, RecursionError, TypeError):
-            with open(os.path.join(path, "placeholders.json")) as f:
-                remove_placeholders([p for p in json.load(f) if isinstance(p, str)])
         remove_tree(path)
 
 
@@ -1577,12 +2129,15 @@ RAW_CURES = {"not-tls", "tls-timeout", "no-sni"}
 
 def fix_option(blocked):
     """The fix for a blocked name that an --allow-domain NAME:PORT would not cure: an IP rule
-    for the private address it resolved to (or --allow-private), or a /raw rule."""
+    for the private address it resolved to (or, for a private-use one, --allow-private), or
+    a /raw rule."""
     if is_ip(blocked.host):
         return ""
     if "private-address" in blocked.reasons and blocked.address:
-        return (f"--allow-domain {shlex.quote(blocked.address)} (only if you mean it) "
-                "or --allow-private")
+        rules = rules_module()
+        ip = rules.parse_ip_spelling(blocked.address.rpartition(":")[0].strip("[]"))
+        also = " or --allow-private" if ip and rules.address_class(ip) == "private-use" else ""
+        return f"--allow-domain {shlex.quote(blocked.address)} (only if you mean it){also}"
     if blocked.reasons and set(blocked.reasons) <= RAW_CURES:
         return allow_option(blocked.host, blocked.port) + "/raw"
     return ""
@@ -1788,28 +2343,6 @@ def take_lock(lock):
     return False
 
 
-def write_back(path, base, ours):
-    target = os.path.realpath(path)
-    locked = take_lock(target + ".lock")
-    try:
-        theirs = read_regular(target)
-        data = merge_state(base, ours, theirs)
-        if data is None:
-            return
-        try:
-            mode = os.stat(target).st_mode & 0o777
-        except OSError:
-            mode = 0o600
-        tmp = f"{target}.tmp.{os.getpid()}.bw"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    finally:
-        if locked:
-            os.rmdir(target + ".lock")
-
-
 def stop(process, sig=signal.SIGTERM):
     """Signal a child and reap it, bounded; SIGKILL if it lingers."""
     if process is None or process.poll() is not None:
@@ -1916,22 +2449,488 @@ def could_be_made(path, error):
     return owner == os.geteuid() or os.access(parent, os.W_OK)
 
 
+# ---------------------------------------------------------------------------
+# CLI state: the session's own copy, and what of it flows back
+# ---------------------------------------------------------------------------
+# Inside, ~/.claude (~/.gemini) is a directory of the session's private home, not the host's:
+# it starts with copies of what the profile's State items seed and is thrown away at exit.
+# Per session, not per project: sessions of one project overlap and end in any order, and
+# nothing one of them wrote (a session-env hook, a shell snapshot) may reach the next one
+# except through the checks below.  Only what a FLOWS_BACK check accepts reaches the host;
+# nothing else the CLI or the agent wrote there does.  On the host, the first component (the
+# state directory, or ~/.claude.json) may be the user's own link into a dotfiles repository
+# and is followed; below it, no link is ever followed, when reading or when writing.
+
+STATE_COPY_ENTRIES = 10000   # files and directories copied for one State item, at most
+STATE_COPY_DEPTH = 8
+SLUG = "{slug}"              # in a State path: this project's directory name in Claude's state
+GEMINI_ID_NAME = re.compile(r"[a-z0-9-]{1,100}")
+PROJECT_ROOT = ".project_root"
+SLUG_LIMIT = 200             # Claude shortens longer names with a hash: not carried then
+TRANSCRIPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.jsonl")
+INSTALLATION_ID = re.compile(rb"[A-Za-z0-9-]{1,64}\n?")
+
+
+def project_slug(project):
+    """Claude's name for a project under ~/.claude/projects: every character other than
+    an ASCII letter or digit becomes "-"."""
+    return re.sub(r"[^A-Za-z0-9]", "-", project)
+
+
+def top_state_files(profile):
+    """The profile's State paths that are not inside one of its state directories
+    (~/.claude.json)."""
+    return [i.path for i in profile.state
+            if not any(i.path.startswith(d + "/") for d in profile.state_dirs)]
+
+
+def state_items(profile, project, bind_state=False):
+    """The profile's State items for this project: SLUG filled in (an item whose name
+    Claude would shorten is left out), and when the host's state is bound (`bind_state`,
+    --allow-config-writes) only the files outside it."""
+    slug, items = project_slug(project), []
+    top = top_state_files(profile)
+    for item in profile.state:
+        if SLUG in item.path:
+            if len(slug) > SLUG_LIMIT:
+                continue
+            item = State(item.path.replace(SLUG, slug), item.seed, item.back, item.keys)
+        if bind_state and item.path not in top:
+            continue
+        items.append(item)
+    return items
+
+
+def host_place(home, relative):
+    """(root, [directories below it], name) of a home-relative state path on the host.
+    Only the first component is resolved: it is the user's (a dotfiles link)."""
+    first, *rest = relative.split("/")
+    top = os.path.realpath(os.path.join(home, first))
+    if not rest:
+        return os.path.dirname(top), [], os.path.basename(top)
+    return top, rest[:-1], rest[-1]
+
+
+def private_place(private, relative):
+    """The same for the session's copy: nothing in it is followed, not even the first."""
+    *parts, name = relative.split("/")
+    return private, parts, name
+
+
+def open_dir_beneath(root, parts, create=False):
+    """A descriptor of the directory root/parts..., each part opened with O_NOFOLLOW (a link
+    is refused); missing parts (and root) are made (0700) when `create`.  None when that
+    fails."""
+    if create:
+        with contextlib.suppress(OSError):
+            os.mkdir(root, 0o700)
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    for part in parts:
+        try:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o700, dir_fd=fd)
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        except OSError:
+            os.close(fd)
+            return None
+        os.close(fd)
+        fd = inner
+    return fd
+
+
+def read_at(dir_fd, name, limit=STATE_FILE_LIMIT):
+    """The bytes of regular file `name` in dir_fd (never through a link), or None."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        return f.read(limit)
+
+
+def read_place(place):
+    """The bytes of the regular file at (root, parts, name), or None."""
+    root, parts, name = place
+    fd = open_dir_beneath(root, parts)
+    if fd is None:
+        return None
+    try:
+        return read_at(fd, name)
+    finally:
+        os.close(fd)
+
+
+def copy_entry(src_fd, name, dest, budget, level=0):
+    """Copy src_fd/name to dest: regular files and directories, nothing through a link and
+    no link, device, socket or fifo; `budget` ([entries left]) bounds the whole copy."""
+    if budget[0] <= 0:
+        return
+    budget[0] -= 1
+    try:
+        info = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
+    except OSError:
+        return
+    if stat.S_ISREG(info.st_mode):
+        data = read_at(src_fd, name)
+        if data is not None:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+    elif stat.S_ISDIR(info.st_mode) and level < STATE_COPY_DEPTH:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=src_fd)
+        except OSError:
+            return
+        try:
+            os.mkdir(dest, 0o700)
+            for entry in sorted(os.listdir(fd)):
+                copy_entry(fd, entry, os.path.join(dest, entry), budget, level + 1)
+        finally:
+            os.close(fd)
+
+
+def transcript_bases(private_dir):
+    """{file name: (size, sha256)} of the transcripts seeded into a "lines" directory."""
+    bases = {}
+    fd = open_dir_beneath(private_dir, [])
+    if fd is None:
+        return bases
+    try:
+        for name in os.listdir(fd):
+            data = read_at(fd, name) if TRANSCRIPT_NAME.fullmatch(name) else None
+            if data is not None:
+                bases[name] = (len(data), hashlib.sha256(data).digest())
+    finally:
+        os.close(fd)
+    return bases
+
+
+def find_project_id(root, parts, project, limit=STATE_COPY_ENTRIES):
+    """The name of the directory at root/parts whose .project_root names `project` (how
+    Gemini finds a project's short id), or None."""
+    fd = open_dir_beneath(root, parts)
+    if fd is None:
+        return None
+    try:
+        for name in sorted(os.listdir(fd))[:limit]:
+            if not GEMINI_ID_NAME.fullmatch(name):
+                continue
+            inner = open_dir_beneath(f"/proc/self/fd/{fd}", [name])
+            if inner is None:
+                continue
+            try:
+                owner = read_at(inner, PROJECT_ROOT, 4096)
+            finally:
+                os.close(inner)
+            if owner is not None and owner.strip() == project.encode():
+                return name
+    finally:
+        os.close(fd)
+    return None
+
+
+def with_project_id(items, project_id):
+    """`items` with GEMINI_ID filled in; those that need it are left out when it is None."""
+    return [State(i.path.replace(GEMINI_ID, project_id), i.seed, i.back, i.keys)
+            if GEMINI_ID in i.path else i for i in items
+            if project_id is not None or GEMINI_ID not in i.path]
+
+
+def host_project_id(items, home, project):
+    """Gemini's id for this project on the host, if the profile has GEMINI_ID items."""
+    if not any(GEMINI_ID in i.path for i in items):
+        return None
+    root, parts, name = host_place(home, GEMINI_IDS + "/x")
+    return find_project_id(root, parts, project)
+
+
+def claim_project_id(home, private, project):
+    """The id the session's Gemini gave this project, if the host may take its chats under
+    it: no other project owns that directory on the host (its .project_root) nor that id in
+    ~/.gemini/projects.json.  The host's .project_root is written when missing."""
+    project_id = find_project_id(private, GEMINI_IDS.split("/"), project)
+    if project_id is None:
+        return None
+    root, parts, _ = host_place(home, f"{GEMINI_IDS}/{project_id}/{PROJECT_ROOT}")
+    owner = read_place((root, parts, PROJECT_ROOT))
+    registry = parse_json(read_place(host_place(home, ".gemini/projects.json")) or b"{}")
+    ids = registry.get("projects") if isinstance(registry, dict) else None
+    others = {v for k, v in ids.items() if k != project} if isinstance(ids, dict) else set()
+    if (owner is not None and owner.strip() != project.encode()) or project_id in others:
+        raise ValueError(f"~/{GEMINI_IDS}/{project_id} belongs to another project")
+    if owner is None:
+        write_place((root, parts, PROJECT_ROOT), project.encode())
+    return project_id
+
+
+def project_lines(data, project):
+    """The lines of a shared JSONL file (~/.claude/history.jsonl) that belong to `project`
+    (their "project" names it); the others are other projects' and stay outside."""
+    return b"".join(line for line in (data or b"").splitlines(keepends=True)
+                    if line.endswith(b"\n") and isinstance(parse_json(line), dict)
+                    and parse_json(line).get("project") == project)
+
+
+def seed_state(items, home, private, project=None):
+    """Copy the host's State items that are seeded into the session's home `private`.
+    Returns what each item that flows back started from: the bytes of a file (None when
+    the host had none), or the transcript_bases of a "lines" directory."""
+    seeded = {}
+    for item in items:
+        dest = os.path.join(private, item.path)
+        if item.seed == "mine":
+            os.makedirs(os.path.dirname(dest), 0o700, exist_ok=True)
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(project_lines(read_place(host_place(home, item.path)), project))
+        elif item.seed:
+            root, parts, name = host_place(home, item.path)
+            fd = open_dir_beneath(root, parts)
+            if fd is not None:
+                try:
+                    os.makedirs(os.path.dirname(dest), 0o700, exist_ok=True)
+                    copy_entry(fd, name, dest, [STATE_COPY_ENTRIES])
+                finally:
+                    os.close(fd)
+        if item.back == "lines":
+            seeded[item.path] = transcript_bases(dest)
+        elif item.back:
+            seeded[item.path] = read_place(private_place(private, item.path))
+    return seeded
+
+
+def plain(value):
+    """A credential's value: a string, number, boolean or null, or a list of strings."""
+    if isinstance(value, list):
+        return all(isinstance(v, str) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def keys_update(base, ours, keys, project, only_plain=False):
+    """What a "keys" (or, with only_plain, "secret") item sends back: `base` with only
+    the changes `ours` made to `keys`, or None.  A secret whose changed values are not all
+    plain is refused whole (ValueError)."""
+    changed = guarded_changes(base, ours, keys, project)
+    if changed is None or not only_plain:
+        return changed
+    tree = json.loads(changed)
+    for key in keys:
+        segments, _ = key_segments(key, project)
+        for path in key_paths((tree,), segments):
+            value = dotted(tree, path)
+            if value is not _MISSING and not plain(value):
+                raise ValueError(f"{'.'.join(path)} is not a plain value")
+    return changed
+
+
+def complete_lines(data):
+    """The complete lines of a JSONL file written by the sandbox, if every one is a JSON
+    object (a partial last line, still being written, is left out); else None."""
+    end = data.rfind(b"\n") + 1
+    for line in data[:end].splitlines():
+        if line.strip() and not isinstance(parse_json(line), dict):
+            return None
+    return data[:end]
+
+
+def lines_update(base, ours, theirs):
+    """The new content of a host transcript, or None to leave it alone.  `base` is what
+    the session was seeded with ((size, sha256) or None), `ours` the session's complete
+    lines, `theirs` the host's file now (None when absent).  Only lines appended to what
+    the session was given go back, after what the host has now; a rewritten transcript
+    is refused (ValueError)."""
+    size, digest = base or (0, hashlib.sha256(b"").digest())
+    if hashlib.sha256(ours[:size]).digest() != digest:
+        raise ValueError("the session rewrote it instead of appending")
+    new = ours[size:]
+    if not new:
+        return None
+    if theirs is None:
+        return ours if base is None else new
+    if theirs[:size] != ours[:size]:
+        raise ValueError("it changed on the host meanwhile")
+    return theirs + new
+
+
+def write_place(place, data, mode=0o600):
+    """Replace (or create) the host file at `place` with `data`: parents opened without
+    following links (made 0700 when missing), a temporary file made with O_EXCL beside it,
+    then rename().  The target must be a regular file of this user, or absent."""
+    root, parts, name = place
+    fd = open_dir_beneath(root, parts, create=True)
+    if fd is None:
+        raise ValueError("a directory on its way is missing or a link")
+    tmp = f".{name}.{os.getpid()}.bw-tmp"
+    try:
+        try:
+            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(info.st_mode):
+                raise ValueError("it is a symbolic link, which is never followed")
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                raise ValueError("it is not a regular file of yours")
+            mode = info.st_mode & 0o777
+        except FileNotFoundError:
+            pass
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode,
+                      dir_fd=fd)
+        try:
+            with os.fdopen(out, "wb") as f:
+                f.write(data)
+            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=fd)
+            raise
+    finally:
+        os.close(fd)
+
+
+def back_keys(item, base, home, private, project):
+    """A "keys" or "secret" item: the allowed changes, merged under the CLI's lock
+    (NAME.lock beside the file, as Claude's own) with what changed on the host meanwhile."""
+    ours = read_place(private_place(private, item.path))
+    if ours is None:
+        return
+    data = keys_update(base, ours, item.keys, project, only_plain=item.back == "secret")
+    if data is None:
+        return
+    place = host_place(home, item.path)
+    lock = os.path.join(place[0], *place[1], place[2] + ".lock")
+    locked = take_lock(lock)
+    try:
+        merged = merge_state(base, data, read_place(place))
+        if merged is not None:
+            write_place(place, merged)
+    finally:
+        if locked:
+            os.rmdir(lock)
+
+
+def back_lines(item, bases, home, private, project):
+    """A "lines" item: each *.jsonl file directly in the directory, regular, within
+    STATE_FILE_LIMIT, every complete line a JSON object, only appended to."""
+    fd = open_dir_beneath(private, item.path.split("/"))
+    if fd is None:
+        return
+    try:
+        names = sorted(n for n in os.listdir(fd) if TRANSCRIPT_NAME.fullmatch(n))
+        ours = {n: read_at(fd, n) for n in names}
+    finally:
+        os.close(fd)
+    problems = []
+    for name, data in ours.items():
+        lines = complete_lines(data) if data is not None else None
+        if lines is None:
+            problems.append(f"{name}: not a regular file of JSON lines")
+            continue
+        place = host_place(home, f"{item.path}/{name}")
+        try:
+            update = lines_update((bases or {}).get(name), lines, read_place(place))
+            if update is not None:
+                write_place(place, update)
+        except ValueError as error:
+            problems.append(f"{name}: {error}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def back_mine(item, base, home, private, project):
+    """A "mine" item (a JSONL file all projects share): the complete lines the session
+    appended to what it was given, each a JSON object of this project, appended to the
+    host's file under the CLI's lock (NAME.lock)."""
+    ours = read_place(private_place(private, item.path))
+    if ours is None:
+        return
+    lines, base = complete_lines(ours), base or b""
+    if lines is None or not lines.startswith(base):
+        raise ValueError("not lines appended to what the session was given")
+    new = lines[len(base):]
+    if project_lines(new, project) != new:
+        raise ValueError("a line of another project, or not a JSON object")
+    if not new:
+        return
+    place = host_place(home, item.path)
+    lock = os.path.join(place[0], *place[1], place[2] + ".lock")
+    locked = take_lock(lock)
+    try:
+        theirs = read_place(place) or b""
+        if theirs and not theirs.endswith(b"\n"):
+            theirs += b"\n"
+        write_place(place, theirs + new)
+    finally:
+        if locked:
+            os.rmdir(lock)
+
+
+def back_id(item, base, home, private, project):
+    """An "id" item: one short line of letters, digits and "-", when it changed."""
+    ours = read_place(private_place(private, item.path))
+    if ours is None or ours == base:
+        return
+    if not INSTALLATION_ID.fullmatch(ours):
+        raise ValueError("not an id")
+    write_place(host_place(home, item.path), ours)
+
+
+# State.back: the check that decides what of the session's copy goes back to the host.
+FLOWS_BACK = {"keys": back_keys, "secret": back_keys, "lines": back_lines, "id": back_id,
+              "mine": back_mine}
+
+
+def flow_back(items, seeded, home, private, project):
+    """Send back, item by item, what its FLOWS_BACK check accepts.  Returns a line for
+    each item refused (its host copy is left as it was)."""
+    lines = []
+    if any(GEMINI_ID in i.path for i in items):
+        try:
+            project_id = claim_project_id(home, private, project)
+        except (OSError, ValueError) as error:
+            lines.append(f"chats not saved: {printable(str(error))}")
+            project_id = None
+        items = with_project_id(items, project_id)
+    for item in items:
+        if not item.back:
+            continue
+        try:
+            FLOWS_BACK[item.back](item, seeded.get(item.path), home, private, project)
+        except (OSError, ValueError, RecursionError) as error:
+            why = error.strerror if isinstance(error, OSError) and error.strerror else error
+            lines.append(f"~/{item.path} not saved: {printable(str(why))}")
+    return lines
+
+
 class Session:
     """One sandboxed run: private directory, proxy, bwrap; `with` guarantees the clean-up."""
 
     def __init__(self, plan, environ):
         self.plan, self.environ = plan, environ
-        self.dir = self.proxy = self.bwrap = None
+        self.dir = self.proxy = self.bwrap = self.socket_dir = None
         self.set_up = False          # bwrap ran the command (a session that did not
                                      # leaves an earlier --learn file alone)
-        self.snapshots = {}
-        self.created = []
-        self.guarded_bases = []
+        self.seeded = {}             # State path: what was copied in (seed_state)
+        self.protection = None
         self.tool = plan.profile.tool
 
     def __enter__(self):
-        self.dir, self.lock_fd = make_private_dir(private_base(self.environ), self.tool)
-        os.mkdir(os.path.join(self.dir, "home"), 0o700)
+        self.dir, self.lock_fd = make_private_dir(session_dirs_base(self.environ, self.tool),
+                                                  self.tool)
+        try:
+            os.mkdir(os.path.join(self.dir, "home"), 0o700)
+            os.mkdir(os.path.join(self.dir, "cache"), 0o700)
+            if self.plan.filter:
+                self.socket_dir, self.socket_lock = make_private_dir(
+                    private_base(self.environ), self.tool)
+        except BaseException:
+            remove_tree(self.dir)
+            os.close(self.lock_fd)
+            raise
         return self
 
     def __exit__(self, *exc_info):
@@ -1943,7 +2942,8 @@ class Session:
                 stop(self.proxy)
             finally:
                 # First, and whatever happens next: a placeholder left behind would stay.
-                remove_placeholders(self.created)
+                if self.protection is not None:
+                    self.protection.release()
             try:
                 self.save_state()
             except (OSError, ValueError, RecursionError) as error:
@@ -1956,78 +2956,46 @@ class Session:
         finally:
             remove_tree(self.dir)
             os.close(self.lock_fd)
+            if self.socket_dir:
+                remove_tree(self.socket_dir)
+                os.close(self.socket_lock)
         return False
 
     def home_path(self, relative):
         return os.path.join(self.dir, "home", relative)
 
     def make_placeholders(self):
-        """Create the missing protected paths (empty), noting them so clean-up, or the
-        next run's sweep after a SIGKILL, removes them.  One that cannot be made is a
-        protection that would be lost: refuse to start (fail closed)."""
-        with open(os.path.join(self.dir, "placeholders.json"), "w") as f:
-            json.dump(self.plan.placeholders, f)
-        for path in self.plan.placeholders:
-            try:
-                if path.endswith("/"):
-                    os.mkdir(path, 0o755)
-                else:
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(placeholder_content(path))
-            except FileExistsError:
-                continue
-            except OSError as error:
-                if not could_be_made(path, error):
-                    # Nor can the sandbox make it: its mount goes, and nothing is lost.
-                    self.plan.mounts = [m for m in self.plan.mounts
-                                        if not is_within(m[2], path.rstrip("/"))]
-                    continue
-                raise Failure(f"cannot hold {path.rstrip('/')} read-only for the session "
-                              f"({error.strerror}); make its directory writable, or run with "
-                              "--allow-config-writes to go without that protection") from None
-            self.created.append(path)
+        """Hold the protected paths for the session (Protection): placeholders for the
+        missing ones, descriptors of what bwrap binds, the roots' shared locks."""
+        self.protection = Protection(self.plan, private_base(self.environ))
+        self.protection.hold()
 
     def load_state(self):
+        """The session's own copy of the CLI's state (see the "CLI state" section)."""
+        private = os.path.join(self.dir, "home")
+        bound = {src for option, src, _ in self.plan.mounts if option == "--bind"}
         for relative in self.plan.profile.state_dirs:
-            os.makedirs(os.path.join(self.plan.home, relative), 0o700, exist_ok=True)
-        for relative, _ in self.plan.profile.state_files:
-            # A dotfile manager's symlink is followed on the host side only.
-            host = os.path.realpath(os.path.join(self.plan.home, relative))
-            data = read_regular(host)
-            self.snapshots[relative] = (host, data)
-            if data is not None:
-                fd = os.open(self.home_path(relative), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-        for i, (path, _) in enumerate(self.plan.guarded):
-            data = read_regular(path)
-            self.guarded_bases.append(data)
-            with open(os.path.join(self.dir, f"guarded.{i}"), "wb") as f:
-                f.write(PLACEHOLDER_JSON if data is None else data)
+            os.makedirs(os.path.join(private, relative), 0o700, exist_ok=True)
+            if os.path.join(self.plan.home, relative) in bound:    # --allow-config-writes
+                os.makedirs(os.path.join(self.plan.home, relative), 0o700, exist_ok=True)
+        project_id = host_project_id(self.plan.state, self.plan.home, self.plan.project)
+        if project_id is not None:
+            self.plan.state = with_project_id(self.plan.state, project_id)
+        self.seeded = seed_state([i for i in self.plan.state if GEMINI_ID not in i.path],
+                                 self.plan.home, private, self.plan.project)
+        self.plan.read_only_state = [i.path for i in self.plan.state if i.seed == "ro"
+                                     and os.path.lexists(os.path.join(private, i.path))]
 
     def save_state(self):
-        """Merge back what the sandbox may change: the allowed keys of state files and of
-        guarded settings, nothing else."""
-        project = self.plan.project
-        for relative, keys in self.plan.profile.state_files:
-            host, base = self.snapshots.get(relative, (None, None))
-            if host is None:
-                continue
-            ours = read_regular(self.home_path(relative))
-            changed = guarded_changes(base, ours, keys, project) if ours is not None else None
-            if changed is not None:
-                write_back(host, base, changed)
-        for i, ((path, keys), base) in enumerate(zip(self.plan.guarded, self.guarded_bases)):
-            ours = read_regular(os.path.join(self.dir, f"guarded.{i}"))
-            changed = guarded_changes(base, ours, keys, project) if ours is not None else None
-            if changed is not None:
-                write_back(path, base, changed)
+        """Send back what may flow back (FLOWS_BACK), nothing else; one line for each refusal."""
+        for line in flow_back(self.plan.state, self.seeded, self.plan.home,
+                              os.path.join(self.dir, "home"), self.plan.project):
+            say(f"{self.tool}: {line}")
 
     def launch_proxy(self):
         """Start the proxy; the caller prepares the rest meanwhile, then awaits it."""
         read_fd, write_fd = os.pipe()
-        args = build_proxy_args(self.plan, self.dir, write_fd)
+        args = build_proxy_args(self.plan, self.dir, write_fd, socket_dir=self.socket_dir)
         if self.plan.verbose:
             say(shlex.join(args))
         try:
@@ -2068,7 +3036,9 @@ class Session:
                     "ignore HTTP(S)_PROXY reach the network directly")
         read_fd, write_fd = os.pipe()
         seccomp_fd = filter_fd(self.plan.seccomp)
-        args = build_bwrap_args(self.plan, self.dir, write_fd, seccomp_fd)
+        mount_fds = self.protection.fds if self.protection else {}
+        args = build_bwrap_args(self.plan, self.dir, write_fd, seccomp_fd,
+                                socket_dir=self.socket_dir, mount_fds=mount_fds)
         if self.plan.verbose:
             say(format_env_command(self.plan.env, args))
         # bwrap dies on SIGINT and SIGQUIT (Ctrl-C, Ctrl-\) and takes the sandbox with it:
@@ -2080,10 +3050,13 @@ class Session:
             for sig in keyboard:
                 signal.signal(sig, signal.SIG_IGN)
         try:
-            self.bwrap = subprocess.Popen(args, env=self.plan.env, pass_fds=(write_fd, seccomp_fd))
+            self.bwrap = subprocess.Popen(args, env=self.plan.env,
+                                          pass_fds=(write_fd, seccomp_fd, *mount_fds.values()))
         finally:
             os.close(write_fd)
             os.close(seccomp_fd)
+            if self.protection:
+                self.protection.close_fds()
             for sig in keyboard:
                 signal.signal(sig, signal.SIG_IGN)
         with os.fdopen(read_fd, "rb") as status_pipe:
@@ -2098,12 +3071,16 @@ class Session:
                           "for bwrap)", code or 1)
         return 128 - code if code < 0 else code
 
+    def plan_roots(self):
+        return [(root, root) for root in dict.fromkeys(r for r, _, _ in
+                                                        self.plan.beneath.values())]
+
     def log_path(self):
         return self.plan.proxy_log or os.path.join(self.dir, "proxy.log")
 
     def summary(self):
         try:
-            with open(self.log_path(), errors="replace") as f:
+            with open_text(self.log_path()) as f:
                 text = summarize(self.tool, f, terminal_width(sys.stderr),
                                  self.plan.profile.expected_blocked)
         except OSError:
@@ -2117,7 +3094,10 @@ class Session:
         """Write the --learn file (atomically: a partial one would be a wrong allow list)."""
         target = self.plan.learn
         try:
-            with open(self.log_path(), errors="replace") as f:
+            problem = host_file_problem(target, self.plan_roots())
+            if problem:
+                raise OSError(problem)
+            with open_text(self.log_path()) as f:
                 used = learned(read_records(f))
             when = time.strftime("%Y-%m-%d %H:%M %Z")
             text, count = format_learned(self.tool, used, when)
@@ -2227,11 +3207,11 @@ def network_warnings(plan):
     lines = []
     if plan.learn:
         lines.append("learn mode: the network is OPEN to every " +
-                     ("address, private ones included (--allow-private)" if plan.allow_private
+                     ("public and private-use address (--allow-private)" if plan.allow_private
                       else "public address (private addresses stay blocked)") +
                      f"; the destinations used go to {plan.learn} at exit")
     elif plan.allow_private:
-        lines.append("--allow-private: allowed names may reach loopback and private addresses")
+        lines.append("--allow-private: allowed names may reach private-use addresses (your LAN)")
     if plan.unshare_net:
         own = {host_port_rule(host) for _, host in plan.host_ports}
         lines += loopback_hints([r for r in plan.allow[len(plan.profile.allow):] if r not in own])
@@ -2262,6 +3242,9 @@ def describe(plan):
         lines += [f"host port: 127.0.0.1:{inside} inside is the host's 127.0.0.1:{host}"
                   for inside, host in plan.host_ports]
     lines += [" ".join(x for x in mount if x) for mount in plan.mounts]
+    lines += [f"state: ~/{i.path}: " + ", ".join(filter(None, [
+        {"copy": "a copy", "ro": "a read-only copy", "mine": "this project's lines"}.get(i.seed),
+        i.back and f"back: {i.back}"])) for i in plan.state]
     if not plan.sockets_complete:
         lines.append(f"unix sockets, nested repositories: the search below the shown and "
                      f"writable directories stopped at {SOCKET_WALK_ENTRIES} entries or "
@@ -2286,6 +3269,273 @@ def check_tools(plan):
                 raise Failure(f"{path} is missing; keep {os.path.basename(path)} next to bw_lib.py")
 
 
+# ---------------------------------------------------------------------------------------------
+# Tools inside the sandbox (issue 13): package caches, Node's fetch, the terminal, misspelt
+# options, allow files that are pipes, the session's home on disk.
+# ---------------------------------------------------------------------------------------------
+
+# The session's cache directory inside: on disk, the session's own, removed at exit.
+SANDBOX_CACHE = "/var/cache/bw"
+# Package managers write their caches there, never into the host's: a cache the sandbox wrote
+# and a later install outside read would carry a poisoned package out.  The tools themselves
+# (~/.cargo/bin, ~/.nvm, ~/go/bin...) stay visible read-only.  (variable, subdirectory)
+CACHE_ENV = (("XDG_CACHE_HOME", ""),            # pip, go-build, deno, yarn 1, pnpm's cache...
+             ("npm_config_cache", "npm"), ("PIP_CACHE_DIR", "pip"),
+             ("YARN_CACHE_FOLDER", "yarn"), ("npm_config_store_dir", "pnpm-store"),
+             ("BUN_INSTALL_CACHE_DIR", "bun"), ("GOMODCACHE", "go-mod"),
+             ("GOCACHE", "go-build"),
+             # Cargo keeps its registry and git checkouts in CARGO_HOME, whose bin/ stays on
+             # PATH read-only; ~/.cargo/config.toml is then not read inside.
+             ("CARGO_HOME", "cargo"))
+# Node's fetch() honours HTTP(S)_PROXY only with NODE_USE_ENV_PROXY=1, from Node 24.0 and
+# 22.21; http/https.request from 24.5 and 22.21 (Node's changelogs).  Earlier versions ignore
+# the variable, so it is set for every session with the filter; nothing is put in NODE_OPTIONS,
+# which an older node would refuse to start with.
+NODE_FETCH_PROXY = ((22, 21), (24, 0))
+NODE_HTTP_PROXY = ((22, 21), (24, 5))
+TERMINAL_SIGNALS = (signal.SIGTTOU, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+ALLOW_FILE_LIMIT = 16 << 20
+
+
+def inside_env(filter_network, cache=SANDBOX_CACHE):
+    """Variables every session sets inside (before --pass-env and --env, which win)."""
+    env = {name: f"{cache}/{sub}" if sub else cache for name, sub in CACHE_ENV}
+    if filter_network:
+        env["NODE_USE_ENV_PROXY"] = "1"
+    return env
+
+
+def node_version(text):
+    """(major, minor) from `node --version` output such as "v20.20.2", or None."""
+    parts = text.strip().lstrip("v").split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return None
+
+
+def node_honours(version, since):
+    """Whether Node `version` has a feature added in the (major, minor) releases of `since`
+    (each line from its release on, and every later major)."""
+    lines = dict(since)
+    if version[0] in lines:
+        return version[1] >= lines[version[0]]
+    return version[0] > max(lines)
+
+
+def node_check(search_path):
+    """--doctor: whether the node inside makes fetch() go through the proxy."""
+    node = find_program("node", search_path)
+    if node is None:
+        return Check("node fetch", "ok", "no node on PATH")
+    code, output = run_briefly([node, "--version"], 10)
+    version = node_version(output) if code == 0 else None
+    if version is None:
+        return Check("node fetch", "note", f"cannot tell the version of {node}")
+    name = f"Node {output.strip()} ({node})"
+    if not node_honours(version, NODE_FETCH_PROXY):
+        return Check("node fetch", "note", f"{name}: its built-in fetch() ignores proxy "
+                     "variables, so inside --unshare-net it fails (ECONNREFUSED, EAI_AGAIN); "
+                     "npm, the CLIs, curl, git and pip use the proxy",
+                     "Node 22.21 or 24 and later honour NODE_USE_ENV_PROXY=1, which the "
+                     "sandbox sets")
+    if not node_honours(version, NODE_HTTP_PROXY):
+        return Check("node fetch", "note", f"{name}: fetch() uses the proxy "
+                     "(NODE_USE_ENV_PROXY=1), http.request does not", "Node 24.5 and later")
+    return Check("node fetch", "ok", f"{name}: fetch() and http.request use the proxy "
+                 "(NODE_USE_ENV_PROXY=1)")
+
+
+@contextlib.contextmanager
+def terminal_kept(stream):
+    """Restore the terminal's modes on every way out: a CLI killed with the wrapper (SIGTERM,
+    timeout) leaves it raw and without echo."""
+    try:
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (OSError, ValueError, AttributeError, termios.error):
+        saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            restore_terminal(fd, saved)
+
+
+def restore_terminal(fd, saved):
+    """tcsetattr, even from the background (SIGTTOU) or when the terminal is gone."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in TERMINAL_SIGNALS}
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+    except (OSError, termios.error):
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def misspelt_option(token, ours, cli_options=()):
+    """The wrapper's options `token` (an option its parser did not know) may be a typo of: a
+    prefix of them, or close to one (--filter-netwrok); [] when the CLI has it, or when
+    nothing of ours looks like it.  A CLI option that looks like ours goes after --."""
+    name = token.split("=", 1)[0]
+    if not name.startswith("--") or len(name) < 3 or name in cli_options or \
+            any(c.isspace() for c in name):
+        return []
+    prefixed = [o for o in ours if o.startswith(name)]
+    if prefixed:
+        return prefixed
+    import difflib      # here: only an unknown option pays for it
+    return difflib.get_close_matches(name, ours, n=1, cutoff=0.8)
+
+
+def refuse_misspelt(profile, parser, unknown):
+    """Refuse, before anything starts, an unknown option that looks like one of ours."""
+    ours = sorted(o for o in parser._option_string_actions if o.startswith("--"))
+    for token in unknown:
+        close = misspelt_option(token, ours, profile.cli_options)
+        if close:
+            name = token.split("=", 1)[0]
+            raise Failure(f"{name}: not a {profile.tool} option; did you mean "
+                          f"{' or '.join(close)}?  (an option for {profile.name} goes after "
+                          f"--: {profile.tool} -- {name})", 2)
+
+
+def allow_file_rules(path, writable):
+    """The rules of one --allow-file, read once here and handed to the proxy as rules, so a
+    pipe (--allow-file <(...)) works.  Any readable file but a directory; never one the
+    sandbox can write (`writable`: the project, --allow-rw directories, the CLI's state), nor
+    reached through a link there: a session could have changed it to widen the next one's
+    network."""
+    filters = rules_module()
+    for place in (os.path.abspath(path), os.path.realpath(path)):
+        root = next((r for r in writable if is_within(place, r)), None)
+        if root is not None:
+            raise Failure(f"--allow-file {path}: it is in {root}, which the sandbox can write, "
+                          "so a session could have changed it; keep allow files elsewhere "
+                          "(e.g. ~/.config/)", 2)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as error:
+        raise Failure(f"--allow-file {path}: {error.strerror.lower()}", 2) from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise Failure(f"--allow-file {path}: a directory, not a file of rules", 2)
+        if stat.S_ISREG(info.st_mode) and not same_file(info, os.path.realpath(path)):
+            raise Failure(f"--allow-file {path}: it changed while being opened", 2)
+        data = read_limited(fd, ALLOW_FILE_LIMIT)
+    finally:
+        os.close(fd)
+    if data is None:
+        raise Failure(f"--allow-file {path}: larger than {ALLOW_FILE_LIMIT >> 20} MiB", 2)
+    # socks_filter parses it (one parser), from a copy in memory.
+    copy = os.memfd_create("allow-file", os.MFD_CLOEXEC)
+    where = f"/proc/self/fd/{copy}"
+    try:
+        os.write(copy, data)
+        return [rule.text for rule in filters.read_rule_file(where)]
+    except filters.RuleError as error:
+        raise Failure(f"bad allow rule: {printable(str(error).replace(where, path))}", 2) \
+            from None
+    finally:
+        os.close(copy)
+
+
+def same_file(info, path):
+    try:
+        other = os.stat(path)
+    except OSError:
+        return False
+    return (info.st_dev, info.st_ino) == (other.st_dev, other.st_ino)
+
+
+def read_limited(fd, limit):
+    """All of fd (blocking, as a pipe needs), or None past `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+
+
+def session_base(environ, tool):
+    """Where sessions keep their homes, caches and logs: $XDG_CACHE_HOME/TOOL (when absolute)
+    or ~/.cache/TOOL, on disk; $XDG_RUNTIME_DIR is a small tmpfs that a session's caches
+    would fill.  Only the proxy's socket goes there."""
+    base = environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(environ.get("HOME", ""), ".cache")
+    return os.path.join(base, tool)
+
+
+def checked_session_base(environ, tool, create=True):
+    """session_base, made (0700) when missing and checked without following a link: a
+    directory of ours that nobody else can enter.  None when it cannot be made (a read-only
+    home): sessions then live in the runtime directory, as the socket does."""
+    path = session_base(environ, tool)
+    if create:
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise Failure(f"{path}: {error.strerror.lower()}; it must be a directory of yours "
+                      "(mode 0700), not a link: remove it") from None
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise Failure(f"{path}: must be yours with mode 0700 (it is uid {info.st_uid}, mode "
+                      f"{stat.S_IMODE(info.st_mode):04o}): chmod 700 it, or remove it")
+    return path
+
+
+def session_dirs_base(environ, tool):
+    """The base of the session's directory: on disk when it can be, else the runtime one."""
+    return checked_session_base(environ, tool) or private_base(environ)
+
+
+def sweep_sessions(environ, tool):
+    """sweep_stale for both places sessions live."""
+    sweep_stale(private_base(environ), tool)
+    base = checked_session_base(environ, tool, create=False)
+    if base is not None:
+        sweep_stale(base, tool)
+
+
+def session_masks(environ, mounts, create=True):
+    """Every tool's session base holds other sessions' homes, caches and logs (bw-claude's a
+    copy of ~/.claude.json, which bw-gemini must not see): an empty mount over it wherever a
+    bind would show it.  It is made first when missing, so one made later cannot appear."""
+    sources = [src for _, src, _ in mounts if src]
+    masks = []
+    for profile in PROFILES.values():
+        base = session_base(environ, profile.tool)
+        inside = next((src for src in sources if is_within(src, base)), None)
+        if inside is not None:
+            raise Failure(f"{inside}: {profile.tool} keeps its sessions' homes there; it is "
+                          "never shown in the sandbox")
+        if not any(is_within(base, src) for src in sources):
+            continue
+        if create and checked_session_base(environ, profile.tool) is None:
+            continue        # it cannot be made: nor can a session make it
+        masks.append(("--tmpfs", None, base))
+    return masks
+
 def run(profile, argv, environ=None, skip=()):
     environ = dict(os.environ if environ is None else environ)
     ours = split_argv(argv)[0]
@@ -2301,7 +3551,7 @@ def run(profile, argv, environ=None, skip=()):
         sys.stdout.write(format_presets())
         return 0
     if not opts.dry_run:
-        sweep_stale(private_base(environ), profile.tool)
+        sweep_sessions(environ, profile.tool)
     plan = make_plan(profile, opts, environ, skip)
     tool = profile.tool
     if plan.verbose:
@@ -2309,10 +3559,12 @@ def run(profile, argv, environ=None, skip=()):
             say(f"{tool}: defaults: {shlex.join(defaults)}")
         say(describe(plan))
     if plan.dry_run:
-        private_dir = os.path.join(private_base(environ), tool + ".XXXXXXXX")
+        private_dir = session_base(environ, tool) + "/" + tool + ".XXXXXXXX"
+        socket_dir = os.path.join(private_base(environ), tool + ".XXXXXXXX")
         if plan.filter:
-            write_out(shlex.join(build_proxy_args(plan, private_dir, "FD")))
-        write_out(format_env_command(plan.env, build_bwrap_args(plan, private_dir, seccomp_fd="FD")))
+            write_out(shlex.join(build_proxy_args(plan, private_dir, "FD", socket_dir)))
+        write_out(format_env_command(plan.env, build_bwrap_args(plan, private_dir, seccomp_fd="FD",
+                                                                socket_dir=socket_dir)))
         return 0
     check_tools(plan)
     with Session(plan, environ) as session:
@@ -2432,7 +3684,7 @@ def allow_list_checks(profile, opts, environ):
     user_file = config_path(environ, profile.tool, "allowed-domains")
     files += [user_file] if os.path.isfile(user_file) else []
     for path in opts.allow_file:
-        if os.path.isfile(path):
+        if os.path.exists(path) and not os.path.isdir(path):
             files.append(path)
         else:
             checks.append(Check("allow list", "FAIL", f"--allow-file {path}: no such file",
@@ -2532,6 +3784,7 @@ def host_checks(profile, opts, environ, skip=()):
     if not (env_program and env_resets_signals(env_program)):
         checks.append(Check("Ctrl-C", "note", "env(1) lacks --default-signal: Ctrl-C ends the "
                             "whole session instead of reaching the CLI", "coreutils 8.31 or later"))
+    checks.append(node_check(search_path))
     try:
         checks += allow_list_checks(profile, opts, environ)
     except Failure:
@@ -2585,7 +3838,8 @@ def main(name):
         signal.signal(sig, raise_terminated)
     entry = os.path.realpath(sys.argv[0])
     try:
-        code = run(profile, sys.argv[1:], skip=(entry,))
+        with terminal_kept(sys.stdin):
+            code = run(profile, sys.argv[1:], skip=(entry,))
     except Failure as failure:
         say(f"{profile.tool}: error: {failure}")
         code = failure.code

@@ -26,24 +26,43 @@ USAGE
 
 RULES (--allow, --deny, and --allow-file with one rule per line, '#' comments)
     example.com          that name only (any letter case, with or without a trailing dot)
-    *.example.com        any name below example.com, but not example.com itself
+    *.example.com        any name below example.com, but not example.com itself (a name and
+                         all below it take two rules: example.com and *.example.com)
     1.2.3.4  10.0.0.0/8  [::1]  [2001:db8::]/32      IP addresses and networks
-    Any rule may end in :PORT (example.com:443, [::1]:8080); without one it matches every port.
+    *:22                 every host on that port (deny rules only)
     github.com:22/raw    a name rule for any protocol, not only TLS (ssh, plain HTTP through
                          SOCKS, a database); it must name its port.
-    Deny rules win over allow rules. Rules too broad to mean anything (*, *.com, a single label,
+    Any rule may end in :PORT (example.com:443, [::1]:8080; no leading zeros); without one it
+    matches every port. Names may hold '_' (_dmarc.example.com); an IPv6 zone id (fe80::1%eth0)
+    is refused. Deny rules win over allow rules and may be as broad as wanted (*:22, *.com,
+    [fc00::]/7, 0.0.0.0/0); allow rules too broad to mean anything (*, *.com, a single label,
     *.co.uk, *.github.io, 0.0.0.0/0) are refused at start.
+    An IP rule matches an address and also the IPv4 address an IPv6 one carries to a gateway:
+    IPv4-mapped (::ffff:10.0.0.5), NAT64 (64:ff9b::a00:5; in 64:ff9b:1::/48 every RFC 6052
+    layout, where a deny rule matches any reading and an allow rule must match every one) and
+    6to4 (2002:a00:5::1). So --deny 10.0.0.0/8 also refuses 64:ff9b::a00:5.
 
 HOW A REQUEST IS DECIDED (all of it before any DNS lookup of a denied name)
-    1. The requested host is classified. A name with a character outside [A-Za-z0-9.-], an empty
-       label, a label over 63 or a name over 253 bytes is denied ("bad-name"). Any spelling of an
-       IP address (127.1, 0x7f.1, 2130706433, 0177.0.0.1, [::ffff:127.0.0.1]) is that address.
-    2. A name passes only by a name rule; an IP address only by an IP rule.
+    1. The requested host is classified. A name with a character outside [A-Za-z0-9_.-], an
+       empty label, a label over 63 or a name over 253 bytes, or an IPv6 address with a zone id,
+       is denied ("bad-name"). Any spelling of an IP address (127.1, 0x7f.1, 2130706433,
+       0177.0.0.1, [::ffff:127.0.0.1]) is that address.
+    2. A name passes only by a name rule; an IP address only by an IP rule. Deny rules first.
     3. An allowed name is resolved once; every address it resolves to is checked and the
-       connection goes to one of those checked addresses, never to a second lookup. Loopback,
-       private, CGNAT, link-local, multicast, reserved and documentation addresses, and IPv6
-       wrappings of them (IPv4-mapped, NAT64, 6to4), are refused ("private-address") unless
-       --allow-private is given or an IP rule names the address.
+       connection goes to one of those checked addresses, never to a second lookup. Each
+       address (and a requested IP address), with each IPv4 address it carries, is checked:
+       - cloud platform endpoints (PLATFORM_ENDPOINTS: 169.254.169.254, fd00:ec2::254,
+         168.63.129.16, 100.100.100.200, 192.0.0.192, ECS/EKS credential agents...) are refused
+         ("platform-endpoint") unless an allow rule names exactly that one address (such as
+         169.254.169.254:80 or [fd00:ec2::254]; a network that merely contains it, such as
+         169.254.0.0/16, does not), even with --allow-private;
+       - private-use addresses (10/8, 172.16/12, 192.168/16, fc00::/7) are refused
+         ("private-address") unless an IP rule covers them or --allow-private is given;
+       - loopback, unspecified, link-local, CGNAT (100.64/10), multicast, broadcast, reserved,
+         documentation and benchmarking addresses, IPv6 wrappings of them, and 6to4, Teredo
+         and local-use NAT64 addresses (never public), are refused ("private-address") unless
+         an IP rule covers them. So are this machine's own interface addresses, read from
+         /proc at start (a name pointed at the host's public address reaches its services).
     4. A tunnel (CONNECT, SOCKS) to a name, on any port, must start with a TLS handshake
        record carrying a ClientHello whose server name (SNI) is that name; before that nothing
        reaches the upstream. Anything else closes the tunnel, logged with its reason:
@@ -69,6 +88,9 @@ LOG (--log FILE: one JSON object per line)
     (the ClientHello named the host) or "raw" (a /raw rule, or audit mode). A name refused
     because it resolved to a private address carries that "address".
     Clients refused for a missing or wrong --token-env password are logged with "proxy-auth".
+    FILE is appended to only if it is a regular file of ours (never through a link), and no
+    shell reading it runs anything: "host" escapes every character outside [A-Za-z0-9.-]
+    (an IP address excepted) as \\xNN, other text its $, ` and \\.
 
 LIMITS
     The allow list decides where bytes may go, not what they say: an allowed API is a capability
@@ -132,19 +154,54 @@ class RuleError(ValueError):
     """An allow or deny rule that cannot be used."""
 
 
-NAME_RE = re.compile(r"[A-Za-z0-9.-]+\Z")
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
 NUMERIC_LABEL_RE = re.compile(r"(?:[0-9]+|0[xX][0-9A-Fa-f]*)\Z")
 
-# Networks no sandboxed tool has a reason to reach unless an IP rule names them.
-BLOCKED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-    "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
-    "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
-    "::/96", "::1/128", "64:ff9b:1::/48", "100::/64", "2001::/32", "2001:db8::/32", "2002::/16",
-    "::ffff:0:0:0/96",
-    "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+# Networks no sandboxed tool has a reason to reach unless an IP rule names them, each with the
+# word messages use for it (the first network that holds an address names it).
+SPECIAL_NETWORKS = tuple((ipaddress.ip_network(n), kind) for n, kind in (
+    ("0.0.0.0/8", "unspecified"), ("10.0.0.0/8", "private-use"), ("100.64.0.0/10", "CGNAT"),
+    ("127.0.0.0/8", "loopback"), ("169.254.0.0/16", "link-local"), ("172.16.0.0/12", "private-use"),
+    ("192.0.0.0/24", "IETF protocol"), ("192.0.2.0/24", "documentation"),
+    ("192.88.99.0/24", "6to4 relay"), ("192.168.0.0/16", "private-use"),
+    ("198.18.0.0/15", "benchmarking"), ("198.51.100.0/24", "documentation"),
+    ("203.0.113.0/24", "documentation"), ("224.0.0.0/4", "multicast"),
+    ("255.255.255.255/32", "broadcast"), ("240.0.0.0/4", "reserved"),
+    ("::/128", "unspecified"), ("::1/128", "loopback"), ("::/96", "IPv4-compatible"),
+    ("64:ff9b:1::/48", "local-use NAT64"), ("100::/64", "discard"), ("2001::/32", "Teredo"),
+    ("2001:db8::/32", "documentation"), ("2002::/16", "6to4"),
+    ("::ffff:0:0:0/96", "IPv4-translated"),
+    ("fc00::/7", "private-use"), ("fe80::/10", "link-local"), ("fec0::/10", "site-local"),
+    ("ff00::/8", "multicast"),
 ))
+BLOCKED_NETWORKS = tuple(network for network, _ in SPECIAL_NETWORKS)
+# What --allow-private opens to allowed names: RFC 1918 and RFC 4193, nothing else.
+PRIVATE_USE_NETWORKS = tuple(network for network, kind in SPECIAL_NETWORKS if kind == "private-use")
 NAT64_NETWORK = ipaddress.ip_network("64:ff9b::/96")
+LOCAL_NAT64_NETWORK = ipaddress.ip_network("64:ff9b:1::/48")
+SIXTOFOUR_NETWORK = ipaddress.ip_network("2002::/16")
+
+# Cloud platform endpoints (metadata, credentials, host agents): what a VM or container on that
+# cloud reaches without any credential, some on public or private-use addresses. Refused, also
+# inside IPv6 wrappings, unless an IP rule for that one address allows it (Policy.check_address).
+# Sources: AWS docs (EC2 "Retrieve instance metadata", ECS "task metadata endpoint v2", EKS
+# "Set up the Pod Identity Agent"), Microsoft's "What is IP address 168.63.129.16?", cloud-init
+# and Alibaba ECI docs (100.100.100.200), OCI "Getting Instance Metadata", the OpenStack neutron
+# spec "IPv6 support in Metadata service"; 192.0.0.192, fd20:ce::254 and fd00:c1::a9fe:a9fe
+# only from other projects' blocklists (no first-party page found).
+PLATFORM_ENDPOINTS = {ipaddress.ip_address(address): what for address, what in (
+    ("169.254.169.254", "instance metadata of AWS, Azure, GCP, Oracle, OpenStack..."),
+    ("fd00:ec2::254", "AWS instance metadata"),
+    ("169.254.170.2", "AWS ECS task metadata and credentials"),
+    ("169.254.170.23", "AWS EKS Pod Identity credentials"),
+    ("fd00:ec2::23", "AWS EKS Pod Identity credentials"),
+    ("168.63.129.16", "Azure WireServer"),
+    ("100.100.100.200", "Alibaba Cloud instance metadata"),
+    ("192.0.0.192", "Oracle Cloud instance metadata (legacy)"),
+    ("fd20:ce::254", "GCP instance metadata"),
+    ("fd00:c1::a9fe:a9fe", "Oracle Cloud instance metadata"),
+    ("fe80::a9fe:a9fe", "OpenStack instance metadata"),
+)}
 
 # Suffixes under which anyone can get a name of their own: a wildcard over one allows strangers.
 SHARED_SUFFIXES = frozenset((
@@ -174,7 +231,10 @@ def parse_ip_spelling(text):
 
     Covers dotted quads and the forms libc also accepts (127.1, 0x7f.1, 2130706433, 0177.0.0.1),
     IPv6 with or without brackets, and returns IPv4-mapped IPv6 as the IPv4 address it is.
+    An IPv6 zone id (fe80::1%eth0) is not an address here: it would pick the interface.
     """
+    if "%" in text:
+        return None
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
         if ":" not in text:
@@ -208,7 +268,7 @@ def canonical_name(text):
         raise BadName("empty name")
     name = text[:-1] if text.endswith(".") else text
     if not NAME_RE.match(name):
-        raise BadName("characters outside [A-Za-z0-9.-]")
+        raise BadName("characters outside [A-Za-z0-9_.-]")
     if len(name) > 253:
         raise BadName("longer than 253 bytes")
     labels = name.split(".")
@@ -224,6 +284,8 @@ def canonical_name(text):
 @functools.lru_cache(maxsize=4096)
 def classify_host(text):
     """Return ("ip", address) or ("name", canonical name) for a requested host; raise BadName."""
+    if "%" in text and ":" in text:
+        raise BadName("an IPv6 address with a zone id")
     address = parse_ip_spelling(text)
     if address is not None:
         return "ip", address
@@ -231,25 +293,71 @@ def classify_host(text):
 
 
 def embedded_ipv4(address):
-    """IPv4 addresses an IPv6 address carries inside it (IPv4-mapped, NAT64). 6to4 and Teredo
-    are blocked whole: deprecated, and Python versions disagree on whether they are global."""
+    """The IPv4 addresses an IPv6 address may carry to a gateway that translates it: IPv4-mapped,
+    NAT64 (64:ff9b::/96 and, in each RFC 6052 layout its operator may pick, 64:ff9b:1::/48) and
+    6to4. Rules and address checks look at these too. Teredo and IPv4-compatible addresses are
+    blocked whole, and IPv4-translated ones are not decoded."""
     if address.version != 6:
         return []
-    found = []
     if address.ipv4_mapped:
-        found.append(address.ipv4_mapped)
+        return [address.ipv4_mapped]
     if address in NAT64_NETWORK:
-        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-    return found
+        return [ipaddress.IPv4Address(address.packed[12:])]
+    if address in SIXTOFOUR_NETWORK:
+        return [address.sixtofour]
+    if address in LOCAL_NAT64_NETWORK:
+        b = address.packed      # prefix /48, /56, /64, /96; byte 8 is RFC 6052's "u" octet
+        readings = (b[6:8] + b[9:11], b[7:8] + b[9:12], b[9:13], b[12:16])
+        return list(dict.fromkeys(ipaddress.IPv4Address(r) for r in readings))
+    return []
+
+
+def _within(address, networks):
+    return any(address in network for network in networks if network.version == address.version)
+
+
+def is_platform_endpoint(address):
+    """A cloud platform endpoint (PLATFORM_ENDPOINTS), itself or carried inside IPv6."""
+    return any(a in PLATFORM_ENDPOINTS for a in [address, *embedded_ipv4(address)])
 
 
 def is_public_address(address):
-    """True only for a globally routable unicast address, looking inside IPv6 wrappings."""
-    if any(address in network for network in BLOCKED_NETWORKS if network.version == address.version):
+    """True only for a globally routable unicast address that is not a platform endpoint,
+    looking inside IPv6 wrappings."""
+    if address in PLATFORM_ENDPOINTS or _within(address, BLOCKED_NETWORKS):
         return False
     if not address.is_global or address.is_multicast:
         return False
     return all(is_public_address(inner) for inner in embedded_ipv4(address))
+
+
+def address_class(address):
+    """Which rule or option may reach an address: "platform" (an exact IP rule), "public" (a
+    name rule), "private-use" (an IP rule, or a name rule with --allow-private) or "special"
+    (loopback, link-local, CGNAT, multicast, reserved...: an IP rule). A wrapping is private-use
+    when every IPv4 address it may carry is."""
+    if is_platform_endpoint(address):
+        return "platform"
+    if is_public_address(address):
+        return "public"
+    inner = embedded_ipv4(address)
+    if _within(address, PRIVATE_USE_NETWORKS) or (
+            inner and all(_within(a, PRIVATE_USE_NETWORKS) for a in inner)):
+        return "private-use"
+    return "special"
+
+
+def describe_address(address):
+    """What a non-public address is, in a word or two, for messages: "loopback", "CGNAT",
+    "NAT64 form of link-local"..."""
+    inner = embedded_ipv4(address)
+    if len(inner) == 1 and not address.ipv4_mapped and not is_public_address(inner[0]):
+        wrapping = "6to4" if address in SIXTOFOUR_NETWORK else "NAT64"
+        return f"{wrapping} form of {describe_address(inner[0])}"
+    if address in PLATFORM_ENDPOINTS:
+        return f"cloud platform endpoint ({PLATFORM_ENDPOINTS[address]})"
+    return next((kind for network, kind in SPECIAL_NETWORKS
+                 if network.version == address.version and address in network), "non-public")
 
 
 def display_host(text):
@@ -260,6 +368,43 @@ def display_host(text):
     except BadName:
         return "".join(c if "!" <= c <= "~" else f"\\x{ord(c):02x}" for c in text[:255])
     return str(value)
+
+
+def log_name(text):
+    """A host name as the log writes it: an IP address as such, a name with everything
+    outside [A-Za-z0-9.-] escaped (\\xNN), so that no shell reading the log would run any of
+    it (a log may be turned into a link to ~/.bashrc by a sandbox that could write it)."""
+    if parse_ip_spelling(text):
+        return text
+    return "".join(c if c.isascii() and (c.isalnum() or c in ".-") else
+                   "".join(f"\\x{b:02x}" for b in c.encode("utf-8", "surrogateescape"))
+                   for c in text)
+
+
+def shell_inert(record):
+    """A log record with its names escaped (log_name) and no `$` or backquote in any other
+    text: inside JSON's double quotes those are all a shell would expand."""
+    safe = {}
+    for key, value in record.items():
+        if isinstance(value, str) and key == "host":
+            value = log_name(value)
+        elif isinstance(value, str):
+            value = value.replace("\\", "\\x5c").replace("$", "\\x24").replace("`", "\\x60")
+        safe[key] = value
+    return safe
+
+
+def open_log(path):
+    """The log, opened to append without following a link, and refused unless it is a
+    regular file of ours: it may sit where the sandbox can write."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                 | os.O_CLOEXEC, 0o600)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file of yours")
+    os.set_blocking(fd, True)
+    return open(fd, "a", buffering=1, encoding="utf-8")
 
 
 def host_port(host, port):
@@ -275,16 +420,19 @@ def format_address(address, port):
 # Rules and policy
 
 class Rule:
-    """One allow or deny rule: a name, a wildcard below a name, or an IP network; maybe a port."""
+    """One allow or deny rule: a name, a wildcard below a name, an IP network, or (deny only) any
+    host; maybe a port."""
 
     raw = False                 # a name rule ending in /raw: any protocol, not only TLS
 
-    def __init__(self, text, kind, value, port):
-        self.text, self.kind, self.value, self.port = text, kind, value, port
+    def __init__(self, text, kind, value, port, deny=False):
+        self.text, self.kind, self.value, self.port, self.deny = text, kind, value, port, deny
 
     def matches_name(self, name, port):
         if self.port is not None and self.port != port:
             return False
+        if self.kind == "any":
+            return True
         if self.kind == "name":
             return name == self.value
         if self.kind == "wildcard":
@@ -292,21 +440,40 @@ class Rule:
         return False
 
     def matches_address(self, address, port):
+        """An IP rule matches the address, or the IPv4 address it carries (embedded_ipv4): a
+        deny rule any reading of it, an allow rule only every reading of it."""
         if self.port is not None and self.port != port:
             return False
-        return self.kind == "ip" and address.version == self.value.version and address in self.value
+        if self.kind == "any":
+            return True
+        if self.kind != "ip":
+            return False
+        if self._covers(address):
+            return True
+        inner = embedded_ipv4(address)
+        return bool(inner) and (any if self.deny else all)(self._covers(a) for a in inner)
+
+    def _covers(self, address):
+        return address.version == self.value.version and address in self.value
+
+    def names_exactly(self):
+        """A rule for one address: what a platform endpoint needs (a network that merely
+        contains one, like 169.254.0.0/16, does not let it through)."""
+        return self.kind == "ip" and self.value.num_addresses == 1
 
     def __repr__(self):
         return f"Rule({self.text!r})"
 
 
 def _parse_port(text, rule):
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise RuleError(f"rule {rule!r}: port must be a number from 1 to 65535")
+    if not text.isdigit() or text.startswith("0") or int(text) > 65535:
+        raise RuleError(f"rule {rule!r}: port must be 1 to 65535, without leading zeros")
     return int(text)
 
 
-def _parse_network(text, rule):
+def _parse_network(text, rule, deny):
+    if "%" in text:
+        raise RuleError(f"rule {rule!r}: an IPv6 zone id (%...) is not accepted")
     try:
         network = ipaddress.ip_network(text, strict=True)
     except ValueError as error:
@@ -314,21 +481,27 @@ def _parse_network(text, rule):
     if network.version == 6 and network.network_address.ipv4_mapped and network.prefixlen >= 96:
         mapped = network.network_address.ipv4_mapped
         network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
-    if network.prefixlen < (8 if network.version == 4 else 16):
+    if not deny and network.prefixlen < (8 if network.version == 4 else 16):
         raise RuleError(f"rule {rule!r}: network is too broad (shorter than /8 for IPv4, /16 for IPv6)")
     return network
 
 
-def parse_rule(text):
-    """Parse one rule (see the module docstring) into a Rule, or raise RuleError saying why."""
+def parse_rule(text, deny=False):
+    """Parse one rule (see the module docstring) into a Rule, or raise RuleError saying why.
+    Breadth is refused only in allow rules: a broad deny rule (*:22, 0.0.0.0/0, *.com) only
+    takes more away."""
     rule = text.strip()
     if rule.endswith(RAW_SUFFIX):
-        return parse_raw_rule(rule)
+        return parse_raw_rule(rule, deny)
     if not rule:
         raise RuleError("empty rule")
     if not rule.isascii():
         raise RuleError(f"rule {rule!r}: write internationalised names in punycode (xn--...)")
     port = None
+    if rule == "*" or rule.startswith("*:"):
+        if not deny:
+            raise RuleError(f"rule {rule!r}: too broad (every host); only a deny rule may be")
+        return Rule(rule, "any", None, _parse_port(rule[2:], rule) if rule != "*" else None, deny)
     if rule.startswith("["):
         close = rule.find("]")
         if close < 0:
@@ -342,16 +515,17 @@ def parse_rule(text):
             if not rest.startswith(":"):
                 raise RuleError(f"rule {rule!r}: unexpected text after ']'")
             port = _parse_port(rest[1:], rule)
-        return Rule(rule, "ip", _parse_network(host + prefix, rule), port)
+        return Rule(rule, "ip", _parse_network(host + prefix, rule, deny), port, deny)
     if rule.count(":") > 1:
         raise RuleError(f"rule {rule!r}: write IPv6 addresses in brackets, e.g. [::1] or [::1]:443")
     host, colon, port_text = rule.partition(":")
     if colon:
         port = _parse_port(port_text, rule)
-    if "/" in host:
-        return Rule(rule, "ip", _parse_network(host, rule), port)
-    if all(NUMERIC_LABEL_RE.match(label) for label in host.rstrip(".").split(".")):
-        return Rule(rule, "ip", _parse_network(host, rule), port)
+    if "/" in host or all(NUMERIC_LABEL_RE.match(label) for label in host.rstrip(".").split(".")):
+        return Rule(rule, "ip", _parse_network(host, rule, deny), port, deny)
+    if host.startswith("**."):
+        raise RuleError(f"rule {rule!r}: write a name and all names below it as two rules, "
+                        f"{host[3:]} and *.{host[3:]}")
     kind = "name"
     if host.startswith("*."):
         kind, host = "wildcard", host[2:]
@@ -361,11 +535,11 @@ def parse_rule(text):
         name = canonical_name(host)
     except BadName as error:
         raise RuleError(f"rule {rule!r}: not a valid name ({error})") from None
-    if name.count(".") == 0:
+    if not deny and name.count(".") == 0:
         raise RuleError(f"rule {rule!r}: too broad or not a full name (a single label)")
-    if kind == "wildcard" and name in SHARED_SUFFIXES:
+    if not deny and kind == "wildcard" and name in SHARED_SUFFIXES:
         raise RuleError(f"rule {rule!r}: too broad ({name} is a suffix anyone can register under)")
-    return Rule(rule, kind, name, port)
+    return Rule(rule, kind, name, port, deny)
 
 
 def read_rule_file(path):
@@ -407,11 +581,11 @@ class Verdict:
 class Policy:
     """The allow and deny rules and the address checks; pure, no sockets."""
 
-    def __init__(self, allow=(), deny=(), allow_private=False, mode="enforce"):
+    def __init__(self, allow=(), deny=(), allow_private=False, mode="enforce", own=frozenset()):
         if mode not in ("enforce", "audit"):
             raise ValueError(f"unknown mode {mode!r}")
         self.allow, self.deny = list(allow), list(deny)
-        self.allow_private, self.mode = allow_private, mode
+        self.allow_private, self.mode, self.own = allow_private, mode, own
 
     def _unlisted(self, reason, detail):
         if self.mode == "audit":
@@ -435,18 +609,36 @@ class Policy:
                 return Verdict(True, "allowed-by-rule", f"rule {rule.text}")
         return self._unlisted("not-in-allowlist", f"no allow rule matches {value}:{port}")
 
+    def _classify(self, address):
+        """address_class() and words for messages; this machine's own addresses (self.own)
+        count as loopback."""
+        kind = address_class(address)
+        own = not self.own.isdisjoint([address, *embedded_ipv4(address)])
+        if own and kind in ("public", "private-use"):
+            return "special", "this machine's own address"
+        return kind, describe_address(address)
+
     def check_address(self, address, port, literal=False):
-        """Decide on an IP address: one that was asked for (literal) or that a name resolved to."""
+        """Decide on an IP address: one that was asked for (literal) or that a name resolved to.
+        Deny rules first; then a platform endpoint needs an allow rule for exactly that address,
+        any other non-public address an IP rule (private-use ones also --allow-private)."""
         if address.version == 6 and address.ipv4_mapped:
             address = address.ipv4_mapped
         shown = format_address(address, port)
         if any(rule.matches_address(address, port) for rule in self.deny):
             return Verdict(False, "denied-by-rule", f"{shown} matches a deny rule")
-        for rule in self.allow:
-            if rule.matches_address(address, port):
-                return Verdict(True, "allowed-by-rule", f"rule {rule.text}")
-        if not self.allow_private and not is_public_address(address):
-            return Verdict(False, "private-address", f"{shown} is not a public address")
+        allowing = [rule for rule in self.allow if rule.matches_address(address, port)]
+        kind, what = self._classify(address)
+        if kind == "platform" and not any(rule.names_exactly() for rule in allowing):
+            return Verdict(False, "platform-endpoint",
+                           f"{shown}: {what}; only an allow rule for exactly this address "
+                           "reaches it")
+        if allowing:
+            return Verdict(True, "allowed-by-rule", f"rule {allowing[0].text}")
+        if kind == "special" or (kind == "private-use" and not self.allow_private):
+            how = "an IP rule or --allow-private" if kind == "private-use" else "only an IP rule"
+            return Verdict(False, "private-address",
+                           f"{shown} is not public ({what}; {how} reaches it)")
         if literal:
             return self._unlisted("ip-literal-not-allowed", f"no IP rule covers {shown}")
         return Verdict(True, "allowed-by-rule", f"resolved to {shown}")
@@ -469,10 +661,10 @@ TUNNEL_REFUSALS = frozenset(("sni-mismatch", "no-sni", "not-tls", "bad-client-he
                              "tls-timeout", *TLS_RECORD_FIRST.values()))
 
 
-def parse_raw_rule(text):
+def parse_raw_rule(text, deny=False):
     """'host:port/raw': the rule before the suffix, marked raw. A port is required: a raw rule
     for every port of a shared host would reach every site that host serves in the clear."""
-    rule = parse_rule(text[:-len(RAW_SUFFIX)])
+    rule = parse_rule(text[:-len(RAW_SUFFIX)], deny)
     if rule.port is None or rule.raw:
         raise RuleError(f"rule {text!r}: a {RAW_SUFFIX} rule names one port, e.g. github.com:22/raw")
     rule.text, rule.raw = text, True
@@ -640,7 +832,7 @@ def parse_socks4_request(data):
 BARE_LF_RE = re.compile(rb"(?<!\r)\n")
 TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 FIELD_VALUE_RE = re.compile(rb"[\t\x20-\x7e]*\Z")
-AUTHORITY_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?\Z")
+AUTHORITY_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::([0-9]{1,5}))?\Z")
 HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate",
     "te", "trailer", "transfer-encoding", "upgrade",
@@ -832,8 +1024,9 @@ def denial_message(host, port, verdict, address=None):
     shown = host_port(display_host(host), port)
     text = f"socks_filter: connection to {shown} denied ({verdict.reason}: {verdict.detail})."
     if address is not None:
+        also = " or use --allow-private" if address_class(address) == "private-use" else ""
         text += (f"\nTo allow it, add the IP rule '{format_address(address, port)}' (only if you "
-                 "mean to reach that private address) or use --allow-private.")
+                 f"mean to reach that address){also}.")
     elif verdict.reason in ("not-in-allowlist", "ip-literal-not-allowed", "private-address"):
         text += f"\nTo allow it, add the allow rule '{shown}'."
     return text
@@ -1496,7 +1689,7 @@ class FilterServer:
         try:
             if self.log_path:
                 try:
-                    self.log_file = open(self.log_path, "a", buffering=1, encoding="utf-8")
+                    self.log_file = open_log(self.log_path)
                 except OSError as error:
                     raise OSError(f"cannot open the log: {error}") from None
             for spec in self.listen_specs:
@@ -1710,7 +1903,7 @@ class FilterServer:
         that a client making endless denied requests cannot fill the disk."""
         if self.log_file is None:
             return
-        line = json.dumps(record, separators=(",", ":")) + "\n"
+        line = json.dumps(shell_inert(record), separators=(",", ":")) + "\n"
         self.log_bytes += len(line)
         if self.log_bytes > MAX_LOG_BYTES:
             line = json.dumps({"ts": record["ts"], "event": "log-full",
@@ -1913,12 +2106,14 @@ def build_parser():
                              "optional :PORT; a name's tunnels must be TLS naming it, unless the "
                              "rule ends in :PORT/raw (any protocol, e.g. github.com:22/raw)")
     parser.add_argument("--deny", action="append", default=[], metavar="RULE",
-                        help="deny a destination (wins over --allow)")
+                        help="deny a destination (wins over --allow); may be broad: *:22, "
+                             "*.com, [fc00::]/7, 0.0.0.0/0")
     parser.add_argument("--allow-file", action="append", default=[], metavar="FILE",
                         help="read allow rules from FILE, one per line, '#' comments")
     parser.add_argument("--allow-private", action="store_true",
-                        help="let allowed names resolve to loopback, private and link-local "
-                             "addresses (off: only an IP rule reaches those)")
+                        help="let allowed names resolve to private-use addresses (10/8, "
+                             "172.16/12, 192.168/16, fc00::/7); loopback, link-local, CGNAT and "
+                             "the rest still need an IP rule, cloud platform endpoints an exact one")
     parser.add_argument("--mode", choices=("enforce", "audit"), default="enforce",
                         help="audit: let through what passes the name and address checks and "
                              "log what enforce would decide (default: enforce)")
@@ -1949,12 +2144,43 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def own_addresses():
+    """This machine's interface addresses, read from /proc once at start (no privileges, well
+    under a millisecond). A name resolving to one reaches the services listening on this host,
+    so the policy treats them like loopback. Addresses added later (a VPN coming up) are not
+    seen; a file that cannot be read adds nothing, and the other checks still hold."""
+    found = set()
+    for path, parse in (("/proc/net/if_inet6", _inet6_addresses), ("/proc/net/fib_trie", _local_ipv4)):
+        try:
+            with open(path, encoding="ascii") as handle:
+                found.update(parse(handle))
+        except (OSError, ValueError, IndexError):
+            pass
+    return frozenset(found)
+
+
+def _inet6_addresses(lines):
+    return [ipaddress.IPv6Address(int(line.split()[0], 16)) for line in lines if line.strip()]
+
+
+def _local_ipv4(lines):
+    """The "/32 host LOCAL" leaves of the kernel's routing trie: one per local IPv4 address."""
+    found, last = [], None
+    for line in lines:
+        words = line.split()
+        if words[:1] == ["|--"]:
+            last = words[1]
+        elif words[:3] == ["/32", "host", "LOCAL"] and last:
+            found.append(ipaddress.IPv4Address(last))
+    return found
+
+
 def policy_from_args(args):
     allow = [parse_rule(text) for text in args.allow]
     for path in args.allow_file:
         allow.extend(read_rule_file(path))
-    deny = [parse_rule(text) for text in args.deny]
-    return Policy(allow, deny, allow_private=args.allow_private, mode=args.mode)
+    deny = [parse_rule(text, deny=True) for text in args.deny]
+    return Policy(allow, deny, allow_private=args.allow_private, mode=args.mode, own=own_addresses())
 
 
 def token_from_env(name):

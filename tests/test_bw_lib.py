@@ -78,7 +78,11 @@ class ParseArgsTest(unittest.TestCase):
         self.assertEqual(opts.env, ["X=1", "Y=a=b"])
 
     def test_no_abbreviations(self):
-        opts = bw_lib.parse_args(CLAUDE, ["--verb", "--filter"])
+        # An abbreviation of ours is not taken as ours, nor passed on: a typo (issue 13).
+        for argv in (["--verb"], ["--filter"]):
+            with self.assertRaises(Failure):
+                bw_lib.parse_args(CLAUDE, argv)
+        opts = bw_lib.parse_args(CLAUDE, ["--", "--verb", "--filter"])
         self.assertFalse(opts.verbose)
         self.assertEqual(opts.args, ["--verb", "--filter"])
 
@@ -213,7 +217,10 @@ class MountsTest(Fixture):
     def test_default_home_has_state_rw_tools_ro_and_secrets_masked(self):
         plan = self.plan()
         home = self.home
-        self.assertIn(("--bind", f"{home}/.claude", f"{home}/.claude"), plan.mounts)
+        # The CLI's state is the session's own copy (tests/test_state.py), not a bind.
+        self.assertNotIn(f"{home}/.claude", self.dests(plan))
+        self.assertIn(("--bind", f"{home}/.claude", f"{home}/.claude"),
+                      self.plan("--allow-config-writes").mounts)
         self.assertIn(("--ro-bind", f"{home}/.cargo", f"{home}/.cargo"), plan.mounts)
         self.assertIn(("--ro-bind", "/dev/null", f"{home}/.cargo/credentials.toml"), plan.mounts)
         self.assertIn(("--bind", self.project, self.project), plan.mounts)
@@ -229,7 +236,7 @@ class MountsTest(Fixture):
         self.assertIn(("--tmpfs", None, f"{home}/.config/gh"), plan.mounts)
         self.assertNotIn(f"{home}/.ssh", [m[1] for m in plan.mounts])
         self.assertNotIn(f"{home}/.claude.json", [m[1] for m in plan.mounts])
-        self.assertIn(("--bind", f"{home}/.claude", f"{home}/.claude"), plan.mounts)
+        self.assertNotIn(f"{home}/.claude", [m[1] for m in plan.mounts])
 
     def test_full_home_skips_sockets_and_links_to_secrets_or_home(self):
         os.symlink(os.path.join(self.home, ".ssh"), os.path.join(self.home, "keys"))
@@ -327,7 +334,7 @@ class BwrapArgsTest(Fixture):
                 if child != parent and bw_lib.is_within(child, parent):
                     self.assertLess(parent_at, at, f"{parent} must come before {child}")
         self.assertLess(positions["/tmp"], positions[self.project])
-        self.assertLess(positions[self.home], positions[f"{self.home}/.claude"])
+        self.assertLess(positions[self.home], positions[f"{self.home}/.cargo"])
 
     def test_masks_come_after_what_they_hide_and_are_read_only(self):
         args = self.args("--full-home-access")
@@ -379,7 +386,7 @@ class BwrapArgsTest(Fixture):
         pairs = list(zip(args, args[1:]))
         for rule in (*CLAUDE.allow, "127.0.0.1:8080"):
             self.assertIn(("--allow", rule), pairs)
-        self.assertIn(("--allow-file", allow), pairs)
+        self.assertIn(("--allow", "x.example"), pairs)     # the file's rules, read once
         self.assertIn(("--log", "/PRIV/proxy.log"), pairs)
         self.assertEqual(args[-2:], ["--ready-fd", "5"])
         for telemetry in ("sentry.io", "statsig.anthropic.com", "play.googleapis.com"):
@@ -500,11 +507,11 @@ class StateMergeTest(unittest.TestCase):
         self.assertEqual(json.loads(merged), {"a": 2, "b": 3})
         self.assertEqual(bw_lib.merge_state(b"{}", b"broken", b'{"b": 1}'), b"broken")
 
-    def test_write_back_is_atomic_under_the_lock_and_keeps_the_mode(self):
+    def test_write_place_is_atomic_and_keeps_the_mode(self):
         root = tempfile.mkdtemp(prefix="bw-unit-")
         self.addCleanup(shutil.rmtree, root)
         path = write(os.path.join(root, ".claude.json"), '{"a": 1}', 0o600)
-        bw_lib.write_back(path, b'{"a": 1}', b'{"a": 2}')
+        bw_lib.write_place((root, [], ".claude.json"), b'{"a": 2}\n')
         with open(path) as f:
             self.assertEqual(json.load(f), {"a": 2})
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)

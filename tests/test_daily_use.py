@@ -353,11 +353,11 @@ class DailyUseTest(SessionCase, unittest.TestCase):
     # -- learn ---------------------------------------------------------------------------
 
     def test_learn_then_lock_down(self):
-        # Loopback is private, so learning it takes --allow-private (a learned name that
-        # resolved to a private address would say so in its comment).  The IP rules learned
-        # need no --allow-private afterwards: an IP rule is how a private address is allowed.
+        # Loopback stays closed in learn mode, --allow-private or not (that opens only the
+        # private-use networks), so this session reaches it by an IP rule, which is learned
+        # like any destination reached.  An IP rule is how a loopback address is allowed.
         learned = os.path.join(self.root, "learned.allow")
-        result = self.check(self.bw("--learn", learned, "--allow-private", script="; ".join([
+        result = self.check(self.bw("--learn", learned, "--allow-domain", self.one, script="; ".join([
             self.fetch(self.one), self.fetch(self.one, '-x "$ALL_PROXY"')])))
         self.assertEqual(result.stdout.count(BODY.decode()), 2)
         self.assertIn("bw-claude: learn mode: the network is OPEN", result.stderr)

@@ -209,6 +209,16 @@ class SummaryTest(unittest.TestCase):
         self.assertIn("IP rule '10.0.0.5:8000'", message)
         self.assertIn("--allow-private", message)
         self.assertNotIn("rule 'learn.bars.test:8000'", message)
+        # --allow-private opens only private-use networks: for loopback, the IP rule alone
+        lines = [record(decision="deny", reason="private-address", id=1, host="loop.bars.test",
+                        port=8000, address="127.0.0.1:8000")]
+        text = bw_lib.summarize("bw-claude", lines)
+        self.assertIn("--allow-domain 127.0.0.1:8000 (only if you mean it)", text)
+        self.assertNotIn("--allow-private", text)
+        message = socks_filter.denial_message("loop.bars.test", 8000, verdict,
+                                              socks_filter.ipaddress.ip_address("127.0.0.1"))
+        self.assertIn("IP rule '127.0.0.1:8000'", message)
+        self.assertNotIn("--allow-private", message)
 
     def test_hosts_blocked_by_design_are_one_quiet_line(self):
         lines = [record(decision="deny", reason="not-in-allowlist", id=i, host=host, port=443)
@@ -378,6 +388,12 @@ class BridgeCase(unittest.TestCase):
         return [line for line in result.stderr.splitlines() if "network:" in line][-1]
 
 
+def loopback(server):
+    """The IP rule that lets names pinned to 127.0.0.1 reach `server` (an IP rule is the one
+    way to a loopback address; --allow-private opens only private-use networks)."""
+    return ["--allow-domain", f"127.0.0.1:{server.port}"]
+
+
 def tunnel(data_file, host, port, via="$HTTPS_PROXY"):
     """Shell: send a file's bytes through a proxy tunnel to host:port with real curl, print
     what came back (hex) and curl's status."""
@@ -412,7 +428,7 @@ class BridgeTest(BridgeCase):
         for name, data in cases.items():
             self.put(name, data)
         script = "; ".join(tunnel(name, NAME, server.port) for name in cases)
-        self.bw("--filter-network", "--allow-private", "--allow-domain", f"{NAME}:{server.port}",
+        self.bw("--filter-network", *loopback(server), "--allow-domain", f"{NAME}:{server.port}",
                 script=script)
         reasons = [r["reason"] for r in self.decisions()]
         self.assertEqual(reasons, ["tls-alert-first", "tls-change-cipher-spec-first",
@@ -429,7 +445,7 @@ class BridgeTest(BridgeCase):
         script = "; ".join([tunnel("hello", NAME, server.port),
                             tunnel("hello", NAME, server.port, via="$ALL_PROXY")])
         banner = SSH_BANNER.hex()
-        raw = self.bw("--filter-network", "--allow-private", "--allow-domain",
+        raw = self.bw("--filter-network", *loopback(server), "--allow-domain",
                       f"{NAME}:{server.port}/raw", script=script)
         self.assertEqual(raw.stdout.count(banner), 2, raw.stdout + raw.stderr)
         self.assertTrue(wait(lambda: len(server.received) == 2))
@@ -437,7 +453,7 @@ class BridgeTest(BridgeCase):
         server.received.clear()
         self.assertEqual({r.get("tunnel") for r in self.decisions()}, {"raw"})
         os.unlink(self.log)
-        plain = self.bw("--filter-network", "--allow-private", "--allow-domain",
+        plain = self.bw("--filter-network", *loopback(server), "--allow-domain",
                         f"{NAME}:{server.port}", script=script)
         self.assertNotIn(banner, plain.stdout)
         self.assertEqual([r["reason"] for r in self.decisions()], ["not-tls"] * 2)
@@ -451,7 +467,7 @@ class BridgeTest(BridgeCase):
         url = f"http://{NAME}:{server.port}/"
         script = (f"curl -sS -m 8 --noproxy '' -x \"$HTTP_PROXY\" {url}; "
                   f"curl -sS -m 8 --noproxy '' -x \"$HTTP_PROXY\" -H 'Host: attacker.example' {url}")
-        result = self.bw("--filter-network", "--allow-private", "--allow-domain",
+        result = self.bw("--filter-network", *loopback(server), "--allow-domain",
                          f"{NAME}:{server.port}", script=script)
         self.assertEqual(result.stdout.count("ok"), 1, result.stdout + result.stderr)
         self.assertIn("Host header does not match", result.stdout)
@@ -463,7 +479,7 @@ class BridgeTest(BridgeCase):
         self.put("hello", b"SSH-2.0-OpenSSH_9.2\r\n")
         self.put("tls", built_client_hello(NAME.encode()))
         learned = os.path.join(self.root, "learned")
-        result = self.bw("--learn", learned, "--allow-private",
+        result = self.bw("--learn", learned, *loopback(ssh), *loopback(tls),
                          script="; ".join([tunnel("hello", NAME, ssh.port),
                                            tunnel("tls", NAME, tls.port)]))
         self.assertIn(SSH_BANNER.hex(), result.stdout, result.stderr)

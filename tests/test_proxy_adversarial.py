@@ -595,7 +595,7 @@ class BypassOverTheWireTest(ProxyTestCase):
             b"mapped.example.com": {"private-address"},
             b"nat64.example.com": {"private-address"},
             b"sixtofour.example.com": {"private-address"},
-            b"metadata.example.com": {"private-address"},
+            b"metadata.example.com": {"platform-endpoint"},
             b"lan.example.com": {"private-address"},
             b"zero.example.com": {"private-address"},
             b"mixed.example.com": {"private-address"},     # one public, one loopback address
@@ -1398,7 +1398,7 @@ def _sni_child():
     Prints one JSON object with what each case observed."""
     _bring_loopback_up()
     upstream = Upstream("record", host=LOOP, port=443, idle=1.0)
-    proxy = ProxyProcess(["--allow", "loop.example.com:443", "--allow-private", "--verbose"],
+    proxy = ProxyProcess(["--allow", "loop.example.com:443", "--allow", f"{LOOP}:443", "--verbose"],
                          handshake_timeout=1.5)
     results = {}
     try:
@@ -1466,7 +1466,7 @@ def _sni_child():
         results["stderr"] = proxy.stderr()
         results["log-details"] = [r.get("detail", "") for r in proxy.records(None)]
         # SNI-stage stalls (tunnel open, no ClientHello) at the connection limit
-        limited = ProxyProcess(["--allow", "loop.example.com:443", "--allow-private",
+        limited = ProxyProcess(["--allow", "loop.example.com:443", "--allow", f"{LOOP}:443",
                                 "--max-connections", "4"])
         stalled = []
         try:

@@ -188,6 +188,12 @@ def make_rule(text):
     return socks_filter.parse_rule(text)
 
 
+def loopback_rules(port):
+    """The IP rules that let an allowed name reach this machine's loopback on `port`
+    (--allow-private does not: it opens only the private-use networks)."""
+    return f"127.0.0.1:{port}", f"[::1]:{port}"
+
+
 def make_policy(allow=(), deny=(), allow_private=False, mode="enforce"):
     return socks_filter.Policy([make_rule(r) for r in allow], [make_rule(r) for r in deny],
                                allow_private=allow_private, mode=mode)
@@ -496,9 +502,10 @@ class Socks5Test(ProxyTestCase):
         self.assertEqual(recv_exact(sock, 2), b"\x05\xff")
         self.assertTrue(is_closed(sock))
 
-    def test_name_resolving_to_loopback_needs_allow_private(self):
-        """ATYP 3 'localhost' allowed by a name rule is still refused (0x02) for its loopback address."""
-        proxy = self.proxy(f"localhost:{self.echo.port}")
+    def test_name_resolving_to_loopback_needs_an_ip_rule(self):
+        """ATYP 3 'localhost' allowed by a name rule is still refused (0x02) for its loopback
+        address, --allow-private or not: that opens only the private-use networks."""
+        proxy = self.proxy(f"localhost:{self.echo.port}", allow_private=True)
         sock = self.connection(dial(proxy.address))
         sock.sendall(GREETING + socks5_request("localhost", self.echo.port))
         self.assertEqual(recv_exact(sock, 12), b"\x05\x00\x05\x02\x00\x01" + b"\0" * 6)
@@ -506,9 +513,9 @@ class Socks5Test(ProxyTestCase):
         records = read_log(self.log, 1, lambda r: r["host"] == "localhost")
         self.assertIn("private-address", [r["reason"] for r in records if r["host"] == "localhost"])
 
-    def test_name_with_allow_private(self):
-        """ATYP 3 'localhost' with a name rule and allow_private connects and relays."""
-        proxy = self.proxy(f"localhost:{self.echo.port}/raw", allow_private=True)
+    def test_name_with_an_ip_rule_for_its_address(self):
+        """ATYP 3 'localhost' with a name rule and an IP rule for loopback connects and relays."""
+        proxy = self.proxy(f"localhost:{self.echo.port}/raw", *loopback_rules(self.echo.port))
         sock, reply = socks5_open(proxy.address, "localhost", self.echo.port, early=b"hi")
         self.connection(sock)
         self.assertEqual(reply[:2], b"\x05\x00")
@@ -529,7 +536,7 @@ class Socks5Test(ProxyTestCase):
     def test_name_case_and_trailing_dot(self):
         """'LOCALHOST.' matches the rule for localhost and is logged canonically."""
         # /raw: a plain name rule logs its decision only once the ClientHello came
-        proxy = self.proxy(f"localhost:{self.echo.port}/raw", allow_private=True)
+        proxy = self.proxy(f"localhost:{self.echo.port}/raw", *loopback_rules(self.echo.port))
         sock, reply = socks5_open(proxy.address, "LOCALHOST.", self.echo.port)
         self.connection(sock)
         self.assertEqual(reply[1], 0)
@@ -589,7 +596,7 @@ class Socks4Test(ProxyTestCase):
 
     def test_socks4a_name_allowed(self):
         """SOCKS4a (DSTIP 0.0.0.1 + name) to an allowed name relays, logged as proto socks4a."""
-        proxy = self.proxy(f"localhost:{self.echo.port}/raw", allow_private=True)
+        proxy = self.proxy(f"localhost:{self.echo.port}/raw", *loopback_rules(self.echo.port))
         sock = self.connection(dial(proxy.address))
         sock.sendall(socks4_request(self.echo.port, name="localhost") + b"4a")
         self.assertEqual(recv_exact(sock, 8)[:2], b"\x00\x5a")
@@ -608,7 +615,7 @@ class Socks4Test(ProxyTestCase):
 
     def test_socks4_byte_by_byte(self):
         """A SOCKS4a request arriving one byte at a time is still understood."""
-        proxy = self.proxy(f"localhost:{self.echo.port}", allow_private=True)
+        proxy = self.proxy(f"localhost:{self.echo.port}", *loopback_rules(self.echo.port))
         sock = self.connection(dial(proxy.address))
         for byte in socks4_request(self.echo.port, name="localhost"):
             sock.send(bytes((byte,)))
@@ -1025,7 +1032,7 @@ class LogTest(ProxyTestCase):
     def test_audit_mode(self):
         """Audit lets an unlisted name through (logged deny + enforced false); a deny rule still blocks."""
         echo = self.upstream(echo_handler)
-        proxy = self.proxy(deny=["blocked.example.com"], mode="audit", allow_private=True)
+        proxy = self.proxy(*loopback_rules(echo.port), deny=["blocked.example.com"], mode="audit")
         sock, reply = socks5_open(proxy.address, "localhost", echo.port, early=b"audit")
         self.connection(sock)
         self.assertEqual(reply[1], 0)

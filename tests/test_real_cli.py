@@ -579,7 +579,10 @@ class TestInteractive(RealCLITest):
                 if name.endswith(".lock") or ".tmp." in name or name.endswith(".tmp"):
                     left.append(os.path.join(root, name))
         self.assertEqual(left, [], "lock or temporary files left in home")
-        self.assertEqual(sorted(os.listdir(self.home)), [".claude", ".claude.json"])
+        self.assertEqual(sorted(os.listdir(self.home)), [".cache", ".claude", ".claude.json"])
+        # .cache holds only where sessions live (issue 13), empty once they are over.
+        self.assertEqual(os.listdir(os.path.join(self.home, ".cache")), ["bw-claude"])
+        self.assertEqual(os.listdir(os.path.join(self.home, ".cache", "bw-claude")), [])
 
 
 if __name__ == "__main__":

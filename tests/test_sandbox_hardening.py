@@ -10,13 +10,14 @@ import os
 import pty
 import select
 import shutil
+import stat
 import struct
 import subprocess
 import sys
 import unittest
 
 import bw_lib
-from tests.test_sandbox import BW_CLAUDE, FAKE_CLI, make_session_dirs, missing, read_pty
+from tests.test_sandbox import BW_CLAUDE, FAKE_CLI, REPO, make_session_dirs, missing, read_pty
 
 TIOCSTI_ATTACK = """
 import errno, fcntl, sys, termios
@@ -28,6 +29,21 @@ for name, request in (("TIOCSTI", termios.TIOCSTI), ("TIOCSTI-HIGH", termios.TIO
     except OSError as error:
         print(name, errno.errorcode[error.errno])
 """
+
+
+def reachable_by_others(path):
+    """Whether a user with no rights of its own can run `path`: every directory on the way
+    searchable by others, the file executable by them."""
+    real = os.path.realpath(path)
+    if not os.path.isfile(real) or not os.stat(real).st_mode & stat.S_IXOTH:
+        return False
+    parent = os.path.dirname(real)
+    while True:
+        if not os.stat(parent).st_mode & stat.S_IXOTH:
+            return False
+        if parent == "/":
+            return True
+        parent = os.path.dirname(parent)
 
 
 def run_bpf(program, nr, arch, request):
@@ -95,22 +111,19 @@ class ProtectionPlanTest(unittest.TestCase):
     def test_existing_paths_are_read_only_and_their_parents_pinned(self):
         mounts, placeholders = self.plan(
             ["/p/.git/config", "/p/.git/hooks", "/p/.claude/settings.json",
-             "/p/.claude/settings.old.json", "/p/.mcp.json", "/h/.claude/settings.json"],
+             "/p/.claude/settings.old.json", "/p/.mcp.json"],
             dirs=["/p/.git", "/p/.claude", "/p/.claude/commands", "/p/.claude/agents",
                   "/p/.gemini", "/p/.vscode", "/p/.idea"])
         for path in ("/p/.git", "/p/.claude", "/p/.gemini"):
             self.assertIn(("--bind", path, path), mounts)
         for path in ("/p/.git/hooks", "/p/.git/config", "/p/.claude/settings.json",
-                     "/p/.claude/settings.old.json", "/p/.mcp.json", "/p/.vscode",
-                     "/h/.claude/settings.json"):
+                     "/p/.claude/settings.old.json", "/p/.mcp.json", "/p/.vscode"):
             self.assertIn(("--ro-bind", path, path), mounts)
         self.assertEqual(placeholders, [
             "/p/.git/commondir", "/p/.git/config.worktree", "/p/.git/modules/",
             "/p/.git/worktrees/", "/p/.claude/settings.local.json", "/p/.claude/hooks/",
             "/p/.claude/skills/", "/p/.gemini/settings.json", "/p/.gemini/.env",
-            "/p/.gemini/commands/", "/p/.gemini/extensions/", "/h/.claude/settings.local.json",
-            "/h/.claude/hooks/", "/h/.claude/plugins/", "/h/.claude/skills/", "/h/.claude/local/",
-            "/h/.claude/commands/", "/h/.claude/agents/"])
+            "/p/.gemini/commands/", "/p/.gemini/extensions/"])
 
     def test_missing_paths_get_placeholders_and_no_git_means_no_git_rules(self):
         mounts, placeholders = self.plan([])
@@ -120,10 +133,9 @@ class ProtectionPlanTest(unittest.TestCase):
             "/p/.claude/commands/", "/p/.claude/agents/", "/p/.claude/hooks/",
             "/p/.claude/skills/", "/p/.mcp.json", "/p/.gemini/", "/p/.gemini/settings.json",
             "/p/.gemini/.env", "/p/.gemini/commands/", "/p/.gemini/extensions/", "/p/.vscode/",
-            "/p/.idea/", "/h/.claude/settings.json", "/h/.claude/settings.local.json",
-            "/h/.claude/hooks/", "/h/.claude/plugins/", "/h/.claude/skills/",
-            "/h/.claude/local/", "/h/.claude/commands/", "/h/.claude/agents/"])
-        self.assertNotIn("/h/.gemini/settings.json", [m[2] for m in mounts])
+            "/p/.idea/"])
+        # The CLI's state is the session's own copy (tests/test_state.py): nothing in it.
+        self.assertFalse([m for m in mounts if m[2].startswith("/h/")])
 
     def test_git_file_and_allow_rw_directories_are_protected(self):
         existing = {"/p/.git", "/r/.git", "/r/.git/config"}
@@ -223,8 +235,6 @@ class HardeningTest(unittest.TestCase):
         "gemini-settings": "mkdir -p .gemini && echo '{}' > .gemini/settings.json",
         "vscode": "mkdir -p .vscode && echo '{}' > .vscode/tasks.json",
         "idea": "mkdir -p .idea/x",
-        "home-claude-local": "echo '{\"hooks\": {}}' > ~/.claude/settings.local.json",
-        "home-claude-rename": "mv ~/.claude/settings.json ~/.claude/s.json",
     }
     ALLOWED = {"git-object": "echo x > .git/objects/new && echo done",
                "claude-other": "mkdir -p .claude && echo x > .claude/notes.txt && echo done"}
@@ -255,7 +265,7 @@ class HardeningTest(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(self.project)),
                          sorted(before + [".claude", ".fake-cli-args"]))
         self.assertEqual(os.listdir(os.path.join(self.project, ".claude")), ["notes.txt"])
-        self.assertEqual(os.listdir(os.path.join(self.home, ".claude")), [])
+        self.assertFalse(os.path.lexists(os.path.join(self.home, ".claude")))
         self.assertEqual(os.listdir(self.runtime), [])
 
     def test_home_settings_keep_only_the_safe_changes(self):
@@ -277,10 +287,9 @@ class HardeningTest(unittest.TestCase):
 
     def test_missing_home_settings_are_created_with_safe_changes_only(self):
         result = self.bw(script=(
-            "cat ~/.claude/settings.json; printf '%s' '{\"hooks\": 1, "
+            "printf '%s' '{\"hooks\": 1, "
             "\"skipDangerousModePermissionPrompt\": true}' > ~/.claude/settings.json"))
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertEqual(result.stdout, "{}\n")
         with open(os.path.join(self.home, ".claude", "settings.json")) as f:
             self.assertEqual(json.load(f), {"skipDangerousModePermissionPrompt": True})
 
@@ -292,7 +301,7 @@ class HardeningTest(unittest.TestCase):
         self.assertEqual(os.listdir(self.project), [".fake-cli-args"])
         with open(os.path.join(self.project, ".fake-cli-args")) as f:
             self.assertTrue(f.read())
-        self.assertEqual(os.listdir(os.path.join(self.home, ".claude")), [])
+        self.assertFalse(os.path.lexists(os.path.join(self.home, ".claude")))
 
     def without_privileges(self):
         """A prefix that runs the wrapper without root's power to write anywhere (as the
@@ -320,7 +329,8 @@ class HardeningTest(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(self.project, ".mcp.json")))
         line = result.stderr.strip()
         self.assertNotIn("\n", line)
-        self.assertTrue(line.startswith("bw-claude: error: cannot hold " + self.project), line)
+        self.assertTrue(line.startswith(f"bw-claude: error: the project {self.project} is not "
+                                        "writable"), line)
         self.assertIn("--allow-config-writes", line)
         self.assertEqual(os.listdir(self.runtime), [])
         # The way out the message names.
@@ -335,16 +345,28 @@ class HardeningTest(unittest.TestCase):
         # either, so no protection is lost and the session runs.  As root, the session runs
         # as nobody (its directories handed over) in a read-only directory of root's.
         project = "/usr/share/doc" if os.path.isdir("/usr/share/doc") else "/usr/share"
-        as_user = []
+        as_user, python, entry = [], sys.executable, BW_CLAUDE
         if os.geteuid() == 0:
             setpriv = shutil.which("setpriv")
             if not setpriv:
                 missing("setpriv (util-linux) is needed to run as another user")
+            # The clone may sit in a directory nobody can enter (/root, a mode-700 mktemp):
+            # nobody runs a copy of the scripts, from its own directory, with a python3 it
+            # can reach.
+            entry = os.path.join(self.root, "scripts", "bw-claude")
+            os.makedirs(os.path.dirname(entry))
+            for name in ("bw-claude", "bw_lib.py", "socks_filter.py", "socat_bridge.sh"):
+                shutil.copy2(os.path.join(REPO, name), os.path.dirname(entry))
+            python = next((p for p in (sys.executable, "/usr/bin/python3")
+                           if reachable_by_others(p)), None)
+            if python is None:
+                missing(f"no python3 that {os.path.basename(sys.executable)}'s other users "
+                        "can run: apt-get install python3")
             for directory, _, files in os.walk(self.root):
                 for path in (directory, *(os.path.join(directory, f) for f in files)):
                     os.lchown(path, 65534, 65534)
             as_user = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
-        result = subprocess.run([*as_user, sys.executable, BW_CLAUDE, "--dir", project, "--",
+        result = subprocess.run([*as_user, python, entry, "--dir", project, "--",
                                  "echo ran"], cwd=project, env=self.env, capture_output=True,
                                 text=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -442,9 +464,10 @@ class HardeningTest(unittest.TestCase):
                              capture_output=True, text=True)
         self.assertEqual(log.stdout, "inside\n", log.stderr)
 
-    def test_cli_state_that_runs_code_is_read_only(self):
+    def test_cli_state_that_runs_code_never_reaches_the_host(self):
         # Both CLIs run code from their state directories: hooks and status-line scripts,
-        # plugins, skills, the local install, commands, agents, extensions, .env.
+        # plugins, skills, the local install, commands, agents, extensions, .env.  Inside
+        # they are the session's own copies; none of it reaches the host's.
         os.makedirs(os.path.join(self.home, ".claude", "hooks"))
         for name, mode in (("statusline.sh", 0o644), ("statusline", 0o755)):
             with open(os.path.join(self.home, ".claude", name), "w") as f:
@@ -469,15 +492,16 @@ class HardeningTest(unittest.TestCase):
                             for n, c in allowed.items()])
         result = self.bw(script=script)
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertNotIn("WORKED", result.stdout)
         for name in allowed:
             self.assertIn(f"ALLOWED {name}", result.stdout)
-        self.assertEqual(sorted(os.listdir(os.path.join(self.home, ".claude"))), sorted(
-            ["hooks", "statusline.sh", "statusline", ".credentials.json", "history.jsonl",
-             "projects", "todos", "statsig", "shell-snapshots", "tmp"]))
+        self.assertEqual(sorted(os.listdir(os.path.join(self.home, ".claude"))),
+                         ["hooks", "statusline", "statusline.sh"])
         self.assertEqual(os.listdir(os.path.join(self.home, ".claude", "hooks")), [])
+        for name in ("statusline.sh", "statusline"):
+            with open(os.path.join(self.home, ".claude", name)) as f:
+                self.assertEqual(f.read(), "#!/bin/sh\necho status\n")
 
-    def test_gemini_state_that_runs_code_is_read_only(self):
+    def test_gemini_state_that_runs_code_never_reaches_the_host(self):
         if not shutil.which("node", path=self.env["PATH"]):
             missing("node is not installed")
         with open(os.path.join(self.bin, "gemini"), "w") as f:
@@ -500,7 +524,7 @@ class HardeningTest(unittest.TestCase):
                                                               "bw-gemini"), "--", script],
                                 cwd=p, env=self.env, capture_output=True, text=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertNotIn("WORKED", result.stdout)
+        self.assertNotIn("WORKED project-env", result.stdout)
         self.assertIn("TRUSTED", result.stdout)
         self.assertIn("ALLOWED", result.stdout)
         # Trust goes back for this project only.
@@ -546,7 +570,7 @@ class HardeningTest(unittest.TestCase):
         self.assertNotIn("Traceback", result.stderr)
         self.assertEqual(os.listdir(self.runtime), [])
         self.assertEqual(sorted(os.listdir(self.project)), [".fake-cli-args"])
-        self.assertEqual(os.listdir(os.path.join(self.home, ".claude")), [])
+        self.assertFalse(os.path.lexists(os.path.join(self.home, ".claude")))
         self.assertFalse(os.path.exists(os.path.join(self.home, ".claude.json")))
 
     def test_home_must_be_absolute_and_relative_xdg_config_is_ignored(self):
@@ -600,7 +624,7 @@ class HardeningTest(unittest.TestCase):
         self.make_git()
         result = self.bw("--allow-config-writes", script=self.attack_script())
         self.assertEqual(result.returncode, 0, result.stderr)
-        for name in ("hook", "git-config", "mcp", "claude-settings", "home-claude-local"):
+        for name in ("hook", "git-config", "mcp", "claude-settings"):
             self.assertIn(f"WORKED {name}", result.stdout)
         self.assertTrue(os.path.exists(os.path.join(self.project, ".mcp.json")))
 
