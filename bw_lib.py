@@ -77,10 +77,16 @@ Files that run code later, outside the sandbox
   socket of socks_filter.py, started for this session with the profile's allow list.
   The socket is bound into the sandbox, and socat_bridge.sh, the sandbox's first
   process, forwards 127.0.0.1:PORT (a port the kernel picks) to it, sets
-  HTTP(S)_PROXY, ALL_PROXY and NO_PROXY, then execs the CLI.  With --unshare-net the
-  sandbox has no other way out; without it, programs that ignore proxy variables go
-  around the filter (advisory mode, said at start).  At exit the proxy is stopped,
-  the directory removed, and the summary below is printed.
+  HTTP(S)_PROXY, ALL_PROXY and NO_PROXY, then execs the CLI.  --filter-network implies
+  --unshare-net, so the sandbox has no other way out.  --filter-network --share-net is
+  advisory (said at start): programs that ignore proxy variables go around the filter,
+  and the bridge listens on the host's 127.0.0.1, open to every local user, so the proxy
+  then serves only clients that send a random per-session password (TOKEN_VARIABLE, in
+  the environment of the proxy and the bridge, never on a command line), which the
+  bridge puts in the proxy URLs (http://bw:TOKEN@127.0.0.1:PORT).  --host-port PORT[:HOST]
+  makes the host's 127.0.0.1:HOST appear at 127.0.0.1:PORT inside: one more socat in the
+  bridge asks the proxy for it, which allows exactly that IP rule and logs it.  At exit
+  the proxy is stopped, the directory removed, and the summary below is printed.
   Every session has a private directory on disk (~/.cache/TOOL/TOOL.XXXXXXXX, mode 0700,
   under an absolute $XDG_CACHE_HOME when set; the runtime directory when it cannot be
   made) holding its home, caches, copies of guarded files and the proxy's log.  Both are
@@ -95,7 +101,9 @@ The allow list
   sandbox can write, or a link there (the project, --allow-rw, the CLI's state), is
   refused: an earlier session could have widened this one's network.
   The rule syntax is socks_filter.py's: example.com, *.example.com, 1.2.3.4,
-  10.0.0.0/8, [::1], each with an optional :PORT.  Names pass only by name rules, IP
+  10.0.0.0/8, [::1], each with an optional :PORT; the profiles' rules name port 443.  A
+  name rule carries TLS for that name only (a tunnel must open with a ClientHello naming
+  it); host:PORT/raw carries any protocol to that port.  Names pass only by name rules, IP
   addresses only by IP rules, and no name may lead to a non-public address unless an
   IP rule covers it; --allow-private (dangerous: your LAN) opens only the private-use
   networks (10/8, 172.16/12, 192.168/16, fc00::/7), never loopback, link-local or
@@ -111,7 +119,13 @@ When something is blocked
   private address (loopback, the LAN, the cloud metadata service) is flagged "allow only
   if you mean it", and a name that resolved to one is not offered --allow-private: that
   is for the user to decide.
-  On a terminal wide enough it is a small table; otherwise (a pipe, a file) one line.
+  A name that resolved to a private address is offered the IP rule for that address
+  (only if you mean it) or --allow-private; a tunnel that was not TLS, a :PORT/raw rule.
+  Allowed connections whose lookup or connect failed are counted apart, with the reason;
+  the hosts the profile expects to stay blocked (expected_blocked), and clients refused
+  for lacking the advisory bridge's password, are summed up on one line each.
+  On a terminal wide enough it is a small table; otherwise one line (a pipe, a file), or
+  on a narrow terminal that line folded between words.
   It is built from the proxy's JSON log alone (summarize()), so --proxy-log FILE keeps
   what it takes to rebuild it.
 
@@ -120,7 +134,8 @@ When something is blocked
   name and address checks goes through (private addresses stay blocked unless
   --allow-private), and enforce mode's verdict is logged.  A loud line says so at
   start.  At exit FILE is replaced by the destinations the session reached, as
-  host:port rules, sorted, each with a comment giving its connections and protocols;
+  host:port rules (host:port/raw where a tunnel carried something other than TLS for
+  that name), sorted, each with a comment giving its connections and protocols;
   what failed to connect, and names that cannot be rules (a single label such as
   localhost), stay comments.  Review it, then run with --filter-network --unshare-net
   --allow-file FILE.  Learn implies --filter-network and --unshare-net (--share-net
@@ -149,7 +164,9 @@ Defaults file
   that forbids one), the seccomp filter on this architecture, socat, the CLI (run
   with --version, bounded), whether the node on PATH sends fetch() through the proxy,
   and every allow rule from the files and options; notes
-  the kernel's TIOCSTI switch and what this bwrap and env(1) lack.  Each failure
+  the kernel's TIOCSTI switch and what this bwrap and env(1) lack, the network mode in
+  force (advisory with --share-net), --host-port mappings, and allow rules that name the
+  sandbox's own loopback (a hint pointing at --host-port).  Each failure
   comes with its fix.  Exit 0 when everything needed works, 1 otherwise.
 
 Terminal and signals
@@ -180,6 +197,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import select
 import shlex
 import shutil
@@ -190,6 +208,7 @@ import subprocess
 import sys
 import tempfile
 import termios
+import textwrap
 import time
 from dataclasses import dataclass, field
 
@@ -293,6 +312,8 @@ class Profile:
                             # what of its own goes back (the "CLI state" section)
     cli_options: tuple = ()  # the CLI's own long options, passed through even when one looks
                              # like a misspelt option of the wrapper's (see misspelt_option)
+    expected_blocked: tuple = ()  # host:port every session contacts and the default allow list
+                                  # blocks by design: summed up on one quiet line at exit
 
 
 PROFILES = {
@@ -302,14 +323,17 @@ PROFILES = {
         lookup=(".claude/local/claude", ".local/bin/claude"),
         install_hint="npm install -g @anthropic-ai/claude-code",
         state_dirs=(".claude",),
-        allow=("api.anthropic.com", "claude.ai", "claude.com", "platform.claude.com",
-               "console.anthropic.com"),
+        allow=("api.anthropic.com:443", "claude.ai:443", "claude.com:443",
+               "platform.claude.com:443", "console.anthropic.com:443"),
         env_names=("ANTHROPIC_*", "CLAUDE_CODE_*", "DISABLE_TELEMETRY", "DISABLE_ERROR_REPORTING",
                    "DISABLE_BUG_COMMAND", "MAX_THINKING_TOKENS", "BASH_DEFAULT_TIMEOUT_MS",
                    "BASH_MAX_TIMEOUT_MS", "MCP_TIMEOUT"),
         # The install is read-only, and the sandbox is what makes skipping prompts safe.
         env=(("DISABLE_AUTOUPDATER", "1"), ("IS_SANDBOX", "1")),
         cli_args=("--allow-dangerously-skip-permissions",),
+        # Measured (2.1.197, interactive start): raw.githubusercontent.com (release notes);
+        # downloads.claude.ai is the updater's, which DISABLE_AUTOUPDATER mostly keeps quiet.
+        expected_blocked=("raw.githubusercontent.com:443", "downloads.claude.ai:443"),
         state=(State(".claude.json", back="keys", keys=CLAUDE_JSON_KEYS),
                State(".claude/.credentials.json", back="secret", keys=CLAUDE_CREDENTIAL_KEYS),
                State(".claude/settings.json", back="keys",
@@ -330,12 +354,14 @@ PROFILES = {
         lookup=(),
         install_hint="npm install -g @google/gemini-cli",
         state_dirs=(".gemini",),
-        allow=("generativelanguage.googleapis.com", "cloudcode-pa.googleapis.com",
-               "oauth2.googleapis.com", "www.googleapis.com", "accounts.google.com"),
+        allow=("generativelanguage.googleapis.com:443", "cloudcode-pa.googleapis.com:443",
+               "oauth2.googleapis.com:443", "www.googleapis.com:443", "accounts.google.com:443"),
         env_names=("GEMINI_*", "GOOGLE_GEMINI_BASE_URL", "GOOGLE_API_KEY", "GOOGLE_CLOUD_PROJECT",
                    "GOOGLE_CLOUD_LOCATION",
                    "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_GCA"),
         helpers=("node",),
+        # Measured (0.61.0, interactive start): usage statistics and the update check.
+        expected_blocked=("play.googleapis.com:443", "registry.npmjs.org:443"),
         state=(State(".gemini/oauth_creds.json", back="secret",
                      keys=("access_token", "refresh_token", "scope", "token_type", "id_token",
                            "expiry_date")),
@@ -441,6 +467,22 @@ REASONS = {
     "bad-port": "bad port",
     "too-many-connections": "too many connections",
     "bad-request": "malformed request",
+    # A tunnel to a name that did not open with a ClientHello naming that host (socks_filter).
+    "no-sni": "TLS without a server name",
+    "not-tls": "not TLS",
+    "bad-client-hello": "malformed TLS ClientHello",
+    "tls-timeout": "no TLS ClientHello in time",
+    "tls-alert-first": "TLS alert before the ClientHello",
+    "tls-change-cipher-spec-first": "TLS change-cipher-spec before the ClientHello",
+    "tls-heartbeat-first": "TLS heartbeat before the ClientHello",
+    "tls-data-first": "TLS application data before the ClientHello",
+    "proxy-auth": "no session credential",
+    # Allowed, but the connection did not happen.
+    "lookup-failed": "DNS lookup failed",
+    "connect-refused": "connection refused",
+    "unreachable": "unreachable",
+    "connect-timeout": "connect timed out",
+    "connect-failed": "connect failed",
 }
 # Reasons an --allow-domain HOST:PORT would cure.
 ALLOWABLE = {"not-in-allowlist", "ip-literal-not-allowed"}
@@ -544,15 +586,17 @@ def build_parser(profile):
                     "Of two options that contradict each other, the last wins.",
         epilog=f"examples:\n"
                f"  {tool}                                  {cli} in the current directory\n"
-               f"  {tool} --filter-network --unshare-net   network only to {cli}'s API\n"
-               f"  {tool} --filter-network --unshare-net --allow-domain registry.npmjs.org\n"
+               f"  {tool} --filter-network                 network only to {cli}'s API\n"
+               f"  {tool} --filter-network --allow-domain registry.npmjs.org:443\n"
+               f"  {tool} --filter-network --allow-domain github.com:22/raw   ssh to GitHub\n"
+               f"  {tool} --filter-network --host-port 5173   the host's localhost:5173 inside\n"
                f"  {tool} --learn ~/learned                open network; writes what was used\n"
-               f"  {tool} --filter-network --unshare-net --allow-file ~/learned   ...then only that\n"
+               f"  {tool} --filter-network --allow-file ~/learned   ...then only that\n"
                f"  {tool} --shell -- -c 'ls -la ~'         look around inside the sandbox\n"
                f"  {tool} --dry-run -v                     show what would run\n"
                f"files:\n"
                f"  ~/.config/{tool}/options          options read before the command line's,\n"
-               f"  {'':{len(tool) + 26}}  e.g. a line: --filter-network --unshare-net\n"
+               f"  {'':{len(tool) + 26}}  e.g. a line: --filter-network\n"
                f"  ~/.config/{tool}/allowed-domains  allow rules, one a line, # comments\n"
                f"  (both under $XDG_CONFIG_HOME instead of ~/.config when it is set)")
     sandbox = parser.add_argument_group(
@@ -581,20 +625,28 @@ def build_parser(profile):
         add_switch(sandbox, "--no-skip-permissions", "--skip-permissions",
                    f"do not pass {' '.join(profile.cli_args)} to {cli}")
     network = parser.add_argument_group(
-        "network", f"e.g. {tool} --filter-network --unshare-net --allow-preset github "
-                   "--allow-preset npm")
+        "network", f"e.g. {tool} --filter-network --allow-preset github --allow-preset npm")
     network.add_argument("--no-network", action=SetAll, dest=argparse.SUPPRESS,
                          values={"unshare_net": True, "filter_network": False},
                          help="no network at all (an empty network namespace); "
                               "--unshare-net --no-filter-network")
     add_switch(network, "--unshare-net", "--share-net",
-               "an empty network namespace; with --filter-network the proxy is the only way out")
+               "an empty network namespace (the default with --filter-network); "
+               "--filter-network --share-net is advisory: programs that ignore the proxy "
+               "variables reach the network directly, and the proxy asks every client for a "
+               "per-session credential, so other local users cannot use it")
     add_switch(network, "--filter-network", "--no-filter-network",
                f"network only through a filtering proxy that allows the {cli} API and your "
-               "allow list (enforced with --unshare-net, advisory without)")
+               "allow list; implies --unshare-net, so nothing else gets out")
     network.add_argument("--allow-domain", metavar="RULE", action="append", default=[],
                          help="allow a destination: example.com, *.example.com, 1.2.3.4, "
-                              "10.0.0.0/8, [::1], each with optional :PORT (repeatable)")
+                              "10.0.0.0/8, [::1], each with optional :PORT; a name carries "
+                              "only TLS for that name unless the rule ends in :PORT/raw "
+                              "(ssh, plain HTTP, a database: github.com:22/raw) (repeatable)")
+    network.add_argument("--host-port", metavar="PORT[:HOSTPORT]", action="append", default=[],
+                         help="make the host's 127.0.0.1:HOSTPORT (default PORT) appear at "
+                              "127.0.0.1:PORT inside, through the proxy, which logs it "
+                              "(repeatable; needs --unshare-net)")
     network.add_argument("--allow-file", metavar="FILE", action="append", default=[],
                          help="read allow rules from FILE, one a line (repeatable)")
     network.add_argument("--allow-preset", metavar="NAME", action="append", default=[],
@@ -634,7 +686,7 @@ ONE_SHOT = ("--doctor", "--list-presets", "--dry-run", "--shell", "--learn", "--
 # ignored when they come from the defaults file (a session run with --no-filter-network).
 NEEDS_FILTER = (("--allow-domain", "allow_domain"), ("--allow-file", "allow_file"),
                 ("--allow-preset", "allow_preset"), ("--proxy-log", "proxy_log"),
-                ("--allow-private", "allow_private"))
+                ("--allow-private", "allow_private"), ("--host-port", "host_port"))
 
 
 def split_argv(argv):
@@ -665,7 +717,8 @@ def resolve_options(opts, given):
     if learn and opts.filter_network is False:
         raise Failure("--learn and --no-filter-network (or --no-network) contradict each other", 2)
     opts.filter_network = learn or bool(opts.filter_network)
-    opts.unshare_net = learn if opts.unshare_net is None else opts.unshare_net
+    # Filtering is enforced unless sharing the host's network is asked for (--share-net).
+    opts.unshare_net = opts.filter_network if opts.unshare_net is None else opts.unshare_net
     for name in ("full_home_access", "allow_config_writes", "allow_private", "verbose"):
         setattr(opts, name, bool(getattr(opts, name)))
     opts.no_skip_permissions = bool(getattr(opts, "no_skip_permissions", False))
@@ -673,6 +726,7 @@ def resolve_options(opts, given):
         for flag, name in NEEDS_FILTER:
             if getattr(given, name):
                 raise Failure(f"{flag} needs --filter-network", 2)
+    opts.host_port = host_ports(opts, given)
     for name in opts.allow_preset:
         if name not in PRESETS:
             raise Failure(f"--allow-preset {name!r}: no such preset; there are "
@@ -872,6 +926,8 @@ class Plan:
     beneath: dict = field(default_factory=dict)     # fd-bound source: (real root, relative,
                                                     # is a directory), see bind_checked
     git_roots: list = field(default_factory=list)   # checked for git metadata at the end
+    host_ports: list = field(default_factory=list)  # --host-port: (inside, host port)
+    proxy_token: str = None                         # --share-net: the proxy's password
 
 
 def hidden_paths(profile):
@@ -1106,6 +1162,7 @@ def make_plan(profile, opts, environ, skip=()):
             file_rules += allow_file_rules(path, writable)
         allow_files.append(os.path.abspath(path))
     allow = list(profile.allow) + preset_rules(opts.allow_preset) + opts.allow_domain
+    allow += [host_port_rule(host) for _, host in opts.host_port]
     if opts.filter_network:
         # Every rule now, before anything starts: the proxy would refuse it later.
         problems = rule_problems(allow)[1]
@@ -1121,10 +1178,11 @@ def make_plan(profile, opts, environ, skip=()):
 
     env_program = shutil.which("env", path="/usr/bin:/bin")
     bwrap = shutil.which("bwrap", path=search_path) or "bwrap"
+    token = advisory_token(opts)
     return Plan(
         profile=profile, home=home, project=project, command=command,
-        env=build_env(profile, environ, home, opts.pass_env, opts.env,
-                      defaults=inside_env(opts.filter_network)),
+        env=with_token(build_env(profile, environ, home, opts.pass_env, opts.env,
+                                 defaults=inside_env(opts.filter_network)), token),
         bwrap=bwrap,
         system=[(d, os.readlink(d) if os.path.islink(d) else None)
                 for d in SYSTEM_DIRS if os.path.lexists(d)],
@@ -1145,7 +1203,8 @@ def make_plan(profile, opts, environ, skip=()):
         sockets_complete=walked,
         verbose=opts.verbose, dry_run=opts.dry_run, allow_file_rules=file_rules,
         state=state_items(profile, project, opts.allow_config_writes), beneath=beneath,
-        git_roots=[] if opts.allow_config_writes else [project, *rw_extra])
+        git_roots=[] if opts.allow_config_writes else [project, *rw_extra],
+        host_ports=opts.host_port, proxy_token=token)
 
 
 def assemble(program):
@@ -1713,7 +1772,8 @@ def inner_command(plan):
     if plan.env_program:
         command = [plan.env_program, "--default-signal=INT,QUIT", *command]
     if plan.filter:
-        command = ["/bin/sh", SANDBOX_BRIDGE, plan.socat, SANDBOX_SOCKET, *command]
+        command = ["/bin/sh", SANDBOX_BRIDGE, plan.socat, SANDBOX_SOCKET,
+                   " ".join(f"{inside}:{host}" for inside, host in plan.host_ports), *command]
     return command
 
 
@@ -1774,6 +1834,8 @@ def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
         args.append("--allow-private")
     if plan.learn:
         args += ["--mode", "audit"]
+    if plan.proxy_token:
+        args += ["--token-env", TOKEN_VARIABLE]
     return args + ["--log", plan.proxy_log or os.path.join(private_dir, "proxy.log"),
                    "--ready-fd", str(ready_fd)]
 
@@ -1984,6 +2046,7 @@ class Blocked:
     port: str
     count: int = 0
     reasons: list = field(default_factory=list)   # log reasons, in order seen
+    address: str = ""       # the private address a name resolved to ("10.0.0.5:8000")
 
     @property
     def why(self):
@@ -1999,7 +2062,7 @@ class Blocked:
         if any(r in ALLOWABLE for r in self.reasons) or (
                 "private-address" in self.reasons and is_ip(self.host)):
             return allow_option(self.host, self.port)
-        return ""
+        return fix_option(self)
 
 
 def network_story(records):
@@ -2018,10 +2081,12 @@ def network_story(records):
         reason = str(record.get("reason", ""))
         if reason not in entry.reasons:
             entry.reasons.append(reason)
+        if reason == "private-address" and record.get("address"):
+            entry.address = printable(record["address"])
     return allowed, sorted(blocked.values(), key=lambda b: (-b.count, b.host, b.port))
 
 
-def format_story(tool, allowed, blocked, width=None):
+def format_story(tool, allowed, blocked, width=None, failed=(), quiet=(), refused=0):
     """The summary: one line, or with `width` (a terminal's) a small table when it fits."""
     total = sum(b.count for b in blocked)
     head = f"{tool}: network: {allowed} allowed, {total} blocked"
@@ -2034,26 +2099,129 @@ def format_story(tool, allowed, blocked, width=None):
              for row in rows]
     if more > 0:
         lines.append(f"  and {more} more (see --proxy-log)")
-    if blocked and width and max(map(len, lines)) <= width:
-        return head + ":\n" + "\n".join(lines)
+    extras = story_extras(failed, quiet, refused)
+    if failed:
+        head += f", {sum(f.count for f in failed)} failed"
+    if blocked and width and max([*map(len, lines), *(len(e) + 2 for e in extras)]) <= width:
+        return head + ":\n" + "\n".join(lines + ["  " + e for e in extras])
     items = []
     for b in shown:
         item = host_port(b.host, b.port) + (f" x{b.count}" if b.count > 1 else "")
         items.append(f"{item} ({b.why})" + (f" {b.option}" if b.option else ""))
     if more > 0:
         items.append(f"and {more} more (see --proxy-log)")
-    return head + (": " + "; ".join(items) if items else "")
+    return wrap_words(head + (": " + "; ".join(items + extras) if items or extras else ""), width)
 
 
-def summarize(tool, lines, width=None):
-    """The end-of-session summary from the proxy's JSON log lines (so --proxy-log rebuilds it)."""
-    return format_story(tool, *network_story(read_records(lines)), width)
+def summarize(tool, lines, width=None, expected=()):
+    """The end-of-session summary from the proxy's JSON log lines (so --proxy-log rebuilds it).
+    `expected`: the profile's expected_blocked, summed up on one quiet line."""
+    records = list(read_records(lines))
+    allowed, blocked = network_story(records)
+    failed = failed_connections(records)
+    blocked, quiet, refused = set_apart(blocked, expected)
+    return format_story(tool, allowed - sum(f.count for f in failed), blocked, width,
+                        failed=failed, quiet=quiet, refused=refused)
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary's extras: failed connections, what is blocked by design, refused strangers
+
+# Reasons a tunnel to a name was closed that a :PORT/raw rule cures (a client that is not
+# TLS, or that waits for the server to speak first); the others look like attacks.
+RAW_CURES = {"not-tls", "tls-timeout", "no-sni"}
+
+
+def fix_option(blocked):
+    """The fix for a blocked name that an --allow-domain NAME:PORT would not cure: an IP rule
+    for the private address it resolved to (or, for a private-use one, --allow-private), or
+    a /raw rule."""
+    if is_ip(blocked.host):
+        return ""
+    if "private-address" in blocked.reasons and blocked.address:
+        rules = rules_module()
+        ip = rules.parse_ip_spelling(blocked.address.rpartition(":")[0].strip("[]"))
+        also = " or --allow-private" if ip and rules.address_class(ip) == "private-use" else ""
+        return f"--allow-domain {shlex.quote(blocked.address)} (only if you mean it){also}"
+    if blocked.reasons and set(blocked.reasons) <= RAW_CURES:
+        return allow_option(blocked.host, blocked.port) + "/raw"
+    return ""
+
+
+@dataclass
+class Failed:
+    """An allowed destination whose lookup or connect failed, counted apart from "allowed"."""
+    host: str
+    port: str
+    count: int = 0
+    reasons: list = field(default_factory=list)
+
+    @property
+    def text(self):
+        times = f" x{self.count}" if self.count > 1 else ""
+        return (host_port(self.host, self.port) + times + " (" +
+                ", ".join(REASONS.get(r, printable(r)) for r in self.reasons) + ")")
+
+
+def failed_connections(records):
+    """[Failed], most first, from the close records of allowed connections that never
+    connected (the proxy logs them allowed, then closed with a FAILURE_REASONS reason)."""
+    failed, failures = {}, rules_module().FAILURE_REASONS
+    for record in records:
+        reason = str(record.get("reason", ""))
+        if record.get("event") != "close" or reason not in failures:
+            continue
+        host, port = printable(record.get("host", "?")), printable(record.get("port", "?"))
+        entry = failed.setdefault((host, port), Failed(host, port))
+        entry.count += 1
+        if reason not in entry.reasons:
+            entry.reasons.append(reason)
+    return sorted(failed.values(), key=lambda f: (-f.count, f.host, f.port))
+
+
+def set_apart(blocked, expected):
+    """(blocked to list, [Blocked] the profile expects, connections refused for lacking the
+    session's proxy credential): the last two are summed up, not listed as problems."""
+    listed, quiet, refused = [], [], 0
+    for entry in blocked:
+        if entry.reasons == ["proxy-auth"]:
+            refused += entry.count
+        elif entry.reasons == ["not-in-allowlist"] and \
+                host_port(entry.host, entry.port) in expected:
+            quiet.append(entry)
+        else:
+            listed.append(entry)
+    return listed, quiet, refused
+
+
+def story_extras(failed, quiet, refused):
+    """The summary's short sentences after the blocked list."""
+    extras = []
+    if failed:
+        extras.append("failed: " + ", ".join(f.text for f in failed[:SUMMARY_HOSTS]))
+    if quiet:
+        extras.append("blocked by design, as in every session: " + ", ".join(
+            host_port(q.host, q.port) + (f" x{q.count}" if q.count > 1 else "") for q in quiet))
+    if refused:
+        extras.append(f"{refused} connection{'s' if refused > 1 else ''} without this "
+                      "session's proxy credential refused (another local user?)")
+    return extras
+
+
+def wrap_words(text, width):
+    """`text` on one line, or for a terminal `width` wide, folded between words (a long
+    option stays whole) with the continuation lines indented."""
+    if not width or len(text) <= width:
+        return text
+    return textwrap.fill(text, width, subsequent_indent="  ", break_long_words=False,
+                         break_on_hyphens=False)
 
 
 def learned(records):
     """What --learn writes, from the proxy's log: {(host, port): {"count", "reached",
-    "protos", "failures", "addresses"}} for every destination the proxy attempted;
-    "reached" counts the connections that got through (a failed one teaches nothing)."""
+    "protos", "failures", "addresses", "raw"}} for every destination the proxy attempted;
+    "reached" counts the connections that got through (a failed one teaches nothing); "raw"
+    says a tunnel to that name carried something other than TLS for it."""
     attempts, closes = {}, {}
     for record in records:
         if went_ahead(record):
@@ -2064,8 +2232,9 @@ def learned(records):
     for key, record in attempts.items():
         entry = used.setdefault((str(record.get("host", "")), record.get("port")),
                                 {"count": 0, "reached": 0, "protos": set(), "failures": set(),
-                                 "addresses": set()})
+                                 "addresses": set(), "raw": False})
         entry["count"] += 1
+        entry["raw"] = entry["raw"] or record.get("tunnel") == "raw"
         entry["protos"].add(str(record.get("proto", "?")))
         close = closes.get(key, {})
         reason = str(close.get("reason", "closed"))
@@ -2091,6 +2260,8 @@ def format_learned(tool, used, when):
     rules, notes = [], []
     for (host, port), use in sorted(used.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         rule = host_port(printable(host), printable(port))
+        if use.get("raw") and not is_ip(host):      # it saw a stream that was not TLS
+            rule += filters.RAW_SUFFIX
         plural = "s" if use["count"] > 1 else ""
         comment = f"{use['count']} connection{plural}: {', '.join(sorted(use['protos']))}"
         if use["failures"]:
@@ -3400,7 +3571,7 @@ class Session:
                 # Its own session: the terminal's Ctrl-C is for the CLI, not for the proxy.
                 self.proxy = subprocess.Popen(
                     args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                    pass_fds=(write_fd,), start_new_session=True)
+                    pass_fds=(write_fd,), start_new_session=True, env=proxy_env(self.plan))
         except BaseException:
             os.close(read_fd)
             raise
@@ -3430,8 +3601,8 @@ class Session:
             for line in network_warnings(self.plan):
                 say(f"{self.tool}: {line}")
             if not self.plan.unshare_net:
-                say(f"{self.tool}: --filter-network without --unshare-net is advisory: "
-                    "programs that ignore HTTP(S)_PROXY reach the network directly")
+                say(f"{self.tool}: --filter-network --share-net is advisory: programs that "
+                    "ignore HTTP(S)_PROXY reach the network directly")
         read_fd, write_fd = os.pipe()
         seccomp_fd = filter_fd(self.plan.seccomp)
         mount_fds = self.protection.fds if self.protection else {}
@@ -3479,7 +3650,8 @@ class Session:
     def summary(self):
         try:
             with open_text(self.log_path()) as f:
-                text = summarize(self.tool, f, terminal_width(sys.stderr))
+                text = summarize(self.tool, f, terminal_width(sys.stderr),
+                                 self.plan.profile.expected_blocked)
         except OSError:
             text = f"{self.tool}: network: no proxy log"
         if self.proxy.returncode not in (0, -signal.SIGTERM):
@@ -3515,6 +3687,90 @@ class Session:
                 f"then use --filter-network --unshare-net --allow-file {shlex.quote(target)}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Network options: host ports, the advisory bridge's credential, hints
+
+TOKEN_VARIABLE = "BW_PROXY_TOKEN"   # the proxy's password, in the proxy's and the bridge's
+                                    # environment (never on a command line, where ps shows it)
+LOOPBACKS = ("127.0.0.1", "::1")    # the sandbox's own loopback inside --unshare-net
+
+
+def host_ports(opts, given):
+    """--host-port PORT[:HOSTPORT] values as [(inside port, host port)].  [] in a session
+    without the filter or with the host's network shared (where 127.0.0.1 already is the
+    host's); an error there when the command line, not the defaults file, gave them."""
+    if not (opts.filter_network and opts.unshare_net):
+        if given.host_port and opts.filter_network:
+            raise Failure("--host-port needs --unshare-net (with --share-net the host's "
+                          "127.0.0.1 is already reachable)", 2)
+        return []
+    pairs = []
+    for text in opts.host_port:
+        inside, colon, host = text.partition(":")
+        ports = [inside, host if colon else inside]
+        if not all(p.isdigit() and p == str(int(p)) and 1 <= int(p) <= 65535 for p in ports):
+            raise Failure(f"--host-port {text!r}: expected PORT or PORT:HOSTPORT, "
+                          "ports 1-65535", 2)
+        if any(int(inside) == seen for seen, _ in pairs):
+            raise Failure(f"--host-port {text!r}: port {inside} is already mapped", 2)
+        pairs.append((int(inside), int(ports[1])))
+    return pairs
+
+
+def host_port_rule(port):
+    """The exact IP rule that lets the proxy reach the host's 127.0.0.1:PORT."""
+    return f"127.0.0.1:{port}"
+
+
+def advisory_token(opts):
+    """A fresh random password for the proxy when its bridge listens on the host's loopback
+    (--filter-network --share-net), where every local user could use it; else None."""
+    if opts.filter_network and not opts.unshare_net:
+        return secrets.token_urlsafe(24)
+    return None
+
+
+def with_token(env, token):
+    return {**env, TOKEN_VARIABLE: token} if token else env
+
+
+def proxy_env(plan):
+    """The proxy's environment: the wrapper's, plus the password when there is one."""
+    return with_token(dict(os.environ), plan.proxy_token)
+
+
+def loopback_hints(allow):
+    """For each rule naming the sandbox's own 127.0.0.1 or ::1 (inside --unshare-net, where
+    NO_PROXY keeps them away from the proxy anyway): a hint pointing at --host-port."""
+    rules, hints = rules_module(), []
+    for text in allow:
+        try:
+            rule = rules.parse_rule(text)
+        except rules.RuleError:
+            continue
+        if rule.kind != "ip":
+            continue
+        if any(rule.matches_address(rules.parse_ip_spelling(a), rule.port or 1) for a in LOOPBACKS):
+            port = rule.port or "PORT"
+            hints.append(f"hint: --allow-domain {text} names the sandbox's own loopback; for a "
+                         f"service on the host's 127.0.0.1:{port} use --host-port {port}")
+    return hints
+
+
+def network_checks(opts):
+    """--doctor's lines about the network options in force (from the defaults file)."""
+    if not opts.unshare_net:
+        return [Check("network", "note", "--filter-network --share-net is advisory: programs "
+                      "that ignore the proxy variables go around it; the bridge on the host's "
+                      "127.0.0.1 asks every client for a per-session credential",
+                      "drop --share-net: --filter-network alone is enforced")]
+    checks = [Check("network", "ok", "--filter-network: enforced (an empty network namespace, "
+                    "the proxy is the only way out)")]
+    checks += [Check("host port", "ok", f"127.0.0.1:{inside} inside is the host's "
+                     f"127.0.0.1:{host}, through the proxy") for inside, host in opts.host_port]
+    return checks + [Check("allow list", "note", hint) for hint in loopback_hints(opts.allow_domain)]
+
+
 def network_warnings(plan):
     """The loud lines at start for the options that open the network."""
     lines = []
@@ -3525,6 +3781,9 @@ def network_warnings(plan):
                      f"; the destinations used go to {plan.learn} at exit")
     elif plan.allow_private:
         lines.append("--allow-private: allowed names may reach private-use addresses (your LAN)")
+    if plan.unshare_net:
+        own = {host_port_rule(host) for _, host in plan.host_ports}
+        lines += loopback_hints([r for r in plan.allow[len(plan.profile.allow):] if r not in own])
     return lines
 
 
@@ -3540,7 +3799,7 @@ def describe(plan):
     """--verbose: the decisions, one per line."""
     net = ("learning: open, audited" if plan.learn else
            "filtered, enforced" if plan.filter and plan.unshare_net else
-           "filtered, advisory" if plan.filter else
+           "filtered, advisory (the proxy wants a per-session credential)" if plan.filter else
            "none" if plan.unshare_net else "host network")
     lines = [f"profile: {plan.profile.name}", f"project: {plan.project}",
              f"command: {shlex.join(plan.command)}", f"network: {net}"]
@@ -3549,6 +3808,8 @@ def describe(plan):
         if plan.allow_private:
             lines.append("private addresses: reachable by allowed names (--allow-private)")
         lines += [f"allow file: {p}" for p in plan.allow_files]
+        lines += [f"host port: 127.0.0.1:{inside} inside is the host's 127.0.0.1:{host}"
+                  for inside, host in plan.host_ports]
     lines += [" ".join(x for x in mount if x) for mount in plan.mounts]
     lines += [f"state: ~/{i.path}: " + ", ".join(filter(None, [
         {"copy": "a copy", "ro": "a read-only copy", "mine": "this project's lines"}.get(i.seed),
@@ -4131,6 +4392,7 @@ def doctor(profile, argv, environ, skip=()):
             checks.append(Check("defaults", "ok", shlex.join(defaults)))
     opts = parse_args(profile, ["--filter-network", *argv], defaults)
     checks += host_checks(profile, opts, environ, skip)
+    checks += network_checks(opts)
     write_out(format_doctor(profile.tool, checks))
     return 1 if any(c.status == "FAIL" for c in checks) else 0
 

@@ -7,7 +7,8 @@ WHAT IT IS
     bind-mounts the socket into a sandbox that has no network of its own, so this proxy is the
     sandbox's only way out. One listener speaks three protocols, chosen by the first byte:
 
-        0x05          SOCKS5 (RFC 1928), CONNECT only, no authentication
+        0x05          SOCKS5 (RFC 1928), CONNECT only; no authentication, or with
+                      --token-env username/password (RFC 1929)
         0x04          SOCKS4 and SOCKS4a
         ASCII letter  HTTP: "CONNECT host:port" tunnels, and absolute-form "GET http://host/..."
 
@@ -29,6 +30,8 @@ RULES (--allow, --deny, and --allow-file with one rule per line, '#' comments)
                          all below it take two rules: example.com and *.example.com)
     1.2.3.4  10.0.0.0/8  [::1]  [2001:db8::]/32      IP addresses and networks
     *:22                 every host on that port (deny rules only)
+    github.com:22/raw    a name rule for any protocol, not only TLS (ssh, plain HTTP through
+                         SOCKS, a database); it must name its port.
     Any rule may end in :PORT (example.com:443, [::1]:8080; no leading zeros); without one it
     matches every port. Names may hold '_' (_dmarc.example.com); an IPv6 zone id (fe80::1%eth0)
     is refused. Deny rules win over allow rules and may be as broad as wanted (*:22, *.com,
@@ -60,10 +63,17 @@ HOW A REQUEST IS DECIDED (all of it before any DNS lookup of a denied name)
          and local-use NAT64 addresses (never public), are refused ("private-address") unless
          an IP rule covers them. So are this machine's own interface addresses, read from
          /proc at start (a name pointed at the host's public address reaches its services).
-    4. TLS tunnels to port 443 of a name: the ClientHello's server name (SNI) must be that name,
-       else the tunnel is closed ("sni-mismatch"). A hello without SNI, or a stream that is not
-       TLS, is let through and logged. Encrypted ClientHello (ECH) hides the real name from any
-       proxy; this check cannot see through it.
+    4. A tunnel (CONNECT, SOCKS) to a name, on any port, must start with a TLS handshake
+       record carrying a ClientHello whose server name (SNI) is that name; before that nothing
+       reaches the upstream. Anything else closes the tunnel, logged with its reason:
+       "sni-mismatch" (another name), "no-sni", "tls-alert-first",
+       "tls-change-cipher-spec-first", "tls-heartbeat-first", "tls-data-first", "not-tls",
+       "bad-client-hello", "tls-timeout" (no ClientHello within the handshake time). A rule
+       ending in /raw lets the tunnel carry anything. An IP rule names one address, which has
+       no name to compare: it carries whatever that address serves on its ports. Plain http://
+       through HTTP (absolute form) is allowed by the name rule for its port; its Host header
+       must be the URL's host. Encrypted ClientHello (ECH) hides the real name from any proxy;
+       this check cannot see through it.
 
     --mode audit lets through everything that passes the name and address checks (and is not
     named by a --deny rule) and logs what enforce mode would have decided: run a tool once this
@@ -72,7 +82,12 @@ HOW A REQUEST IS DECIDED (all of it before any DNS lookup of a denied name)
 LOG (--log FILE: one JSON object per line)
     {"event": "decision", "ts", "id", "proto", "host", "port", "decision", "reason", "mode"}
     {"event": "close", ... "address", "bytes_up", "bytes_down", "duration"}  (allowed ones)
-    In audit mode a decision that was not enforced carries "enforced": false.
+    In audit mode a decision that was not enforced carries "enforced": false; audit mode lets a
+    tunnel that is not TLS through (reason "not-tls" and the others above, but not
+    "sni-mismatch"). A decision for a tunnel to a name says what it carried: "tunnel": "tls"
+    (the ClientHello named the host) or "raw" (a /raw rule, or audit mode). A name refused
+    because it resolved to a private address carries that "address".
+    Clients refused for a missing or wrong --token-env password are logged with "proxy-auth".
     FILE is appended to only if it is a regular file of ours (never through a link), and no
     shell reading it runs anything: "host" escapes every character outside [A-Za-z0-9.-]
     (an IP address excepted) as \\xNN, other text its $, ` and \\.
@@ -84,11 +99,14 @@ LIMITS
 """
 
 import argparse
+import base64
+import binascii
 import collections
 import errno
 import fcntl
 import functools
 import heapq
+import hmac
 import ipaddress
 import itertools
 import json
@@ -405,6 +423,8 @@ class Rule:
     """One allow or deny rule: a name, a wildcard below a name, an IP network, or (deny only) any
     host; maybe a port."""
 
+    raw = False                 # a name rule ending in /raw: any protocol, not only TLS
+
     def __init__(self, text, kind, value, port, deny=False):
         self.text, self.kind, self.value, self.port, self.deny = text, kind, value, port, deny
 
@@ -471,6 +491,8 @@ def parse_rule(text, deny=False):
     Breadth is refused only in allow rules: a broad deny rule (*:22, 0.0.0.0/0, *.com) only
     takes more away."""
     rule = text.strip()
+    if rule.endswith(RAW_SUFFIX):
+        return parse_raw_rule(rule, deny)
     if not rule:
         raise RuleError("empty rule")
     if not rule.isascii():
@@ -620,6 +642,107 @@ class Policy:
         if literal:
             return self._unlisted("ip-literal-not-allowed", f"no IP rule covers {shown}")
         return Verdict(True, "allowed-by-rule", f"resolved to {shown}")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a tunnel may carry. A name rule is a rule for that name's TLS service: a tunnel to it
+# (CONNECT, SOCKS) must open with a TLS ClientHello naming that very host, on every port, since
+# shared CDNs route by SNI or Host on many ports. Anything else needs a rule ending in /raw,
+# which must name its port. An IP rule names one address (nothing to compare a server name
+# with) and carries whatever that address serves on the rule's ports.
+
+RAW_SUFFIX = "/raw"
+# The log reason for each TLS record type that is not a handshake, sent first. Some TLS servers
+# accept these before the ClientHello and then answer a hello for another site.
+TLS_RECORD_FIRST = {0x14: "tls-change-cipher-spec-first", 0x15: "tls-alert-first",
+                    0x17: "tls-data-first", 0x18: "tls-heartbeat-first"}
+# Why a tunnel to a name was closed before any byte reached the upstream (log reasons).
+TUNNEL_REFUSALS = frozenset(("sni-mismatch", "no-sni", "not-tls", "bad-client-hello",
+                             "tls-timeout", *TLS_RECORD_FIRST.values()))
+
+
+def parse_raw_rule(text, deny=False):
+    """'host:port/raw': the rule before the suffix, marked raw. A port is required: a raw rule
+    for every port of a shared host would reach every site that host serves in the clear."""
+    rule = parse_rule(text[:-len(RAW_SUFFIX)], deny)
+    if rule.port is None or rule.raw:
+        raise RuleError(f"rule {text!r}: a {RAW_SUFFIX} rule names one port, e.g. github.com:22/raw")
+    rule.text, rule.raw = text, True
+    return rule
+
+
+def allows_raw(policy, name, port):
+    """Whether an allow rule for this name and port ends in /raw."""
+    return any(rule.raw and rule.matches_name(name, port) for rule in policy.allow)
+
+
+def tunnel_start(data):
+    """Classify the first bytes a client sent into a tunnel: None (need more), ("sni", name)
+    for a ClientHello naming a server, else (reason, detail) with a TUNNEL_REFUSALS reason."""
+    if not data:
+        return None
+    if data[0] in TLS_RECORD_FIRST:
+        return TLS_RECORD_FIRST[data[0]], f"TLS record type {data[0]} before the ClientHello"
+    if data[0] != 0x16:
+        return "not-tls", "the stream does not start with a TLS handshake"
+    try:
+        found = parse_client_hello(data)
+    except ProtocolError as error:
+        return "bad-client-hello", f"bad ClientHello: {error}"
+    if found is None:
+        if len(data) > MAX_CLIENT_HELLO + 1024:
+            return "bad-client-hello", "ClientHello too large"
+        return None
+    if found[0] == "no-sni":
+        return "no-sni", "a ClientHello without a server name"
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Proxy credentials. A proxy reached through a TCP port on the host's loopback (bw-claude's
+# --share-net mode) is reachable by every local user; with --token-env the proxy serves only
+# clients that send the session's secret as the password of the proxy URL (any user name):
+# HTTP Proxy-Authorization Basic, SOCKS5 username/password (RFC 1929). SOCKS4 carries no
+# password and is refused. The secret comes in an environment variable, never on the command
+# line, where `ps` would show it.
+
+def parse_socks5_userpass(data):
+    """Return (password bytes, bytes used) from an RFC 1929 sub-negotiation."""
+    if len(data) < 2:
+        return None
+    if data[0] != 1:
+        raise ProtocolError("malformed SOCKS5 username/password request")
+    at = 2 + data[1]
+    if len(data) < at + 1 or len(data) < at + 1 + data[at]:
+        return None
+    return bytes(data[at + 1:at + 1 + data[at]]), at + 1 + data[at]
+
+
+def http_proxy_password(head):
+    """The password of a Basic Proxy-Authorization header in an HTTP request head, or None."""
+    split = split_http_head(head)
+    values = [value for name, value in (split[1] if split else ())
+              if name.lower() == "proxy-authorization"]
+    if len(values) != 1:
+        return None
+    scheme, _, encoded = values[0].partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True)
+    except (ValueError, binascii.Error):
+        return None
+    return decoded.partition(b":")[2]
+
+
+def proxy_auth_reply():
+    """407 with a Basic challenge: clients such as git send the credential only when asked."""
+    body = b"socks_filter: this proxy needs the session's credential.\n"
+    return (b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+            b"Proxy-Authenticate: Basic realm=\"socks_filter\"\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n"
+            b"X-Proxy-Error: proxy-auth\r\n\r\n" + body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -894,11 +1017,17 @@ def http_reply(status, message, proxy_error):
     return head.encode("ascii") + body
 
 
-def denial_message(host, port, verdict):
-    """What a denied HTTP client is told: who was refused, why, and which rule would allow it."""
+def denial_message(host, port, verdict, address=None):
+    """What a denied HTTP client is told: who was refused, why, and which rule would allow it.
+    `address`: the private address an allowed name resolved to; its rule is the fix, not the
+    name's (which is already there)."""
     shown = host_port(display_host(host), port)
     text = f"socks_filter: connection to {shown} denied ({verdict.reason}: {verdict.detail})."
-    if verdict.reason in ("not-in-allowlist", "ip-literal-not-allowed", "private-address"):
+    if address is not None:
+        also = " or use --allow-private" if address_class(address) == "private-use" else ""
+        text += (f"\nTo allow it, add the IP rule '{format_address(address, port)}' (only if you "
+                 f"mean to reach that address){also}.")
+    elif verdict.reason in ("not-in-allowlist", "ip-literal-not-allowed", "private-address"):
         text += f"\nTo allow it, add the allow rule '{shown}'."
     return text
 
@@ -913,6 +1042,8 @@ CONNECT_FAILURES = {
 LOOKUP_FAILED = ("lookup-failed", 0x04, 502)
 CONNECT_TIMED_OUT = ("connect-timeout", 0x04, 504)
 OTHER_FAILURE = ("connect-failed", 0x01, 502)
+FAILURE_REASONS = frozenset(reason for reason, _, _ in (*CONNECT_FAILURES.values(), LOOKUP_FAILED,
+                                                        CONNECT_TIMED_OUT, OTHER_FAILURE))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -999,6 +1130,8 @@ class Connection:
         self.closed = False
         self.deadline = None
         self.verdict = self.kind = self.target = None
+        self.raw = False            # a /raw rule allows this name and port: no TLS check
+        self.authenticated = server.token is None
         self.client_pending = b""
         self.logged_decision = False
         self.closed_logged = False
@@ -1031,11 +1164,14 @@ class Connection:
                 return
             methods, used = parsed
             del self.inbuf[:used]
-            if 0 not in methods:
-                self.finish_with(b"\x05\xff")
+            method = 0 if self.server.token is None else 2
+            if method not in methods:
+                self.unauthenticated("socks5", b"\x05\xff")
                 return
-            self.send_to_client(b"\x05\x00")
-            self.stage = "socks5-request"
+            self.send_to_client(bytes((5, method)))
+            self.stage = "socks5-request" if method == 0 else "socks5-auth"
+        if self.stage == "socks5-auth" and not self.socks5_authenticate():
+            return
         parser = {"socks5-request": parse_socks5_request, "socks4": parse_socks4_request,
                   "http": parse_http_request}.get(self.stage)
         if parser is None or not self.inbuf:
@@ -1043,15 +1179,23 @@ class Connection:
         parsed = parser(self.inbuf)
         if parsed is not None:
             self.request, used = parsed
+            if self.stage == "http":
+                self.authenticated = self.server.accepts(http_proxy_password(self.inbuf[:used]))
             del self.inbuf[:used]
+            if not self.authenticated:
+                self.unauthenticated(self.request.proto, self.refusal(0x02, 407, "", ""))
+                return
             self.decide()
 
     def reject_malformed(self, error):
-        proto = {"socks5-greeting": "socks5", "socks5-request": "socks5", "socks4": "socks4a",
+        proto = {"socks5-greeting": "socks5", "socks5-auth": "socks5", "socks5-request": "socks5",
+                 "socks4": "socks4a",
                  "http": "http"}.get(self.stage, "unknown")
         self.server.log_decision(self, proto, "", 0, Verdict(False, "bad-request", str(error)))
         if self.stage == "socks5-greeting":
             self.finish_with(b"\x05\xff")
+        elif self.stage == "socks5-auth":
+            self.finish_with(b"\x01\x01")
         elif self.stage == "socks5-request":
             self.finish_with(socks5_reply(error.socks5))
         elif self.stage == "socks4":
@@ -1067,7 +1211,33 @@ class Connection:
             return socks5_reply(socks5_code)
         if proto == "socks4a":
             return socks4_reply(False)
+        if http_status == 407:
+            return proxy_auth_reply()
         return http_reply(http_status, message, proxy_error)
+
+    def socks5_authenticate(self):
+        """RFC 1929: True once the session's password came; a wrong one ends the connection."""
+        parsed = parse_socks5_userpass(self.inbuf)
+        if parsed is None:
+            return False
+        password, used = parsed
+        del self.inbuf[:used]
+        if not self.server.accepts(password):
+            self.unauthenticated("socks5", b"\x01\x01")
+            return False
+        self.authenticated = True
+        self.send_to_client(b"\x01\x00")
+        self.stage = "socks5-request"
+        return True
+
+    def unauthenticated(self, proto, reply):
+        """A client without the session's credential (another local user, in advisory mode):
+        refused before anything about its destination is looked at."""
+        request = self.request
+        self.server.log_decision(self, proto, request.host if request else "",
+                                 request.port if request else 0,
+                                 Verdict(False, "proxy-auth", "no valid proxy credential"))
+        self.finish_with(reply)
 
     def decide(self):
         request = self.request
@@ -1085,6 +1255,7 @@ class Connection:
         kind, value = classify_host(request.host)
         self.verdict = verdict
         self.kind, self.target = kind, value
+        self.raw = kind == "name" and allows_raw(self.server.policy, value, request.port)
         self.server.unwatch(self.client)
         self.stage = "connecting"
         self.server.set_deadline(self, CONNECT_TIMEOUT)
@@ -1095,21 +1266,23 @@ class Connection:
         else:
             self.server.resolve(self, value, request.port)
 
-    def deny(self, verdict):
+    def deny(self, verdict, address=None):
         request = self.request
-        self.server.log_decision(self, request.proto, request.host, request.port, verdict)
-        self.finish_with(self.refusal(0x02, 403, denial_message(request.host, request.port, verdict),
-                                      "blocked-by-allowlist"))
+        self.server.log_decision(self, request.proto, request.host, request.port, verdict,
+                                 address=address)
+        self.finish_with(self.refusal(0x02, 403, denial_message(request.host, request.port, verdict,
+                                                                address), "blocked-by-allowlist"))
 
     def log_allowed_unless_sni_pending(self):
         """Log the allow decision now, or, for a tunnel whose TLS server name is still to be
         checked, once it is: a tunnel refused for its name counts as denied only."""
         if not self.wants_sni_check():
-            self.log_allowed(self.verdict)
+            self.log_allowed(self.verdict, "raw" if self.raw else None)
 
-    def log_allowed(self, verdict):
+    def log_allowed(self, verdict, tunnel=None):
         self.logged_decision = True
-        self.server.log_decision(self, self.request.proto, self.log_host(), self.request.port, verdict)
+        self.server.log_decision(self, self.request.proto, self.log_host(), self.request.port, verdict,
+                                 tunnel=tunnel)
 
     def log_host(self):
         return str(self.target) if self.kind == "ip" else self.target
@@ -1123,7 +1296,8 @@ class Connection:
         for address in addresses:
             verdict = self.server.policy.check_address(address, self.request.port)
             if not verdict.allowed:
-                self.deny(Verdict(False, verdict.reason, f"{self.target} resolves to {verdict.detail}"))
+                self.deny(Verdict(False, verdict.reason, f"{self.target} resolves to {verdict.detail}"),
+                          address if verdict.reason == "private-address" else None)
                 return
         self.log_allowed_unless_sni_pending()
         self.candidates = list(addresses)
@@ -1184,39 +1358,46 @@ class Connection:
             self.start_relay()
 
     def wants_sni_check(self):
-        return (self.server.sni_check and self.request.port == 443 and self.kind == "name"
-                and self.request.proto != "http")
+        """A tunnel to a name, on any port, unless a /raw rule allows it (see TUNNEL_REFUSALS)."""
+        return (self.server.sni_check and self.kind == "name" and self.request.proto != "http"
+                and not self.raw)
 
     def check_sni(self):
-        try:
-            found = parse_client_hello(self.inbuf)
-        except ProtocolError as error:
-            self.sni_denied(f"bad ClientHello: {error}")
-            return
+        found = tunnel_start(self.inbuf)
         if found is None:
-            if len(self.inbuf) > MAX_CLIENT_HELLO + 1024:
-                self.sni_denied("ClientHello too large")
             return
-        kind, name = found
-        if kind == "sni":
-            try:
-                same = canonical_name(name) == self.target
-            except BadName:
-                same = False
-            if not same:
-                self.sni_denied(f"TLS server name {name[:255]!r} is not {self.target}")
-                return
-        else:
-            self.server.log_note(self, f"tunnel without SNI ({kind})")
+        kind, value = found
+        if kind != "sni":
+            self.tunnel_refused(kind, value)
+            return
+        try:
+            same = canonical_name(value) == self.target
+        except BadName:
+            same = False
+        if not same:
+            self.sni_denied(f"TLS server name {value[:255]!r} is not {self.target}")
+            return
         self.server.clear_deadline(self)
-        self.log_allowed(self.verdict)
+        self.log_allowed(self.verdict, "tls")
         self.start_relay()
 
-    def sni_denied(self, detail):
+    def tunnel_refused(self, reason, detail):
+        """Not a ClientHello with a server name first: closed, unless audit mode, which lets
+        it through as a raw stream and logs so (--learn then writes a /raw rule)."""
+        if self.server.policy.mode != "audit":
+            self.sni_denied(detail, reason)
+            return
+        self.server.clear_deadline(self)
+        verdict = self.verdict if not self.verdict.enforced else Verdict(
+            True, reason, f"{detail}; a {RAW_SUFFIX} rule would allow it", enforced=False)
+        self.log_allowed(verdict, "raw")
+        self.start_relay()
+
+    def sni_denied(self, detail, reason="sni-mismatch"):
         self.server.log_decision(self, self.request.proto, self.target, self.request.port,
-                                 Verdict(False, "sni-mismatch", detail))
+                                 Verdict(False, reason, detail))
         self.logged_decision = True
-        self.close("sni-mismatch")
+        self.close(reason)
 
     # -- relay ------------------------------------------------------------------------------
 
@@ -1373,6 +1554,8 @@ class Connection:
         except OSError:
             data = b""
         if not data:
+            if self.stage == "sni":     # logged, or the summary would not know it was tried
+                self.sni_denied("the client closed the tunnel before a whole ClientHello", "not-tls")
             self.close()
         elif self.stage in ("closing", "draining"):
             self.drained += len(data)
@@ -1437,7 +1620,7 @@ class Connection:
             self.fail(CONNECT_TIMED_OUT, f"no connection to {self.request.host}:{self.request.port} "
                                          f"within {CONNECT_TIMEOUT:g}s")
         elif self.stage == "sni":
-            self.sni_denied("no complete ClientHello in time")
+            self.tunnel_refused("tls-timeout", "no complete ClientHello in time")
         else:
             self.close()
 
@@ -1468,8 +1651,9 @@ class FilterServer:
     """
 
     def __init__(self, policy, listen, log_path=None, verbose=False,
-                 max_connections=DEFAULT_MAX_CONNECTIONS, sni_check=True, stderr=None):
+                 max_connections=DEFAULT_MAX_CONNECTIONS, sni_check=True, stderr=None, token=None):
         self.policy = policy
+        self.token = token          # bytes: the password every client must send (see above)
         self.listen_specs = list(listen)
         self.log_path, self.verbose = log_path, verbose
         self.max_connections = max_connections
@@ -1493,7 +1677,7 @@ class FilterServer:
         self.log_bytes = 0
         self.stopping = False
         self.accept_paused_until = None
-        self.stats = {"allowed": 0, "denied": 0, "denied_hosts": collections.Counter(),
+        self.stats = {"allowed": 0, "denied": 0, "failed": 0, "denied_hosts": collections.Counter(),
                       "audited_hosts": collections.Counter()}
         self.wake_lock = threading.Lock()
         self.wake_read = self.wake_write = None
@@ -1702,6 +1886,10 @@ class FilterServer:
     def resolve(self, connection, name, port):
         self.resolver.submit(connection, name, port)
 
+    def accepts(self, password):
+        """Whether `password` is the session's; always true without one."""
+        return self.token is None or (password is not None and hmac.compare_digest(password, self.token))
+
     def _resolved(self, connection, addresses, error):
         """Called on a resolver thread: hand the answer to the loop and wake it."""
         self.resolved.append((connection, addresses, error))
@@ -1730,11 +1918,15 @@ class FilterServer:
         self.stats["denied"] += 1
         _count_host(self.stats["denied_hosts"], key)
 
-    def log_decision(self, connection, proto, host, port, verdict):
+    def log_decision(self, connection, proto, host, port, verdict, tunnel=None, address=None):
         host = display_host(host) if host else host
         record = {"ts": round(time.time(), 3), "event": "decision", "id": connection.id,
                   "proto": proto, "host": host, "port": port, "decision": verdict.decision,
                   "reason": verdict.reason, "detail": verdict.detail, "mode": self.policy.mode}
+        if tunnel:
+            record["tunnel"] = tunnel
+        if address is not None:
+            record["address"] = format_address(address, port)
         if not verdict.enforced:
             record["enforced"] = False
         if verdict.allowed:
@@ -1756,11 +1948,14 @@ class FilterServer:
         up, down = connection.up, connection.down
         record = {"ts": round(time.time(), 3), "event": "close", "id": connection.id,
                   "proto": request.proto, "host": connection.log_host(), "port": request.port,
-                  "decision": "deny" if reason == "sni-mismatch" else "allow", "reason": reason,
+                  "decision": "deny" if reason in TUNNEL_REFUSALS else "allow", "reason": reason,
                   "address": format_address(connection.address, request.port) if connection.address else None,
                   "bytes_up": up.count if up else 0, "bytes_down": down.count if down else 0,
                   "duration": round(time.monotonic() - connection.started, 3)}
         self._write_log(record)
+        if reason in FAILURE_REASONS:       # allowed, but never connected: counted apart
+            self.stats["allowed"] -= 1
+            self.stats["failed"] += 1
         if self.verbose and reason != "closed":
             print(f"socks_filter: #{connection.id} {record['host']}:{request.port} failed: {reason}",
                   file=self.stderr, flush=True)
@@ -1772,6 +1967,8 @@ class FilterServer:
     def summary(self):
         """One line: counts, the denied hosts, and in audit mode the hosts enforce would deny."""
         text = f"socks_filter: {self.stats['allowed']} allowed, {self.stats['denied']} denied"
+        if self.stats["failed"]:
+            text += f", {self.stats['failed']} failed to connect"
         text += _count_list(": ", self.stats["denied_hosts"])
         text += _count_list("; audit let through what enforce would deny: ", self.stats["audited_hosts"])
         return text
@@ -1906,7 +2103,8 @@ def build_parser():
                              "port 0 picks a free port")
     parser.add_argument("--allow", action="append", default=[], metavar="RULE",
                         help="allow a destination: name, *.name, IP or [IPv6], network, with "
-                             "optional :PORT")
+                             "optional :PORT; a name's tunnels must be TLS naming it, unless the "
+                             "rule ends in :PORT/raw (any protocol, e.g. github.com:22/raw)")
     parser.add_argument("--deny", action="append", default=[], metavar="RULE",
                         help="deny a destination (wins over --allow); may be broad: *:22, "
                              "*.com, [fc00::]/7, 0.0.0.0/0")
@@ -1925,7 +2123,12 @@ def build_parser():
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
                         help=f"simultaneous connections served (default {DEFAULT_MAX_CONNECTIONS})")
     parser.add_argument("--no-sni-check", dest="sni_check", action="store_false",
-                        help="do not compare the TLS server name with the requested host on port 443")
+                        help="let tunnels to names carry anything (no TLS ClientHello and server "
+                             "name check; for benchmarks)")
+    parser.add_argument("--token-env", metavar="VAR",
+                        help="serve only clients whose proxy password is the value of the "
+                             "environment variable VAR (HTTP Basic, SOCKS5 RFC 1929; SOCKS4 is "
+                             "refused)")
     parser.add_argument("--verbose", action="store_true", help="a human line per decision on stderr")
     return parser
 
@@ -1978,6 +2181,16 @@ def policy_from_args(args):
         allow.extend(read_rule_file(path))
     deny = [parse_rule(text, deny=True) for text in args.deny]
     return Policy(allow, deny, allow_private=args.allow_private, mode=args.mode, own=own_addresses())
+
+
+def token_from_env(name):
+    """The --token-env secret as bytes (None without the option), taken out of the environment."""
+    if name is None:
+        return None
+    value = os.environ.pop(name, "")
+    if not value:
+        raise UsageError(f"--token-env {name}: the variable is not set or empty")
+    return os.fsencode(value)
 
 
 def exit_with_parent():
@@ -2038,6 +2251,7 @@ def main(argv=None):
             if "/" not in spec:
                 parse_listen_address(spec)
         policy = policy_from_args(args)
+        token = token_from_env(args.token_env)
     except (RuleError, UsageError, ValueError) as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         return 2
@@ -2047,7 +2261,7 @@ def main(argv=None):
         print(f"{name}: the open-file limit allows {max_connections} connections, not "
               f"{args.max_connections}", file=sys.stderr)
     server = FilterServer(policy, args.listen, log_path=args.log, verbose=args.verbose,
-                          max_connections=max_connections, sni_check=args.sni_check)
+                          max_connections=max_connections, sni_check=args.sni_check, token=token)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: server.shutdown())
     try:

@@ -113,7 +113,7 @@ class ParseArgsTest(unittest.TestCase):
             bw_lib.parse_args(CLAUDE, ["--help"])
         self.assertEqual(caught.exception.code, 0)
         text = out.getvalue()
-        for needle in ("sandbox:", "network:", "diagnostics:", "--filter-network --unshare-net",
+        for needle in ("sandbox:", "network:", "diagnostics:", "--filter-network --share-net",
                        "--allow-domain", "allowed-domains", "examples:"):
             self.assertIn(needle, text)
 

@@ -211,10 +211,14 @@ class StoryTest(unittest.TestCase):
                                           "--allow-domain", "sentry.io:443"])
         why = lines[1].index("why")
         self.assertTrue(all(line[why - 2:why] == "  " for line in lines[1:]))
-        for width in (None, 40):
-            text = bw_lib.format_story("bw-claude", *story, width=width)
-            self.assertNotIn("\n", text)
-            self.assertIn("sentry.io:443 x2 (not in allow list) --allow-domain sentry.io:443;", text)
+        text = bw_lib.format_story("bw-claude", *story, width=None)
+        self.assertNotIn("\n", text)
+        self.assertIn("sentry.io:443 x2 (not in allow list) --allow-domain sentry.io:443;", text)
+        # Narrower than the table: folded between words, no word cut in half (issue 12).
+        folded = bw_lib.format_story("bw-claude", *story, width=40)
+        self.assertEqual(" ".join(line.strip() for line in folded.splitlines()), text)
+        self.assertTrue(all(len(line) <= 40 or " " not in line.strip()
+                            for line in folded.splitlines()), folded)
 
     def test_nothing_blocked_is_one_line_even_on_a_terminal(self):
         self.assertEqual(bw_lib.format_story("bw-claude", 3, [], width=200),

@@ -658,8 +658,9 @@ class BypassOverTheWireTest(ProxyTestCase):
         so the denials above are the policy and not a broken test harness."""
         target = self.upstream("echo")
         port = target.port
-        proxy = self.proxy(["--allow", f"loop.example.com:{port}", "--allow", f"127.0.0.1:{port}",
-                            "--allow", f"mapped.example.com:{port}", "--allow-private"], hosts=True)
+        # /raw: the echo stream is not TLS (a plain name rule would close it, see SniCheckTest)
+        proxy = self.proxy(["--allow", f"loop.example.com:{port}/raw", "--allow", f"127.0.0.1:{port}",
+                            "--allow", f"mapped.example.com:{port}/raw", "--allow-private"], hosts=True)
         plan = []
         for host in (b"loop.example.com", b"LOOP.Example.COM.", b"127.1", b"0x7f.1", b"2130706433",
                      b"0177.0.0.1", b"[::ffff:127.0.0.1]"):
@@ -1458,7 +1459,7 @@ def _sni_child():
         received = upstream.next_record(12)
         results["stalled"] = {"closed": closed, "received": received.hex(),
                               "reasons": [r["reason"] for r in proxy.records("decision")[-1:]]}
-        closes = [r for r in proxy.records("close") if r["reason"] == "sni-mismatch"]
+        closes = [r for r in proxy.records("close") if r["decision"] == "deny"]
         results["close-records"] = len(closes)
         results["alive"] = proxy.alive()
         proxy.stop()
@@ -1493,7 +1494,8 @@ class SniCheckTest(unittest.TestCase):
     MISMATCH = ("real-mismatch", "built-mismatch", "built-mismatch-suffix", "built-mismatch-prefix",
                 "built-mismatch-nul", "built-mismatch-escapes",
                 "built-mismatch-empty", "fragmented-mismatch")
-    FLOW = ("real-match", "built-match-upper", "fragmented-match", "real-no-sni", "not-tls")
+    FLOW = ("real-match", "built-match-upper", "fragmented-match")
+    REFUSED = {"real-no-sni": "no-sni", "not-tls": "not-tls"}   # closed with their own reason
 
     @classmethod
     def setUpClass(cls):
@@ -1530,7 +1532,7 @@ class SniCheckTest(unittest.TestCase):
                                  "a tunnel refused for its name must count as denied only")
         self.assertTrue(self.results["alive"])
 
-    def test_matching_missing_or_no_tls_flows(self):
+    def test_matching_hello_flows(self):
         for key, seen in self.results.items():
             if key.split("/")[0] not in self.FLOW:
                 continue
@@ -1539,11 +1541,21 @@ class SniCheckTest(unittest.TestCase):
                 self.assertEqual(seen["received"], seen["sent"], "the hello did not reach the upstream intact")
                 self.assertNotIn("sni-mismatch", seen["reasons"])
 
+    def test_missing_sni_or_no_tls_closes_the_tunnel(self):
+        for key, seen in self.results.items():
+            reason = self.REFUSED.get(key.split("/")[0])
+            if reason is None:
+                continue
+            with self.subTest(case=key):
+                self.assertTrue(seen["closed"])
+                self.assertEqual(seen["received"], "", "the upstream received bytes")
+                self.assertEqual(seen["reasons"], [reason])
+
     def test_incomplete_hello_is_closed_at_the_timeout(self):
         seen = self.results["stalled"]
         self.assertTrue(seen["closed"])
         self.assertEqual(seen["received"], "")
-        self.assertEqual(seen["reasons"], ["sni-mismatch"])
+        self.assertEqual(seen["reasons"], ["tls-timeout"])
 
     def test_hostile_server_name_is_escaped(self):
         text = self.results["stderr"] + "".join(self.results["log-details"])

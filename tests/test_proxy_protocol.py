@@ -181,7 +181,10 @@ def make_rule(text):
     """
     host, _, port = text.partition(":")
     if host == "localhost":
-        return socks_filter.Rule(text, "name", "localhost", int(port) if port else None)
+        port, raw, _ = port.partition(socks_filter.RAW_SUFFIX)
+        rule = socks_filter.Rule(text, "name", "localhost", int(port) if port else None)
+        rule.raw = bool(raw)
+        return rule
     return socks_filter.parse_rule(text)
 
 
@@ -512,7 +515,7 @@ class Socks5Test(ProxyTestCase):
 
     def test_name_with_an_ip_rule_for_its_address(self):
         """ATYP 3 'localhost' with a name rule and an IP rule for loopback connects and relays."""
-        proxy = self.proxy(f"localhost:{self.echo.port}", *loopback_rules(self.echo.port))
+        proxy = self.proxy(f"localhost:{self.echo.port}/raw", *loopback_rules(self.echo.port))
         sock, reply = socks5_open(proxy.address, "localhost", self.echo.port, early=b"hi")
         self.connection(sock)
         self.assertEqual(reply[:2], b"\x05\x00")
@@ -532,7 +535,8 @@ class Socks5Test(ProxyTestCase):
 
     def test_name_case_and_trailing_dot(self):
         """'LOCALHOST.' matches the rule for localhost and is logged canonically."""
-        proxy = self.proxy(f"localhost:{self.echo.port}", *loopback_rules(self.echo.port))
+        # /raw: a plain name rule logs its decision only once the ClientHello came
+        proxy = self.proxy(f"localhost:{self.echo.port}/raw", *loopback_rules(self.echo.port))
         sock, reply = socks5_open(proxy.address, "LOCALHOST.", self.echo.port)
         self.connection(sock)
         self.assertEqual(reply[1], 0)
@@ -592,7 +596,7 @@ class Socks4Test(ProxyTestCase):
 
     def test_socks4a_name_allowed(self):
         """SOCKS4a (DSTIP 0.0.0.1 + name) to an allowed name relays, logged as proto socks4a."""
-        proxy = self.proxy(f"localhost:{self.echo.port}", *loopback_rules(self.echo.port))
+        proxy = self.proxy(f"localhost:{self.echo.port}/raw", *loopback_rules(self.echo.port))
         sock = self.connection(dial(proxy.address))
         sock.sendall(socks4_request(self.echo.port, name="localhost") + b"4a")
         self.assertEqual(recv_exact(sock, 8)[:2], b"\x00\x5a")

@@ -449,7 +449,7 @@ class SandboxTest(SessionCase, unittest.TestCase):
 
     def test_filter_network_advisory(self):
         upstream = f"http://127.0.0.1:{self.port}/"
-        result = self.check(self.bw("--filter-network", "--allow-domain", f"127.0.0.1:{self.port}",
+        result = self.check(self.bw("--filter-network", "--share-net", "--allow-domain", f"127.0.0.1:{self.port}",
                                     script=self.curl(upstream, "--noproxy ''")))
         self.assertIn("advisory", result.stderr)
         self.assertIn(BODY.decode(), result.stdout)
