@@ -2421,8 +2421,16 @@ def host_read(place):
     a link on the way) raises ValueError, so what flows back never replaces it."""
     data = read_place(place)
     if data is None and host_entry_exists(place[0], [*place[1], place[2]]):
-        raise ValueError(f"the host's file is larger than {STATE_FILE_LIMIT >> 20} MiB or "
-                         "cannot be read whole, so it is not replaced; shorten or move it")
+        try:
+            info = os.lstat(os.path.join(place[0], *place[1], place[2]))
+        except OSError:
+            info = None
+        if info and stat.S_ISLNK(info.st_mode):
+            raise ValueError("it is a symbolic link, which is never followed")
+        if info and stat.S_ISREG(info.st_mode) and info.st_size > STATE_FILE_LIMIT:
+            raise ValueError(f"the host's file is larger than {STATE_FILE_LIMIT >> 20} MiB, "
+                             "so it is not replaced; shorten or move it")
+        raise ValueError("the host's file cannot be read whole, so it is not replaced")
     return data
 
 
@@ -3385,13 +3393,13 @@ def place_shown(real, place, own):
 
 def wrapper_place_refusal(path, place, tool, environ):
     if place == os.path.realpath(private_base(environ)):
-        what = "the runtime directory holding the sessions' proxy sockets and locks"
+        what = "the sessions' proxy sockets and locks are there"
         fix = ("" if environ.get("XDG_RUNTIME_DIR") else
                ", or set XDG_RUNTIME_DIR to a private directory of yours")
     else:
-        what, fix = f"where {tool} keeps its sessions' homes and logs", ""
-    return (f"{path}: it would show {place} ({what}) in the sandbox, through which a session "
-            f"could reach the others; choose a directory neither inside nor above it{fix}")
+        what, fix = f"{tool} keeps its sessions' homes there", ""
+    return (f"{path}: {what} ({place}), so a session shown it could reach the others; "
+            f"choose a directory neither inside nor above it{fix}")
 
 
 def refuse_wrapper_place(flag, path, environ):
