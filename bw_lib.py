@@ -214,16 +214,16 @@ GEMINI_IDS = ".gemini/tmp"  # directory here whose .project_root names it
 # narrow pattern, never what names a command, grants something or decides what Claude does
 # before its own checks: mcpServers, env, apiKeyHelper, primaryApiKey, customApiKeyResponses
 # (approved API keys), allowedTools, enabled*McpjsonServers, enableAllProjectMcpServers, the
-# feature-gate caches (cachedGrowthBookFeatures, cachedStatsigGates, cachedDynamicConfigs),
-# and anything of another project (PROJECT_KEY: this project only).  The session's own
-# project may record the trust dialog its user answered inside.
+# feature-gate and access caches (cachedGrowthBookFeatures, cachedStatsigGates,
+# cachedDynamicConfigs, s1mAccessCache), and anything of another project (PROJECT_KEY: this
+# project only).  The session's own project may record the trust dialog its user answered.
 CLAUDE_JSON_KEYS = (
     "numStartups", "firstStartTime", "userID", "anonymousId", "hasCompletedOnboarding",
     "lastOnboardingVersion", "lastReleaseNotesSeen", "changelogLastFetched", "cachedChangelog",
     "tipsHistory", "*Count", "*UseCount", "has*Seen*", "has*Shown*", "hasUsed*",
     "hasSeenTasksHint", "hasAvailableSubscription", "recommendedSubscription",
     "fallbackAvailableWarningThreshold", "feedbackSurveyState", "isQualifiedForDataSharing",
-    "claudeCodeFirstTokenDate", "s1mAccessCache", "oauthAccount",
+    "claudeCodeFirstTokenDate", "oauthAccount",
     "bypassPermissionsModeAccepted", "theme", "lastPlanModeUse",
     *(f"projects.{PROJECT_KEY}.{key}" for key in (
         "history", "last*", "projectOnboardingSeenCount", "hasCompletedProjectOnboarding",

@@ -237,6 +237,7 @@ class ClaudeJsonKeys(BaseCase):
                 "t['cachedGrowthBookFeatures'] = {'gate': True}; "
                 "t['cachedStatsigGates'] = {'gate': True}; "
                 "t['cachedDynamicConfigs'] = {'gate': True}; "
+                "t['s1mAccessCache'] = {'org': True}; "
                 "t['customApiKeyResponses'] = {'approved': ['evil']}; "
                 "t['cachedChangelog'] = 'notes'; "
                 f"t['projects']['{other}']['history'] = ['evil']; "
