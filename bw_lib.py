@@ -230,23 +230,26 @@ PROJECT_KEY = "{project}"   # in a guarded key: the session's project directory,
 GEMINI_ID = "{id}"          # in a State path: Gemini's short id for this project, the
 GEMINI_IDS = ".gemini/tmp"  # directory here whose .project_root names it
 
-# What of ~/.claude.json goes back to the host: the state Claude keeps across runs
-# (counters, onboarding and tips, caches, the project history and statistics), never what
-# names a command or grants something: mcpServers, env, apiKeyHelper, primaryApiKey,
-# allowedTools, enabled*McpjsonServers, enableAllProjectMcpServers, trust for other folders.
-# The session's own project may record the trust dialog its user answered inside.
+# What of ~/.claude.json goes back: the state Claude keeps across runs (counters, onboarding
+# and tips, the changelog it shows, this project's history and statistics), by exact name or a
+# narrow pattern, never what names a command, grants something or decides what Claude does
+# before its own checks: mcpServers, env, apiKeyHelper, primaryApiKey, customApiKeyResponses
+# (approved API keys), allowedTools, enabled*McpjsonServers, enableAllProjectMcpServers, the
+# feature-gate and access caches (cachedGrowthBookFeatures, cachedStatsigGates,
+# cachedDynamicConfigs, s1mAccessCache), and anything of another project (PROJECT_KEY: this
+# project only).  The session's own project may record the trust dialog its user answered.
 CLAUDE_JSON_KEYS = (
     "numStartups", "firstStartTime", "userID", "anonymousId", "hasCompletedOnboarding",
     "lastOnboardingVersion", "lastReleaseNotesSeen", "changelogLastFetched", "cachedChangelog",
     "tipsHistory", "*Count", "*UseCount", "has*Seen*", "has*Shown*", "hasUsed*",
-    "hasSeenTasksHint", "cached*", "hasAvailableSubscription", "recommendedSubscription",
+    "hasSeenTasksHint", "hasAvailableSubscription", "recommendedSubscription",
     "fallbackAvailableWarningThreshold", "feedbackSurveyState", "isQualifiedForDataSharing",
-    "claudeCodeFirstTokenDate", "s1mAccessCache", "customApiKeyResponses", "oauthAccount",
+    "claudeCodeFirstTokenDate", "oauthAccount",
     "bypassPermissionsModeAccepted", "theme", "lastPlanModeUse",
-    "projects.*.history", "projects.*.last*", "projects.*.projectOnboardingSeenCount",
-    "projects.*.hasCompletedProjectOnboarding", "projects.*.exampleFiles",
-    "projects.*.exampleFilesGeneratedAt", "projects.*.hasClaudeMdExternalIncludesWarningShown",
-    "projects.*.reactVulnerabilityCache",
+    *(f"projects.{PROJECT_KEY}.{key}" for key in (
+        "history", "last*", "projectOnboardingSeenCount", "hasCompletedProjectOnboarding",
+        "exampleFiles", "exampleFilesGeneratedAt", "hasClaudeMdExternalIncludesWarningShown",
+        "reactVulnerabilityCache")),
     (f"projects.{PROJECT_KEY}.hasTrustDialogAccepted", (True, False)))
 # What of ~/.claude/.credentials.json goes back: the OAuth tokens a login or a refresh inside
 # wrote (plain values only, see the "secret" check).
@@ -993,15 +996,18 @@ def secret_masks(home, mounts, exists=os.path.lexists, isdir=os.path.isdir, hidd
 
 
 def refuse_path(flag, path, home, hidden=SECRETS):
-    """Refuse a project or extra bind that would expose the home or a secret."""
-    if is_within(home, path):
+    """Refuse a project or extra bind (`path`, canonical) that would expose the home or a
+    secret, the home compared as given and as its real path ($HOME may be a link)."""
+    homes = list(dict.fromkeys([home, os.path.realpath(home)]))
+    if any(is_within(h, path) for h in homes):
         raise Failure(f"{flag} {path}: that is your home directory or above it; "
                       "choose a project directory")
     for relative in hidden:
-        secret = os.path.join(home, relative)
-        if is_within(path, secret) or (os.path.lexists(secret)
-                                       and is_within(path, os.path.realpath(secret))):
-            raise Failure(f"{flag} {path}: secrets (~/{relative}) are never shown in the sandbox")
+        for secret in (os.path.join(h, relative) for h in homes):
+            if is_within(path, secret) or (os.path.lexists(secret)
+                                           and is_within(path, os.path.realpath(secret))):
+                raise Failure(f"{flag} {path}: secrets (~/{relative}) are never shown in the "
+                              "sandbox")
 
 
 def socket_masks(shown, home, hidden):
@@ -1093,6 +1099,7 @@ def make_plan(profile, opts, environ, skip=()):
     if not os.path.isdir(project):
         raise Failure(f"--dir {opts.dir}: not a directory")
     refuse_path("--dir", project, home, hidden_paths(profile))
+    refuse_wrapper_place("--dir", project, environ)
     search_path = environ.get("PATH", os.defpath)
     cli = find_cli(profile, search_path, home, skip)
     if cli is None and not opts.shell:
@@ -1124,6 +1131,7 @@ def make_plan(profile, opts, environ, skip=()):
             if not os.path.exists(real):
                 raise Failure(f"{flag} {path}: no such file or directory")
             refuse_path(flag, real, home, hidden)
+            refuse_wrapper_place(flag, real, environ)
             mounts.append((option, real, real))
             if option == "--bind":
                 rw_extra.append(real)
@@ -1553,11 +1561,21 @@ class RootLock:
 
     def listed(self):
         """The placeholders listed for this root, from the list file (ours, in LOCKS_DIR)."""
-        with contextlib.suppress(OSError, ValueError, RecursionError, TypeError, KeyError):
-            fd = os.open(self.name + ".json", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.locks_fd)
+        return [p for p in self.read_list().get("placeholders", ()) if isinstance(p, str)]
+
+    def read_list(self):
+        """The root's list file, {} unless it is a regular file of ours holding an object.
+        LOCKS_DIR is never shown in the sandbox (refuse_wrapper_place); this is one more
+        line should anything else have written there."""
+        with contextlib.suppress(OSError, ValueError, RecursionError, TypeError):
+            fd = os.open(self.name + ".json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         dir_fd=self.locks_fd)
             with os.fdopen(fd) as f:
-                return [p for p in json.load(f)["placeholders"] if isinstance(p, str)]
-        return []
+                info = os.fstat(fd)
+                if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+                    found = json.load(f)
+                    return found if isinstance(found, dict) else {}
+        return {}
 
     @classmethod
     def sweep(cls, locks_fd):
@@ -1567,10 +1585,7 @@ class RootLock:
                  if e.endswith((".json", ".lock"))}
         for name in sorted(names):
             lock = cls(locks_fd, "", name)
-            with contextlib.suppress(OSError, ValueError, RecursionError, TypeError, KeyError):
-                fd = os.open(name + ".json", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=locks_fd)
-                with os.fdopen(fd) as f:
-                    lock.root = str(json.load(f)["root"])
+            lock.root = str(lock.read_list().get("root", ""))
             with contextlib.suppress(OSError):
                 lock.fd = os.open(name + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600,
                                   dir_fd=locks_fd)
@@ -1604,8 +1619,9 @@ class RootLock:
 
     def clear(self):
         """With the lock held exclusively: remove the listed placeholders, deepest first
-        (only while the root is still the directory the list was made for)."""
-        if root_identity(self.root) == self.name:
+        (only while the root, a canonical path, is still the directory the list was made
+        for)."""
+        if root_identity(self.root) == self.name and os.path.realpath(self.root) == self.root:
             for relative in sorted(set(self.listed()), key=lambda p: -p.count("/")):
                 remove_placeholder(self.root, relative)
         with contextlib.suppress(OSError):
@@ -1875,8 +1891,10 @@ def placeholder_content(path):
 
 def key_segments(key, project=None):
     """A guarded key ("a.b.c", or ("a.b.c", allowed values)) as (segments, values or None);
-    PROJECT_KEY becomes the project's path, which may hold dots."""
+    PROJECT_KEY becomes the project's path, which may hold dots (and, escaped, fnmatch's
+    special characters: it names that one project)."""
     text, values = (key, None) if isinstance(key, str) else key
+    project = None if project is None else glob.escape(project)
     return [project if part == PROJECT_KEY else part for part in text.split(".")], values
 
 
@@ -2468,6 +2486,7 @@ def could_be_made(path, error):
 
 STATE_COPY_ENTRIES = 10000   # files and directories copied for one State item, at most
 STATE_COPY_DEPTH = 8
+SESSION_BACK_LIMIT = STATE_FILE_LIMIT   # bytes one session may add to transcripts and history
 SLUG = "{slug}"              # in a State path: this project's directory name in Claude's state
 GEMINI_ID_NAME = re.compile(r"[a-z0-9-]{1,100}")
 PROJECT_ROOT = ".project_root"
@@ -2572,6 +2591,33 @@ def read_place(place):
         os.close(fd)
 
 
+def host_read(place):
+    """The bytes of the host file at `place`, None only when it is absent: one that exists
+    but cannot be read whole (larger than STATE_FILE_LIMIT, not a regular file, unreadable,
+    a link on the way) raises ValueError, so what flows back never replaces it."""
+    data = read_place(place)
+    if data is None and host_entry_exists(place[0], [*place[1], place[2]]):
+        try:
+            info = os.lstat(os.path.join(place[0], *place[1], place[2]))
+        except OSError:
+            info = None
+        if info and stat.S_ISLNK(info.st_mode):
+            raise ValueError("it is a symbolic link, which is never followed")
+        if info and stat.S_ISREG(info.st_mode) and info.st_size > STATE_FILE_LIMIT:
+            raise ValueError(f"the host's file is larger than {STATE_FILE_LIMIT >> 20} MiB, "
+                             "so it is not replaced; shorten or move it")
+        raise ValueError("the host's file cannot be read whole, so it is not replaced")
+    return data
+
+
+def spend(budget, size):
+    """Take `size` bytes of a session's SESSION_BACK_LIMIT ([bytes left]), or refuse."""
+    if budget is not None:
+        if size > budget[0]:
+            raise ValueError(f"the session added more than {SESSION_BACK_LIMIT >> 20} MiB")
+        budget[0] -= size
+
+
 def copy_entry(src_fd, name, dest, budget, level=0):
     """Copy src_fd/name to dest: regular files and directories, nothing through a link and
     no link, device, socket or fifo; `budget` ([entries left]) bounds the whole copy."""
@@ -2658,8 +2704,10 @@ def host_project_id(items, home, project):
 
 def claim_project_id(home, private, project):
     """The id the session's Gemini gave this project, if the host may take its chats under
-    it: no other project owns that directory on the host (its .project_root) nor that id in
-    ~/.gemini/projects.json.  The host's .project_root is written when missing."""
+    it: the host's directory of that id is this project's (its .project_root names it), or
+    does not exist yet and no other project has that id in ~/.gemini/projects.json; then it
+    is made with its .project_root.  An existing directory is never claimed: one without a
+    .project_root may be another project's (Gemini's older sha256 names)."""
     project_id = find_project_id(private, GEMINI_IDS.split("/"), project)
     if project_id is None:
         return None
@@ -2671,8 +2719,28 @@ def claim_project_id(home, private, project):
     if (owner is not None and owner.strip() != project.encode()) or project_id in others:
         raise ValueError(f"~/{GEMINI_IDS}/{project_id} belongs to another project")
     if owner is None:
+        if host_entry_exists(root, parts):
+            raise ValueError(f"~/{GEMINI_IDS}/{project_id} exists and names no project; it is "
+                             "not taken for this one")
         write_place((root, parts, PROJECT_ROOT), project.encode())
     return project_id
+
+
+def host_entry_exists(root, parts):
+    """Whether root/parts... exists (anything, a link too), looked up without following
+    a link below root."""
+    fd = open_dir_beneath(root, parts[:-1])
+    if fd is None:
+        return os.path.lexists(os.path.join(root, *parts[:-1]))
+    try:
+        os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def project_lines(data, project):
@@ -2769,6 +2837,8 @@ def write_place(place, data, mode=0o600):
     following links (made 0700 when missing), a temporary file made with O_EXCL beside it,
     then rename().  The target must be a regular file of this user, or absent."""
     root, parts, name = place
+    if len(data) > STATE_FILE_LIMIT:     # it could not be read back: it would be lost
+        raise ValueError(f"it would grow past {STATE_FILE_LIMIT >> 20} MiB")
     fd = open_dir_beneath(root, parts, create=True)
     if fd is None:
         raise ValueError("a directory on its way is missing or a link")
@@ -2797,7 +2867,7 @@ def write_place(place, data, mode=0o600):
         os.close(fd)
 
 
-def back_keys(item, base, home, private, project):
+def back_keys(item, base, home, private, project, budget=None):
     """A "keys" or "secret" item: the allowed changes, merged under the CLI's lock
     (NAME.lock beside the file, as Claude's own) with what changed on the host meanwhile."""
     ours = read_place(private_place(private, item.path))
@@ -2810,7 +2880,7 @@ def back_keys(item, base, home, private, project):
     lock = os.path.join(place[0], *place[1], place[2] + ".lock")
     locked = take_lock(lock)
     try:
-        merged = merge_state(base, data, read_place(place))
+        merged = merge_state(base, data, host_read(place))
         if merged is not None:
             write_place(place, merged)
     finally:
@@ -2818,9 +2888,10 @@ def back_keys(item, base, home, private, project):
             os.rmdir(lock)
 
 
-def back_lines(item, bases, home, private, project):
+def back_lines(item, bases, home, private, project, budget=None):
     """A "lines" item: each *.jsonl file directly in the directory, regular, within
-    STATE_FILE_LIMIT, every complete line a JSON object, only appended to."""
+    STATE_FILE_LIMIT, every complete line a JSON object, only appended to, what it adds
+    within the session's `budget` (spend)."""
     fd = open_dir_beneath(private, item.path.split("/"))
     if fd is None:
         return
@@ -2837,8 +2908,10 @@ def back_lines(item, bases, home, private, project):
             continue
         place = host_place(home, f"{item.path}/{name}")
         try:
-            update = lines_update((bases or {}).get(name), lines, read_place(place))
+            base = (bases or {}).get(name)
+            update = lines_update(base, lines, host_read(place))
             if update is not None:
+                spend(budget, len(lines) - (base or (0,))[0])
                 write_place(place, update)
         except ValueError as error:
             problems.append(f"{name}: {error}")
@@ -2846,7 +2919,7 @@ def back_lines(item, bases, home, private, project):
         raise ValueError("; ".join(problems))
 
 
-def back_mine(item, base, home, private, project):
+def back_mine(item, base, home, private, project, budget=None):
     """A "mine" item (a JSONL file all projects share): the complete lines the session
     appended to what it was given, each a JSON object of this project, appended to the
     host's file under the CLI's lock (NAME.lock)."""
@@ -2861,11 +2934,12 @@ def back_mine(item, base, home, private, project):
         raise ValueError("a line of another project, or not a JSON object")
     if not new:
         return
+    spend(budget, len(new))
     place = host_place(home, item.path)
     lock = os.path.join(place[0], *place[1], place[2] + ".lock")
     locked = take_lock(lock)
     try:
-        theirs = read_place(place) or b""
+        theirs = host_read(place) or b""
         if theirs and not theirs.endswith(b"\n"):
             theirs += b"\n"
         write_place(place, theirs + new)
@@ -2874,7 +2948,7 @@ def back_mine(item, base, home, private, project):
             os.rmdir(lock)
 
 
-def back_id(item, base, home, private, project):
+def back_id(item, base, home, private, project, budget=None):
     """An "id" item: one short line of letters, digits and "-", when it changed."""
     ours = read_place(private_place(private, item.path))
     if ours is None or ours == base:
@@ -2892,7 +2966,7 @@ FLOWS_BACK = {"keys": back_keys, "secret": back_keys, "lines": back_lines, "id":
 def flow_back(items, seeded, home, private, project):
     """Send back, item by item, what its FLOWS_BACK check accepts.  Returns a line for
     each item refused (its host copy is left as it was)."""
-    lines = []
+    lines, budget = [], [SESSION_BACK_LIMIT]
     if any(GEMINI_ID in i.path for i in items):
         try:
             project_id = claim_project_id(home, private, project)
@@ -2904,7 +2978,8 @@ def flow_back(items, seeded, home, private, project):
         if not item.back:
             continue
         try:
-            FLOWS_BACK[item.back](item, seeded.get(item.path), home, private, project)
+            FLOWS_BACK[item.back](item, seeded.get(item.path), home, private, project,
+                                  budget=budget)
         except (OSError, ValueError, RecursionError) as error:
             why = error.strerror if isinstance(error, OSError) and error.strerror else error
             lines.append(f"~/{item.path} not saved: {printable(str(why))}")
@@ -3978,7 +4053,8 @@ def allow_file_rules(path, writable):
     network."""
     filters = rules_module()
     for place in (os.path.abspath(path), os.path.realpath(path)):
-        root = next((r for r in writable if is_within(place, r)), None)
+        root = next((r for r in writable if is_within(place, r)
+                     or is_within(place, os.path.realpath(r))), None)
         if root is not None:
             raise Failure(f"--allow-file {path}: it is in {root}, which the sandbox can write, "
                           "so a session could have changed it; keep allow files elsewhere "
@@ -4088,23 +4164,82 @@ def sweep_sessions(environ, tool):
 
 
 def session_masks(environ, mounts, create=True):
-    """Every tool's session base holds other sessions' homes, caches and logs (bw-claude's a
-    copy of ~/.claude.json, which bw-gemini must not see): an empty mount over it wherever a
-    bind would show it.  It is made first when missing, so one made later cannot appear."""
-    sources = [src for _, src, _ in mounts if src]
+    """The wrapper's places (wrapper_places) hold other sessions' homes, caches, logs,
+    sockets and locks: a bind that shows one, or something of the wrapper's inside one, is
+    refused, except a read-only bind above one (--full-home-access, a tool's directory),
+    whose read-only parents cannot be renamed away from under the empty mount made over
+    the place.  A session base is made first when missing, so one made later cannot
+    appear."""
     masks = []
-    for profile in PROFILES.values():
-        base = session_base(environ, profile.tool)
-        inside = next((src for src in sources if is_within(src, base)), None)
-        if inside is not None:
-            raise Failure(f"{inside}: {profile.tool} keeps its sessions' homes there; it is "
-                          "never shown in the sandbox")
-        if not any(is_within(base, src) for src in sources):
-            continue
-        if create and checked_session_base(environ, profile.tool) is None:
-            continue        # it cannot be made: nor can a session make it
-        masks.append(("--tmpfs", None, base))
+    for place, own, tool in wrapper_places(environ):
+        for option, src, dest in mounts:
+            real = os.path.realpath(src) if src else None
+            shown = real and place_shown(real, place, own)
+            if shown == "inside" or (shown and option not in ("--ro-bind", "--ro-bind-fd")):
+                raise Failure(wrapper_place_refusal(src, place, tool, environ))
+            if not shown or (create and own is None
+                             and checked_session_base(environ, tool) is None):
+                continue        # not shown, or it cannot be made: nor can a session make it
+            mask = ("--tmpfs", None, os.path.normpath(os.path.join(
+                dest, os.path.relpath(place, real))))
+            if mask not in masks:
+                masks.append(mask)
     return masks
+
+
+# ---------------------------------------------------------------------------------------------
+# The wrapper's own places: never shown in the sandbox
+#
+# Each tool's session base (other sessions' homes, their copies of the CLI's credentials and
+# transcripts) and the runtime base (private_base: the proxies' socket directories, and
+# LOCKS_DIR, whose lists say which placeholders the next start removes) let one session reach
+# another.  Showing one, a parent of one, or one of the wrapper's entries inside the runtime
+# base is refused: an empty mount over it would not do, as the sandbox could rename its
+# parent away and the next session would make its directory where the sandbox reads it.
+# Paths are compared canonical (realpath), since any of them may be reached through a link.
+# ---------------------------------------------------------------------------------------------
+
+def wrapper_places(environ):
+    """[(canonical path, names of the wrapper's entries in it or None for all of it, the
+    tool)] of every tool's session base and of the runtime base."""
+    tools = [p.tool for p in PROFILES.values()]
+    places = [(os.path.realpath(session_base(environ, t)), None, t) for t in tools]
+    own = (LOCKS_DIR.format(uid=os.geteuid()), *tools)
+    return places + [(os.path.realpath(private_base(environ)), own, tools[0])]
+
+
+def place_shown(real, place, own):
+    """How showing the canonical path `real` shows `place`: "above" (it or a parent of
+    it), "inside" (in it, in one of its `own` entries when given: a session's directory,
+    hidden while it is made, or LOCKS_DIR), or None."""
+    if is_within(place, real):
+        return "above"
+    if not is_within(real, place):
+        return None
+    first = os.path.relpath(real, place).split("/")[0].lstrip(".")
+    if own is None or any(first == o or first.startswith(o + ".") for o in own):
+        return "inside"
+    return None
+
+
+def wrapper_place_refusal(path, place, tool, environ):
+    if place == os.path.realpath(private_base(environ)):
+        what = "the sessions' proxy sockets and locks are there"
+        fix = ("" if environ.get("XDG_RUNTIME_DIR") else
+               ", or set XDG_RUNTIME_DIR to a private directory of yours")
+    else:
+        what, fix = f"{tool} keeps its sessions' homes there", ""
+    return (f"{path}: {what} ({place}), so a session shown it could reach the others; "
+            f"choose a directory neither inside nor above it{fix}")
+
+
+def refuse_wrapper_place(flag, path, environ):
+    """Refuse --dir, --allow-ro or --allow-rw `path` (canonical) that shows a wrapper
+    place."""
+    for place, own, tool in wrapper_places(environ):
+        if place_shown(path, place, own):
+            raise Failure(f"{flag} {wrapper_place_refusal(path, place, tool, environ)}")
+
 
 def run(profile, argv, environ=None, skip=()):
     environ = dict(os.environ if environ is None else environ)

@@ -554,7 +554,9 @@ class TestInteractive(RealCLITest):
 
     def test_state_survives_two_sessions(self):
         """5. After two sandboxed sessions ~/.claude.json is valid, counts both, and nothing is
-        left beside it; what the first session's dialogs settled is remembered by the second."""
+        left beside it; what the first session's dialogs settled is remembered by the second,
+        except the API key's approval (customApiKeyResponses never flows back: the sandbox
+        could approve a key)."""
         first_dialogs = []
         for n in (1, 2):
             term = self.start(f"run{n}")
@@ -562,7 +564,8 @@ class TestInteractive(RealCLITest):
             if n == 1:
                 first_dialogs = dialogs
             else:
-                self.assertEqual(dialogs, [], f"the second session asked again: {dialogs}\n{screen}")
+                again = [d for d in dialogs if d != "Do you want to use this API key"]
+                self.assertEqual(again, [], f"the second session asked again: {dialogs}\n{screen}")
             self.assertEqual(self.quit(term), 0, term.stderr())
             term.close()
             self.assert_cleaned_up()
@@ -572,7 +575,7 @@ class TestInteractive(RealCLITest):
         self.assertIn("trust this folder", first_dialogs)
         self.assertTrue(state.get("hasCompletedOnboarding"))
         self.assertTrue(state["projects"][self.proj]["hasTrustDialogAccepted"])
-        self.assertIn(KEY[-20:], state["customApiKeyResponses"]["approved"])
+        self.assertNotIn("customApiKeyResponses", state)
         left = []
         for root, dirs, files in os.walk(self.home):
             for name in dirs + files:

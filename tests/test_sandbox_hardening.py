@@ -406,7 +406,8 @@ class HardeningTest(unittest.TestCase):
         self.assertTrue(os.path.islink(os.path.join(self.home, ".claude.json")))
         self.assertEqual(self.read_json(".claude.json"), {
             "numStartups": 2, "tipsHistory": {"tip": 3}, "mcpServers": {},
-            "projects": {"/x": {"allowedTools": [], "history": [{"display": "hi"}]},
+            # Nothing of another project (/x), not even its history, goes back.
+            "projects": {"/x": {"allowedTools": [], "history": []},
                          p: {"hasTrustDialogAccepted": True, "lastCost": 0.5}}})
 
     def test_git_protection_covers_commondir_modules_worktrees_and_git_files(self):
