@@ -1,7 +1,9 @@
 """Run an AI coding CLI inside a bubblewrap sandbox, optionally with filtered network.
 
-This module is the whole of bw-claude and bw-gemini; the two entry scripts only pick
-a profile and call main().  Python 3.10 or later (os.splice), standard library only.
+This module is all the logic of bw-claude and bw-gemini; each entry script names its
+profile and spells out one session's life with what this module offers: Wrapper (errors,
+signals, the terminal, the exit status), plan_session, SessionDirs, FilterProxy and
+run_sandbox (the section "A session's life").  Python 3.10 or later (os.splice), standard library only.
 
 What the sandbox sees
     /usr, /bin, /sbin, /lib*, /opt   read-only, laid out as on the host
@@ -931,6 +933,7 @@ class Plan:
     git_roots: list = field(default_factory=list)   # checked for git metadata at the end
     host_ports: list = field(default_factory=list)  # --host-port: (inside, host port)
     proxy_token: str = None                         # --share-net: the proxy's password
+    environ: dict = field(default_factory=dict)     # the wrapper's environment, HOME checked
 
 
 def hidden_paths(profile):
@@ -3515,7 +3518,7 @@ def format_git_report(tool, done, failed, problems, snapshot, killed=False):
 
 
 def say_git_check(private_dir, tool, killed=False):
-    """check_git for Session and sweep_stale; a failure is said loudly, never raised."""
+    """check_git for SessionDirs and sweep_stale; a failure is said loudly, never raised."""
     try:
         report = check_git(private_dir, tool, killed)
     except Exception as error:      # noqa: BLE001 -- the clean-up must go on
@@ -3548,17 +3551,22 @@ def check_git(private_dir, tool, killed=False):
     return format_git_report(tool, done, failed, problems, snapshot, killed)
 
 
-class Session:
-    """One sandboxed run: private directory, proxy, bwrap; `with` guarantees the clean-up."""
+# ---------------------------------------------------------------------------------------------
+# A session's life, in the order the entry scripts spell it out: Wrapper (at the end of this
+# file) around plan_session, SessionDirs, FilterProxy and run_sandbox.
+# ---------------------------------------------------------------------------------------------
 
-    def __init__(self, plan, environ):
-        self.plan, self.environ = plan, environ
-        self.dir = self.proxy = self.bwrap = self.socket_dir = None
-        self.set_up = False          # bwrap ran the command (a session that did not
-                                     # leaves an earlier --learn file alone)
+class SessionDirs:
+    """A session's private directories (the home and caches on disk, the proxy socket's
+    under the runtime directory), each locked while the session lives so that a later
+    start sweeps them only after a SIGKILL.  prepare() fills them: the CLI's state, the git
+    snapshot, the protected paths.  Leaving undoes all of it, on every path: placeholders
+    released, git checked, state sent back (FLOWS_BACK), directories removed."""
+
+    def __init__(self, plan):
+        self.plan, self.environ, self.tool = plan, plan.environ, plan.profile.tool
+        self.dir = self.socket_dir = self.protection = None
         self.seeded = {}             # State path: what was copied in (seed_state)
-        self.protection = None
-        self.tool = plan.profile.tool
 
     def __enter__(self):
         self.dir, self.lock_fd = make_private_dir(session_dirs_base(self.environ, self.tool),
@@ -3576,26 +3584,19 @@ class Session:
         return self
 
     def __exit__(self, *exc_info):
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-            signal.signal(sig, signal.SIG_IGN)
+        ignore_signals()
         try:
             try:
-                stop(self.bwrap)
-                stop(self.proxy)
-            finally:
                 # First, and whatever happens next: a placeholder left behind would stay.
                 if self.protection is not None:
                     self.protection.release()
+            finally:
                 say_git_check(self.dir, self.tool)
             try:
                 self.save_state()
             except (OSError, ValueError, RecursionError) as error:
                 say(f"{self.tool}: could not save {self.plan.profile.name}'s state: "
                     f"{printable(error)}")
-            if self.proxy is not None and self.bwrap is not None:
-                say(self.summary())
-                if self.plan.learn and (self.set_up or isinstance(exc_info[1], Terminated)):
-                    say(self.write_learned())
         finally:
             remove_tree(self.dir)
             os.close(self.lock_fd)
@@ -3604,12 +3605,11 @@ class Session:
                 os.close(self.socket_lock)
         return False
 
-    def home_path(self, relative):
-        return os.path.join(self.dir, "home", relative)
-
-    def make_placeholders(self):
-        """Hold the protected paths for the session (Protection): placeholders for the
-        missing ones, descriptors of what bwrap binds, the roots' shared locks."""
+    def prepare(self):
+        """What the sandbox starts from: its copy of the CLI's state, the snapshot of git
+        metadata checked at the end, the protected paths held (placeholders, descriptors)."""
+        self.load_state()
+        take_git_snapshot(self.plan.git_roots, self.dir, git_session_bases(self.environ))
         self.protection = Protection(self.plan, private_base(self.environ))
         self.protection.hold()
 
@@ -3635,16 +3635,39 @@ class Session:
                               os.path.join(self.dir, "home"), self.plan.project):
             say(f"{self.tool}: {line}")
 
-    def launch_proxy(self):
-        """Start the proxy; the caller prepares the rest meanwhile, then awaits it."""
+    def roots(self):
+        """The writable roots the session protects something in, as (mounted, real) pairs."""
+        return [(root, root) for root in dict.fromkeys(r for r, _, _ in
+                                                        self.plan.beneath.values())]
+
+    def mount_fds(self):
+        return self.protection.fds if self.protection else {}
+
+
+class FilterProxy:
+    """socks_filter.py as a subprocess, for a session with --filter-network (a session
+    without it gets one that does nothing).  Entering starts it in a session of its own
+    (the terminal's Ctrl-C is for the CLI); wait_ready() blocks, bounded, until it listens,
+    and run_sandbox calls it just before bwrap, so the proxy's start-up overlaps the
+    session's preparation.  Leaving stops it on every path and reports: the network summary
+    from its log, and the --learn file (unless the sandbox never got going)."""
+
+    def __init__(self, plan, dirs):
+        self.plan, self.dirs, self.tool = plan, dirs, plan.profile.tool
+        self.process = self.ready_fd = None
+        self.ready = False
+
+    def __enter__(self):
+        if not self.plan.filter:
+            return self
         read_fd, write_fd = os.pipe()
-        args = build_proxy_args(self.plan, self.dir, write_fd, socket_dir=self.socket_dir)
+        args = build_proxy_args(self.plan, self.dirs.dir, write_fd,
+                                socket_dir=self.dirs.socket_dir)
         if self.plan.verbose:
             say(shlex.join(args))
         try:
-            with open(os.path.join(self.dir, "proxy.err"), "wb") as err:
-                # Its own session: the terminal's Ctrl-C is for the CLI, not for the proxy.
-                self.proxy = subprocess.Popen(
+            with open(self.path("proxy.err"), "wb") as err:
+                self.process = subprocess.Popen(
                     args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                     pass_fds=(write_fd,), start_new_session=True, env=proxy_env(self.plan))
         except BaseException:
@@ -3652,75 +3675,45 @@ class Session:
             raise
         finally:
             os.close(write_fd)
-        self.proxy_ready_fd = read_fd
+        self.ready_fd = read_fd
+        return self
 
-    def await_proxy(self):
+    def wait_ready(self):
         """Wait (bounded) for the proxy's ready line; no sandbox starts without it."""
+        if self.process is None:
+            return
         try:
-            line = read_ready(self.proxy_ready_fd, PROXY_READY_SECONDS)
+            line = read_ready(self.ready_fd, PROXY_READY_SECONDS)
         finally:
-            os.close(self.proxy_ready_fd)
+            os.close(self.ready_fd)
+            self.ready_fd = None
         if not line.startswith("ready"):
-            why = (last_line(os.path.join(self.dir, "proxy.err"))
-                   or f"no ready line within {PROXY_READY_SECONDS} s")
+            why = last_line(self.path("proxy.err")) or \
+                f"no ready line within {PROXY_READY_SECONDS} s"
             raise Failure(f"the filtering proxy did not start: {why}")
+        self.ready = True
+        for line in network_warnings(self.plan):
+            say(f"{self.tool}: {line}")
+        if not self.plan.unshare_net:
+            say(f"{self.tool}: --filter-network --share-net is advisory: programs that "
+                "ignore HTTP(S)_PROXY reach the network directly")
 
-    def run(self):
-        if self.plan.filter:
-            self.launch_proxy()      # its start-up overlaps the preparations below
-        self.load_state()
-        take_git_snapshot(self.plan.git_roots, self.dir, git_session_bases(self.environ))
-        self.make_placeholders()
-        if self.plan.filter:
-            self.await_proxy()
-            for line in network_warnings(self.plan):
-                say(f"{self.tool}: {line}")
-            if not self.plan.unshare_net:
-                say(f"{self.tool}: --filter-network --share-net is advisory: programs that "
-                    "ignore HTTP(S)_PROXY reach the network directly")
-        read_fd, write_fd = os.pipe()
-        seccomp_fd = filter_fd(self.plan.seccomp)
-        mount_fds = self.protection.fds if self.protection else {}
-        args = build_bwrap_args(self.plan, self.dir, write_fd, seccomp_fd,
-                                socket_dir=self.socket_dir, mount_fds=mount_fds)
-        if self.plan.verbose:
-            say(format_env_command(self.plan.env, args))
-        # bwrap dies on SIGINT and SIGQUIT (Ctrl-C, Ctrl-\) and takes the sandbox with it:
-        # it must ignore them, and the CLI gets them back through env --default-signal.
-        # Without that env, bwrap keeps the defaults so they at least end the session.
-        # The wrapper ignores them from here on: its clean-up runs when bwrap ends.
-        keyboard = (signal.SIGINT, signal.SIGQUIT)
-        if self.plan.env_program:
-            for sig in keyboard:
-                signal.signal(sig, signal.SIG_IGN)
-        try:
-            self.bwrap = subprocess.Popen(args, env=self.plan.env,
-                                          pass_fds=(write_fd, seccomp_fd, *mount_fds.values()))
-        finally:
-            os.close(write_fd)
-            os.close(seccomp_fd)
-            if self.protection:
-                self.protection.close_fds()
-            for sig in keyboard:
-                signal.signal(sig, signal.SIG_IGN)
-        with os.fdopen(read_fd, "rb") as status_pipe:
-            code = self.bwrap.wait()
-            self.set_up = bwrap_ran(status_pipe.read())
-        if not self.set_up:
-            raise Failure("bwrap could not set up the sandbox (its message is above); if it is "
-                          "about permissions or the uid map, check that unprivileged user "
-                          "namespaces are allowed (sysctl "
-                          "kernel.unprivileged_userns_clone, and on Ubuntu 24.04 "
-                          "kernel.apparmor_restrict_unprivileged_userns or an AppArmor profile "
-                          "for bwrap)", code or 1)
-        return 128 - code if code < 0 else code
+    def __exit__(self, kind, error, traceback):
+        ignore_signals()
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+        stop(self.process)
+        if self.ready:
+            say(self.summary())
+            if self.plan.learn and (error is None or isinstance(error, Terminated)):
+                say(self.write_learned())
+        return False
 
-    def plan_roots(self):
-        return [(root, root) for root in dict.fromkeys(r for r, _, _ in
-                                                        self.plan.beneath.values())]
+    def path(self, name):
+        return os.path.join(self.dirs.dir, name)
 
     def log_path(self):
-        return self.plan.proxy_log or os.path.join(self.dir, "proxy.log")
+        return self.plan.proxy_log or self.path("proxy.log")
 
     def summary(self):
         try:
@@ -3729,16 +3722,16 @@ class Session:
                                  self.plan.profile.expected_blocked)
         except OSError:
             text = f"{self.tool}: network: no proxy log"
-        if self.proxy.returncode not in (0, -signal.SIGTERM):
-            text += f" (the proxy exited with status {self.proxy.returncode}: " \
-                    f"{last_line(os.path.join(self.dir, 'proxy.err'))})"
+        if self.process.returncode not in (0, -signal.SIGTERM):
+            text += f" (the proxy exited with status {self.process.returncode}: " \
+                    f"{last_line(self.path('proxy.err'))})"
         return text
 
     def write_learned(self):
         """Write the --learn file (atomically: a partial one would be a wrong allow list)."""
         target = self.plan.learn
         try:
-            problem = host_file_problem(target, self.plan_roots())
+            problem = host_file_problem(target, self.dirs.roots())
             if problem:
                 raise OSError(problem)
             with open_text(self.log_path()) as f:
@@ -3760,6 +3753,60 @@ class Session:
         plural = "" if count == 1 else "s"
         return (f"{self.tool}: learn: wrote {count} destination{plural} to {target}; review it, "
                 f"then use --filter-network --unshare-net --allow-file {shlex.quote(target)}")
+
+
+def run_sandbox(plan, dirs, proxy):
+    """Prepare the session's directories (while the proxy starts), wait for the proxy, run
+    bwrap until the CLI exits: the CLI's exit status."""
+    dirs.prepare()
+    proxy.wait_ready()
+    read_fd, write_fd = os.pipe()
+    seccomp_fd = filter_fd(plan.seccomp)
+    mount_fds = dirs.mount_fds()
+    args = build_bwrap_args(plan, dirs.dir, write_fd, seccomp_fd,
+                            socket_dir=dirs.socket_dir, mount_fds=mount_fds)
+    if plan.verbose:
+        say(format_env_command(plan.env, args))
+    # bwrap dies on SIGINT and SIGQUIT (Ctrl-C, Ctrl-\) and takes the sandbox with it:
+    # it must ignore them, and the CLI gets them back through env --default-signal.
+    # Without that env, bwrap keeps the defaults so they at least end the session.
+    # The wrapper ignores them from here on: its clean-up runs when bwrap ends.
+    keyboard = (signal.SIGINT, signal.SIGQUIT)
+    if plan.env_program:
+        for sig in keyboard:
+            signal.signal(sig, signal.SIG_IGN)
+    bwrap = None
+    try:
+        try:
+            bwrap = subprocess.Popen(args, env=plan.env,
+                                     pass_fds=(write_fd, seccomp_fd, *mount_fds.values()))
+        finally:
+            os.close(write_fd)
+            os.close(seccomp_fd)
+            if dirs.protection:
+                dirs.protection.close_fds()
+            for sig in keyboard:
+                signal.signal(sig, signal.SIG_IGN)
+        with os.fdopen(read_fd, "rb") as status_pipe:
+            code = bwrap.wait()
+            set_up = bwrap_ran(status_pipe.read())
+    finally:
+        ignore_signals()
+        stop(bwrap)
+    if not set_up:
+        raise Failure("bwrap could not set up the sandbox (its message is above); if it is "
+                      "about permissions or the uid map, check that unprivileged user "
+                      "namespaces are allowed (sysctl "
+                      "kernel.unprivileged_userns_clone, and on Ubuntu 24.04 "
+                      "kernel.apparmor_restrict_unprivileged_userns or an AppArmor profile "
+                      "for bwrap)", code or 1)
+    return 128 - code if code < 0 else code
+
+
+def ignore_signals():
+    """Clean-up has begun: no signal may cut it short (a placeholder left would stay)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4241,23 +4288,34 @@ def refuse_wrapper_place(flag, path, environ):
             raise Failure(f"{flag} {wrapper_place_refusal(path, place, tool, environ)}")
 
 
-def run(profile, argv, environ=None, skip=()):
+class Finished(BaseException):
+    """--list-presets, --dry-run or --doctor did their work: no session runs."""
+
+    def __init__(self, code=0):
+        super().__init__(code)
+        self.code = code
+
+
+def plan_session(profile, argv, environ=None, skip=()):
+    """Options (the defaults file's first), a look at the host, and the session's Plan.
+    The options that act once (--list-presets, --dry-run, --doctor) raise Finished."""
     environ = dict(os.environ if environ is None else environ)
     ours = split_argv(argv)[0]
     if not any(flag in ours for flag in ("--help", "-h", "--list-presets")):
         environ["HOME"] = checked_home(environ)
     if "--doctor" in ours:
-        return doctor(profile, argv, environ, skip)
+        raise Finished(doctor(profile, argv, environ, skip))
     # --help works even when the defaults file does not parse.
     skip_defaults = any(flag in ours for flag in ("--no-defaults", "--help", "-h"))
     defaults = [] if skip_defaults else read_defaults(profile, environ)
     opts = parse_args(profile, argv, defaults)
     if opts.list_presets:
         sys.stdout.write(format_presets())
-        return 0
+        raise Finished(0)
     if not opts.dry_run:
         sweep_sessions(environ, profile.tool)
     plan = make_plan(profile, opts, environ, skip)
+    plan.environ = environ
     tool = profile.tool
     if plan.verbose:
         if defaults:
@@ -4270,10 +4328,9 @@ def run(profile, argv, environ=None, skip=()):
             write_out(shlex.join(build_proxy_args(plan, private_dir, "FD", socket_dir)))
         write_out(format_env_command(plan.env, build_bwrap_args(plan, private_dir, seccomp_fd="FD",
                                                                 socket_dir=socket_dir)))
-        return 0
+        raise Finished(0)
     check_tools(plan)
-    with Session(plan, environ) as session:
-        return session.run()
+    return plan
 
 
 @dataclass
@@ -4536,26 +4593,50 @@ def raise_terminated(signum, frame):
     raise Terminated(signum)
 
 
-def main(name):
-    """Entry point of bw-claude and bw-gemini."""
-    profile = PROFILES[name]
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(sig, raise_terminated)
-    entry = os.path.realpath(sys.argv[0])
-    try:
-        with terminal_kept(sys.stdin):
-            code = run(profile, sys.argv[1:], skip=(entry,))
-    except Failure as failure:
-        say(f"{profile.tool}: error: {failure}")
-        code = failure.code
-    except Terminated as terminated:
-        code = 128 + terminated.signum
-    except KeyboardInterrupt:
-        code = 130
-    except OSError as error:
-        say(f"{profile.tool}: error: {printable(error)}")
-        code = 1
-    except Exception as error:  # the last resort: one line, never a traceback
-        say(f"{profile.tool}: error: unexpected {type(error).__name__}: {printable(error)}")
-        code = 1
-    sys.exit(code)
+class Wrapper:
+    """The wrapper process around one session, entered first by an entry script: SIGTERM,
+    SIGHUP and SIGQUIT unwind through every clean-up (Terminated), the terminal's modes are
+    restored on every way out, an error is one line on stderr (never a traceback), and
+    leaving exits the process with `status`, the CLI's exit status unless an error says
+    otherwise (see the module docstring: Exit status)."""
+
+    def __init__(self, name):
+        self.profile = PROFILES[name]
+        self.status = 0
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, raise_terminated)
+        self.stack.enter_context(terminal_kept(sys.stdin))
+        return self
+
+    def plan(self, argv):
+        """plan_session for this profile; the entry script itself is never the CLI."""
+        return plan_session(self.profile, argv, skip=(os.path.realpath(sys.argv[0]),))
+
+    def __exit__(self, kind, error, traceback):
+        self.stack.close()
+        if isinstance(error, SystemExit):       # argparse's --help
+            return False
+        if error is not None:
+            self.status = exit_status(self.profile.tool, error)
+        sys.exit(self.status)
+
+
+def exit_status(tool, error):
+    """The exit status for an exception that ended the wrapper, said in one line."""
+    if isinstance(error, Finished):
+        return error.code
+    if isinstance(error, Failure):
+        say(f"{tool}: error: {error}")
+        return error.code
+    if isinstance(error, Terminated):
+        return 128 + error.signum
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    if isinstance(error, OSError):
+        say(f"{tool}: error: {printable(error)}")
+    else:   # the last resort: one line, never a traceback
+        say(f"{tool}: error: unexpected {type(error).__name__}: {printable(error)}")
+    return 1

@@ -400,10 +400,10 @@ class BwrapArgsTest(Fixture):
         os.makedirs(runtime)
         self.environ["XDG_RUNTIME_DIR"] = runtime
         out = io.StringIO()
-        with redirect_stdout(out):
-            code = bw_lib.run(CLAUDE, ["--dir", self.project, "--dry-run", "--filter-network",
-                                       "--unshare-net"], self.environ)
-        self.assertEqual(code, 0)
+        with redirect_stdout(out), self.assertRaises(bw_lib.Finished) as finished:
+            bw_lib.plan_session(CLAUDE, ["--dir", self.project, "--dry-run", "--filter-network",
+                                         "--unshare-net"], self.environ)
+        self.assertEqual(finished.exception.code, 0)
         proxy_line, bwrap_line = out.getvalue().splitlines()
         self.assertIn("socks_filter.py --listen " + runtime, proxy_line)
         self.assertTrue(bwrap_line.startswith("env -i "))
@@ -415,23 +415,34 @@ class BwrapArgsTest(Fixture):
 
 
 class LastResortTest(unittest.TestCase):
-    def test_an_unexpected_error_is_one_line(self):
-        def broken(*args, **kwargs):
-            raise RuntimeError("boom\nsecond line")
-        original, argv = bw_lib.run, sys.argv
+    def setUp(self):
         handlers = {sig: signal.getsignal(sig)
                     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
         self.addCleanup(lambda: [signal.signal(s, h) for s, h in handlers.items()])
-        bw_lib.run, sys.argv = broken, ["bw-claude"]
+
+    def leave(self, error):
+        """What the Wrapper does with `error` raised inside it: (exit status, stderr)."""
         err = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as caught:
-                bw_lib.main("claude")
-        finally:
-            bw_lib.run, sys.argv = original, argv
-        self.assertEqual(caught.exception.code, 1)
-        self.assertEqual(err.getvalue(),
-                         "bw-claude: error: unexpected RuntimeError: boom?second line\n")
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as caught:
+            with bw_lib.Wrapper("claude"):
+                raise error
+        return caught.exception.code, err.getvalue()
+
+    def test_an_unexpected_error_is_one_line(self):
+        self.assertEqual(self.leave(RuntimeError("boom\nsecond line")),
+                         (1, "bw-claude: error: unexpected RuntimeError: boom?second line\n"))
+
+    def test_each_way_out_has_its_status(self):
+        self.assertEqual(self.leave(bw_lib.Failure("no", 2)), (2, "bw-claude: error: no\n"))
+        self.assertEqual(self.leave(bw_lib.Terminated(signal.SIGTERM)), (143, ""))
+        self.assertEqual(self.leave(KeyboardInterrupt()), (130, ""))
+        self.assertEqual(self.leave(bw_lib.Finished(3)), (3, ""))
+
+    def test_the_status_set_inside_is_the_exit_status(self):
+        with self.assertRaises(SystemExit) as caught:
+            with bw_lib.Wrapper("claude") as session:
+                session.status = 7
+        self.assertEqual(caught.exception.code, 7)
 
 
 class SummaryTest(unittest.TestCase):

@@ -70,9 +70,9 @@ class PresetTest(unittest.TestCase):
 
     def test_list_presets_is_an_allow_file(self):
         out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            code = bw_lib.run(CLAUDE, ["--list-presets"], {"HOME": "/nonexistent"})
-        self.assertEqual(code, 0)
+        with contextlib.redirect_stdout(out), self.assertRaises(bw_lib.Finished) as finished:
+            bw_lib.plan_session(CLAUDE, ["--list-presets"], {"HOME": "/nonexistent"})
+        self.assertEqual(finished.exception.code, 0)
         with tempfile.NamedTemporaryFile("w", suffix=".allow") as f:
             f.write(out.getvalue())
             f.flush()

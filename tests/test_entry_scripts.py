@@ -1,0 +1,63 @@
+"""The entry scripts: each reads as one session's life and works copied or linked anywhere,
+and one without bw_lib.py beside it says so in one line."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("bw-claude", "bw-gemini")
+LIBRARY = ("bw_lib.py", "socks_filter.py", "socat_bridge.sh")
+
+
+class EntryScriptTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="bw-entry-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def run_script(self, path, *argv):
+        return subprocess.run([sys.executable, path, *argv], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "HOME": self.dir})
+
+    def test_a_script_copied_alone_says_so_in_one_line(self):
+        for name in SCRIPTS:
+            with self.subTest(script=name):
+                alone = os.path.join(self.dir, name)
+                shutil.copy(os.path.join(REPO, name), alone)
+                result = self.run_script(alone, "--help")
+                self.assertEqual(result.returncode, 1)
+                self.assertEqual(result.stdout, "")
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertIn(f"{name}: ", result.stderr)
+                self.assertIn(f"keep bw_lib.py next to {alone}", result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+
+    def test_a_copy_with_the_library_and_a_link_to_it_work(self):
+        for name in LIBRARY + SCRIPTS:
+            shutil.copy(os.path.join(REPO, name), os.path.join(self.dir, name))
+        links = os.path.join(self.dir, "bin")
+        os.mkdir(links)
+        for name in SCRIPTS:
+            os.symlink(os.path.join(self.dir, name), os.path.join(links, "my-" + name))
+            for path in (os.path.join(self.dir, name), os.path.join(links, "my-" + name)):
+                with self.subTest(script=path):
+                    result = self.run_script(path, "--list-presets")
+                    self.assertEqual(result.returncode, 0, result.stderr)
+                    self.assertIn("github.com:443", result.stdout)
+
+    def test_the_scripts_differ_only_in_their_profile(self):
+        # All logic is shared in bw_lib.py: the two scripts are the same text but for the
+        # profile's name and the CLI's name in their docstring.
+        with open(os.path.join(REPO, "bw-claude")) as f:
+            claude = f.read()
+        with open(os.path.join(REPO, "bw-gemini")) as f:
+            gemini = f.read()
+        self.assertEqual(claude.replace("Claude Code", "Gemini CLI").replace("claude", "gemini"),
+                         gemini)
+        self.assertLess(len(claude.splitlines()), 30)
+
+
+if __name__ == "__main__":
+    unittest.main()
