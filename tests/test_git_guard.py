@@ -552,6 +552,60 @@ class GitUnreadableTest(unittest.TestCase):
         self.assertFalse(os.path.exists(self.marker))
 
 
+class GitDataSandboxTest(SessionCase, unittest.TestCase):
+    """The attacker review's reproduction through `bw-claude --shell`: a branch named
+    like a command, .git/logs/HEAD, FETCH_HEAD and COMMIT_EDITMSG linked to the host's
+    ~/.bashrc; then host git switches branch, fetches and commits, and bash reads
+    ~/.bashrc."""
+
+    @classmethod
+    def setUpClass(cls):
+        require_sandbox()
+        need_git()
+
+    def setUp(self):
+        make_session_dirs(self, "bw-gitdata-")
+        self.env = {"HOME": self.home, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
+                    "XDG_RUNTIME_DIR": self.runtime}
+        self.marker = os.path.join(self.root, "PWNED")
+        self.bashrc = os.path.join(self.home, ".bashrc")
+        with open(self.bashrc, "w") as f:
+            f.write("# the user's\n")
+        make_repo(self.project, ["a"])
+        self.script = (f'git checkout -q -b "wip;touch\\${{IFS}}{self.marker};#" && '
+                       f"rm .git/logs/HEAD && ln -s {self.bashrc} .git/logs/HEAD && "
+                       f"ln -sf {self.bashrc} .git/FETCH_HEAD && "
+                       f"ln -sf {self.bashrc} .git/COMMIT_EDITMSG && echo ATTACKED")
+
+    def host_git_then_bash(self):
+        """Each host git command, then a new shell reads ~/.bashrc: whether the marker
+        appeared, and whether ~/.bashrc changed."""
+        env, changed = host_env(self.home), False
+        for args in (["checkout", "-q", "m"], ["fetch", "-q", ".", "m"],
+                     ["commit", "-q", "--allow-empty", "-m", "host"]):
+            subprocess.run([GIT, *ID, *args], cwd=self.project, env=env, capture_output=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+            subprocess.run(["bash", "-c", f". {self.bashrc}"], env=env, capture_output=True,
+                           timeout=30)
+            changed = changed or read_text(self.bashrc) != "# the user's\n"
+        return os.path.exists(self.marker), changed
+
+    def test_the_attack_works_without_the_guard(self):
+        result = self.check(self.bw("--shell", "--allow-config-writes", "--", "-c",
+                                    self.script))
+        self.assertIn("ATTACKED", result.stdout)
+        self.assertEqual(self.host_git_then_bash(), (True, True))
+
+    def test_links_in_git_data_are_set_aside(self):
+        result = self.check(self.bw("--shell", "--", "-c", self.script))
+        self.assertIn("ATTACKED", result.stdout)
+        git_dir = os.path.join(self.project, ".git")
+        for name in ("logs/HEAD", "FETCH_HEAD", "COMMIT_EDITMSG"):
+            self.assertIn(f"{git_dir}/{name}: changed during the session", result.stderr)
+        self.assertEqual(self.host_git_then_bash(), (False, False),
+                         "host git wrote to ~/.bashrc through the session's links")
+
+
 class GitGuardSandboxTest(SessionCase, unittest.TestCase):
     """The attacks through `bw-claude --shell`, then host git where a user would run it."""
 
