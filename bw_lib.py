@@ -3000,9 +3000,10 @@ def flow_back(items, seeded, home, private, project):
 # wrapper notes every repository below the project and the --allow-rw directories
 # (take_git_snapshot); at its end, or at the next start after a SIGKILL, it looks again
 # without running git (check_git): what is new, replaced, or changed in a way that can
-# make git run something is set aside under a name git does not know, and the user is
-# told how to undo it.  Nothing is parsed from a config: a git directory without HEAD
-# is no repository, and a gitlink whose directory has no .git runs nothing.
+# make git run something, or write through to a file elsewhere, is set aside under a
+# name git does not know, and the user is told how to undo it.  Nothing is parsed from
+# a config: a git directory without HEAD is no repository, and a gitlink whose
+# directory has no .git runs nothing.
 
 GIT_SNAPSHOT = "git-snapshot.json"      # in the session's private directory
 GIT_CHECK_ENTRIES = 200000              # each walk stops after this many entries,
