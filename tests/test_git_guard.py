@@ -506,13 +506,11 @@ class GitDataWrittenThroughTest(unittest.TestCase):
 
 class GitUnreadableTest(unittest.TestCase):
     """A directory the user cannot list hides what is in it from the check, not from
-    host git (mode 311: git enters a name it knows).  Unprivileged only: root lists
-    everything."""
+    host git (mode 311: git enters a name it knows).  On directories: unprivileged only,
+    root lists everything."""
 
     def setUp(self):
         need_git()
-        if os.geteuid() == 0:
-            self.skipTest("root lists a directory of mode 311")
         self.root = os.path.realpath(tempfile.mkdtemp(prefix="bw-gitunread-"))
         self.addCleanup(shutil.rmtree, self.root, True)
         self.project = make_repo(os.path.join(self.root, "p"))
@@ -521,17 +519,30 @@ class GitUnreadableTest(unittest.TestCase):
         self.marker = os.path.join(self.root, "PWNED")
 
     def unhide(self, path):
+        """Mode 311 on `path`, undone after the test; skipped as root, who lists it."""
+        if os.geteuid() == 0:
+            self.skipTest("root lists a directory of mode 311")
+        os.chmod(path, 0o311)
         self.addCleanup(lambda: os.path.isdir(path) and os.chmod(path, 0o700))
+
+    def test_the_warning_names_a_few(self):
+        names = [f"/p/d{n}" for n in range(8)]
+        problems = bw_lib.git_walk_problems(False, names)
+        self.assertEqual(len(problems), 1)
+        self.assertIn("/p/d0, /p/d1, /p/d2, /p/d3, /p/d4 and 3 more directories", problems[0])
+        self.assertNotIn("/p/d5", problems[0])
+        self.assertEqual(len(bw_lib.git_walk_problems(True, names)), 2)
+        self.assertEqual(bw_lib.git_walk_problems(False, []), [])
 
     def test_a_repository_below_an_unlistable_directory_is_warned_about(self):
         bw_lib.take_git_snapshot([self.project], self.private)
         vault = os.path.join(self.project, "build", "vault")
         sub = make_repo(os.path.join(vault, "sub"))
         git(sub, "config", "core.fsmonitor", f"touch {self.marker}; false")
-        os.chmod(vault, 0o311)
         self.unhide(vault)
-        found, complete = bw_lib.find_git_entries([self.project])
-        self.assertFalse(complete)
+        unreadable = []
+        self.assertFalse(bw_lib.find_git_entries([self.project], unreadable=unreadable)[1])
+        self.assertEqual(unreadable, [vault])
         report = bw_lib.check_git(self.private, "bw-claude")
         self.assertIn(f"WARNING: the search could not read {vault}", report)
         self.assertIn("host git still enters them", report)
@@ -543,9 +554,9 @@ class GitUnreadableTest(unittest.TestCase):
         with open(os.path.join(hooks, "pre-commit"), "w") as f:
             f.write(f"#!/bin/sh\ntouch {self.marker}\n")
         os.chmod(os.path.join(hooks, "pre-commit"), 0o755)
-        os.chmod(hooks, 0o311)
         self.unhide(hooks)
-        self.unhide(hooks + ".bw-quarantine")
+        self.addCleanup(lambda: os.path.isdir(hooks + ".bw-quarantine") and
+                        os.chmod(hooks + ".bw-quarantine", 0o700))
         self.assertIn(f"{hooks}: changed during the session", bw_lib.check_git(
             self.private, "bw-claude"))
         git(nested, "commit", "-q", "--allow-empty", "-m", "host", env=host_env(self.root))
