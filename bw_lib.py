@@ -3000,9 +3000,10 @@ def flow_back(items, seeded, home, private, project):
 # wrapper notes every repository below the project and the --allow-rw directories
 # (take_git_snapshot); at its end, or at the next start after a SIGKILL, it looks again
 # without running git (check_git): what is new, replaced, or changed in a way that can
-# make git run something is set aside under a name git does not know, and the user is
-# told how to undo it.  Nothing is parsed from a config: a git directory without HEAD
-# is no repository, and a gitlink whose directory has no .git runs nothing.
+# make git run something, or write through to a file elsewhere, is set aside under a
+# name git does not know, and the user is told how to undo it.  Nothing is parsed from
+# a config: a git directory without HEAD is no repository, and a gitlink whose
+# directory has no .git runs nothing.
 
 GIT_SNAPSHOT = "git-snapshot.json"      # in the session's private directory
 GIT_CHECK_ENTRIES = 200000              # each walk stops after this many entries,
@@ -3023,6 +3024,12 @@ GIT_DATA = frozenset((
     "fsmonitor--daemon", "fsmonitor--daemon.ipc"))
 GIT_DATA_PREFIXES = ("BISECT_", "sharedindex.")
 GIT_DATA_SUFFIXES = (".lock",)
+# Git's data is no configuration, but git writes it: reflogs and refs through a symlink
+# (lockfiles follow one), COMMIT_EDITMSG, FETCH_HEAD, MERGE_MSG... with fopen("w"), and a
+# reflog appended in place reaches every other name of a hard-linked file.  Git makes no
+# symlink, fifo, socket or device there, and no hard link but between objects.
+GIT_DATA_ENTRIES = 200000               # entries looked at in one git directory's data
+GIT_UNREADABLE_NAMED = 5                # unreadable directories named in the warning
 # In a directory that only looks like a git directory (a HEAD, objects and refs: they
 # may be files of the project) only what the protection holds in a .git is looked at.
 GIT_CODE = tuple(p[len(".git/"):].rstrip("/") for p in PROTECTED_PROJECT if p.startswith(".git/"))
@@ -3167,23 +3174,35 @@ def git_entry(path):
     return [git_kind(st.st_mode), st.st_dev, st.st_ino, st.st_ctime_ns]
 
 
-def find_git_entries(roots, limit=None, seconds=None, clock=time.monotonic):
+def find_git_entries(roots, limit=None, seconds=None, clock=time.monotonic, unreadable=None):
     """What host git could take for a repository at or below `roots`, found without
     following a symlink: {path: [kind, dev, ino]} for each `.git` (kind dir, file, link
     or other) and each other directory that looks like a git directory (kind "gitdir"),
-    and whether the walk saw everything (GIT_CHECK_*).  A .git directory is not entered
-    (git_members looks inside); any other is, whatever it looks like: a HEAD, objects and
-    refs are files of the project as well.  Shallow directories first: where a walk cut
-    short stops, the repositories the user works in have been seen."""
+    and whether the walk saw everything: not cut short (GIT_CHECK_*), and no directory
+    it could not read (git enters one it may not list: mode 311); those are added to the
+    list `unreadable`.  A .git directory is not entered (git_members looks inside); any
+    other is, whatever it looks like: a HEAD, objects and refs are files of the project
+    as well.  Shallow directories first: where a walk cut short stops, the repositories
+    the user works in have been seen."""
+    found, cut, missed = walk_git_entries(roots, limit, seconds, clock)
+    if unreadable is not None:
+        unreadable.extend(missed)
+    return found, not cut and not missed
+
+
+def walk_git_entries(roots, limit=None, seconds=None, clock=time.monotonic):
+    """find_git_entries: (found, whether the walk was cut short, [unreadable directories])."""
     limit = GIT_CHECK_ENTRIES if limit is None else limit
     deadline = clock() + (GIT_CHECK_SECONDS if seconds is None else seconds)
-    found, seen, queue = {}, 0, collections.deque(roots)
+    found, seen, queue, unreadable = {}, 0, collections.deque(roots), []
     while queue:
         if seen > limit or clock() > deadline:
-            return found, False
+            return found, True, unreadable
         path = queue.popleft()
         listing = list_dir(path)
         if listing is None:
+            if (git_entry(path) or [None])[0] == "dir":     # gone: nothing to enter
+                unreadable.append(path)
             continue
         seen += len(listing)
         if looks_like_git_dir(listing):
@@ -3197,7 +3216,7 @@ def find_git_entries(roots, limit=None, seconds=None, clock=time.monotonic):
                     found[os.path.join(path, name)] = entry[:3]
             elif listing[name].is_dir(follow_symlinks=False):
                 queue.append(os.path.join(path, name))
-    return found, True
+    return found, False, unreadable
 
 
 def git_data(name):
@@ -3210,7 +3229,8 @@ def git_members(path, kind, limit=None):
     ctime_ns]} (ctime: nothing in the sandbox can set it back, so any change shows):
     for a git directory everything but GIT_DATA, and a git directory inside (a
     submodule's, a worktree's) is looked at the same way but for its own entry; for a
-    directory found by its looks, GIT_CODE; for a .git file or symlink, itself ("").
+    directory found by its looks, GIT_CODE; for a .git file or symlink, itself ("");
+    and in the GIT_DATA of each, what git would write through (git_data_hazards).
     None when there were more than GIT_DIR_ENTRIES, or the directory cannot be read."""
     if kind not in ("dir", "gitdir"):
         entry = git_entry(path)
@@ -3226,8 +3246,14 @@ def git_members(path, kind, limit=None):
         is_git = looks_like_git_dir(listing)
         for name in listing:
             child = os.path.join(directory, name)
-            if (is_git and git_data(name)) or (
-                    kind == "gitdir" and directory == path and name not in GIT_CODE):
+            if is_git and git_data(name):
+                hazards = git_data_hazards(child)
+                if hazards is None:
+                    return None
+                members.update((os.path.relpath(os.path.join(child, h), path), v)
+                               for h, v in hazards.items())
+                continue
+            if kind == "gitdir" and directory == path and name not in GIT_CODE:
                 continue
             entry = git_entry(child)
             if entry is None:
@@ -3240,6 +3266,50 @@ def git_members(path, kind, limit=None):
             if len(members) > limit:
                 return None
     return members
+
+
+def git_store_entered(parts):
+    """Whether the data walk enters the directory `parts` (relative to a git directory):
+    not the fan-out directories of objects (objects/ab) and LFS objects (lfs/objects/ab/cd),
+    where files are only made by link or rename, never written through (and are many)."""
+    if parts[0] == "objects":
+        return len(parts) < 2 or parts[1] in ("info", "pack")
+    return parts[0] != "lfs" or len(parts) < 4 or parts[1] != "objects"
+
+
+def git_data_hazards(path, limit=None):
+    """In the GIT_DATA entry `path` of a git directory (a file, or a tree: logs, refs,
+    info, rr-cache, objects but its fan-out), what host git would write through to
+    somewhere else: {relative path ("" for `path`): [ino, ctime_ns]} of each symlink,
+    fifo, socket or device, each file with another name (st_nlink > 1; objects and LFS
+    objects excepted: a local clone links them, and they are never written in place),
+    and each directory that cannot be listed (git may know the names in it).  None
+    after GIT_DATA_ENTRIES entries."""
+    limit = GIT_DATA_ENTRIES if limit is None else limit
+    top = os.path.basename(path)
+    store = top in ("objects", "lfs")
+    hazards, seen, stack = {}, 0, [""]
+    while stack:
+        relative = stack.pop()
+        full = os.path.join(path, relative) if relative else path
+        try:
+            st = os.lstat(full)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if not git_store_entered([top, *relative.split("/")] if relative else [top]):
+                continue
+            listing = list_dir(full)
+            if listing is None:
+                hazards[relative] = [st.st_ino, st.st_ctime_ns]
+                continue
+            seen += len(listing)
+            if seen > limit:
+                return None
+            stack.extend(os.path.join(relative, name) if relative else name for name in listing)
+        elif not stat.S_ISREG(st.st_mode) or (st.st_nlink > 1 and not store):
+            hazards[relative] = [st.st_ino, st.st_ctime_ns]
+    return hazards
 
 
 def changed_members(before, after):
@@ -3255,14 +3325,15 @@ def changed_members(before, after):
 
 def inert(path):
     """Whether a file or directory configures nothing: empty (as the session's
-    placeholders are), or a commondir placeholder."""
+    placeholders are), or a commondir placeholder.  A directory that cannot be listed
+    may hold anything; a file with another name is written through to it."""
     try:
         st = os.lstat(path)
     except OSError:
         return True
     if stat.S_ISDIR(st.st_mode):
-        return not list_dir(path)
-    if not stat.S_ISREG(st.st_mode) or st.st_size > 16:
+        return list_dir(path) == {}
+    if not stat.S_ISREG(st.st_mode) or st.st_size > 16 or st.st_nlink > 1:
         return False
     return read_git_file(path, 16) in GIT_INERT_CONTENTS
 
@@ -3366,10 +3437,9 @@ def rename_aside(path):
 def inspect_git(snapshot):
     """The look at the end of a session (no git run): (verdicts, problems: [text])."""
     vouched = snapshot["entries"]
-    found, complete = find_git_entries(snapshot["roots"])
-    problems = [] if complete and snapshot.get("complete") else [
-        f"the search stopped after {GIT_CHECK_ENTRIES} entries or {GIT_CHECK_SECONDS} s; "
-        "repositories beyond it are not checked"]
+    found, cut, unreadable = walk_git_entries(snapshot["roots"])
+    problems = git_walk_problems(cut or snapshot.get("cut", not snapshot.get("complete")),
+                                 unreadable)
     for path, info in list(found.items()):
         if info[0] != "dir" or vouched.get(path, [])[:3] != info:
             continue
@@ -3402,6 +3472,22 @@ def inspect_git(snapshot):
         changes[path] = [c for c in changed_members(before, now)
                          if not c or not inert(os.path.join(path, c))]
     return git_verdicts(found, vouched, changes), problems
+
+
+def git_walk_problems(cut, unreadable):
+    """What the walk for repositories did not see, for the report: [text]."""
+    problems = []
+    if cut:
+        problems.append(f"the search stopped after {GIT_CHECK_ENTRIES} entries or "
+                        f"{GIT_CHECK_SECONDS} s; repositories beyond it are not checked")
+    if unreadable:
+        more = len(unreadable) - GIT_UNREADABLE_NAMED
+        problems.append("the search could not read " +
+                        ", ".join(unreadable[:GIT_UNREADABLE_NAMED]) +
+                        (f" and {more} more directories" if more > 0 else "") +
+                        "; repositories in them are not checked, and host git still enters "
+                        "them")
+    return problems
 
 
 def git_session_bases(environ):
@@ -3477,8 +3563,9 @@ def take_git_snapshot(roots, private_dir, bases=()):
     after a SIGKILL, finds them; as far as the live sessions in `bases` agree (narrowed)."""
     if not roots:
         return
-    found, complete = find_git_entries(roots)
-    snapshot = {"roots": list(roots), "since": time.time_ns(), "complete": complete,
+    found, cut, unreadable = walk_git_entries(roots)
+    snapshot = {"roots": list(roots), "since": time.time_ns(),
+                "complete": not cut and not unreadable, "cut": cut,
                 "entries": {path: [*info, git_members(path, info[0])]
                             for path, info in found.items()}}
     for other in live_git_snapshots(bases, private_dir):

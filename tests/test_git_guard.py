@@ -153,6 +153,11 @@ class IndexParserTest(unittest.TestCase):
                 pass
 
 
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
 def struct_version(data):
     return int.from_bytes(data[4:8], "big")
 
@@ -348,6 +353,268 @@ class GitCheckTest(unittest.TestCase):
         self.snapshot()
         report = self.check()
         self.assertIn("WARNING: the search stopped after 10 entries", report)
+
+
+class GitDataWrittenThroughTest(unittest.TestCase):
+    """Git's data (reflogs, refs, COMMIT_EDITMSG, FETCH_HEAD, objects/...) configures
+    nothing, but host git writes it: a symlink, a hard link or a fifo the session put
+    there would make host git write a host file.  Set aside; then HOST git writes, and
+    the host file is unchanged."""
+
+    def setUp(self):
+        need_git()
+        self.root = os.path.realpath(tempfile.mkdtemp(prefix="bw-gitdata-"))
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.project = make_repo(os.path.join(self.root, "p"), ["a", "notes"])
+        self.git_dir = os.path.join(self.project, ".git")
+        self.private = os.path.join(self.root, "run", "bw-claude.test")
+        os.makedirs(self.private)
+        self.bashrc = os.path.join(self.root, "bashrc")
+        with open(self.bashrc, "w") as f:
+            f.write("# the user's\n")
+        self.marker = os.path.join(self.root, "PWNED")
+
+    def check(self):
+        return bw_lib.check_git(self.private, "bw-claude")
+
+    def snapshot(self):
+        bw_lib.take_git_snapshot([self.project], self.private, [os.path.dirname(self.private)])
+
+    def link(self, relative, target):
+        path = os.path.join(self.git_dir, relative)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.symlink(target, path)
+        return path
+
+    def host_git(self):
+        """What the user does next on the host: switch branch, fetch, commit, merge."""
+        env = host_env(self.root)
+        for args in (["checkout", "-q", "m"], ["checkout", "-q", "-b", "host"],
+                     ["fetch", "-q", ".", "m"], ["commit", "-q", "--allow-empty", "-m", "h"],
+                     ["merge", "-q", "--squash", "m"], ["tag", "-a", "-m", "t", "t1"]):
+            subprocess.run([GIT, *ID, *args], cwd=self.project, env=env, capture_output=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+
+    def assert_bashrc_untouched(self):
+        self.assertEqual(read_text(self.bashrc), "# the user's\n")
+        subprocess.run(["bash", "-c", f". {self.bashrc}"], capture_output=True, timeout=30)
+        self.assertFalse(os.path.exists(self.marker))
+
+    def test_the_attack_works_without_the_check(self):
+        """The control: the same links, no check, and host git writes the host file."""
+        git(self.project, "checkout", "-q", "-b", f"wip;touch${{IFS}}{self.marker};#")
+        self.link("logs/HEAD", self.bashrc)
+        self.host_git()
+        subprocess.run(["bash", "-c", f". {self.bashrc}"], capture_output=True, timeout=30)
+        self.assertTrue(os.path.exists(self.marker))
+
+    def test_a_reflog_linked_to_a_host_file(self):
+        self.snapshot()
+        git(self.project, "checkout", "-q", "-b", f"wip;touch${{IFS}}{self.marker};#")
+        head = self.link("logs/HEAD", self.bashrc)
+        branch = self.link("logs/refs/heads/m", self.bashrc)
+        report = self.check()
+        for path in (head, branch):
+            self.assertIn(f"{path}: changed during the session", report)
+            self.assertIn(f"mv -T {path}.bw-quarantine {path}", report)
+        self.host_git()
+        self.assert_bashrc_untouched()
+
+    def test_state_files_git_opens_for_writing(self):
+        self.snapshot()
+        names = ("FETCH_HEAD", "COMMIT_EDITMSG", "SQUASH_MSG", "MERGE_MSG", "TAG_EDITMSG",
+                 "ORIG_HEAD", "packed-refs", "index.lock")
+        for name in names:
+            self.link(name, self.bashrc)
+        report = self.check()
+        for name in names:
+            self.assertIn(f"{self.git_dir}/{name}: changed during the session", report)
+        self.host_git()
+        self.assert_bashrc_untouched()
+
+    def test_symlinked_directories_in_the_data(self):
+        """refs/heads, logs/refs/heads, objects/ab, objects/info, objects/pack/..., info,
+        rr-cache: host git would make files in a host directory."""
+        host_dir = os.path.join(self.root, "autostart")
+        os.makedirs(host_dir)
+        self.snapshot()
+        links = [self.link("logs/refs/heads", host_dir), self.link("info", host_dir),
+                 self.link("rr-cache", host_dir), self.link("objects/info", host_dir),
+                 self.link("objects/pack/multi-pack-index", self.bashrc)]
+        links += [self.link(f"objects/{n:02x}", host_dir) for n in range(256)
+                  if not os.path.isdir(os.path.join(self.git_dir, "objects", f"{n:02x}"))]
+        report = self.check()
+        for path in links:
+            self.assertIn(f"{path}: changed during the session", report)
+        with open(os.path.join(self.project, "new"), "w") as f:
+            f.write("new\n")
+        git(self.project, "add", "new", env=host_env(self.root))
+        self.host_git()
+        self.assertEqual(os.listdir(host_dir), [])
+        self.assert_bashrc_untouched()
+
+    def test_a_hard_linked_reflog_and_a_fifo(self):
+        """logs/HEAD another name of a project file (a reflog line lands in it after the
+        user reviewed the session's changes); FETCH_HEAD a fifo (host git hangs)."""
+        notes = os.path.join(self.project, "notes")
+        before = read_text(notes)
+        self.snapshot()
+        head = os.path.join(self.git_dir, "logs", "HEAD")
+        os.unlink(head)
+        os.link(notes, head)
+        os.mkfifo(os.path.join(self.git_dir, "FETCH_HEAD"))
+        report = self.check()
+        self.assertIn(f"{head}: changed during the session", report)
+        self.assertIn(f"{self.git_dir}/FETCH_HEAD: changed during the session", report)
+        self.host_git()
+        self.assertEqual(read_text(notes), before)
+
+    def test_an_unlistable_reflog_directory_hiding_a_symlink(self):
+        if os.geteuid() == 0:
+            self.skipTest("root lists a directory of mode 311")
+        self.snapshot()
+        heads = os.path.join(self.git_dir, "logs", "refs", "heads")
+        self.link("logs/refs/heads/m", self.bashrc)
+        os.chmod(heads, 0o311)
+        self.addCleanup(lambda: [os.chmod(os.path.join(self.git_dir, "logs", "refs", n), 0o700)
+                                 for n in os.listdir(os.path.join(self.git_dir, "logs", "refs"))])
+        self.assertIn(f"{heads}: changed during the session", self.check())
+        self.host_git()
+        self.assert_bashrc_untouched()
+
+    def test_what_was_there_at_start_and_ordinary_work_are_left_alone(self):
+        """Links the user made (git-new-workdir style), a --local clone's hard-linked
+        objects, and git's own work in the session: nothing reported."""
+        exclude = os.path.join(self.root, "exclude")
+        open(exclude, "w").close()
+        self.link("info/exclude", exclude)
+        clone = os.path.join(self.project, "vendor", "clone")
+        git(self.project, "clone", "-q", "--local", ".", clone)
+        self.snapshot()
+        git(self.project, "checkout", "-q", "-b", "feature")
+        git(self.project, "commit", "-q", "--allow-empty", "-m", "x")
+        git(self.project, "fetch", "-q", ".", "m")
+        git(self.project, "tag", "-a", "-m", "t", "t2")
+        git(clone, "commit", "-q", "--allow-empty", "-m", "y")
+        git(clone, "gc", "-q")
+        self.assertEqual(self.check(), "")
+
+
+class GitUnreadableTest(unittest.TestCase):
+    """A directory the user cannot list hides what is in it from the check, not from
+    host git (mode 311: git enters a name it knows).  On directories: unprivileged only,
+    root lists everything."""
+
+    def setUp(self):
+        need_git()
+        self.root = os.path.realpath(tempfile.mkdtemp(prefix="bw-gitunread-"))
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.project = make_repo(os.path.join(self.root, "p"))
+        self.private = os.path.join(self.root, "run", "bw-claude.test")
+        os.makedirs(self.private)
+        self.marker = os.path.join(self.root, "PWNED")
+
+    def unhide(self, path):
+        """Mode 311 on `path`, undone after the test; skipped as root, who lists it."""
+        if os.geteuid() == 0:
+            self.skipTest("root lists a directory of mode 311")
+        os.chmod(path, 0o311)
+        self.addCleanup(lambda: os.path.isdir(path) and os.chmod(path, 0o700))
+
+    def test_the_warning_names_a_few(self):
+        names = [f"/p/d{n}" for n in range(8)]
+        problems = bw_lib.git_walk_problems(False, names)
+        self.assertEqual(len(problems), 1)
+        self.assertIn("/p/d0, /p/d1, /p/d2, /p/d3, /p/d4 and 3 more directories", problems[0])
+        self.assertNotIn("/p/d5", problems[0])
+        self.assertEqual(len(bw_lib.git_walk_problems(True, names)), 2)
+        self.assertEqual(bw_lib.git_walk_problems(False, []), [])
+
+    def test_a_repository_below_an_unlistable_directory_is_warned_about(self):
+        bw_lib.take_git_snapshot([self.project], self.private)
+        vault = os.path.join(self.project, "build", "vault")
+        sub = make_repo(os.path.join(vault, "sub"))
+        git(sub, "config", "core.fsmonitor", f"touch {self.marker}; false")
+        self.unhide(vault)
+        unreadable = []
+        self.assertFalse(bw_lib.find_git_entries([self.project], unreadable=unreadable)[1])
+        self.assertEqual(unreadable, [vault])
+        report = bw_lib.check_git(self.private, "bw-claude")
+        self.assertIn(f"WARNING: the search could not read {vault}", report)
+        self.assertIn("host git still enters them", report)
+
+    def test_a_hooks_directory_made_unlistable_is_set_aside(self):
+        nested = make_repo(os.path.join(self.project, "sub"))
+        bw_lib.take_git_snapshot([self.project], self.private)
+        hooks = os.path.join(nested, ".git", "hooks")
+        with open(os.path.join(hooks, "pre-commit"), "w") as f:
+            f.write(f"#!/bin/sh\ntouch {self.marker}\n")
+        os.chmod(os.path.join(hooks, "pre-commit"), 0o755)
+        self.unhide(hooks)
+        self.addCleanup(lambda: os.path.isdir(hooks + ".bw-quarantine") and
+                        os.chmod(hooks + ".bw-quarantine", 0o700))
+        self.assertIn(f"{hooks}: changed during the session", bw_lib.check_git(
+            self.private, "bw-claude"))
+        git(nested, "commit", "-q", "--allow-empty", "-m", "host", env=host_env(self.root))
+        self.assertFalse(os.path.exists(self.marker))
+
+
+class GitDataSandboxTest(SessionCase, unittest.TestCase):
+    """The attacker review's reproduction through `bw-claude --shell`: a branch named
+    like a command, .git/logs/HEAD, FETCH_HEAD and COMMIT_EDITMSG linked to the host's
+    ~/.bashrc; then host git switches branch, fetches and commits, and bash reads
+    ~/.bashrc."""
+
+    @classmethod
+    def setUpClass(cls):
+        require_sandbox()
+        need_git()
+
+    def setUp(self):
+        make_session_dirs(self, "bw-gitdata-")
+        self.env = {"HOME": self.home, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
+                    "XDG_RUNTIME_DIR": self.runtime}
+        self.marker = os.path.join(self.root, "PWNED")
+        self.bashrc = os.path.join(self.home, ".bashrc")
+        with open(self.bashrc, "w") as f:
+            f.write("# the user's\n")
+        make_repo(self.project, ["a"])
+        self.script = (f'git checkout -q -b "wip;touch\\${{IFS}}{self.marker};#" && '
+                       f"rm .git/logs/HEAD && ln -s {self.bashrc} .git/logs/HEAD && "
+                       f"ln -sf {self.bashrc} .git/FETCH_HEAD && "
+                       f"ln -sf {self.bashrc} .git/COMMIT_EDITMSG && echo ATTACKED")
+
+    def host_git_then_bash(self):
+        """Each host git command, then a new shell reads ~/.bashrc: whether the marker
+        appeared, and whether ~/.bashrc changed."""
+        env, changed = host_env(self.home), False
+        for args in (["checkout", "-q", "m"], ["fetch", "-q", ".", "m"],
+                     ["commit", "-q", "--allow-empty", "-m", "host"]):
+            subprocess.run([GIT, *ID, *args], cwd=self.project, env=env, capture_output=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+            subprocess.run(["bash", "-c", f". {self.bashrc}"], env=env, capture_output=True,
+                           timeout=30)
+            changed = changed or read_text(self.bashrc) != "# the user's\n"
+        return os.path.exists(self.marker), changed
+
+    def test_the_attack_works_without_the_guard(self):
+        result = self.check(self.bw("--shell", "--allow-config-writes", "--", "-c",
+                                    self.script))
+        self.assertIn("ATTACKED", result.stdout)
+        self.assertEqual(self.host_git_then_bash(), (True, True))
+
+    def test_links_in_git_data_are_set_aside(self):
+        result = self.check(self.bw("--shell", "--", "-c", self.script))
+        self.assertIn("ATTACKED", result.stdout)
+        git_dir = os.path.join(self.project, ".git")
+        for name in ("logs/HEAD", "FETCH_HEAD", "COMMIT_EDITMSG"):
+            self.assertIn(f"{git_dir}/{name}: changed during the session", result.stderr)
+        self.assertEqual(self.host_git_then_bash(), (False, False),
+                         "host git wrote to ~/.bashrc through the session's links")
 
 
 class GitGuardSandboxTest(SessionCase, unittest.TestCase):
