@@ -37,10 +37,13 @@ RULES (--allow, --deny, and --allow-file with one rule per line, '#' comments)
     is refused. Deny rules win over allow rules and may be as broad as wanted (*:22, *.com,
     [fc00::]/7, 0.0.0.0/0); allow rules too broad to mean anything (*, *.com, a single label,
     *.co.uk, *.github.io, 0.0.0.0/0) are refused at start.
-    An IP rule matches an address and also the IPv4 address an IPv6 one carries to a gateway:
-    IPv4-mapped (::ffff:10.0.0.5), NAT64 (64:ff9b::a00:5; in 64:ff9b:1::/48 every RFC 6052
-    layout, where a deny rule matches any reading and an allow rule must match every one) and
-    6to4 (2002:a00:5::1). So --deny 10.0.0.0/8 also refuses 64:ff9b::a00:5.
+    A deny rule matches an address and also every IPv4 address an IPv6 one may carry to a
+    gateway: IPv4-mapped (::ffff:10.0.0.5), NAT64 (64:ff9b::a00:5; in 64:ff9b:1::/48 every
+    RFC 6052 layout) and 6to4 (2002:a00:5::1). So --deny 10.0.0.0/8 also refuses
+    64:ff9b::a00:5. An allow rule matches the address, its IPv4-mapped form, and the NAT64 form
+    64:ff9b::/96 of a public IPv4 address (an exact translation; RFC 6052 forbids translating
+    the others), never a 6to4 or 64:ff9b:1::/48 address: 127.0.0.1:8000 does not allow
+    64:ff9b::7f00:1 or 2002:7f00:1::, global addresses that are not this host.
 
 HOW A REQUEST IS DECIDED (all of it before any DNS lookup of a denied name)
     1. The requested host is classified. A name with a character outside [A-Za-z0-9_.-], an
@@ -48,6 +51,8 @@ HOW A REQUEST IS DECIDED (all of it before any DNS lookup of a denied name)
        is denied ("bad-name"). Any spelling of an IP address (127.1, 0x7f.1, 2130706433,
        0177.0.0.1, [::ffff:127.0.0.1]) is that address.
     2. A name passes only by a name rule; an IP address only by an IP rule. Deny rules first.
+       A deny rule sees every IPv4 address an IPv6 one carries; an allow rule only the
+       IPv4-mapped form and the 64:ff9b::/96 form of a public IPv4 address (see RULES).
     3. An allowed name is resolved once; every address it resolves to is checked and the
        connection goes to one of those checked addresses, never to a second lookup. Each
        address (and a requested IP address), with each IPv4 address it carries, is checked:
@@ -295,8 +300,9 @@ def classify_host(text):
 def embedded_ipv4(address):
     """The IPv4 addresses an IPv6 address may carry to a gateway that translates it: IPv4-mapped,
     NAT64 (64:ff9b::/96 and, in each RFC 6052 layout its operator may pick, 64:ff9b:1::/48) and
-    6to4. Rules and address checks look at these too. Teredo and IPv4-compatible addresses are
-    blocked whole, and IPv4-translated ones are not decoded."""
+    6to4. Deny rules and address checks look at these too (allow rules only at
+    translated_ipv4). Teredo and IPv4-compatible addresses are blocked whole, and
+    IPv4-translated ones are not decoded."""
     if address.version != 6:
         return []
     if address.ipv4_mapped:
@@ -310,6 +316,22 @@ def embedded_ipv4(address):
         readings = (b[6:8] + b[9:11], b[7:8] + b[9:12], b[9:13], b[12:16])
         return list(dict.fromkeys(ipaddress.IPv4Address(r) for r in readings))
     return []
+
+
+def translated_ipv4(address):
+    """The IPv4 address an IPv6 address stands for exactly, or None: the IPv4-mapped form, and
+    a well-known-prefix NAT64 address (64:ff9b::/96) of a public IPv4 address (RFC 6052
+    section 3.1 forbids translating the others). A 6to4 address is a host behind a relay,
+    and a local-use NAT64 address has no fixed layout: neither stands for the IPv4 address
+    in it, which is what an allow rule for that address may reach."""
+    if address.version != 6:
+        return None
+    if address.ipv4_mapped:
+        return address.ipv4_mapped
+    if address in NAT64_NETWORK:
+        inner = ipaddress.IPv4Address(address.packed[12:])
+        return inner if is_public_address(inner) else None
+    return None
 
 
 def _within(address, networks):
@@ -440,8 +462,10 @@ class Rule:
         return False
 
     def matches_address(self, address, port):
-        """An IP rule matches the address, or the IPv4 address it carries (embedded_ipv4): a
-        deny rule any reading of it, an allow rule only every reading of it."""
+        """An IP rule matches the address itself. A deny rule also matches any IPv4 address it
+        may carry (embedded_ipv4), so that no wrapping escapes it; an allow rule only the one
+        that reaches the same host (translated_ipv4), so that it never opens a global
+        6to4 or NAT64 destination that merely embeds its address."""
         if self.port is not None and self.port != port:
             return False
         if self.kind == "any":
@@ -450,8 +474,10 @@ class Rule:
             return False
         if self._covers(address):
             return True
-        inner = embedded_ipv4(address)
-        return bool(inner) and (any if self.deny else all)(self._covers(a) for a in inner)
+        if self.deny:
+            return any(self._covers(a) for a in embedded_ipv4(address))
+        inner = translated_ipv4(address)
+        return inner is not None and self._covers(inner)
 
     def _covers(self, address):
         return address.version == self.value.version and address in self.value
