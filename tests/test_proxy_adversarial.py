@@ -1988,3 +1988,37 @@ class HelloRetryTest(ProxyTestCase):
         closes = self.filter.records("close")
         self.assertTrue(closes and all(r["bytes_up"] > 500 and r["bytes_down"] > 500 for r in closes),
                         closes)
+
+
+class ServerAnswerTest(ProxyTestCase):
+    """Until the server's ServerHello shows there is no HelloRetryRequest, what the client sends
+    after its checked ClientHello is held; a server that answers anything else than TLS, or
+    nothing, closes the tunnel ("bad-server-hello") and the held bytes never reach it."""
+
+    def open_tunnel(self, server, data):
+        proxy = self.proxy(["--allow", f"loop.example.com:{server.port}", "--allow",
+                            f"{LOOP}:{server.port}"], handshake_timeout=1.5, hosts=True)
+        with connect(proxy.port, 10) as sock:
+            sock.sendall(http_connect(b"loop.example.com:%d" % server.port))
+            self.assertTrue(granted("http", recv_exactly(sock, 39, 10)))
+            sock.sendall(data)
+            answer, closed = read_until_closed(sock, 10)
+        return proxy, answer, closed
+
+    def test_an_answer_that_is_not_tls_closes_the_tunnel(self):
+        server = self.upstream("record", reply=b"HTTP/1.1 200 OK\r\n\r\n", idle=0.3)
+        hello = client_hello("loop.example.com")
+        proxy, answer, closed = self.open_tunnel(server, hello + b"held until the ServerHello")
+        self.assertTrue(closed)
+        self.assertEqual(server.next_record(12), hello, "bytes after the hello reached the server")
+        self.assertEqual([r["reason"] for r in proxy.records()], ["allowed-by-rule", "bad-server-hello"])
+        self.assertEqual(proxy.records("close")[0]["decision"], "deny")
+        self.assert_alive(proxy)
+
+    def test_a_silent_server_closes_the_tunnel_in_time(self):
+        server = self.upstream("hold")
+        started = time.monotonic()
+        proxy, answer, closed = self.open_tunnel(server, client_hello("loop.example.com"))
+        self.assertTrue(closed)
+        self.assertLess(time.monotonic() - started, 9)
+        self.assertEqual([r["reason"] for r in proxy.records()], ["allowed-by-rule", "bad-server-hello"])
