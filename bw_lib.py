@@ -481,6 +481,7 @@ REASONS = {
     "tls-change-cipher-spec-first": "TLS change-cipher-spec before the ClientHello",
     "tls-heartbeat-first": "TLS heartbeat before the ClientHello",
     "tls-data-first": "TLS application data before the ClientHello",
+    "bad-server-hello": "no valid TLS ServerHello from the server in time",
     "proxy-auth": "no session credential",
     # Allowed, but the connection did not happen.
     "lookup-failed": "DNS lookup failed",

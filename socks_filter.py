@@ -37,10 +37,13 @@ RULES (--allow, --deny, and --allow-file with one rule per line, '#' comments)
     is refused. Deny rules win over allow rules and may be as broad as wanted (*:22, *.com,
     [fc00::]/7, 0.0.0.0/0); allow rules too broad to mean anything (*, *.com, a single label,
     *.co.uk, *.github.io, 0.0.0.0/0) are refused at start.
-    An IP rule matches an address and also the IPv4 address an IPv6 one carries to a gateway:
-    IPv4-mapped (::ffff:10.0.0.5), NAT64 (64:ff9b::a00:5; in 64:ff9b:1::/48 every RFC 6052
-    layout, where a deny rule matches any reading and an allow rule must match every one) and
-    6to4 (2002:a00:5::1). So --deny 10.0.0.0/8 also refuses 64:ff9b::a00:5.
+    A deny rule matches an address and also every IPv4 address an IPv6 one may carry to a
+    gateway: IPv4-mapped (::ffff:10.0.0.5), NAT64 (64:ff9b::a00:5; in 64:ff9b:1::/48 every
+    RFC 6052 layout) and 6to4 (2002:a00:5::1). So --deny 10.0.0.0/8 also refuses
+    64:ff9b::a00:5. An allow rule matches the address, its IPv4-mapped form, and the NAT64 form
+    64:ff9b::/96 of a public IPv4 address (an exact translation; RFC 6052 forbids translating
+    the others), never a 6to4 or 64:ff9b:1::/48 address: 127.0.0.1:8000 does not allow
+    64:ff9b::7f00:1 or 2002:7f00:1::, global addresses that are not this host.
 
 HOW A REQUEST IS DECIDED (all of it before any DNS lookup of a denied name)
     1. The requested host is classified. A name with a character outside [A-Za-z0-9_.-], an
@@ -48,6 +51,8 @@ HOW A REQUEST IS DECIDED (all of it before any DNS lookup of a denied name)
        is denied ("bad-name"). Any spelling of an IP address (127.1, 0x7f.1, 2130706433,
        0177.0.0.1, [::ffff:127.0.0.1]) is that address.
     2. A name passes only by a name rule; an IP address only by an IP rule. Deny rules first.
+       A deny rule sees every IPv4 address an IPv6 one carries; an allow rule only the
+       IPv4-mapped form and the 64:ff9b::/96 form of a public IPv4 address (see RULES).
     3. An allowed name is resolved once; every address it resolves to is checked and the
        connection goes to one of those checked addresses, never to a second lookup. Each
        address (and a requested IP address), with each IPv4 address it carries, is checked:
@@ -68,7 +73,12 @@ HOW A REQUEST IS DECIDED (all of it before any DNS lookup of a denied name)
        reaches the upstream. Anything else closes the tunnel, logged with its reason:
        "sni-mismatch" (another name), "no-sni", "tls-alert-first",
        "tls-change-cipher-spec-first", "tls-heartbeat-first", "tls-data-first", "not-tls",
-       "bad-client-hello", "tls-timeout" (no ClientHello within the handshake time). A rule
+       "bad-client-hello", "tls-timeout" (no ClientHello within the handshake time). Then the
+       proxy reads the server's answer itself until its ServerHello: after a TLS 1.3
+       HelloRetryRequest the client's second ClientHello (after at most one change_cipher_spec
+       record) is checked the same way, since servers take the name in it too; an answer that
+       is not a ServerHello (alerts aside) within the handshake time closes the tunnel
+       ("bad-server-hello"). Only then are bytes relayed with splice. A rule
        ending in /raw lets the tunnel carry anything. An IP rule names one address, which has
        no name to compare: it carries whatever that address serves on its ports. Plain http://
        through HTTP (absolute form) is allowed by the name rule for its port; its Host header
@@ -85,7 +95,8 @@ LOG (--log FILE: one JSON object per line)
     In audit mode a decision that was not enforced carries "enforced": false; audit mode lets a
     tunnel that is not TLS through (reason "not-tls" and the others above, but not
     "sni-mismatch"). A decision for a tunnel to a name says what it carried: "tunnel": "tls"
-    (the ClientHello named the host) or "raw" (a /raw rule, or audit mode). A name refused
+    (the ClientHello named the host) or "raw" (a /raw rule, or audit mode); a tunnel refused
+    at its second ClientHello has that decision, then a "deny" one. A name refused
     because it resolved to a private address carries that "address".
     Clients refused for a missing or wrong --token-env password are logged with "proxy-auth".
     FILE is appended to only if it is a regular file of ours (never through a link), and no
@@ -295,8 +306,9 @@ def classify_host(text):
 def embedded_ipv4(address):
     """The IPv4 addresses an IPv6 address may carry to a gateway that translates it: IPv4-mapped,
     NAT64 (64:ff9b::/96 and, in each RFC 6052 layout its operator may pick, 64:ff9b:1::/48) and
-    6to4. Rules and address checks look at these too. Teredo and IPv4-compatible addresses are
-    blocked whole, and IPv4-translated ones are not decoded."""
+    6to4. Deny rules and address checks look at these too (allow rules only at
+    translated_ipv4). Teredo and IPv4-compatible addresses are blocked whole, and
+    IPv4-translated ones are not decoded."""
     if address.version != 6:
         return []
     if address.ipv4_mapped:
@@ -310,6 +322,22 @@ def embedded_ipv4(address):
         readings = (b[6:8] + b[9:11], b[7:8] + b[9:12], b[9:13], b[12:16])
         return list(dict.fromkeys(ipaddress.IPv4Address(r) for r in readings))
     return []
+
+
+def translated_ipv4(address):
+    """The IPv4 address an IPv6 address stands for exactly, or None: the IPv4-mapped form, and
+    a well-known-prefix NAT64 address (64:ff9b::/96) of a public IPv4 address (RFC 6052
+    section 3.1 forbids translating the others). A 6to4 address is a host behind a relay,
+    and a local-use NAT64 address has no fixed layout: neither stands for the IPv4 address
+    in it, which is what an allow rule for that address may reach."""
+    if address.version != 6:
+        return None
+    if address.ipv4_mapped:
+        return address.ipv4_mapped
+    if address in NAT64_NETWORK:
+        inner = ipaddress.IPv4Address(address.packed[12:])
+        return inner if is_public_address(inner) else None
+    return None
 
 
 def _within(address, networks):
@@ -440,8 +468,10 @@ class Rule:
         return False
 
     def matches_address(self, address, port):
-        """An IP rule matches the address, or the IPv4 address it carries (embedded_ipv4): a
-        deny rule any reading of it, an allow rule only every reading of it."""
+        """An IP rule matches the address itself. A deny rule also matches any IPv4 address it
+        may carry (embedded_ipv4), so that no wrapping escapes it; an allow rule only the one
+        that reaches the same host (translated_ipv4), so that it never opens a global
+        6to4 or NAT64 destination that merely embeds its address."""
         if self.port is not None and self.port != port:
             return False
         if self.kind == "any":
@@ -450,8 +480,10 @@ class Rule:
             return False
         if self._covers(address):
             return True
-        inner = embedded_ipv4(address)
-        return bool(inner) and (any if self.deny else all)(self._covers(a) for a in inner)
+        if self.deny:
+            return any(self._covers(a) for a in embedded_ipv4(address))
+        inner = translated_ipv4(address)
+        return inner is not None and self._covers(inner)
 
     def _covers(self, address):
         return address.version == self.value.version and address in self.value
@@ -658,7 +690,7 @@ TLS_RECORD_FIRST = {0x14: "tls-change-cipher-spec-first", 0x15: "tls-alert-first
                     0x17: "tls-data-first", 0x18: "tls-heartbeat-first"}
 # Why a tunnel to a name was closed before any byte reached the upstream (log reasons).
 TUNNEL_REFUSALS = frozenset(("sni-mismatch", "no-sni", "not-tls", "bad-client-hello",
-                             "tls-timeout", *TLS_RECORD_FIRST.values()))
+                             "tls-timeout", "bad-server-hello", *TLS_RECORD_FIRST.values()))
 
 
 def parse_raw_rule(text, deny=False):
@@ -696,6 +728,73 @@ def tunnel_start(data):
     if found[0] == "no-sni":
         return "no-sni", "a ClientHello without a server name"
     return found
+
+
+# ---------------------------------------------------------------------------------------------
+# A TLS 1.3 HelloRetryRequest. A server that takes none of the key shares a ClientHello offers
+# answers with a HelloRetryRequest (a ServerHello with a fixed random), and the client sends a
+# second ClientHello on the same connection; servers read the name in that one too (OpenSSL's
+# servername callback runs again, and a front end may route by it). So once the checked hello
+# is relayed the proxy reads the server's answer itself until its first handshake message shows
+# what it is; after a HelloRetryRequest the client's next hello must name the same host.
+
+# SHA-256("HelloRetryRequest"), the random of every HelloRetryRequest (RFC 8446 section 4.1.3).
+HELLO_RETRY_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+HELLO_STAGES = ("server-hello", "retry-hello")   # Connection stages between hello and relay
+MAX_SERVER_HELLO_SCAN = 65536     # a server's bytes read before its ServerHello must show
+MAX_TLS_RECORD = 16384 + 2048     # the largest TLS record (RFC 8446 section 5.2)
+
+
+def server_hello_kind(data):
+    """Classify what a server sent back after a ClientHello: None (need more), "hello-retry"
+    (a HelloRetryRequest: a second ClientHello follows) or "server-hello" (any other ServerHello:
+    the handshake goes on encrypted, or as TLS 1.2). Alert records before it are skipped (a
+    warning may come first; a fatal one ends the connection); anything else raises
+    ProtocolError."""
+    handshake, offset = bytearray(), 0
+    while len(handshake) < 4 + 2 + 32:          # type, length, legacy_version, random
+        if offset > MAX_SERVER_HELLO_SCAN:
+            raise ProtocolError("no ServerHello in the server's first bytes")
+        if len(data) < offset + 5:
+            return None
+        kind, length = data[offset], struct.unpack("!H", data[offset + 3:offset + 5])[0]
+        if kind not in (0x15, 0x16) or data[offset + 1] != 3 or length > MAX_TLS_RECORD:
+            raise ProtocolError(f"the server sent TLS record type {kind} before its ServerHello"
+                                if data[offset + 1] == 3 else "the server does not answer in TLS")
+        if len(data) < offset + 5 + length:
+            return None
+        if kind == 0x16:
+            handshake += data[offset + 5:offset + 5 + length]
+        offset += 5 + length
+        if handshake and handshake[0] != 2:
+            raise ProtocolError("the server's first handshake message is not a ServerHello")
+    return "hello-retry" if handshake[6:38] == HELLO_RETRY_RANDOM else "server-hello"
+
+
+def retry_hello_start(data):
+    """tunnel_start() for what a client sends after a HelloRetryRequest: its second ClientHello,
+    after at most one middlebox-compatibility change_cipher_spec record (RFC 8446 D.4)."""
+    if data[:1] == b"\x14":
+        if len(data) < 6:
+            return None
+        if data[1] != 3 or data[3:6] != b"\x00\x01\x01":
+            return "bad-client-hello", "a malformed change_cipher_spec record"
+        data = data[6:]
+    return tunnel_start(data)
+
+
+def client_hello_end(data):
+    """Where the records of the first ClientHello in `data` (all of them received) end. A hello
+    sharing its last record with more handshake bytes raises ProtocolError: after a
+    HelloRetryRequest those would be a second hello the proxy never looked at."""
+    handshake, offset = bytearray(), 0
+    while len(handshake) < 4 or len(handshake) < 4 + int.from_bytes(handshake[1:4], "big"):
+        length = struct.unpack("!H", data[offset + 3:offset + 5])[0]
+        handshake += data[offset + 5:offset + 5 + length]
+        offset += 5 + length
+    if len(handshake) != 4 + int.from_bytes(handshake[1:4], "big"):
+        raise ProtocolError("more handshake bytes in the ClientHello's last record")
+    return offset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1133,6 +1232,9 @@ class Connection:
         self.raw = False            # a /raw rule allows this name and port: no TLS check
         self.authenticated = server.token is None
         self.client_pending = b""
+        self.upstream_pending = b""     # the checked ClientHello, on its way (HELLO_STAGES)
+        self.server_reply = None        # what the server answered it, until its ServerHello
+        self.relayed_up = self.relayed_down = 0     # bytes relayed through Python before the relay
         self.logged_decision = False
         self.closed_logged = False
         self.drained = 0
@@ -1370,16 +1472,22 @@ class Connection:
         if kind != "sni":
             self.tunnel_refused(kind, value)
             return
-        try:
-            same = canonical_name(value) == self.target
-        except BadName:
-            same = False
-        if not same:
+        if not self.names_target(value):
             self.sni_denied(f"TLS server name {value[:255]!r} is not {self.target}")
             return
-        self.server.clear_deadline(self)
+        try:
+            end = client_hello_end(self.inbuf)
+        except ProtocolError as error:
+            self.tunnel_refused("bad-client-hello", f"bad ClientHello: {error}")
+            return
         self.log_allowed(self.verdict, "tls")
-        self.start_relay()
+        self.watch_server_hello(end)
+
+    def names_target(self, server_name):
+        try:
+            return canonical_name(server_name) == self.target
+        except BadName:
+            return False
 
     def tunnel_refused(self, reason, detail):
         """Not a ClientHello with a server name first: closed, unless audit mode, which lets
@@ -1394,10 +1502,127 @@ class Connection:
         self.start_relay()
 
     def sni_denied(self, detail, reason="sni-mismatch"):
+        if self.logged_decision:    # allowed on its first ClientHello: counted denied only
+            self.server.stats["allowed"] -= 1
         self.server.log_decision(self, self.request.proto, self.target, self.request.port,
                                  Verdict(False, reason, detail))
         self.logged_decision = True
         self.close(reason)
+
+    # -- after the checked ClientHello: a HelloRetryRequest? --------------------------------
+
+    def watch_server_hello(self, end):
+        """Send the checked ClientHello on and read the server's answer through Python until its
+        first handshake message (server_hello_kind); hold what the client sends meanwhile."""
+        self.stage = "server-hello"
+        self.server.set_deadline(self, HANDSHAKE_TIMEOUT)
+        self.upstream_pending = bytes(self.inbuf[:end])
+        del self.inbuf[:end]
+        self.server_reply = bytearray()
+        self.flush_upstream_pending()
+        if not self.closed:
+            self.watch_hello_events()
+
+    def watch_hello_events(self):
+        """The server is read until its ServerHello; the client while what it sent fits a hello."""
+        upstream = selectors.EVENT_READ if self.stage == "server-hello" else 0
+        upstream |= selectors.EVENT_WRITE if self.upstream_pending else 0
+        client = selectors.EVENT_READ if len(self.inbuf) <= MAX_CLIENT_HELLO + 1024 else 0
+        client |= selectors.EVENT_WRITE if self.client_pending else 0
+        self.server.watch(self.upstream, self, "upstream", upstream)
+        self.server.watch(self.client, self, "client", client)
+
+    def on_hello_event(self, side, events):
+        if side == "upstream":
+            if events & selectors.EVENT_WRITE:
+                self.flush_upstream_pending()
+            if events & selectors.EVENT_READ and not self.closed:
+                self.read_server_hello()
+        else:
+            if events & selectors.EVENT_WRITE:
+                self.flush_client_pending()
+            if events & selectors.EVENT_READ and not self.closed:
+                self.read_client_during_hello()
+        if not self.closed and self.stage in HELLO_STAGES:
+            self.watch_hello_events()
+
+    def flush_upstream_pending(self):
+        sent = self.write(self.upstream.send, self.upstream_pending)
+        if sent:
+            self.upstream_pending = self.upstream_pending[sent:]
+            self.relayed_up += sent
+
+    def read_server_hello(self):
+        try:
+            data = self.upstream.recv(RELAY_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:                # the server hung up (after an alert): pass that on
+            self.server_reply = None
+            self.finish_with(b"")
+            return
+        self.relayed_down += len(data)
+        self.send_to_client(data)
+        if self.closed:
+            return
+        self.server_reply += data
+        try:
+            kind = server_hello_kind(self.server_reply)
+        except ProtocolError as error:
+            self.sni_denied(f"bad answer to the ClientHello: {error}", "bad-server-hello")
+            return
+        if kind is None:
+            return
+        self.server_reply = None
+        if kind == "server-hello":
+            self.end_hello_watch()
+        else:
+            self.stage = "retry-hello"
+            self.server.set_deadline(self, HANDSHAKE_TIMEOUT)
+            self.check_retry_hello()
+
+    def read_client_during_hello(self):
+        try:
+            data = self.client.recv(16384)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.inbuf += data
+            if self.stage == "retry-hello":
+                self.check_retry_hello()
+        elif self.stage == "retry-hello":
+            self.sni_denied("the client closed the tunnel before its second ClientHello", "not-tls")
+        else:
+            self.close()
+
+    def check_retry_hello(self):
+        """After a HelloRetryRequest: the client's second ClientHello must name the host too."""
+        found = retry_hello_start(self.inbuf)
+        if found is None:
+            return
+        kind, value = found
+        if kind == "sni" and not self.names_target(value):
+            kind, value = "sni-mismatch", f"TLS server name {value[:255]!r} is not {self.target}"
+        if kind == "sni":
+            try:
+                client_hello_end(self.inbuf[6 if self.inbuf[0] == 0x14 else 0:])
+            except ProtocolError as error:
+                kind, value = "bad-client-hello", f"bad ClientHello: {error}"
+        if kind != "sni":
+            self.sni_denied(f"after a HelloRetryRequest: {value}", kind)
+            return
+        self.end_hello_watch()
+
+    def end_hello_watch(self):
+        """The handshake is past the point where a name can change: relay with splice."""
+        self.server.clear_deadline(self)
+        self.inbuf[:0] = self.upstream_pending
+        self.upstream_pending = b""
+        self.start_relay()
 
     # -- relay ------------------------------------------------------------------------------
 
@@ -1418,7 +1643,8 @@ class Connection:
             self.up.limit -= len(first) - len(self.request.head)
             self.up.ended = self.up.limit == 0
         self.up.pending = first
-        self.up.count = len(first)
+        self.up.count = len(first) + self.relayed_up
+        self.down.count = self.relayed_down
         self.stage = "relay"
         self.flush(self.up)
         if not self.closed:
@@ -1540,6 +1766,9 @@ class Connection:
                 if events & selectors.EVENT_READ and not self.closed:
                     self.relay_read(self.down)
             return
+        if self.stage in HELLO_STAGES:
+            self.on_hello_event(side, events)
+            return
         if side == "upstream":
             self.on_upstream_connected()
             return
@@ -1580,7 +1809,7 @@ class Connection:
             self.client_pending = self.client_pending[sent:]
         if self.stage == "closing" and not self.client_pending:
             self.linger()
-        elif self.stage not in ("relay", "connecting"):
+        elif self.stage not in ("relay", "connecting", *HELLO_STAGES):
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.client_pending else 0)
             self.server.watch(self.client, self, "client", events)
 
@@ -1621,6 +1850,10 @@ class Connection:
                                          f"within {CONNECT_TIMEOUT:g}s")
         elif self.stage == "sni":
             self.tunnel_refused("tls-timeout", "no complete ClientHello in time")
+        elif self.stage == "server-hello":
+            self.sni_denied("no ServerHello from the server in time", "bad-server-hello")
+        elif self.stage == "retry-hello":
+            self.sni_denied("no second ClientHello after a HelloRetryRequest in time", "tls-timeout")
         else:
             self.close()
 

@@ -200,9 +200,10 @@ class RequestDecisionTest(unittest.TestCase):
         ("169.254.169.254", 80, False, "platform-endpoint"),
         ("[::ffff:127.0.0.1]", 8080, True, "allowed-by-rule"),
         ("::ffff:127.0.0.1", 80, False, "private-address"),
-        # an IP rule covers the IPv4 address a NAT64 or 6to4 address carries (issue 16.1)
-        ("64:ff9b::7f00:1", 8080, True, "allowed-by-rule"),
-        ("2002:7f00:1::", 8080, True, "allowed-by-rule"),
+        # an allow rule for an IPv4 address does not cover a global 6to4 or NAT64 address
+        # that merely embeds it (RFC 6052: loopback is never translated)
+        ("64:ff9b::7f00:1", 8080, False, "private-address"),
+        ("2002:7f00:1::", 8080, False, "private-address"),
         ("64:ff9b::7f00:1", 80, False, "private-address"),
         ("2002:7f00:1::", 80, False, "private-address"),
         ("::1", 8080, False, "private-address"),
@@ -329,9 +330,10 @@ class EmbeddedAddressTest(unittest.TestCase):
         (["example.com"], ["10.0.0.0/8:22"], True, "64:ff9b::a00:5", 443, True, "allowed-by-rule"),
         # an IPv6 deny rule still matches the IPv6 address itself
         (["example.com"], ["[64:ff9b::]/96"], False, "64:ff9b::808:808", 443, False, "denied-by-rule"),
-        # allow rules: the carried address is what the gateway reaches
-        (["example.com", "10.0.0.0/8:443"], [], False, "64:ff9b::a00:5", 443, True, "allowed-by-rule"),
-        (["example.com", "10.0.0.0/8:443"], [], False, "2002:a00:5::1", 443, True, "allowed-by-rule"),
+        # allow rules: only an exact translation reaches the rule's address, and no NAT64
+        # gateway translates a private one (RFC 6052); a 6to4 address is a relay's host
+        (["example.com", "10.0.0.0/8:443"], [], False, "64:ff9b::a00:5", 443, False, "private-address"),
+        (["example.com", "10.0.0.0/8:443"], [], False, "2002:a00:5::1", 443, False, "private-address"),
         (["example.com", "10.0.0.0/8:443"], [], False, "64:ff9b::a00:5", 80, False, "private-address"),
         (["example.com", "10.0.0.0/8:443"], [], False, "64:ff9b::7f00:1", 443, False, "private-address"),
         # an allow rule must hold for every reading of an ambiguous local-use NAT64 address
@@ -397,7 +399,8 @@ class PlatformEndpointTest(unittest.TestCase):
     def test_an_exact_rule_allows_it_on_its_port_only(self):
         rules = policy("metadata.example.com", "169.254.169.254:80", "[fd00:ec2::254]", "168.63.129.16")
         self.assertEqual(verdict_of(rules, "169.254.169.254", 80), (True, "allowed-by-rule"))
-        self.assertEqual(verdict_of(rules, "64:ff9b::a9fe:a9fe", 80), (True, "allowed-by-rule"))
+        # RFC 6052 forbids translating link-local: the NAT64 form is not this endpoint
+        self.assertEqual(verdict_of(rules, "64:ff9b::a9fe:a9fe", 80), (False, "platform-endpoint"))
         self.assertEqual(verdict_of(rules, "169.254.169.254", 443), (False, "platform-endpoint"))
         self.assertEqual(verdict_of(rules, "fd00:ec2::254", 80), (True, "allowed-by-rule"))
         self.assertEqual(verdict_of(rules, "168.63.129.16", 32526), (True, "allowed-by-rule"))
@@ -620,3 +623,58 @@ class OwnAddressTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class AllowRuleWrappingTest(unittest.TestCase):
+    """An allow rule for an IPv4 address matches that address, its IPv4-mapped form and, for
+    a public address, its well-known-prefix NAT64 form (an exact translation), never a 6to4 or
+    local-use NAT64 address that merely embeds it: those are global IPv6 destinations (a 6to4
+    relay's host, another operator's NAT64), so --host-port 8000 (rule 127.0.0.1:8000) or a
+    learned 93.184.216.34:443 must not open them. Deny rules still match every reading."""
+
+    # (allow rule, address, port, allowed, reason)
+    TABLE = [
+        ("127.0.0.1:8000", "127.0.0.1", 8000, True, "allowed-by-rule"),
+        ("127.0.0.1:8000", "::ffff:127.0.0.1", 8000, True, "allowed-by-rule"),
+        ("127.0.0.1:8000", "2002:7f00:1::", 8000, False, "private-address"),
+        ("127.0.0.1:8000", "2002:7f00:1:5::9", 8000, False, "private-address"),
+        ("127.0.0.1:8000", "64:ff9b::7f00:1", 8000, False, "private-address"),
+        ("127.0.0.1:8000", "64:ff9b:1:7f00:0:100::", 8000, False, "private-address"),
+        ("93.184.216.34:443", "93.184.216.34", 443, True, "allowed-by-rule"),
+        ("93.184.216.34:443", "64:ff9b::5db8:d822", 443, True, "allowed-by-rule"),
+        ("93.184.216.34:443", "2002:5db8:d822::1", 443, False, "private-address"),
+        ("93.184.216.34:443", "64:ff9b:1::5db8:d822", 443, False, "private-address"),
+        ("93.184.216.34:443", "64:ff9b:1:5db8:d8:2200::", 443, False, "private-address"),
+        ("93.184.216.34:443", "64:ff9b::5db8:d822", 80, False, "ip-literal-not-allowed"),
+        ("10.0.0.0/8", "64:ff9b::a00:5", 443, False, "private-address"),
+        ("100.64.0.0/10", "64:ff9b::6440:1", 443, False, "private-address"),
+        # a rule naming the IPv6 address itself still matches it
+        ("[2002:7f00:1::]:8000", "2002:7f00:1::", 8000, True, "allowed-by-rule"),
+        ("[64:ff9b::7f00:1]:8000", "64:ff9b::7f00:1", 8000, True, "allowed-by-rule"),
+    ]
+
+    def test_table(self):
+        for rule, address, port, allowed, reason in self.TABLE:
+            with self.subTest(rule=rule, address=address, port=port):
+                rules = policy(rule)
+                self.assertEqual(verdict_of(rules, address, port, literal=True), (allowed, reason))
+                self.assertEqual(rules.check_request(address, port).reason, reason)
+
+    def test_the_pure_reading(self):
+        for text, expected in (("::ffff:10.0.0.5", "10.0.0.5"), ("64:ff9b::5db8:d822", "93.184.216.34"),
+                               ("64:ff9b::7f00:1", None), ("64:ff9b::a00:5", None),
+                               ("64:ff9b::a9fe:a9fe", None), ("2002:5db8:d822::", None),
+                               ("64:ff9b:1::5db8:d822", None), ("2606:4700::1111", None),
+                               ("93.184.216.34", None)):
+            with self.subTest(address=text):
+                found = socks_filter.translated_ipv4(ipaddress.ip_address(text))
+                self.assertEqual(found, expected and ipaddress.ip_address(expected))
+
+    def test_deny_rules_still_match_every_reading(self):
+        rules = Policy([parse_rule("example.com")], [parse_rule("127.0.0.1:8000", deny=True),
+                                                      parse_rule("93.184.216.34", deny=True)])
+        for address, port in (("2002:7f00:1::", 8000), ("64:ff9b::7f00:1", 8000),
+                              ("64:ff9b:1::7f00:1", 8000), ("2002:5db8:d822::1", 443),
+                              ("64:ff9b::5db8:d822", 443), ("64:ff9b:1:5db8:d8:2200::", 443)):
+            with self.subTest(address=address):
+                self.assertEqual(verdict_of(rules, address, port), (False, "denied-by-rule"))

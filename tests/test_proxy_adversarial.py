@@ -18,6 +18,8 @@ that counts one connection is an escape, whatever the proxy logged.
     SniCheckTest               TLS ClientHello server name check, SNI-stage stalls, and DNS
                                rebinding (port 443 and a fake DNS server in a private netns)
     FuzzTest                   3000 mutated SOCKS4/5 and HTTP handshakes, fixed seed
+    HelloRetryTest             a second ClientHello for another site after a TLS 1.3
+                               HelloRetryRequest, against a real `openssl s_server`
 
 Names that must resolve to loopback (loop.example.com, ...) come from a private /etc/hosts that
 `unshare -rm` bind-mounts for the proxy alone (HOSTS below): no DNS traffic leaves the machine.
@@ -1672,3 +1674,351 @@ class FuzzTest(ProxyTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# ---------------------------------------------------------------------------------------------
+# A second ClientHello after a TLS 1.3 HelloRetryRequest (attacker review, SNI bypass)
+
+HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+X25519, P256 = 0x1d, 0x17
+CCS = b"\x14\x03\x03\x00\x01\x01"
+# A valid P-256 key share (the curve's generator, uncompressed): a server checks the point.
+P256_GENERATOR = bytes.fromhex("04" "6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296"
+                               "4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5")
+
+
+def key_share_hello(sni, groups=(X25519, P256), share=X25519, pieces=1):
+    """A TLS 1.3 ClientHello offering `groups` but a key share only for `share` (None: none), so
+    that a server limited to another offered group answers with a HelloRetryRequest. The
+    shares are valid points (enough to reach the server's name callback, not to finish); the
+    session id is fixed, as a second hello must repeat the first one's."""
+    def extension(kind, body):
+        return struct.pack("!HH", kind, len(body)) + body
+    extensions = b""
+    if sni is not None:
+        entry = b"\x00" + struct.pack("!H", len(sni)) + sni
+        extensions += extension(0, struct.pack("!H", len(entry)) + entry)
+    extensions += extension(43, b"\x02\x03\x04")
+    listed = b"".join(struct.pack("!H", g) for g in groups)
+    extensions += extension(10, struct.pack("!H", len(listed)) + listed)
+    extensions += extension(13, b"\x00\x04\x04\x03\x08\x04")
+    key = {X25519: os.urandom(32), P256: P256_GENERATOR}.get(share)
+    shares = struct.pack("!HH", share, len(key)) + key if key else b""
+    extensions += extension(51, struct.pack("!H", len(shares)) + shares)
+    body = (b"\x03\x03" + os.urandom(32) + b"\x20" + b"s" * 32 + b"\x00\x02\x13\x01\x01\x00"
+            + struct.pack("!H", len(extensions)) + extensions)
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    size = -(-len(handshake) // pieces)
+    return b"".join(b"\x16\x03\x01" + struct.pack("!H", len(part)) + part
+                    for part in (handshake[i:i + size] for i in range(0, len(handshake), size)))
+
+
+def server_hello(random, pieces=1):
+    """A ServerHello record (HRR_RANDOM: a HelloRetryRequest), split over `pieces` records."""
+    body = b"\x03\x03" + random + b"\x00\x13\x01\x00" + struct.pack("!H", 6) + b"\x00\x2b\x00\x02\x03\x04"
+    handshake = b"\x02" + len(body).to_bytes(3, "big") + body
+    size = -(-len(handshake) // pieces)
+    return b"".join(b"\x16\x03\x03" + struct.pack("!H", len(part)) + part
+                    for part in (handshake[i:i + size] for i in range(0, len(handshake), size)))
+
+
+class HelloRetryParsingTest(unittest.TestCase):
+    """The pure functions behind the HelloRetryRequest check."""
+
+    def test_server_hello_kind(self):
+        warning = b"\x15\x03\x03\x00\x02\x01\x70"           # unrecognized_name, warning level
+        cases = [
+            (server_hello(HRR_RANDOM), "hello-retry"),
+            (server_hello(HRR_RANDOM) + CCS, "hello-retry"),
+            (server_hello(HRR_RANDOM, pieces=4), "hello-retry"),
+            (warning + server_hello(HRR_RANDOM), "hello-retry"),
+            (server_hello(os.urandom(32)), "server-hello"),
+            (server_hello(HRR_RANDOM[:31] + b"\0"), "server-hello"),
+            (server_hello(HRR_RANDOM)[:30], None),
+            (server_hello(HRR_RANDOM, pieces=4)[:40], None),
+            (b"", None),
+            (b"\x16\x03", None),
+        ]
+        for data, expected in cases:
+            with self.subTest(data=data[:48].hex()):
+                self.assertEqual(socks_filter.server_hello_kind(data), expected)
+
+    def test_malformed_answers_raise(self):
+        for data in (b"HTTP/1.1 200 OK\r\n\r\n", b"SSH-2.0-x\r\n",
+                     b"\x17\x03\x03\x00\x02hi" + server_hello(HRR_RANDOM),      # data first
+                     CCS + server_hello(HRR_RANDOM),                            # CCS first
+                     b"\x16\x03\x03\x00\x04\x0b\x00\x00\x00",                   # not a ServerHello
+                     b"\x16\x03\x03\xff\xff",                                   # oversized record
+                     b"\x15\x03\x03\x00\x02\x01\x70" * 10000):                  # endless alerts
+            with self.subTest(data=data[:24].hex()):
+                with self.assertRaises(socks_filter.ProtocolError):
+                    socks_filter.server_hello_kind(data)
+
+    def test_retry_hello_start(self):
+        evil, good = key_share_hello(b"evil.example.net"), key_share_hello(b"loop.example.com")
+        cases = [
+            (good, ("sni", "loop.example.com")),
+            (CCS + evil, ("sni", "evil.example.net")),
+            (CCS + key_share_hello(b"evil.example.net", pieces=6), ("sni", "evil.example.net")),
+            (CCS + key_share_hello(None), ("no-sni",)),
+            (CCS + CCS + good, ("tls-change-cipher-spec-first",)),
+            (b"\x14\x03\x03\x00\x02\x01\x01" + good, ("bad-client-hello",)),
+            (CCS + b"\x15\x03\x03\x00\x02\x01\x00", ("tls-alert-first",)),
+            (CCS[:4], None),
+            (CCS + evil[:20], None),
+        ]
+        for data, expected in cases:
+            with self.subTest(data=data[:24].hex()):
+                found = socks_filter.retry_hello_start(data)
+                self.assertEqual(found if found is None else found[:len(expected)], expected)
+
+    def test_the_reason_is_known(self):
+        import bw_lib
+        self.assertIn("bad-server-hello", socks_filter.TUNNEL_REFUSALS)
+        self.assertIn("bad-server-hello", bw_lib.REASONS)
+
+    def test_client_hello_end(self):
+        hello = key_share_hello(b"loop.example.com", pieces=3)
+        self.assertEqual(socks_filter.client_hello_end(hello + CCS), len(hello))
+        # a second hello hidden in the first one's last record is refused
+        one = key_share_hello(b"loop.example.com")[5:]
+        two = key_share_hello(b"evil.example.net")[5:]
+        both = b"\x16\x03\x01" + struct.pack("!H", len(one + two)) + one + two
+        with self.assertRaises(socks_filter.ProtocolError):
+            socks_filter.client_hello_end(both)
+        self.assertEqual(socks_filter.tunnel_start(both), ("sni", "loop.example.com"))
+
+
+STDBUF = ["stdbuf", "-o0", "-e0"] if shutil.which("stdbuf") else []    # s_server's lines as they come
+
+
+class TlsServer:
+    """`openssl s_server` on loopback, its groups limited to P-256 so that a ClientHello with
+    only an X25519 key share gets a HelloRetryRequest. -servername makes it print the name its
+    servername callback saw for every ClientHello; -rev echoes lines reversed."""
+
+    def __init__(self, directory):
+        self.out_path = os.path.join(directory, "s_server.out")
+        key, cert = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=loop.example.com",
+                        "-days", "2", "-keyout", key, "-out", cert],
+                       check=True, capture_output=True, timeout=30)
+        with open(self.out_path, "wb") as out:
+            self.process = subprocess.Popen(
+                [*STDBUF, "openssl", "s_server", "-accept", f"{LOOP}:0", "-cert", cert, "-key", key,
+                 "-cert2", cert, "-key2", key, "-servername", "loop.example.com",
+                 "-groups", "P-256", "-rev", "-trace"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "ACCEPT" not in self.output():
+            time.sleep(0.05)
+        accept = [line for line in self.output().splitlines() if line.startswith("ACCEPT")]
+        if not accept:
+            self.stop()
+            raise AssertionError(f"s_server did not start: {self.output()[-2000:]}")
+        self.port = int(accept[0].rpartition(":")[2])
+
+    def output(self):
+        with open(self.out_path, "rb") as handle:
+            return handle.read().decode("utf-8", "replace")
+
+    def names_seen(self):
+        """The server names its servername callback saw, one per ClientHello that had one."""
+        return [line.split('"')[1] for line in self.output().splitlines()
+                if line.startswith("Hostname in TLS extension:")]
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+
+def read_until(sock, wanted, timeout=T):
+    """Bytes received until `wanted` is among them or the peer closes, bounded by `timeout`."""
+    data, deadline = bytearray(), time.monotonic() + timeout
+    while wanted not in data and time.monotonic() < deadline:
+        sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+class HelloRetryTest(ProxyTestCase):
+    """A tunnel to a name opens with a ClientHello naming that host; a TLS 1.3 server that
+    answers with a HelloRetryRequest reads a second ClientHello, whose name it takes too. The
+    attack: hello 1 names the allowed host with a key share the server refuses, hello 2 (after
+    the HelloRetryRequest) names another site. Checked on the host side by what the real TLS
+    server's servername callback saw."""
+
+    def setUp(self):
+        if not shutil.which("openssl"):
+            skip_or_fail(self, "needs the openssl command (apt-get install openssl)")
+        directory = tempfile.mkdtemp(prefix="bw-adv-hrr-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.tls = TlsServer(directory)
+        self.addCleanup(self.tls.stop)
+        port = self.tls.port
+        self.filter = self.proxy(["--allow", f"loop.example.com:{port}", "--allow", f"{LOOP}:{port}"],
+                                 handshake_timeout=3, hosts=True)
+
+    def tunnel(self):
+        sock = connect(self.filter.port, 10)
+        sock.sendall(http_connect(b"loop.example.com:%d" % self.tls.port))
+        self.assertTrue(granted("http", recv_exactly(sock, 39, 10)))
+        return sock
+
+    def retry(self, second, first=None):
+        """Hello 1 for the allowed name, the server's answer, then `second`: (answer to hello
+        1, what came after `second`, whether the tunnel was closed)."""
+        with self.tunnel() as sock:
+            sock.sendall(first or key_share_hello(b"loop.example.com"))
+            answer = read_until(sock, HRR_RANDOM, 10)
+            try:
+                sock.sendall(second)
+            except OSError:             # closed at its first bad byte
+                pass
+            after, closed = read_until_closed(sock, 10)
+        return answer, after, closed
+
+    def reasons(self):
+        wait_for = time.monotonic() + 5
+        while time.monotonic() < wait_for and not any(r["reason"] != "allowed-by-rule"
+                                                      for r in self.filter.records()):
+            time.sleep(0.05)
+        return [r["reason"] for r in self.filter.records()]
+
+    def test_second_hello_for_another_site_is_refused(self):
+        cases = {
+            "ccs-then-evil": CCS + key_share_hello(b"evil.example.net", share=P256),
+            "evil": key_share_hello(b"evil.example.net", share=P256),
+            "evil-fragmented": CCS + key_share_hello(b"evil.example.net", share=P256, pieces=4),
+            "evil-dripped": (CCS + key_share_hello(b"evil.example.net", share=P256))[:150],
+        }
+        for case, second in cases.items():
+            with self.subTest(case=case):
+                before = len(self.tls.names_seen())
+                records = len(self.filter.records())
+                if case == "evil-dripped":      # the first 150 bytes 7 at a time, then the rest
+                    full = CCS + key_share_hello(b"evil.example.net", share=P256)
+                    with self.tunnel() as sock:
+                        sock.sendall(key_share_hello(b"loop.example.com"))
+                        answer = read_until(sock, HRR_RANDOM, 10)
+                        for i in range(0, len(full), 7):
+                            sock.sendall(full[i:i + 7])
+                        after, closed = read_until_closed(sock, 10)
+                else:
+                    answer, after, closed = self.retry(second)
+                self.assertIn(HRR_RANDOM, answer, "the server did not ask for another hello")
+                # on the host: the TLS server's name callback saw only the allowed name
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and len(self.tls.names_seen()) == before:
+                    time.sleep(0.05)
+                self.assertEqual(self.tls.names_seen()[before:], ["loop.example.com"])
+                self.assertNotIn("evil.example.net", self.tls.output())
+                self.assertTrue(closed)
+                self.assertEqual(after, b"")
+                reasons = [r["reason"] for r in self.filter.records()[records:]]
+                self.assertEqual(reasons, ["allowed-by-rule", "sni-mismatch"])
+        self.assert_alive(self.filter)
+        self.assertIn("sni-mismatch", [r["reason"] for r in self.filter.records("close")])
+
+    def test_second_hello_without_a_name_or_malformed_is_refused(self):
+        cases = {"no-sni": CCS + key_share_hello(None, share=P256),
+                 "bad-client-hello": b"\x14\x03\x03\x00\x02\x01\x01" + key_share_hello(b"evil.example.net"),
+                 "not-tls": b"GET / HTTP/1.1\r\nHost: evil.example.net\r\n\r\n"}
+        for reason, second in cases.items():
+            with self.subTest(reason=reason):
+                records = len(self.filter.records())
+                before = len(self.tls.names_seen())
+                answer, after, closed = self.retry(second)
+                self.assertIn(HRR_RANDOM, answer)
+                self.assertTrue(closed)
+                time.sleep(0.2)
+                self.assertEqual(self.tls.names_seen()[before:], ["loop.example.com"])
+                self.assertEqual([r["reason"] for r in self.filter.records()[records:]],
+                                 ["allowed-by-rule", reason])
+
+    def test_second_hello_hidden_in_the_first_record_is_refused(self):
+        one = key_share_hello(b"loop.example.com")[5:]
+        two = key_share_hello(b"evil.example.net", share=P256)[5:]
+        with self.tunnel() as sock:
+            sock.sendall(b"\x16\x03\x01" + struct.pack("!H", len(one + two)) + one + two)
+            answer, closed = read_until_closed(sock, 10)
+        self.assertTrue(closed)
+        self.assertEqual(answer, b"")
+        self.assertEqual(self.tls.names_seen(), [])
+        self.assertEqual(self.reasons(), ["bad-client-hello"])
+
+    def test_second_hello_for_the_same_name_reaches_the_server(self):
+        answer, after, closed = self.retry(CCS + key_share_hello(b"loop.example.com", share=P256))
+        self.assertIn(HRR_RANDOM, answer)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(self.tls.names_seen()) < 2:
+            time.sleep(0.05)
+        self.assertEqual(self.tls.names_seen(), ["loop.example.com", "loop.example.com"])
+        self.assertNotIn("sni-mismatch", self.reasons())
+
+    def test_real_clients_finish_the_handshake_with_and_without_a_retry(self):
+        """Python's ssl client sends only an X25519 key share by default: against this server
+        that is a HelloRetryRequest, then a full TLS 1.3 session through the tunnel; with a
+        P-256 share there is no retry."""
+        for curve in (None, "prime256v1"):
+            with self.subTest(curve=curve):
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                if curve:
+                    context.set_ecdh_curve(curve)
+                retries = self.tls.output().count(HRR_RANDOM[4:].hex().upper())
+                with self.tunnel() as sock:
+                    with context.wrap_socket(sock, server_hostname="loop.example.com") as tls:
+                        self.assertEqual(tls.version(), "TLSv1.3")
+                        tls.sendall(b"through the tunnel\n")
+                        self.assertEqual(read_until(tls, b"\n", 10), b"lennut eht hguorht\n")
+                seen = self.tls.output().count(HRR_RANDOM[4:].hex().upper()) - retries
+                self.assertEqual(seen, 0 if curve else 1, "the retry did (not) happen as planned")
+        self.assertNotIn("sni-mismatch", self.reasons())
+        self.assertNotIn("bad-server-hello", self.reasons())
+        closes = self.filter.records("close")
+        self.assertTrue(closes and all(r["bytes_up"] > 500 and r["bytes_down"] > 500 for r in closes),
+                        closes)
+
+
+class ServerAnswerTest(ProxyTestCase):
+    """Until the server's ServerHello shows there is no HelloRetryRequest, what the client sends
+    after its checked ClientHello is held; a server that answers anything else than TLS, or
+    nothing, closes the tunnel ("bad-server-hello") and the held bytes never reach it."""
+
+    def open_tunnel(self, server, data):
+        proxy = self.proxy(["--allow", f"loop.example.com:{server.port}", "--allow",
+                            f"{LOOP}:{server.port}"], handshake_timeout=1.5, hosts=True)
+        with connect(proxy.port, 10) as sock:
+            sock.sendall(http_connect(b"loop.example.com:%d" % server.port))
+            self.assertTrue(granted("http", recv_exactly(sock, 39, 10)))
+            sock.sendall(data)
+            answer, closed = read_until_closed(sock, 10)
+        return proxy, answer, closed
+
+    def test_an_answer_that_is_not_tls_closes_the_tunnel(self):
+        server = self.upstream("record", reply=b"HTTP/1.1 200 OK\r\n\r\n", idle=0.3)
+        hello = client_hello("loop.example.com")
+        proxy, answer, closed = self.open_tunnel(server, hello + b"held until the ServerHello")
+        self.assertTrue(closed)
+        self.assertEqual(server.next_record(12), hello, "bytes after the hello reached the server")
+        self.assertEqual([r["reason"] for r in proxy.records()], ["allowed-by-rule", "bad-server-hello"])
+        self.assertEqual(proxy.records("close")[0]["decision"], "deny")
+        self.assert_alive(proxy)
+
+    def test_a_silent_server_closes_the_tunnel_in_time(self):
+        server = self.upstream("hold")
+        started = time.monotonic()
+        proxy, answer, closed = self.open_tunnel(server, client_hello("loop.example.com"))
+        self.assertTrue(closed)
+        self.assertLess(time.monotonic() - started, 9)
+        self.assertEqual([r["reason"] for r in proxy.records()], ["allowed-by-rule", "bad-server-hello"])
