@@ -189,6 +189,8 @@ protection that cannot be set up...).  Errors are one line on stderr, whatever
 happens.  A relative XDG_CONFIG_HOME is ignored.
 """
 
+import time
+STARTED = time.perf_counter()   # the start-up timings (StartupClock) count the imports from here
 import argparse
 import collections
 import contextlib
@@ -211,7 +213,6 @@ import sys
 import tempfile
 import termios
 import textwrap
-import time
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.realpath(__file__))
@@ -3581,6 +3582,7 @@ class SessionDirs:
             remove_tree(self.dir)
             os.close(self.lock_fd)
             raise
+        CLOCK.mark("directories")
         return self
 
     def __exit__(self, *exc_info):
@@ -3609,9 +3611,12 @@ class SessionDirs:
         """What the sandbox starts from: its copy of the CLI's state, the snapshot of git
         metadata checked at the end, the protected paths held (placeholders, descriptors)."""
         self.load_state()
+        CLOCK.mark("state")
         take_git_snapshot(self.plan.git_roots, self.dir, git_session_bases(self.environ))
+        CLOCK.mark("git snapshot")
         self.protection = Protection(self.plan, private_base(self.environ))
         self.protection.hold()
+        CLOCK.mark("protection")
 
     def load_state(self):
         """The session's own copy of the CLI's state (see the "CLI state" section)."""
@@ -3676,6 +3681,7 @@ class FilterProxy:
         finally:
             os.close(write_fd)
         self.ready_fd = read_fd
+        CLOCK.mark("proxy started")
         return self
 
     def wait_ready(self):
@@ -3692,6 +3698,7 @@ class FilterProxy:
                 f"no ready line within {PROXY_READY_SECONDS} s"
             raise Failure(f"the filtering proxy did not start: {why}")
         self.ready = True
+        CLOCK.mark("proxy ready")
         for line in network_warnings(self.plan):
             say(f"{self.tool}: {line}")
         if not self.plan.unshare_net:
@@ -3767,6 +3774,8 @@ def run_sandbox(plan, dirs, proxy):
                             socket_dir=dirs.socket_dir, mount_fds=mount_fds)
     if plan.verbose:
         say(format_env_command(plan.env, args))
+        CLOCK.mark("bwrap arguments")
+        say(CLOCK.line(plan.profile.tool))
     # bwrap dies on SIGINT and SIGQUIT (Ctrl-C, Ctrl-\) and takes the sandbox with it:
     # it must ignore them, and the CLI gets them back through env --default-signal.
     # Without that env, bwrap keeps the defaults so they at least end the session.
@@ -4309,6 +4318,7 @@ def plan_session(profile, argv, environ=None, skip=()):
     skip_defaults = any(flag in ours for flag in ("--no-defaults", "--help", "-h"))
     defaults = [] if skip_defaults else read_defaults(profile, environ)
     opts = parse_args(profile, argv, defaults)
+    CLOCK.mark("options")
     if opts.list_presets:
         sys.stdout.write(format_presets())
         raise Finished(0)
@@ -4316,6 +4326,7 @@ def plan_session(profile, argv, environ=None, skip=()):
         sweep_sessions(environ, profile.tool)
     plan = make_plan(profile, opts, environ, skip)
     plan.environ = environ
+    CLOCK.mark("plan")
     tool = profile.tool
     if plan.verbose:
         if defaults:
@@ -4640,3 +4651,31 @@ def exit_status(tool, error):
     else:   # the last resort: one line, never a traceback
         say(f"{tool}: error: unexpected {type(error).__name__}: {printable(error)}")
     return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up timings (issue 15): where the time before bwrap goes, said with --verbose just
+# before bwrap starts.  A mark is a clock read; nothing is said without --verbose.
+# ---------------------------------------------------------------------------------------------
+
+class StartupClock:
+    """Phases of the start-up, each the time since the previous mark; the first counts from
+    STARTED (this module's first line: the interpreter's own start is not seen here)."""
+
+    def __init__(self, started):
+        self.last = started
+        self.phases = []
+
+    def mark(self, phase):
+        now = time.perf_counter()
+        self.phases.append((phase, now - self.last))
+        self.last = now
+
+    def line(self, tool):
+        parts = ", ".join(f"{phase} {seconds * 1000:.1f} ms" for phase, seconds in self.phases)
+        total = sum(seconds for _, seconds in self.phases) * 1000
+        return f"{tool}: start-up: {parts}; {total:.0f} ms in all, then bwrap"
+
+
+CLOCK = StartupClock(STARTED)
+CLOCK.mark("imports")
