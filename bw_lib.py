@@ -197,11 +197,9 @@ import contextlib
 import fcntl
 import fnmatch
 import glob
-import hashlib
 import json
 import os
 import re
-import secrets
 import select
 import shlex
 import shutil
@@ -212,7 +210,6 @@ import subprocess
 import sys
 import tempfile
 import termios
-import textwrap
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.realpath(__file__))
@@ -554,7 +551,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps option names whole when wrapping help (--no-filter-network, not --no-filter-)."""
 
     def _split_lines(self, text, width):
-        import textwrap
+        import textwrap     # only --help needs it: not imported at every start (issue 15)
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
@@ -1846,7 +1843,8 @@ def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None, socket_
 def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
     # -I -S: the proxy needs only the standard library; skipping site-packages and the
     # user's PYTHON* variables saves start-up time and keeps it what this file says.
-    args = [sys.executable, "-I", "-S", FILTER_SCRIPT,
+    # PROXY_MAIN imports it (from its bytecode cache) rather than compiling it as a script.
+    args = [sys.executable, "-I", "-S", "-c", PROXY_MAIN, FILTER_SCRIPT,
             "--listen", os.path.join(socket_dir or private_dir, "proxy.sock")]
     for rule in plan.allow + plan.allow_file_rules:
         args += ["--allow", rule]
@@ -1858,6 +1856,13 @@ def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
         args += ["--token-env", TOKEN_VARIABLE]
     return args + ["--log", plan.proxy_log or os.path.join(private_dir, "proxy.log"),
                    "--ready-fd", str(ready_fd)]
+
+
+# socks_filter.py (the argument after the code) run as a module: a script is compiled at every
+# start (~15 ms), a module comes from its bytecode cache.  Its directory goes LAST on sys.path
+# so that nothing next to it can stand in for a standard module.
+PROXY_MAIN = ("import os, sys; sys.path.append(os.path.dirname(sys.argv.pop(1))); "
+              "import socks_filter; sys.exit(socks_filter.main())")
 
 
 def private_base(environ):
@@ -2235,6 +2240,7 @@ def wrap_words(text, width):
     option stays whole) with the continuation lines indented."""
     if not width or len(text) <= width:
         return text
+    import textwrap     # only a wrapped summary needs it
     return textwrap.fill(text, width, subsequent_indent="  ", break_long_words=False,
                          break_on_hyphens=False)
 
@@ -2653,6 +2659,7 @@ def copy_entry(src_fd, name, dest, budget, level=0):
 
 def transcript_bases(private_dir):
     """{file name: (size, sha256)} of the transcripts seeded into a "lines" directory."""
+    import hashlib      # here, not at every start: loading OpenSSL costs ~3 ms (issue 15)
     bases = {}
     fd = open_dir_beneath(private_dir, [])
     if fd is None:
@@ -2823,6 +2830,7 @@ def lines_update(base, ours, theirs):
     lines, `theirs` the host's file now (None when absent).  Only lines appended to what
     the session was given go back, after what the host has now; a rewritten transcript
     is refused (ValueError)."""
+    import hashlib
     size, digest = base or (0, hashlib.sha256(b"").digest())
     if hashlib.sha256(ours[:size]).digest() != digest:
         raise ValueError("the session rewrote it instead of appending")
@@ -3045,6 +3053,7 @@ def read_varint(data, pos):
 def index_hash_size(data):
     """The hash size of an index (20: SHA-1, 32: SHA-256) told by its trailing checksum;
     None when neither matches (index.skipHash writes zeros)."""
+    import hashlib
     for size, name in ((20, "sha1"), (32, "sha256")):
         if len(data) > 12 + size and hashlib.new(name, data[:-size]).digest() == data[-size:]:
             return size
@@ -3857,6 +3866,7 @@ def advisory_token(opts):
     """A fresh random password for the proxy when its bridge listens on the host's loopback
     (--filter-network --share-net), where every local user could use it; else None."""
     if opts.filter_network and not opts.unshare_net:
+        import secrets      # only --share-net needs it: not imported at every start
         return secrets.token_urlsafe(24)
     return None
 

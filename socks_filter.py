@@ -106,7 +106,6 @@ import errno
 import fcntl
 import functools
 import heapq
-import hmac
 import ipaddress
 import itertools
 import json
@@ -1888,7 +1887,10 @@ class FilterServer:
 
     def accepts(self, password):
         """Whether `password` is the session's; always true without one."""
-        return self.token is None or (password is not None and hmac.compare_digest(password, self.token))
+        if self.token is None:
+            return True
+        import hmac     # here: it loads OpenSSL (~3 ms), and only --token-env needs it (issue 15)
+        return password is not None and hmac.compare_digest(password, self.token)
 
     def _resolved(self, connection, addresses, error):
         """Called on a resolver thread: hand the answer to the loop and wake it."""
