@@ -210,7 +210,6 @@ import subprocess
 import sys
 import tempfile
 import termios
-from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 FILTER_SCRIPT = os.path.join(HERE, "socks_filter.py")
@@ -255,6 +254,69 @@ CLAUDE_JSON_KEYS = (
 # wrote (plain values only, see the "secret" check).
 CLAUDE_CREDENTIAL_KEYS = tuple(f"claudeAiOauth.{key}" for key in (
     "accessToken", "refreshToken", "expiresAt", "scopes", "subscriptionType", "rateLimitTier"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Records (issue 15): the little of dataclasses this module uses.  Importing dataclasses
+# imports inspect, ast and dis, and making each class compiles code: ~8 ms of every start.
+# ---------------------------------------------------------------------------------------------
+
+class Factory:
+    """A field's default made anew for each record (a list must not be shared)."""
+
+    def __init__(self, make):
+        self.make = make
+
+
+def field(default_factory):
+    return Factory(default_factory)
+
+
+def dataclass(cls=None, frozen=False):
+    """@dataclass or @dataclass(frozen=True) over a class of annotated fields: an __init__
+    taking them in order (by position or name, defaults after), __repr__ and __eq__; a
+    frozen record refuses changes and is hashable, others are not hashable."""
+    if cls is None:
+        return lambda cls: dataclass(cls, frozen)
+    names = tuple(cls.__dict__.get("__annotations__", {}))
+    defaults = {name: cls.__dict__[name] for name in names if name in cls.__dict__}
+    for name, default in defaults.items():
+        if isinstance(default, Factory):
+            delattr(cls, name)
+
+    def __init__(self, *args, **kwargs):
+        if len(args) > len(names) or not set(kwargs) <= set(names[len(args):]):
+            raise TypeError(f"{cls.__name__}(): bad arguments {args!r} {kwargs!r}")
+        values = {**dict(zip(names, args)), **kwargs}
+        for name in names:
+            if name not in values:
+                if name not in defaults:
+                    raise TypeError(f"{cls.__name__}(): missing {name!r}")
+                default = defaults[name]
+                values[name] = default.make() if isinstance(default, Factory) else default
+            object.__setattr__(self, name, values[name])
+
+    def fields(self):
+        return tuple(getattr(self, name) for name in names)
+
+    def __eq__(self, other):
+        return fields(self) == fields(other) if other.__class__ is self.__class__ \
+            else NotImplemented
+
+    def __repr__(self):
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
+        return f"{cls.__qualname__}({shown})"
+
+    def refuse(self, name, *value):
+        raise AttributeError(f"cannot assign to field {name!r}: {cls.__name__} is frozen")
+
+    cls.__init__, cls.__eq__, cls.__repr__ = __init__, __eq__, __repr__
+    if frozen:
+        cls.__setattr__ = cls.__delattr__ = refuse
+        cls.__hash__ = lambda self: hash(fields(self))
+    else:
+        cls.__hash__ = None
+    return cls
 
 
 @dataclass(frozen=True)
