@@ -994,6 +994,7 @@ class Plan:
     host_ports: list = field(default_factory=list)  # --host-port: (inside, host port)
     proxy_token: str = None                         # --share-net: the proxy's password
     environ: dict = field(default_factory=dict)     # the wrapper's environment, HOME checked
+    early_proxy: object = None      # a ProxyInterpreter started before the plan (Wrapper.plan)
 
 
 def hidden_paths(profile):
@@ -1905,8 +1906,8 @@ def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None, socket_
 def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
     # -I -S: the proxy needs only the standard library; skipping site-packages and the
     # user's PYTHON* variables saves start-up time and keeps it what this file says.
-    # PROXY_MAIN imports it (from its bytecode cache) rather than compiling it as a script.
-    args = [sys.executable, "-I", "-S", "-c", PROXY_MAIN, FILTER_SCRIPT,
+    # (ProxyInterpreter runs the same, from the bytecode cache, with args[4:] on stdin.)
+    args = [sys.executable, "-I", "-S", FILTER_SCRIPT,
             "--listen", os.path.join(socket_dir or private_dir, "proxy.sock")]
     for rule in plan.allow + plan.allow_file_rules:
         args += ["--allow", rule]
@@ -1918,13 +1919,6 @@ def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
         args += ["--token-env", TOKEN_VARIABLE]
     return args + ["--log", plan.proxy_log or os.path.join(private_dir, "proxy.log"),
                    "--ready-fd", str(ready_fd)]
-
-
-# socks_filter.py (the argument after the code) run as a module: a script is compiled at every
-# start (~15 ms), a module comes from its bytecode cache.  Its directory goes LAST on sys.path
-# so that nothing next to it can stand in for a standard module.
-PROXY_MAIN = ("import os, sys; sys.path.append(os.path.dirname(sys.argv.pop(1))); "
-              "import socks_filter; sys.exit(socks_filter.main())")
 
 
 def private_base(environ):
@@ -3736,22 +3730,14 @@ class FilterProxy:
     def __enter__(self):
         if not self.plan.filter:
             return self
-        read_fd, write_fd = os.pipe()
-        args = build_proxy_args(self.plan, self.dirs.dir, write_fd,
+        interpreter = self.plan.early_proxy or ProxyInterpreter(proxy_env(self.plan))
+        self.process = interpreter.process
+        self.ready_fd, interpreter.ready_fd = interpreter.ready_fd, None
+        args = build_proxy_args(self.plan, self.dirs.dir, interpreter.ready_number,
                                 socket_dir=self.dirs.socket_dir)
         if self.plan.verbose:
             say(shlex.join(args))
-        try:
-            with open(self.path("proxy.err"), "wb") as err:
-                self.process = subprocess.Popen(
-                    args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                    pass_fds=(write_fd,), start_new_session=True, env=proxy_env(self.plan))
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)
-        self.ready_fd = read_fd
+        interpreter.hand(args[4:], self.path("proxy.err"))
         CLOCK.mark("proxy started")
         return self
 
@@ -4695,8 +4681,19 @@ class Wrapper:
         return self
 
     def plan(self, argv):
-        """plan_session for this profile; the entry script itself is never the CLI."""
-        return plan_session(self.profile, argv, skip=(os.path.realpath(sys.argv[0]),))
+        """plan_session for this profile; the entry script itself is never the CLI.  With
+        --filter-network on the command line the proxy's interpreter starts first, so that
+        its start-up overlaps the planning (see ProxyInterpreter)."""
+        early = None
+        if "--filter-network" in split_argv(argv)[0]:
+            early = ProxyInterpreter(dict(os.environ))
+            self.stack.callback(early.stop)
+        plan = plan_session(self.profile, argv, skip=(os.path.realpath(sys.argv[0]),))
+        if early and plan.filter and not plan.proxy_token:
+            plan.early_proxy = early
+        elif early:
+            early.stop()
+        return plan
 
     def __exit__(self, kind, error, traceback):
         self.stack.close()
@@ -4751,3 +4748,54 @@ class StartupClock:
 
 CLOCK = StartupClock(STARTED)
 CLOCK.mark("imports")
+
+
+# ---------------------------------------------------------------------------------------------
+# The proxy's interpreter, started early (issue 15): Python and socks_filter's imports take
+# ~25 ms, spent while the wrapper plans and prepares rather than after.
+# ---------------------------------------------------------------------------------------------
+
+# socks_filter.py (the argument after the code) imported, from its bytecode cache (a script is
+# compiled at every start), its directory LAST on sys.path so that nothing next to it can
+# stand in for a standard module; its arguments come on stdin (main_from_stdin).
+PROXY_MAIN = ("import os, sys; sys.path.append(os.path.dirname(sys.argv.pop(1))); "
+              "import socks_filter; sys.exit(socks_filter.main_from_stdin())")
+
+
+class ProxyInterpreter:
+    """socks_filter.py's interpreter, waiting for its arguments (hand) with the write end of
+    its ready pipe already open (ready_number in the child).  Without them (stdin closed:
+    stop, or the wrapper's end) it exits at once, never having listened.  In a session of
+    its own: the terminal's Ctrl-C is for the CLI."""
+
+    def __init__(self, env):
+        read_fd, write_fd = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", PROXY_MAIN, FILTER_SCRIPT],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(write_fd,), start_new_session=True, env=env)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self.ready_fd, self.ready_number = read_fd, write_fd
+
+    def hand(self, args, err_path):
+        """Its arguments (and the file for its stderr); a proxy that died already is found
+        by the wait for its ready line."""
+        try:
+            self.process.stdin.write(b"\0".join(map(os.fsencode, [err_path, *args])))
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    def stop(self):
+        if not self.process.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.close()
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+        stop(self.process)

@@ -2283,5 +2283,24 @@ def main(argv=None):
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Started before its arguments are known (issue 15): a parent starts the interpreter, which
+# imports this module while the parent is still deciding the arguments.
+# ---------------------------------------------------------------------------------------------
+
+def main_from_stdin():
+    """main() with its arguments read from stdin up to EOF, NUL-separated, the first being
+    the file stderr goes to (created, never through a link).  An empty stdin (the parent
+    gave up): exit at once, never listening."""
+    items = sys.stdin.buffer.read().split(b"\0")
+    if items == [b""]:
+        return 0
+    err = os.open(items[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  0o600)
+    os.dup2(err, 2)
+    os.close(err)
+    return main([os.fsdecode(item) for item in items[1:]])
+
+
 if __name__ == "__main__":
     sys.exit(main())

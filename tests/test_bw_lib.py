@@ -381,8 +381,8 @@ class BwrapArgsTest(Fixture):
         plan = self.plan("--filter-network", "--allow-domain", "127.0.0.1:8080",
                          "--allow-file", allow)
         args = bw_lib.build_proxy_args(plan, "/PRIV", 5)
-        self.assertEqual(args[1:6], ["-I", "-S", "-c", bw_lib.PROXY_MAIN, bw_lib.FILTER_SCRIPT])
-        self.assertEqual(args[6:8], ["--listen", "/PRIV/proxy.sock"])
+        self.assertEqual(args[1:4], ["-I", "-S", bw_lib.FILTER_SCRIPT])
+        self.assertEqual(args[4:6], ["--listen", "/PRIV/proxy.sock"])
         pairs = list(zip(args, args[1:]))
         for rule in (*CLAUDE.allow, "127.0.0.1:8080"):
             self.assertIn(("--allow", rule), pairs)
