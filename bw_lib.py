@@ -4667,12 +4667,15 @@ class Wrapper:
     SIGHUP and SIGQUIT unwind through every clean-up (Terminated), the terminal's modes are
     restored on every way out, an error is one line on stderr (never a traceback), and
     leaving exits the process with `status`, the CLI's exit status unless an error says
-    otherwise (see the module docstring: Exit status)."""
+    otherwise (see the module docstring: Exit status).  With quick_exit (the entry scripts)
+    the process ends with os._exit once all is cleaned up and flushed, skipping the
+    interpreter's teardown (~5 ms; nothing is left to run then)."""
 
-    def __init__(self, name):
+    def __init__(self, name, quick_exit=False):
         self.profile = PROFILES[name]
         self.status = 0
         self.stack = contextlib.ExitStack()
+        self.quick_exit = quick_exit
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
@@ -4701,6 +4704,11 @@ class Wrapper:
             return False
         if error is not None:
             self.status = exit_status(self.profile.tool, error)
+        if self.quick_exit:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(self.status)
         sys.exit(self.status)
 
 
