@@ -738,7 +738,8 @@ def build_parser(profile):
     diagnostics.add_argument("--no-defaults", action="store_true",
                              help=f"ignore ~/.config/{tool}/options")
     add_switch(diagnostics, "--verbose", "--no-verbose",
-               "print the configuration and the full commands to stderr", short=("-v",))
+               "print the configuration, the full commands and where start-up time "
+               "went (per phase) to stderr", short=("-v",))
     diagnostics.add_argument("--dry-run", action="store_true",
                              help="print the commands that would run, shell-quoted, and exit")
     return parser
