@@ -3717,10 +3717,11 @@ class SessionDirs:
 
 class FilterProxy:
     """socks_filter.py as a subprocess, for a session with --filter-network (a session
-    without it gets one that does nothing).  Entering starts it in a session of its own
-    (the terminal's Ctrl-C is for the CLI); wait_ready() blocks, bounded, until it listens,
-    and run_sandbox calls it just before bwrap, so the proxy's start-up overlaps the
-    session's preparation.  Leaving stops it on every path and reports: the network summary
+    without it gets one that does nothing).  Entering hands its arguments to its interpreter
+    (a ProxyInterpreter: the one Wrapper.plan started before the plan, or a new one), in a
+    session of its own (the terminal's Ctrl-C is for the CLI); wait_ready() blocks, bounded,
+    until it listens, and run_sandbox calls it just before bwrap, so the proxy's start-up
+    overlaps the planning and the session's preparation.  Leaving stops it on every path and reports: the network summary
     from its log, and the --learn file (unless the sandbox never got going)."""
 
     def __init__(self, plan, dirs):
