@@ -189,17 +189,17 @@ protection that cannot be set up...).  Errors are one line on stderr, whatever
 happens.  A relative XDG_CONFIG_HOME is ignored.
 """
 
+import time
+STARTED = time.perf_counter()   # the start-up timings (StartupClock) count the imports from here
 import argparse
 import collections
 import contextlib
 import fcntl
 import fnmatch
 import glob
-import hashlib
 import json
 import os
 import re
-import secrets
 import select
 import shlex
 import shutil
@@ -210,9 +210,6 @@ import subprocess
 import sys
 import tempfile
 import termios
-import textwrap
-import time
-from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 FILTER_SCRIPT = os.path.join(HERE, "socks_filter.py")
@@ -257,6 +254,69 @@ CLAUDE_JSON_KEYS = (
 # wrote (plain values only, see the "secret" check).
 CLAUDE_CREDENTIAL_KEYS = tuple(f"claudeAiOauth.{key}" for key in (
     "accessToken", "refreshToken", "expiresAt", "scopes", "subscriptionType", "rateLimitTier"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Records (issue 15): the little of dataclasses this module uses.  Importing dataclasses
+# imports inspect, ast and dis, and making each class compiles code: ~8 ms of every start.
+# ---------------------------------------------------------------------------------------------
+
+class Factory:
+    """A field's default made anew for each record (a list must not be shared)."""
+
+    def __init__(self, make):
+        self.make = make
+
+
+def field(default_factory):
+    return Factory(default_factory)
+
+
+def dataclass(cls=None, frozen=False):
+    """@dataclass or @dataclass(frozen=True) over a class of annotated fields: an __init__
+    taking them in order (by position or name, defaults after), __repr__ and __eq__; a
+    frozen record refuses changes and is hashable, others are not hashable."""
+    if cls is None:
+        return lambda cls: dataclass(cls, frozen)
+    names = tuple(cls.__dict__.get("__annotations__", {}))
+    defaults = {name: cls.__dict__[name] for name in names if name in cls.__dict__}
+    for name, default in defaults.items():
+        if isinstance(default, Factory):
+            delattr(cls, name)
+
+    def __init__(self, *args, **kwargs):
+        if len(args) > len(names) or not set(kwargs) <= set(names[len(args):]):
+            raise TypeError(f"{cls.__name__}(): bad arguments {args!r} {kwargs!r}")
+        values = {**dict(zip(names, args)), **kwargs}
+        for name in names:
+            if name not in values:
+                if name not in defaults:
+                    raise TypeError(f"{cls.__name__}(): missing {name!r}")
+                default = defaults[name]
+                values[name] = default.make() if isinstance(default, Factory) else default
+            object.__setattr__(self, name, values[name])
+
+    def fields(self):
+        return tuple(getattr(self, name) for name in names)
+
+    def __eq__(self, other):
+        return fields(self) == fields(other) if other.__class__ is self.__class__ \
+            else NotImplemented
+
+    def __repr__(self):
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
+        return f"{cls.__qualname__}({shown})"
+
+    def refuse(self, name, *value):
+        raise AttributeError(f"cannot assign to field {name!r}: {cls.__name__} is frozen")
+
+    cls.__init__, cls.__eq__, cls.__repr__ = __init__, __eq__, __repr__
+    if frozen:
+        cls.__setattr__ = cls.__delattr__ = refuse
+        cls.__hash__ = lambda self: hash(fields(self))
+    else:
+        cls.__hash__ = None
+    return cls
 
 
 @dataclass(frozen=True)
@@ -554,7 +614,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps option names whole when wrapping help (--no-filter-network, not --no-filter-)."""
 
     def _split_lines(self, text, width):
-        import textwrap
+        import textwrap     # only --help needs it: not imported at every start (issue 15)
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
@@ -679,7 +739,8 @@ def build_parser(profile):
     diagnostics.add_argument("--no-defaults", action="store_true",
                              help=f"ignore ~/.config/{tool}/options")
     add_switch(diagnostics, "--verbose", "--no-verbose",
-               "print the configuration and the full commands to stderr", short=("-v",))
+               "print the configuration, the full commands and where start-up time "
+               "went (per phase) to stderr", short=("-v",))
     diagnostics.add_argument("--dry-run", action="store_true",
                              help="print the commands that would run, shell-quoted, and exit")
     return parser
@@ -935,6 +996,7 @@ class Plan:
     host_ports: list = field(default_factory=list)  # --host-port: (inside, host port)
     proxy_token: str = None                         # --share-net: the proxy's password
     environ: dict = field(default_factory=dict)     # the wrapper's environment, HOME checked
+    early_proxy: object = None      # a ProxyInterpreter started before the plan (Wrapper.plan)
 
 
 def hidden_paths(profile):
@@ -1846,6 +1908,7 @@ def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None, socket_
 def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
     # -I -S: the proxy needs only the standard library; skipping site-packages and the
     # user's PYTHON* variables saves start-up time and keeps it what this file says.
+    # (ProxyInterpreter runs the same, from the bytecode cache, with args[4:] on stdin.)
     args = [sys.executable, "-I", "-S", FILTER_SCRIPT,
             "--listen", os.path.join(socket_dir or private_dir, "proxy.sock")]
     for rule in plan.allow + plan.allow_file_rules:
@@ -2235,6 +2298,7 @@ def wrap_words(text, width):
     option stays whole) with the continuation lines indented."""
     if not width or len(text) <= width:
         return text
+    import textwrap     # only a wrapped summary needs it
     return textwrap.fill(text, width, subsequent_indent="  ", break_long_words=False,
                          break_on_hyphens=False)
 
@@ -2653,6 +2717,7 @@ def copy_entry(src_fd, name, dest, budget, level=0):
 
 def transcript_bases(private_dir):
     """{file name: (size, sha256)} of the transcripts seeded into a "lines" directory."""
+    import hashlib      # here, not at every start: loading OpenSSL costs ~3 ms (issue 15)
     bases = {}
     fd = open_dir_beneath(private_dir, [])
     if fd is None:
@@ -2823,6 +2888,7 @@ def lines_update(base, ours, theirs):
     lines, `theirs` the host's file now (None when absent).  Only lines appended to what
     the session was given go back, after what the host has now; a rewritten transcript
     is refused (ValueError)."""
+    import hashlib
     size, digest = base or (0, hashlib.sha256(b"").digest())
     if hashlib.sha256(ours[:size]).digest() != digest:
         raise ValueError("the session rewrote it instead of appending")
@@ -3052,6 +3118,7 @@ def read_varint(data, pos):
 def index_hash_size(data):
     """The hash size of an index (20: SHA-1, 32: SHA-256) told by its trailing checksum;
     None when neither matches (index.skipHash writes zeros)."""
+    import hashlib
     for size, name in ((20, "sha1"), (32, "sha256")):
         if len(data) > 12 + size and hashlib.new(name, data[:-size]).digest() == data[-size:]:
             return size
@@ -3669,6 +3736,7 @@ class SessionDirs:
             remove_tree(self.dir)
             os.close(self.lock_fd)
             raise
+        CLOCK.mark("directories")
         return self
 
     def __exit__(self, *exc_info):
@@ -3697,9 +3765,12 @@ class SessionDirs:
         """What the sandbox starts from: its copy of the CLI's state, the snapshot of git
         metadata checked at the end, the protected paths held (placeholders, descriptors)."""
         self.load_state()
+        CLOCK.mark("state")
         take_git_snapshot(self.plan.git_roots, self.dir, git_session_bases(self.environ))
+        CLOCK.mark("git snapshot")
         self.protection = Protection(self.plan, private_base(self.environ))
         self.protection.hold()
+        CLOCK.mark("protection")
 
     def load_state(self):
         """The session's own copy of the CLI's state (see the "CLI state" section)."""
@@ -3734,10 +3805,11 @@ class SessionDirs:
 
 class FilterProxy:
     """socks_filter.py as a subprocess, for a session with --filter-network (a session
-    without it gets one that does nothing).  Entering starts it in a session of its own
-    (the terminal's Ctrl-C is for the CLI); wait_ready() blocks, bounded, until it listens,
-    and run_sandbox calls it just before bwrap, so the proxy's start-up overlaps the
-    session's preparation.  Leaving stops it on every path and reports: the network summary
+    without it gets one that does nothing).  Entering hands its arguments to its interpreter
+    (a ProxyInterpreter: the one Wrapper.plan started before the plan, or a new one), in a
+    session of its own (the terminal's Ctrl-C is for the CLI); wait_ready() blocks, bounded,
+    until it listens, and run_sandbox calls it just before bwrap, so the proxy's start-up
+    overlaps the planning and the session's preparation.  Leaving stops it on every path and reports: the network summary
     from its log, and the --learn file (unless the sandbox never got going)."""
 
     def __init__(self, plan, dirs):
@@ -3748,22 +3820,15 @@ class FilterProxy:
     def __enter__(self):
         if not self.plan.filter:
             return self
-        read_fd, write_fd = os.pipe()
-        args = build_proxy_args(self.plan, self.dirs.dir, write_fd,
+        interpreter = self.plan.early_proxy or ProxyInterpreter(proxy_env(self.plan))
+        self.process = interpreter.process
+        self.ready_fd, interpreter.ready_fd = interpreter.ready_fd, None
+        args = build_proxy_args(self.plan, self.dirs.dir, interpreter.ready_number,
                                 socket_dir=self.dirs.socket_dir)
         if self.plan.verbose:
             say(shlex.join(args))
-        try:
-            with open(self.path("proxy.err"), "wb") as err:
-                self.process = subprocess.Popen(
-                    args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                    pass_fds=(write_fd,), start_new_session=True, env=proxy_env(self.plan))
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)
-        self.ready_fd = read_fd
+        interpreter.hand(args[4:], self.path("proxy.err"))
+        CLOCK.mark("proxy started")
         return self
 
     def wait_ready(self):
@@ -3780,6 +3845,7 @@ class FilterProxy:
                 f"no ready line within {PROXY_READY_SECONDS} s"
             raise Failure(f"the filtering proxy did not start: {why}")
         self.ready = True
+        CLOCK.mark("proxy ready")
         for line in network_warnings(self.plan):
             say(f"{self.tool}: {line}")
         if not self.plan.unshare_net:
@@ -3855,6 +3921,8 @@ def run_sandbox(plan, dirs, proxy):
                             socket_dir=dirs.socket_dir, mount_fds=mount_fds)
     if plan.verbose:
         say(format_env_command(plan.env, args))
+        CLOCK.mark("bwrap arguments")
+        say(CLOCK.line(plan.profile.tool))
     # bwrap dies on SIGINT and SIGQUIT (Ctrl-C, Ctrl-\) and takes the sandbox with it:
     # it must ignore them, and the CLI gets them back through env --default-signal.
     # Without that env, bwrap keeps the defaults so they at least end the session.
@@ -3936,6 +4004,7 @@ def advisory_token(opts):
     """A fresh random password for the proxy when its bridge listens on the host's loopback
     (--filter-network --share-net), where every local user could use it; else None."""
     if opts.filter_network and not opts.unshare_net:
+        import secrets      # only --share-net needs it: not imported at every start
         return secrets.token_urlsafe(24)
     return None
 
@@ -4397,6 +4466,7 @@ def plan_session(profile, argv, environ=None, skip=()):
     skip_defaults = any(flag in ours for flag in ("--no-defaults", "--help", "-h"))
     defaults = [] if skip_defaults else read_defaults(profile, environ)
     opts = parse_args(profile, argv, defaults)
+    CLOCK.mark("options")
     if opts.list_presets:
         sys.stdout.write(format_presets())
         raise Finished(0)
@@ -4404,6 +4474,7 @@ def plan_session(profile, argv, environ=None, skip=()):
         sweep_sessions(environ, profile.tool)
     plan = make_plan(profile, opts, environ, skip)
     plan.environ = environ
+    CLOCK.mark("plan")
     tool = profile.tool
     if plan.verbose:
         if defaults:
@@ -4686,12 +4757,15 @@ class Wrapper:
     SIGHUP and SIGQUIT unwind through every clean-up (Terminated), the terminal's modes are
     restored on every way out, an error is one line on stderr (never a traceback), and
     leaving exits the process with `status`, the CLI's exit status unless an error says
-    otherwise (see the module docstring: Exit status)."""
+    otherwise (see the module docstring: Exit status).  With quick_exit (the entry scripts)
+    the process ends with os._exit once all is cleaned up and flushed, skipping the
+    interpreter's teardown (~5 ms; nothing is left to run then)."""
 
-    def __init__(self, name):
+    def __init__(self, name, quick_exit=False):
         self.profile = PROFILES[name]
         self.status = 0
         self.stack = contextlib.ExitStack()
+        self.quick_exit = quick_exit
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
@@ -4700,8 +4774,19 @@ class Wrapper:
         return self
 
     def plan(self, argv):
-        """plan_session for this profile; the entry script itself is never the CLI."""
-        return plan_session(self.profile, argv, skip=(os.path.realpath(sys.argv[0]),))
+        """plan_session for this profile; the entry script itself is never the CLI.  With
+        --filter-network on the command line the proxy's interpreter starts first, so that
+        its start-up overlaps the planning (see ProxyInterpreter)."""
+        early = None
+        if "--filter-network" in split_argv(argv)[0]:
+            early = ProxyInterpreter(dict(os.environ))
+            self.stack.callback(early.stop)
+        plan = plan_session(self.profile, argv, skip=(os.path.realpath(sys.argv[0]),))
+        if early and plan.filter and not plan.proxy_token:
+            plan.early_proxy = early
+        elif early:
+            early.stop()
+        return plan
 
     def __exit__(self, kind, error, traceback):
         self.stack.close()
@@ -4709,6 +4794,11 @@ class Wrapper:
             return False
         if error is not None:
             self.status = exit_status(self.profile.tool, error)
+        if self.quick_exit:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(self.status)
         sys.exit(self.status)
 
 
@@ -4728,3 +4818,82 @@ def exit_status(tool, error):
     else:   # the last resort: one line, never a traceback
         say(f"{tool}: error: unexpected {type(error).__name__}: {printable(error)}")
     return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up timings (issue 15): where the time before bwrap goes, said with --verbose just
+# before bwrap starts.  A mark is a clock read; nothing is said without --verbose.
+# ---------------------------------------------------------------------------------------------
+
+class StartupClock:
+    """Phases of the start-up, each the time since the previous mark; the first counts from
+    STARTED (this module's first line: the interpreter's own start is not seen here)."""
+
+    def __init__(self, started):
+        self.last = started
+        self.phases = []
+
+    def mark(self, phase):
+        now = time.perf_counter()
+        self.phases.append((phase, now - self.last))
+        self.last = now
+
+    def line(self, tool):
+        parts = ", ".join(f"{phase} {seconds * 1000:.1f} ms" for phase, seconds in self.phases)
+        total = sum(seconds for _, seconds in self.phases) * 1000
+        return f"{tool}: start-up: {parts}; {total:.0f} ms in all, then bwrap"
+
+
+CLOCK = StartupClock(STARTED)
+CLOCK.mark("imports")
+
+
+# ---------------------------------------------------------------------------------------------
+# The proxy's interpreter, started early (issue 15): Python and socks_filter's imports take
+# ~25 ms, spent while the wrapper plans and prepares rather than after.
+# ---------------------------------------------------------------------------------------------
+
+# socks_filter.py (the argument after the code) imported, from its bytecode cache (a script is
+# compiled at every start), its directory LAST on sys.path so that nothing next to it can
+# stand in for a standard module; its arguments come on stdin (main_from_stdin).
+PROXY_MAIN = ("import os, sys; sys.path.append(os.path.dirname(sys.argv.pop(1))); "
+              "import socks_filter; sys.exit(socks_filter.main_from_stdin())")
+
+
+class ProxyInterpreter:
+    """socks_filter.py's interpreter, waiting for its arguments (hand) with the write end of
+    its ready pipe already open (ready_number in the child).  Without them (stdin closed:
+    stop, or the wrapper's end) it exits at once, never having listened.  In a session of
+    its own: the terminal's Ctrl-C is for the CLI."""
+
+    def __init__(self, env):
+        read_fd, write_fd = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", PROXY_MAIN, FILTER_SCRIPT],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(write_fd,), start_new_session=True, env=env)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self.ready_fd, self.ready_number = read_fd, write_fd
+
+    def hand(self, args, err_path):
+        """Its arguments (and the file for its stderr); a proxy that died already is found
+        by the wait for its ready line."""
+        try:
+            self.process.stdin.write(b"\0".join(map(os.fsencode, [err_path, *args])))
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    def stop(self):
+        if not self.process.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.close()
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+        stop(self.process)

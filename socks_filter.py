@@ -117,7 +117,6 @@ import errno
 import fcntl
 import functools
 import heapq
-import hmac
 import ipaddress
 import itertools
 import json
@@ -2121,7 +2120,10 @@ class FilterServer:
 
     def accepts(self, password):
         """Whether `password` is the session's; always true without one."""
-        return self.token is None or (password is not None and hmac.compare_digest(password, self.token))
+        if self.token is None:
+            return True
+        import hmac     # here: it loads OpenSSL (~3 ms), and only --token-env needs it (issue 15)
+        return password is not None and hmac.compare_digest(password, self.token)
 
     def _resolved(self, connection, addresses, error):
         """Called on a resolver thread: hand the answer to the loop and wake it."""
@@ -2512,6 +2514,25 @@ def main(argv=None):
     server.serve_forever()
     print(server.summary(), file=sys.stderr, flush=True)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Started before its arguments are known (issue 15): a parent starts the interpreter, which
+# imports this module while the parent is still deciding the arguments.
+# ---------------------------------------------------------------------------------------------
+
+def main_from_stdin():
+    """main() with its arguments read from stdin up to EOF, NUL-separated, the first being
+    the file stderr goes to (created, never through a link).  An empty stdin (the parent
+    gave up): exit at once, never listening."""
+    items = sys.stdin.buffer.read().split(b"\0")
+    if items == [b""]:
+        return 0
+    err = os.open(items[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  0o600)
+    os.dup2(err, 2)
+    os.close(err)
+    return main([os.fsdecode(item) for item in items[1:]])
 
 
 if __name__ == "__main__":

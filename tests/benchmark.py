@@ -7,6 +7,7 @@ Run from the repository root (Python 3.11 stdlib only; not part of the unit suit
     python3 tests/benchmark.py --quick         # 64 MiB bulk, 2 passes, shorter rate test (1 minute)
     python3 tests/benchmark.py --setups direct,ours-unix,pproxy-unix --no-startup --json out.json
     python3 tests/benchmark.py --socks-filter /tmp/copy/socks_filter.py   # measure a modified copy
+    python3 tests/benchmark.py --startup-only --startup-runs 21   # start-up only (issue 15)
 
 It starts its own upstreams on 127.0.0.1, each in its own process: an HTTP source that answers
 `GET /N` with N zero bytes (sendfile), and an echo server (epoll). Its client speaks SOCKS5 and
@@ -31,9 +32,15 @@ drift hits all setups alike), and per setup runs, in this order:
   2. bulk downloads, and the CPU time the setup's processes spent per GiB moved (utime+stime
      from /proc; for chains socat and its reaped forked workers count too);
   3. sequential connections for a fixed time: connect + handshake + 16-byte echo + close.
-Then it times start-up (median wall time): the bwrap command bw-claude runs (read from
---dry-run), `bw-claude --shell --unshare-net -- -c true`, and the same with --filter-network,
-with a fake `claude` on PATH and HOME in a temporary directory.
+Then it times start-up (median wall time; the commands take turns, run after run, so that
+drift hits all alike): `python3 -c pass` (the `python3` first on PATH, as the entry scripts
+find it: run the benchmark with the PATH users have, and not through a pyenv shim, which costs
+~100 ms by itself), the bwrap command bw-claude runs (read from --dry-run, its descriptors
+replaced by paths), `bw-claude --shell -- -c true`, the same with --unshare-net and with
+--filter-network (which implies --unshare-net), with a fake `claude` on PATH, HOME in a
+temporary directory, the current directory as the project and bytecode caches kept.  Its own
+table gives each as milliseconds and as a multiple of `python3 -c pass` from the same run
+(the targets of issue 15).
 
 Reading the table: one row per figure and setup with the median over passes (bulk: over all
 runs; RSS: the largest), its ratio to `direct`, and its ratio to pproxy (`pproxy-chain` for
@@ -776,8 +783,12 @@ def bare_bwrap_command(base, env):
             if args[i] == "--":
                 cmd += args[i:]
                 break
-            if args[i] == "--seccomp":
+            if args[i] in ("--seccomp", "--json-status-fd"):
                 i += 2
+            elif args[i] in ("--bind-fd", "--ro-bind-fd"):    # bound from a checked descriptor
+                if os.path.exists(args[i + 2]):
+                    cmd += [args[i].removesuffix("-fd"), args[i + 2], args[i + 2]]
+                i += 3
             elif args[i] in ("--bind", "--ro-bind", "--dev-bind") and not os.path.exists(args[i + 1]):
                 i += 3
             else:
@@ -787,27 +798,41 @@ def bare_bwrap_command(base, env):
     return fallback
 
 
+STARTUP_COMMANDS = [  # key, label, bw-claude's arguments (None: python3 -c pass, the bare bwrap)
+    ("python_ms", "python3 -c pass", None),
+    ("bwrap_bare_ms", "bare bwrap (bw-claude's mounts)", None),
+    ("shell_ms", "bw-claude --shell -- -c true", ["--shell", "--", "-c", "true"]),
+    ("shell_unshare_ms", "  ... --unshare-net", ["--shell", "--unshare-net", "--", "-c", "true"]),
+    ("shell_filter_ms", "  ... --filter-network", ["--shell", "--filter-network", "--", "-c", "true"]),
+]
+
+
 def measure_startup(env, runs):
-    """Start-up medians in ms: the bare bwrap, bw-claude --shell, and the same with --filter-network."""
+    """Start-up medians in ms (STARTUP_COMMANDS), the commands taking turns run after run."""
     if not os.access(BW_CLAUDE, os.X_OK):
         return {"skipped": f"{BW_CLAUDE} not found"}
     if not shutil.which("bwrap"):
         return {"skipped": "bwrap not installed"}
-    base = [BW_CLAUDE, "--shell", "--unshare-net", "--", "-c", "true"]
-    filtered = [BW_CLAUDE, "--shell", "--unshare-net", "--filter-network", "--", "-c", "true"]
     # Measure what a user's machine does: Python keeps its bytecode caches (some shells here
     # export PYTHONDONTWRITEBYTECODE=1, which would make every start compile bw_lib anew).
     env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    result = {}
+    python = shutil.which("python3", path=env["PATH"])
+    result = {"python3": python}
     try:
-        time_command(base, env, 1)                # creates the fake home's state, warms caches
-        bare = bare_bwrap_command(base, env)
-        result["bwrap_command"] = shlex.join(bare)
-        for name, cmd in (("bwrap_bare_ms", bare), ("shell_ms", base), ("shell_filter_ms", filtered)):
+        commands = {}
+        for key, _, args in STARTUP_COMMANDS:
+            commands[key] = [BW_CLAUDE, *args] if args else [python, "-c", "pass"]
+        commands["bwrap_bare_ms"] = bare_bwrap_command(commands["shell_ms"], env)
+        result["bwrap_command"] = shlex.join(commands["bwrap_bare_ms"])
+        times = {key: [] for key in commands}
+        for cmd in commands.values():             # creates the fake home's state, warms caches
             time_command(cmd, env, 1)
-            result[name] = time_command(cmd, env, runs) * 1000
+        for _ in range(runs):
+            for key, cmd in commands.items():
+                times[key].append(time_command(cmd, env, 1) * 1000)
     except (BenchError, subprocess.TimeoutExpired, OSError) as exc:
         return {"skipped": str(exc), **result}
+    result.update((key, statistics.median(values)) for key, values in times.items())
     result["filter_added_ms"] = result["shell_filter_ms"] - result["shell_ms"]
     return result
 
@@ -832,7 +857,8 @@ TARGETS = [
     ("echo_p99_ms", "ours-unix", [("<=", 1.0, "pproxy-unix")]),
     ("peak_rss_mib", "ours-unix", [("<=", 30.0, None)]),
     ("cpu_s_per_gib", "ours-unix", [("<=", 0.5, "pproxy-unix")]),
-    ("filter_added_ms", "startup", [("<=", 100.0, None)]),
+    ("shell_ms", "startup", [("<=", 3.0, "python3")]),
+    ("filter_added_ms", "startup", [("<=", 1.5, "python3"), ("<=", 100.0, None)]),
 ]
 
 
@@ -849,6 +875,8 @@ def check_targets(summary, startup):
     """[(figure, setup, target text, 'PASS'|'MISS'|'n/a', [part results])]."""
     values = dict(summary)
     values["startup"] = {k: v for k, v in startup.items() if isinstance(v, float)}
+    if "python_ms" in startup:       # start-up targets are multiples of `python3 -c pass`
+        values["python3"] = dict.fromkeys(values["startup"], startup["python_ms"])
     checks = []
     for figure, setup, parts in TARGETS:
         texts, outcomes = [], []
@@ -882,17 +910,31 @@ def render_table(summary, startup, checks, setups):
                          f"{value / direct:.2f}" if direct else "",
                          f"{value / peer:.2f}" if peer else "",
                          check.get("target", ""), check.get("status", "")))
-    for key, label in (("bwrap_bare_ms", "start-up bare bwrap ms"), ("shell_ms", "start-up --shell ms"),
-                       ("shell_filter_ms", "start-up --shell --filter-network ms"),
-                       ("filter_added_ms", "start-up added by --filter-network ms")):
-        if key in startup:
-            check = by_key.get((key, "startup"), {})
-            rows.append((label, "bw-claude", f"{startup[key]:.0f}", "", "",
-                         check.get("target", ""), check.get("status", "")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
         lines.append("  ".join(cell.rjust(w) if i in (2, 3, 4) else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_startup(startup, checks):
+    """The start-up table: ms and multiples of `python3 -c pass` from the same run."""
+    by_key = {c["figure"]: c for c in checks if c["setup"] == "startup"}
+    base = startup.get("python_ms")
+    rows = [("start-up (median)", "ms", "x python3 -c pass", "target", "check")]
+    for key, label in [(k, l) for k, l, _ in STARTUP_COMMANDS] + [
+            ("filter_added_ms", "added by --filter-network")]:
+        if key in startup:
+            check = by_key.get(key, {})
+            rows.append((label, f"{startup[key]:.1f}", f"{startup[key] / base:.2f}" if base else "",
+                         check.get("target", ""), check.get("status", "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("  ".join(cell.rjust(w) if i in (1, 2) else cell.ljust(w)
                                for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -931,24 +973,26 @@ def parse_args(argv):
     parser.add_argument("--rate-seconds", type=float, default=None, metavar="SECONDS",
                         help="seconds of the sequential connection test per pass (default 3; 1 with --quick)")
     parser.add_argument("--startup-runs", type=int, default=None, metavar="N",
-                        help="runs per start-up command (default 10; 5 with --quick)")
+                        help="runs per start-up command (default 15; 7 with --quick)")
     parser.add_argument("--setups", default=",".join(ALL_SETUPS), metavar="LIST",
                         help="comma-separated setups to run (default: all available): " + ", ".join(ALL_SETUPS))
     parser.add_argument("--socks-filter", metavar="PATH", default=Ours.script,
                         help="the socks_filter.py to measure (default: the one in this repository); "
                              "handy for comparing a modified copy")
     parser.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
+    parser.add_argument("--startup-only", action="store_true",
+                        help="only the start-up measurement (no proxy setups)")
     parser.add_argument("--quick", action="store_true", help="a short run with smaller defaults")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the working directory with the proxies' logs (its path is printed)")
     args = parser.parse_args(argv)
     defaults = {"bytes": (GIB, 64 * MIB), "passes": (3, 2), "bulk_runs": (2, 1),
-                "rate_seconds": (3.0, 1.0), "startup_runs": (10, 5)}
+                "rate_seconds": (3.0, 1.0), "startup_runs": (15, 7)}
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
-    args.setups = [s.strip() for s in args.setups.split(",") if s.strip()]
+    args.setups = [] if args.startup_only else [s.strip() for s in args.setups.split(",") if s.strip()]
     unknown = [s for s in args.setups if s not in ALL_SETUPS]
     if unknown:
         parser.error(f"unknown setup(s): {', '.join(unknown)}")
@@ -1028,7 +1072,11 @@ def run(args, workdir):
     machine = describe_machine()
     print(f"machine: {machine['cpus']} x {machine['cpu']}, Linux {machine['kernel']}, Python {machine['python']}, "
           f"{machine['socat']}, {machine['bwrap']}")
-    print(render_table(summary, startup, checks, [s for s in setups if s.name in summary]))
+    if summary:
+        print(render_table(summary, startup, checks, [s for s in setups if s.name in summary]))
+    if "skipped" not in startup:
+        print(f"\nstart-up: {args.startup_runs} runs each, python3 = {startup['python3']}")
+        print(render_startup(startup, checks))
     if args.json:
         report = {"machine": machine, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "options": {k: v for k, v in vars(args).items() if k != "json"},

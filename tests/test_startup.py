@@ -1,0 +1,258 @@
+"""Start-up (issue 15): what was made faster still does what it did.  The entry scripts run
+isolated (python3 -I -S through their own shebang); the proxy's interpreter started before the
+plan never listens without its arguments, never follows a link for its stderr file and never
+outlives a session that failed; --verbose says where start-up time went; the records that
+replace dataclasses keep their contracts; the quick exit keeps the status and the output."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import bw_lib  # noqa: E402
+
+COPIED = ("bw-claude", "bw-gemini", "bw_lib.py", "socks_filter.py", "socat_bridge.sh")
+
+
+def wait_until(predicate, seconds=10):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def processes_naming(text):
+    """Pids whose command line contains `text` (read from /proc, this user's view)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+class Session(unittest.TestCase):
+    """A copy of the scripts in a fresh directory (so its proxy is recognisable by path), a
+    fake claude on PATH, a throwaway HOME and project."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="bw-startup-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        os.chmod(self.root, 0o755)
+        self.scripts = os.path.join(self.root, "scripts")
+        os.mkdir(self.scripts)
+        for name in COPIED:
+            shutil.copy2(os.path.join(REPO, name), os.path.join(self.scripts, name))
+        self.bin = os.path.join(self.root, "bin")
+        self.home = os.path.join(self.root, "home")
+        self.project = os.path.join(self.root, "project")
+        for path in (self.bin, self.home, self.project):
+            os.mkdir(path)
+        with open(os.path.join(self.bin, "claude"), "w") as f:
+            f.write("#!/bin/sh\nexit 0\n")
+        os.chmod(os.path.join(self.bin, "claude"), 0o755)
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.lower().endswith("_proxy") and k != "XDG_RUNTIME_DIR"}
+        self.env.update(HOME=self.home, PATH=self.bin + os.pathsep + os.environ["PATH"])
+
+    def run_script(self, *argv, env=None, name="bw-claude"):
+        # Executed directly: its shebang (env -S python3 -I -S) is what runs it.
+        return subprocess.run([os.path.join(self.scripts, name), *argv], cwd=self.project,
+                              env=env or self.env, capture_output=True, text=True, timeout=120)
+
+    def need_bwrap(self):
+        if not shutil.which("bwrap"):
+            if os.environ.get("CI") == "true":
+                self.fail("bwrap is missing")
+            self.skipTest("needs bwrap: sudo apt-get install bubblewrap")
+
+
+class IsolatedInterpreterTest(Session):
+    def test_python_variables_cannot_put_code_into_the_wrapper(self):
+        # Whoever sets PYTHONPATH or PYTHONSTARTUP-like variables for the user's shell (a
+        # project's .envrc, say) must not get code run by the wrapper on the host: -I ignores
+        # PYTHON* variables and -S skips site (and its sitecustomize).
+        planted = os.path.join(self.root, "planted")
+        os.mkdir(planted)
+        marker = os.path.join(self.root, "ran")
+        payload = f"open({marker!r}, 'w').write('pwned')\n"
+        for module in ("argparse.py", "sitecustomize.py", "usercustomize.py", "json.py"):
+            with open(os.path.join(planted, module), "w") as f:
+                f.write(payload)
+        env = {**self.env, "PYTHONPATH": planted, "PYTHONUSERBASE": planted,
+               "PYTHONSTARTUP": os.path.join(planted, "json.py")}
+        for name in ("bw-claude", "bw-gemini"):
+            with self.subTest(script=name):
+                result = self.run_script("--list-presets", env=env, name=name)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertIn("github.com:443", result.stdout)
+                self.assertFalse(os.path.exists(marker), "a planted module ran in the wrapper")
+
+    def test_the_shebang_asks_for_an_isolated_interpreter(self):
+        for name in ("bw-claude", "bw-gemini"):
+            with open(os.path.join(REPO, name)) as f:
+                self.assertEqual(f.readline(), "#!/usr/bin/env -S python3 -I -S\n")
+
+
+class EarlyProxyTest(Session):
+    def interpreter(self):
+        early = bw_lib.ProxyInterpreter(dict(os.environ))
+        self.addCleanup(early.stop)
+        return early
+
+    def test_without_its_arguments_it_exits_and_never_listens(self):
+        early = self.interpreter()
+        fd = early.ready_fd
+        early.process.stdin.close()            # the wrapper gave up (or died)
+        self.assertTrue(wait_until(lambda: early.process.poll() is not None))
+        self.assertEqual(early.process.returncode, 0)
+        self.assertEqual(os.read(fd, 100), b"")  # no ready line: it never listened
+        early.stop()
+        self.assertIsNone(early.ready_fd)
+
+    def test_stop_ends_a_waiting_interpreter(self):
+        early = self.interpreter()
+        early.stop()
+        self.assertIsNotNone(early.process.returncode)
+
+    def test_it_listens_once_handed_its_arguments(self):
+        early = self.interpreter()
+        private = tempfile.mkdtemp(dir=self.root)
+        sock = os.path.join(private, "proxy.sock")
+        err = os.path.join(private, "proxy.err")
+        early.hand(["--listen", sock, "--allow", "example.com:443",
+                    "--log", os.path.join(private, "proxy.log"),
+                    "--ready-fd", str(early.ready_number)], err)
+        line = bw_lib.read_ready(early.ready_fd, 20)
+        self.assertEqual(line, "ready " + sock)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(5)
+            client.connect(sock)
+        self.assertEqual(os.stat(err).st_mode & 0o777, 0o600)
+        early.stop()
+        self.assertIsNotNone(early.process.returncode)
+
+    def test_its_stderr_file_is_never_written_through_a_link(self):
+        early = self.interpreter()
+        private = tempfile.mkdtemp(dir=self.root)
+        victim = os.path.join(self.root, "victim")
+        with open(victim, "w") as f:
+            f.write("host file\n")
+        err = os.path.join(private, "proxy.err")
+        os.symlink(victim, err)
+        sock = os.path.join(private, "proxy.sock")
+        early.hand(["--listen", sock, "--bogus-option-to-make-it-write-an-error",
+                    "--ready-fd", str(early.ready_number)], err)
+        self.assertEqual(bw_lib.read_ready(early.ready_fd, 20), "")
+        self.assertTrue(wait_until(lambda: early.process.poll() is not None))
+        self.assertNotEqual(early.process.returncode, 0)
+        with open(victim) as f:
+            self.assertEqual(f.read(), "host file\n")
+        self.assertFalse(os.path.exists(sock))
+
+    def test_a_session_that_fails_after_the_early_start_leaves_no_proxy(self):
+        filter_script = os.path.join(self.scripts, "socks_filter.py")
+        result = self.run_script("--filter-network", "--shell", "--dir",
+                                 os.path.join(self.root, "missing"), "--", "-c", "true")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn("not a directory", result.stderr)
+        self.assertTrue(wait_until(lambda: not processes_naming(filter_script), 5),
+                        "the proxy's interpreter outlived the wrapper")
+
+    def test_a_filtered_session_runs_and_leaves_no_proxy(self):
+        self.need_bwrap()
+        if not shutil.which("socat"):
+            self.skipTest("needs socat: sudo apt-get install socat")
+        filter_script = os.path.join(self.scripts, "socks_filter.py")
+        result = self.run_script("--filter-network", "--shell", "--",
+                                 "-c", 'test -n "$HTTPS_PROXY" && echo bridged')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, "bridged\n")
+        self.assertIn("network: 0 allowed, 0 blocked", result.stderr)
+        self.assertTrue(wait_until(lambda: not processes_naming(filter_script), 5))
+
+
+class VerboseTimingsTest(Session):
+    def test_verbose_says_where_start_up_time_went(self):
+        self.need_bwrap()
+        result = self.run_script("-v", "--shell", "--", "-c", "true")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = [l for l in result.stderr.splitlines() if l.startswith("bw-claude: start-up: ")]
+        self.assertEqual(len(lines), 1, result.stderr)
+        for phase in ("imports", "options", "plan", "directories", "state", "git snapshot",
+                      "protection", "bwrap arguments"):
+            self.assertRegex(lines[0], rf"\b{phase} [0-9.]+ ms")
+        self.assertRegex(lines[0], r"; [0-9]+ ms in all, then bwrap$")
+
+    def test_without_verbose_nothing_is_said(self):
+        self.need_bwrap()
+        result = self.run_script("--shell", "--", "-c", "true")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn("start-up", result.stderr)
+
+    def test_the_clock_adds_up_its_phases(self):
+        clock = bw_lib.StartupClock(time.perf_counter())
+        clock.mark("one")
+        clock.mark("two")
+        self.assertEqual([name for name, _ in clock.phases], ["one", "two"])
+        self.assertTrue(all(seconds >= 0 for _, seconds in clock.phases))
+        self.assertRegex(clock.line("bw-x"),
+                         r"^bw-x: start-up: one [0-9.]+ ms, two [0-9.]+ ms; [0-9]+ ms in all")
+
+
+class RecordsTest(unittest.TestCase):
+    def test_a_frozen_record_refuses_changes_and_is_hashable(self):
+        state = bw_lib.State(".claude/x", back="keys", keys=("a",))
+        with self.assertRaises(AttributeError):
+            state.path = "/etc/passwd"
+        with self.assertRaises(AttributeError):
+            del state.seed
+        self.assertEqual(state, bw_lib.State(".claude/x", "copy", "keys", ("a",)))
+        self.assertNotEqual(state, bw_lib.State(".claude/y", back="keys", keys=("a",)))
+        self.assertEqual(len({state, bw_lib.State(".claude/x", back="keys", keys=("a",))}), 1)
+        self.assertEqual(repr(state), "State(path='.claude/x', seed='copy', back='keys', "
+                                      "keys=('a',))")
+
+    def test_a_plain_record_gets_fresh_defaults_and_checks_its_arguments(self):
+        one = bw_lib.Plan(profile=None, home="/h", project="/p", command=[], env={})
+        two = bw_lib.Plan(None, "/h", "/p", [], {})
+        one.mounts.append(("--bind", "/x", "/x"))
+        self.assertEqual(two.mounts, [])
+        self.assertIsNone(two.early_proxy)
+        with self.assertRaises(TypeError):
+            hash(one)
+        with self.assertRaises(TypeError):
+            bw_lib.Plan(profile=None, home="/h", project="/p", command=[])      # no env
+        with self.assertRaises(TypeError):
+            bw_lib.Plan(None, "/h", "/p", [], {}, home="/again")
+        with self.assertRaises(TypeError):
+            bw_lib.Plan(None, "/h", "/p", [], {}, no_such_field=1)
+
+
+class QuickExitTest(Session):
+    def test_the_status_and_the_output_survive_the_quick_exit(self):
+        result = self.run_script("--dry-run", "--shell")      # stdout is a pipe: buffered
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(result.stdout.endswith("\n"))
+        self.assertIn("bwrap", result.stdout)
+        self.need_bwrap()
+        result = self.run_script("--shell", "--", "-c", "exit 7")
+        self.assertEqual(result.returncode, 7, result.stderr)
+        result = self.run_script("--shell", "--dir", os.path.join(self.root, "missing"))
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("bw-claude: error: --dir", result.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
