@@ -1211,6 +1211,7 @@ def make_plan(profile, opts, environ, skip=()):
     if opts.filter_network:
         programs.append(socat)
     roots = writable_roots(project, home, profile, rw_extra)
+    refuse_wrapper_inside(roots)
     for program in programs:
         check_chain(symlink_chain(program), roots)
         mounts += [("--ro-bind", r, r) for r in install_roots(symlink_chain(program), home)]
@@ -1490,6 +1491,18 @@ def bind_checked(mounts, roots, placeholders=(), lstat=os.lstat):
         beneath[source] = (*where, is_dir)
         result.append((FD_OPTIONS[option], source, dest))
     return result, beneath
+
+
+def refuse_wrapper_inside(roots):
+    """The wrapper's own files (bw_lib.py, socks_filter.py, socat_bridge.sh and their
+    bytecode) must not lie where the sandbox can write: a session could change the code
+    that runs on the host the next time."""
+    for mounted, real in roots:
+        if is_within(HERE, real) or is_within(HERE, mounted):
+            raise Failure(f"{HERE} holds this wrapper, and the sandbox could write there "
+                          f"({mounted}): a session could change the code that runs on the "
+                          "host next time; keep bw-claude, bw-gemini, bw_lib.py, "
+                          "socks_filter.py and socat_bridge.sh elsewhere (e.g. ~/bin)")
 
 
 def check_chain(chain, roots):

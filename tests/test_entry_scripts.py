@@ -47,6 +47,28 @@ class EntryScriptTest(unittest.TestCase):
                     self.assertEqual(result.returncode, 0, result.stderr)
                     self.assertIn("github.com:443", result.stdout)
 
+    def test_a_wrapper_inside_a_writable_directory_refuses_to_run(self):
+        # The agent could rewrite bw_lib.py (or its bytecode) there, and the next session
+        # would run that on the host: the session never starts, the file stays as it was.
+        project = os.path.join(self.dir, "project")
+        tools = os.path.join(project, "tools")
+        os.makedirs(tools)
+        for name in LIBRARY + SCRIPTS:
+            shutil.copy(os.path.join(REPO, name), os.path.join(tools, name))
+        other = os.path.join(self.dir, "other")
+        os.mkdir(other)
+        for argv in (["--dir", project], ["--dir", other, "--allow-rw", tools]):
+            with self.subTest(argv=argv):
+                result = self.run_script(os.path.join(tools, "bw-claude"), *argv, "--shell",
+                                         "--", "-c", "echo ran")
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertNotIn("ran", result.stdout)
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertIn("the sandbox could write there", result.stderr)
+        with open(os.path.join(tools, "bw_lib.py")) as f, \
+                open(os.path.join(REPO, "bw_lib.py")) as g:
+            self.assertEqual(f.read(), g.read())
+
     def test_the_scripts_differ_only_in_their_profile(self):
         # All logic is shared in bw_lib.py: the two scripts are the same text but for the
         # profile's name and the CLI's name in their docstring.
