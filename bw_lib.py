@@ -4120,11 +4120,11 @@ def describe(plan):
 
 def check_tools(plan):
     if not os.path.isabs(plan.bwrap):
-        raise Failure("bwrap not found; install it: sudo apt-get install bubblewrap", 127)
+        raise Failure("bwrap not found; install it, as root: apt-get install bubblewrap", 127)
     if plan.filter:
         if not os.path.isabs(plan.socat):
             raise Failure("socat not found (--filter-network needs it); install it: "
-                          "sudo apt-get install socat", 127)
+                          "as root: apt-get install socat", 127)
         for path in (FILTER_SCRIPT, BRIDGE_SCRIPT):
             if not os.path.isfile(path):
                 raise Failure(f"{path} is missing; keep {os.path.basename(path)} next to bw_lib.py")
@@ -4560,14 +4560,14 @@ def userns_fix(sysctls):
     """How to get unprivileged user namespaces, from the kernel settings that forbid them."""
     if sysctls.get("kernel.apparmor_restrict_unprivileged_userns") == "1":
         return ("AppArmor forbids unprivileged user namespaces (Ubuntu 23.10 and later): give "
-                "bwrap a profile: printf 'abi <abi/4.0>,\\ninclude <tunables/global>\\nprofile "
-                "bwrap /usr/bin/bwrap flags=(unconfined) {\\n  userns,\\n}\\n' | sudo tee "
-                "/etc/apparmor.d/bwrap && sudo apparmor_parser -r /etc/apparmor.d/bwrap  (or, "
-                "for every program: sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0)")
+                "bwrap a profile, as root: printf 'abi <abi/4.0>,\\ninclude <tunables/global>\\nprofile "
+                "bwrap /usr/bin/bwrap flags=(unconfined) {\\n  userns,\\n}\\n' > "
+                "/etc/apparmor.d/bwrap && apparmor_parser -r /etc/apparmor.d/bwrap  (or, "
+                "for every program: sysctl kernel.apparmor_restrict_unprivileged_userns=0)")
     if sysctls.get("kernel.unprivileged_userns_clone") == "0":
-        return "sudo sysctl kernel.unprivileged_userns_clone=1"
+        return "as root: sysctl kernel.unprivileged_userns_clone=1"
     if sysctls.get("user.max_user_namespaces") == "0":
-        return "sudo sysctl user.max_user_namespaces=15000"
+        return "as root: sysctl user.max_user_namespaces=15000"
     return ("bwrap needs unprivileged user namespaces; in a container, allow them (for "
             "Docker: --security-opt seccomp=unconfined --security-opt apparmor=unconfined) or "
             "run on the host")
@@ -4590,7 +4590,7 @@ def tiocsti_check(value):
     text = ("the kernel allows it (dev.tty.legacy_tiocsti=1); the sandbox's seccomp filter "
             "blocks it" if value == "1" else
             "this kernel (before 6.2) has no switch; the sandbox's seccomp filter blocks it")
-    return Check("TIOCSTI", "note", text, "for every program: sudo sysctl dev.tty.legacy_tiocsti=0"
+    return Check("TIOCSTI", "note", text, "for every program, as root: sysctl dev.tty.legacy_tiocsti=0"
                  if value == "1" else "")
 
 
@@ -4650,7 +4650,7 @@ def host_checks(profile, opts, environ, skip=()):
     disable_userns = bool(bwrap) and bwrap_supports(bwrap, "--disable-userns")
     if bwrap is None:
         checks.append(Check("bwrap", "FAIL", "not found on PATH",
-                            "sudo apt-get install bubblewrap  (Fedora: sudo dnf install bubblewrap)"))
+                            "as root: apt-get install bubblewrap  (Fedora: dnf install bubblewrap)"))
     else:
         version = first_line(run_briefly([bwrap, "--version"], 10)[1]) or "version unknown"
         checks.append(Check("bwrap", "ok", f"{version} ({bwrap})"))
@@ -4692,7 +4692,7 @@ def host_checks(profile, opts, environ, skip=()):
     socat = shutil.which("socat", path=search_path)
     if socat is None:
         checks.append(Check("socat", "FAIL", "not found on PATH (--filter-network needs it)",
-                            "sudo apt-get install socat  (Fedora: sudo dnf install socat)"))
+                            "as root: apt-get install socat  (Fedora: dnf install socat)"))
     else:
         version = first_line(run_briefly([socat, "-V"], 10)[1], "socat version")
         checks.append(Check("socat", "ok", f"{version or 'version unknown'} ({socat})"))

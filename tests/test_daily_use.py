@@ -457,7 +457,7 @@ class DailyUseTest(SessionCase, unittest.TestCase):
         lines = self.doctor_lines(result)
         self.assertEqual((lines.get("bwrap"), lines.get("user")), ("ok", "ok"), result.stdout)
         self.assertEqual((lines.get("socat"), lines.get("claude")), ("FAIL", "FAIL"))
-        self.assertIn("fix: sudo apt-get install socat", result.stdout)
+        self.assertIn("fix: as root: apt-get install socat", result.stdout)
         self.assertIn("fix: npm install -g @anthropic-ai/claude-code", result.stdout)
         self.assertIn("bw-claude: 2 problems", result.stdout)
 
