@@ -4123,7 +4123,7 @@ def check_tools(plan):
         raise Failure("bwrap not found; install it, as root: apt-get install bubblewrap", 127)
     if plan.filter:
         if not os.path.isabs(plan.socat):
-            raise Failure("socat not found (--filter-network needs it); install it: "
+            raise Failure("socat not found (--filter-network needs it); install it, "
                           "as root: apt-get install socat", 127)
         for path in (FILTER_SCRIPT, BRIDGE_SCRIPT):
             if not os.path.isfile(path):
