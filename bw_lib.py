@@ -1611,7 +1611,8 @@ def private_subdir(base, name):
     info = os.fstat(fd)
     if info.st_uid != os.geteuid() or info.st_mode & 0o077:
         os.close(fd)
-        raise Failure(f"{path} is not a private directory of yours; remove it")
+        raise Failure(f"{path} is not a private directory of yours: remove it, or if someone "
+                      "else made it, set XDG_RUNTIME_DIR to a private directory of yours")
     return fd
 
 
