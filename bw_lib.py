@@ -278,7 +278,7 @@ def dataclass(cls=None, frozen=False):
     frozen record refuses changes and is hashable, others are not hashable."""
     if cls is None:
         return lambda cls: dataclass(cls, frozen)
-    names = tuple(cls.__dict__.get("__annotations__", {}))
+    names = tuple(cls.__dict__.get("__annotations__") or getattr(cls, "__annotations__", {}))
     defaults = {name: cls.__dict__[name] for name in names if name in cls.__dict__}
     for name, default in defaults.items():
         if isinstance(default, Factory):
@@ -1493,16 +1493,29 @@ def bind_checked(mounts, roots, placeholders=(), lstat=os.lstat):
     return result, beneath
 
 
+def wrapper_files():
+    """What runs on the host when the wrapper does: its directory (with the bytecode cache),
+    each of its files and the interpreter, every one with the links that lead to it."""
+    files = [__file__, FILTER_SCRIPT, BRIDGE_SCRIPT, sys.argv[0], sys.executable]
+    return [os.path.abspath(p) for f in files if f for p in symlink_chain(os.path.abspath(f))]
+
+
 def refuse_wrapper_inside(roots):
-    """The wrapper's own files (bw_lib.py, socks_filter.py, socat_bridge.sh and their
-    bytecode) must not lie where the sandbox can write: a session could change the code
-    that runs on the host the next time."""
+    """Nothing that runs on the host when the wrapper does (wrapper_files) may lie where the
+    sandbox can write, nor may a writable root lie inside the wrapper's directory: a session
+    could change the code that runs on the host the next time (a project's activated venv
+    holds the python3 the entry scripts start with)."""
     for mounted, real in roots:
-        if is_within(HERE, real) or is_within(HERE, mounted):
-            raise Failure(f"{HERE} holds this wrapper, and the sandbox could write there "
-                          f"({mounted}): a session could change the code that runs on the "
-                          "host next time; keep bw-claude, bw-gemini, bw_lib.py, "
-                          "socks_filter.py and socat_bridge.sh elsewhere (e.g. ~/bin)")
+        for base in dict.fromkeys((mounted, real)):
+            inside = next((p for p in wrapper_files() if is_within(p, base)), None)
+            if inside is None and is_within(base, HERE):
+                inside = HERE
+            if inside is not None:
+                raise Failure(f"{inside} runs on the host with this wrapper, and the sandbox "
+                              f"could write there ({base}): a session could change it for "
+                              "the next one; keep bw-claude, bw_lib.py, socks_filter.py, "
+                              "socat_bridge.sh and the python3 that runs them elsewhere (e.g. "
+                              "~/bin, /usr/bin/python3)")
 
 
 def check_chain(chain, roots):
@@ -3855,8 +3868,10 @@ class FilterProxy:
             os.close(self.ready_fd)
             self.ready_fd = None
         if not line.startswith("ready"):
-            why = last_line(self.path("proxy.err")) or \
-                f"no ready line within {PROXY_READY_SECONDS} s"
+            status = self.process.poll()
+            why = last_line(self.path("proxy.err")) or (
+                f"it exited with status {status}" if status is not None else
+                f"no ready line within {PROXY_READY_SECONDS} s")
             raise Failure(f"the filtering proxy did not start: {why}")
         self.ready = True
         CLOCK.mark("proxy ready")
@@ -4782,6 +4797,7 @@ class Wrapper:
         self.quick_exit = quick_exit
 
     def __enter__(self):
+        standard_streams_open()
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, raise_terminated)
         self.stack.enter_context(terminal_kept(sys.stdin))
@@ -4809,11 +4825,36 @@ class Wrapper:
         if error is not None:
             self.status = exit_status(self.profile.tool, error)
         if self.quick_exit:
-            with contextlib.suppress(OSError, ValueError):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(self.status)
+            os._exit(flushed(self.profile.tool, self.status))
         sys.exit(self.status)
+
+
+def flushed(tool, status):
+    """`status` once stdout and stderr are flushed (os._exit would drop what is buffered);
+    our own output that cannot be written (a full disk, a closed pipe) is an error."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except (OSError, ValueError) as error:
+        say(f"{tool}: error: cannot write the output: {printable(error)}")
+        status = status or 1
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stderr.flush()
+    return status
+
+
+def standard_streams_open():
+    """Descriptors 0, 1 and 2 open (on /dev/null when closed), so that no pipe the wrapper
+    makes takes one of their numbers and then loses it to a child's redirection."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)      # the lowest free number: fd itself
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
 
 
 def exit_status(tool, error):

@@ -1,6 +1,7 @@
 """The entry scripts: each reads as one session's life and works copied or linked anywhere,
 and one without bw_lib.py beside it says so in one line."""
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -68,6 +69,59 @@ class EntryScriptTest(unittest.TestCase):
         with open(os.path.join(tools, "bw_lib.py")) as f, \
                 open(os.path.join(REPO, "bw_lib.py")) as g:
             self.assertEqual(f.read(), g.read())
+
+    def install(self, where):
+        os.makedirs(where, exist_ok=True)
+        for name in LIBRARY + SCRIPTS:
+            shutil.copy(os.path.join(REPO, name), os.path.join(where, name))
+        return os.path.join(where, "bw-claude")
+
+    def refused(self, result):
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertNotIn("ran", result.stdout)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn("the sandbox could write there", result.stderr)
+
+    def test_what_else_runs_with_the_wrapper_is_never_writable_inside(self):
+        project = os.path.join(self.dir, "project")
+        os.makedirs(project)
+        shell = ["--shell", "--", "-c", "echo ran"]
+        script = self.install(os.path.join(self.dir, "bin"))
+        with self.subTest("the bytecode cache as an --allow-rw directory"):
+            cache = os.path.join(self.dir, "bin", "__pycache__")
+            os.makedirs(cache, exist_ok=True)
+            self.refused(self.run_script(script, "--dir", project, "--allow-rw", cache, *shell))
+        with self.subTest("one file of the wrapper linked into the project"):
+            shutil.copy(os.path.join(REPO, "socks_filter.py"), project)
+            linked = os.path.join(self.dir, "bin", "socks_filter.py")
+            os.unlink(linked)
+            os.symlink(os.path.join(project, "socks_filter.py"), linked)
+            self.refused(self.run_script(script, "--dir", project, *shell))
+            os.unlink(linked)
+            shutil.copy(os.path.join(REPO, "socks_filter.py"), linked)
+        with self.subTest("the python3 of the project's activated venv"):
+            venv = os.path.join(project, ".venv", "bin")
+            os.makedirs(venv)
+            os.symlink(os.path.realpath(sys.executable), os.path.join(venv, "python3"))
+            result = subprocess.run(
+                [script, "--dir", project, *shell], capture_output=True, text=True, timeout=60,
+                env={**os.environ, "HOME": self.dir, "PATH": venv + os.pathsep + os.defpath})
+            self.refused(result)
+
+    def test_closed_standard_streams_keep_the_exit_status(self):
+        # Descriptors 0-2 closed: no pipe of the wrapper's takes their numbers, and the
+        # CLI's exit status survives the flush at the end.
+        script = self.install(os.path.join(self.dir, "bin"))
+        project = os.path.join(self.dir, "project")
+        os.makedirs(project)
+        for extra, closing in (([], ">&-"), (["--filter-network"], "<&- >&-")):
+            with self.subTest(extra=extra):
+                command = " ".join([shlex.quote(script), "--dir", shlex.quote(project), *extra,
+                                    "--shell", "--", "-c", "'exit 3'", closing])
+                result = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                                        timeout=60, env={**os.environ, "HOME": self.dir})
+                self.assertEqual(result.returncode, 3, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
 
     def test_the_scripts_differ_only_in_their_profile(self):
         # All logic is shared in bw_lib.py: the two scripts are the same text but for the
