@@ -2035,11 +2035,24 @@ def key_paths(trees, segments, prefix=()):
 
 
 def parse_json(data):
-    """JSON written by the sandbox, or None when it is not JSON (or too deep to parse)."""
+    """JSON written by the sandbox, or None when it is not strict JSON (or too deep to
+    parse).  Python reads NaN, Infinity and 1e999 and would write them back, and the CLIs'
+    own parsers then take the whole file for corrupt (Claude replaces it with defaults)."""
     try:
-        return json.loads(data)
+        return json.loads(data, parse_constant=not_json, parse_float=finite_float)
     except (ValueError, RecursionError):
         return None
+
+
+def not_json(word):
+    raise ValueError(f"{word} is not JSON")
+
+
+def finite_float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 def guarded_changes(base, ours, keys, project=None):
@@ -2063,7 +2076,7 @@ def guarded_changes(base, ours, keys, project=None):
     if result == base_tree:
         return None
     try:
-        return (json.dumps(result, indent=2) + "\n").encode()
+        return (json.dumps(result, indent=2, allow_nan=False) + "\n").encode()
     except (ValueError, RecursionError):
         return None
 
@@ -2427,20 +2440,7 @@ def merge_state(base, ours, theirs):
     parsed = [parse_json(x) if x is not None else {} for x in (base, ours, theirs)]
     if any(x is None for x in parsed):
         return ours
-    return (json.dumps(merge_json(*parsed), indent=2) + "\n").encode()
-
-
-def read_regular(path):
-    """A regular file's bytes (never following a symlink placed by the sandbox), or None."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not (info.st_mode & 0o170000 == 0o100000) or info.st_size > STATE_FILE_LIMIT:
-            return None
-        return f.read(STATE_FILE_LIMIT)
+    return (json.dumps(merge_json(*parsed), indent=2, allow_nan=False) + "\n").encode()
 
 
 def take_lock(lock):
@@ -2662,15 +2662,17 @@ def open_dir_beneath(root, parts, create=False):
 
 
 def read_at(dir_fd, name, limit=STATE_FILE_LIMIT):
-    """The bytes of regular file `name` in dir_fd (never through a link), or None."""
+    """The bytes of regular file `name` in dir_fd (None: the working directory), never
+    through a link; None for anything else (a directory, a fifo) or a larger file."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except OSError:
         return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+        os.close(fd)
+        return None
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-            return None
         return f.read(limit)
 
 

@@ -528,17 +528,26 @@ class StateMergeTest(unittest.TestCase):
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertEqual(sorted(os.listdir(root)), [".claude.json"])
 
-    def test_read_regular_refuses_symlinks_and_fifos(self):
+    def test_read_at_refuses_symlinks_fifos_and_directories(self):
         root = tempfile.mkdtemp(prefix="bw-unit-")
         self.addCleanup(shutil.rmtree, root)
         target = write(os.path.join(root, "target"), "secret")
         os.symlink(target, os.path.join(root, "link"))
         os.mkfifo(os.path.join(root, "fifo"))
-        self.assertEqual(bw_lib.read_regular(target), b"secret")
-        self.assertIsNone(bw_lib.read_regular(os.path.join(root, "link")))
-        self.assertIsNone(bw_lib.read_regular(os.path.join(root, "fifo")))
-        self.assertIsNone(bw_lib.read_regular(os.path.join(root, "missing")))
+        os.mkdir(os.path.join(root, "d.jsonl"))
+        self.assertEqual(bw_lib.read_at(None, target), b"secret")
+        for name in ("link", "fifo", "d.jsonl", "missing"):
+            self.assertIsNone(bw_lib.read_at(None, os.path.join(root, name)), name)
 
+    def test_state_json_must_be_strict(self):
+        # Python reads NaN, Infinity and 1e999; Node does not, and Claude takes the file
+        # for corrupt and replaces it: none of them may reach a host state file.
+        for text in (b'{"theme": NaN}', b'{"numStartups": 1e999}', b'{"a": -Infinity}'):
+            with self.subTest(text=text):
+                self.assertIsNone(bw_lib.parse_json(text))
+                self.assertIsNone(bw_lib.guarded_changes(b"{}", text, ("theme", "numStartups",
+                                                                       "a")))
+        self.assertEqual(bw_lib.parse_json(b'{"a": 1.5e3}'), {"a": 1500.0})
 
 if __name__ == "__main__":
     unittest.main()

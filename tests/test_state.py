@@ -228,6 +228,29 @@ class AllowedDataFlowsBack(StateCase):
                                                 f".claude/projects/{self.slug}/a.jsonl"])
         self.assertIn("not saved", result.stderr)
 
+    def test_a_directory_named_like_a_transcript_stops_only_itself(self):
+        result = self.bw(f"mkdir -p ~/.claude/projects/{self.slug}/d.jsonl && "
+                         f"echo '{{\"ok\": 1}}' > ~/.claude/projects/{self.slug}/ok.jsonl && "
+                         "echo wrote")
+        self.assertIn("wrote", result.stdout, result.stderr)
+        self.assertEqual(self.read(f".claude/projects/{self.slug}/ok.jsonl"), '{"ok": 1}\n')
+        self.assertFalse(os.path.exists(os.path.join(self.transcripts, "d.jsonl")))
+
+    def test_values_only_python_reads_never_reach_the_host(self):
+        # NaN, Infinity and 1e999 are not JSON: Claude would take the host's file for
+        # corrupt and replace it with defaults (MCP servers, approvals, settings lost).
+        config = self.put(".claude.json", '{"numStartups": 1, "mcpServers": {"x": {}}}\n')
+        settings = self.put(".claude/settings.json", '{"model": "opus"}\n')
+        before = [self.read(".claude.json"), self.read(".claude/settings.json")]
+        result = self.bw("printf '%s' '{\"numStartups\": 1e999, \"theme\": NaN}' > ~/.claude.json "
+                         "&& printf '%s' '{\"model\": \"opus\", \"alwaysThinkingEnabled\": "
+                         "Infinity}' > ~/.claude/settings.json && echo wrote")
+        self.assertIn("wrote", result.stdout, result.stderr)
+        self.assertEqual([self.read(".claude.json"), self.read(".claude/settings.json")], before)
+        for path in (config, settings):
+            with open(path) as f:
+                json.loads(f.read(), parse_constant=lambda word: self.fail(word))
+
     def test_refreshed_credentials_flow_back_with_known_keys_only(self):
         self.put(".claude/.credentials.json", json.dumps(
             {"claudeAiOauth": {"accessToken": "old", "refreshToken": "r1", "expiresAt": 1}}))
