@@ -19,7 +19,7 @@ import unittest
 import bw_lib
 import socks_filter
 from tests.test_sandbox import (BW_CLAUDE, SessionCase, make_session_dirs, missing,
-                                require_sandbox, wait_for)
+                                require_sandbox, wait_for, write_file)
 
 SECRET = "-----BEGIN FAKE ED25519 KEY----- 7f3c9e"
 BASHRC = "# the user's bashrc\n"
@@ -110,11 +110,7 @@ class ContainmentCase(SessionCase):
                     "XDG_RUNTIME_DIR": self.runtime}
 
     def write_home(self, relative, text, mode=0o644):
-        path = os.path.join(self.home, relative)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
-        os.chmod(path, mode)
+        write_file(os.path.join(self.home, relative), text, mode)
 
     def shell(self, script, *argv):
         """The agent's command, run as `bw-claude --shell -- -c SCRIPT`."""

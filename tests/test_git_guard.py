@@ -327,12 +327,16 @@ class GitCheckTest(unittest.TestCase):
         self.assertFalse(complete)
         self.assertIn(os.path.join(self.project, "zz", ".git"), found)
 
-    def test_a_gitlink_beyond_a_cut_short_search_is_still_checked(self):
+    def cut_the_search_short(self):
+        """30 directories, and a search that stops after 10 entries."""
         for n in range(30):
             os.makedirs(os.path.join(self.project, f"d{n}"))
         limit = bw_lib.GIT_CHECK_ENTRIES
         bw_lib.GIT_CHECK_ENTRIES = 10
         self.addCleanup(setattr, bw_lib, "GIT_CHECK_ENTRIES", limit)
+
+    def test_a_gitlink_beyond_a_cut_short_search_is_still_checked(self):
+        self.cut_the_search_short()
         self.snapshot()
         sub = make_repo(os.path.join(self.project, "zz", "deep", "sub"))
         git(sub, "config", "core.fsmonitor", f"touch {self.marker}; false")
@@ -345,11 +349,7 @@ class GitCheckTest(unittest.TestCase):
         self.assertFalse(os.path.exists(self.marker))
 
     def test_a_cut_short_search_is_said_loudly(self):
-        for n in range(30):
-            os.makedirs(os.path.join(self.project, f"d{n}"))
-        limit = bw_lib.GIT_CHECK_ENTRIES
-        bw_lib.GIT_CHECK_ENTRIES = 10
-        self.addCleanup(setattr, bw_lib, "GIT_CHECK_ENTRIES", limit)
+        self.cut_the_search_short()
         self.snapshot()
         report = self.check()
         self.assertIn("WARNING: the search stopped after 10 entries", report)

@@ -63,6 +63,15 @@ def require_sandbox(*tools):
         missing(f"bwrap cannot create a sandbox here: {probe.stderr.strip()}")
 
 
+def write_file(path, text, mode=0o644):
+    """Write `text` to `path` (its directories made), with `mode`; returns the path."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    return path
+
+
 def make_session_dirs(test, prefix):
     """Give `test` a temporary root with home/, bin/, project/ and run/ (test.home, .bin,
     .project, .runtime), removed after the test."""
@@ -176,12 +185,7 @@ class SandboxTest(SessionCase, unittest.TestCase):
                     "AWS_SECRET_ACCESS_KEY": "aws-fake"}
 
     def write(self, relative, text, mode=0o644):
-        path = os.path.join(self.home, relative)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
-        os.chmod(path, mode)
-        return path
+        return write_file(os.path.join(self.home, relative), text, mode)
 
     def fake_cli(self, name):
         path = os.path.join(self.bin, name)

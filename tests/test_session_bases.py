@@ -21,7 +21,7 @@ import sys
 import unittest
 
 import bw_lib
-from tests.test_sandbox import make_session_dirs, require_sandbox
+from tests.test_sandbox import make_session_dirs, require_sandbox, write_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BW_CLAUDE = os.path.join(REPO, "bw-claude")
@@ -57,11 +57,7 @@ class BaseCase(unittest.TestCase):
             self.assertIn(word, lines[0])
 
     def put(self, path, text, mode=0o600):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
-        os.chmod(path, mode)
-        return path
+        return write_file(path, text, mode)
 
     def read(self, path):
         with open(path) as f:

@@ -19,7 +19,7 @@ import uuid
 
 import bw_lib
 from tests.test_real_cli import EXIT_SECONDS, RealCLITest, Tmux, read_log, decisions
-from tests.test_sandbox import make_session_dirs, missing
+from tests.test_sandbox import make_session_dirs, missing, write_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BW_CLAUDE = os.path.join(REPO, "bw-claude")
@@ -48,12 +48,7 @@ class StateCase(unittest.TestCase):
         return result
 
     def put(self, relative, text, mode=0o600):
-        path = os.path.join(self.home, relative)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
-        os.chmod(path, mode)
-        return path
+        return write_file(os.path.join(self.home, relative), text, mode)
 
     def read(self, relative):
         with open(os.path.join(self.home, relative)) as f:
