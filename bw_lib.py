@@ -211,54 +211,80 @@ import sys
 import tempfile
 import termios
 
+
+# ---------------------------------------------------------------------------------------------
+# Constants, errors, and how the wrapper speaks
+# ---------------------------------------------------------------------------------------------
+
 HERE = os.path.dirname(os.path.realpath(__file__))
 FILTER_SCRIPT = os.path.join(HERE, "socks_filter.py")
 BRIDGE_SCRIPT = os.path.join(HERE, "socat_bridge.sh")
 
 # Where the proxy socket and the bridge script appear inside the sandbox.
 SANDBOX_RUN = "/run/bw"
+
 SANDBOX_SOCKET = SANDBOX_RUN + "/proxy.sock"
 SANDBOX_BRIDGE = SANDBOX_RUN + "/socat_bridge.sh"
-
 PROXY_READY_SECONDS = 10
 STOP_SECONDS = 5
 STATE_FILE_LIMIT = 64 << 20
 
 
-PROJECT_KEY = "{project}"   # in a guarded key: the session's project directory, one segment
-GEMINI_ID = "{id}"          # in a State path: Gemini's short id for this project, the
-GEMINI_IDS = ".gemini/tmp"  # directory here whose .project_root names it
+class Failure(Exception):
+    """A clear, expected error: printed as one line, exit with code."""
 
-# What of ~/.claude.json goes back: the state Claude keeps across runs (counters, onboarding
-# and tips, the changelog it shows, this project's history and statistics), by exact name or a
-# narrow pattern, never what names a command, grants something or decides what Claude does
-# before its own checks: mcpServers, env, apiKeyHelper, primaryApiKey, customApiKeyResponses
-# (approved API keys), allowedTools, enabled*McpjsonServers, enableAllProjectMcpServers, the
-# feature-gate and access caches (cachedGrowthBookFeatures, cachedStatsigGates,
-# cachedDynamicConfigs, s1mAccessCache), and anything of another project (PROJECT_KEY: this
-# project only).  The session's own project may record the trust dialog its user answered.
-CLAUDE_JSON_KEYS = (
-    "numStartups", "firstStartTime", "userID", "anonymousId", "hasCompletedOnboarding",
-    "lastOnboardingVersion", "lastReleaseNotesSeen", "changelogLastFetched", "cachedChangelog",
-    "tipsHistory", "*Count", "*UseCount", "has*Seen*", "has*Shown*", "hasUsed*",
-    "hasSeenTasksHint", "hasAvailableSubscription", "recommendedSubscription",
-    "fallbackAvailableWarningThreshold", "feedbackSurveyState", "isQualifiedForDataSharing",
-    "claudeCodeFirstTokenDate", "oauthAccount",
-    "bypassPermissionsModeAccepted", "theme", "lastPlanModeUse",
-    *(f"projects.{PROJECT_KEY}.{key}" for key in (
-        "history", "last*", "projectOnboardingSeenCount", "hasCompletedProjectOnboarding",
-        "exampleFiles", "exampleFilesGeneratedAt", "hasClaudeMdExternalIncludesWarningShown",
-        "reactVulnerabilityCache")),
-    (f"projects.{PROJECT_KEY}.hasTrustDialogAccepted", (True, False)))
-# What of ~/.claude/.credentials.json goes back: the OAuth tokens a login or a refresh inside
-# wrote (plain values only, see the "secret" check).
-CLAUDE_CREDENTIAL_KEYS = tuple(f"claudeAiOauth.{key}" for key in (
-    "accessToken", "refreshToken", "expiresAt", "scopes", "subscriptionType", "rateLimitTier"))
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived; unwinds through the clean-up code."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def printable(text):
+    """Text from the proxy log, safe to print on a terminal."""
+    return "".join(c if c.isprintable() else "?" for c in str(text))
+
+
+def write_out(text, stream=None):
+    """A line on stdout (or `stream`) whatever its encoding: a path that is not valid in it
+    goes out as its bytes (the shell-quoted commands of --dry-run stay exact)."""
+    stream = stream or sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        data = (text + "\n").encode(encoding, "surrogateescape")
+    except UnicodeEncodeError:
+        data = (text + "\n").encode(encoding, "backslashreplace")
+    if not hasattr(stream, "buffer"):
+        stream.write(data.decode(encoding, "replace"))
+        return
+    stream.flush()
+    stream.buffer.write(data)
+    stream.buffer.flush()
+
+
+def say(text):
+    """A line on stderr, which may be a terminal that is gone (SIGHUP)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        write_out(text, sys.stderr)
+
+
+class Finished(BaseException):
+    """--list-presets, --dry-run or --doctor did their work: no session runs."""
+
+    def __init__(self, code=0):
+        super().__init__(code)
+        self.code = code
 
 
 # ---------------------------------------------------------------------------------------------
-# Records (issue 15): the little of dataclasses this module uses.  Importing dataclasses
-# imports inspect, ast and dis, and making each class compiles code: ~8 ms of every start.
+# Records: the little of dataclasses this module uses.  Importing dataclasses imports
+# inspect, ast and dis, and making each class compiles code: ~8 ms of every start.
 # ---------------------------------------------------------------------------------------------
 
 class Factory:
@@ -319,6 +345,44 @@ def dataclass(cls=None, frozen=False):
     return cls
 
 
+# ---------------------------------------------------------------------------------------------
+# CLI profiles: everything that differs between the CLIs, as data
+# ---------------------------------------------------------------------------------------------
+
+PROJECT_KEY = "{project}"   # in a guarded key: the session's project directory, one segment
+GEMINI_ID = "{id}"          # in a State path: Gemini's short id for this project, the
+GEMINI_IDS = ".gemini/tmp"  # directory here whose .project_root names it
+SLUG = "{slug}"              # in a State path: this project's directory name in Claude's state
+
+# What of ~/.claude.json goes back: the state Claude keeps across runs (counters, onboarding
+# and tips, the changelog it shows, this project's history and statistics), by exact name or a
+# narrow pattern, never what names a command, grants something or decides what Claude does
+# before its own checks: mcpServers, env, apiKeyHelper, primaryApiKey, customApiKeyResponses
+# (approved API keys), allowedTools, enabled*McpjsonServers, enableAllProjectMcpServers, the
+# feature-gate and access caches (cachedGrowthBookFeatures, cachedStatsigGates,
+# cachedDynamicConfigs, s1mAccessCache), and anything of another project (PROJECT_KEY: this
+# project only).  The session's own project may record the trust dialog its user answered.
+CLAUDE_JSON_KEYS = (
+    "numStartups", "firstStartTime", "userID", "anonymousId", "hasCompletedOnboarding",
+    "lastOnboardingVersion", "lastReleaseNotesSeen", "changelogLastFetched", "cachedChangelog",
+    "tipsHistory", "*Count", "*UseCount", "has*Seen*", "has*Shown*", "hasUsed*",
+    "hasSeenTasksHint", "hasAvailableSubscription", "recommendedSubscription",
+    "fallbackAvailableWarningThreshold", "feedbackSurveyState", "isQualifiedForDataSharing",
+    "claudeCodeFirstTokenDate", "oauthAccount",
+    "bypassPermissionsModeAccepted", "theme", "lastPlanModeUse",
+    *(f"projects.{PROJECT_KEY}.{key}" for key in (
+        "history", "last*", "projectOnboardingSeenCount", "hasCompletedProjectOnboarding",
+        "exampleFiles", "exampleFilesGeneratedAt", "hasClaudeMdExternalIncludesWarningShown",
+        "reactVulnerabilityCache")),
+    (f"projects.{PROJECT_KEY}.hasTrustDialogAccepted", (True, False)))
+
+
+# What of ~/.claude/.credentials.json goes back: the OAuth tokens a login or a refresh inside
+# wrote (plain values only, see the "secret" check).
+CLAUDE_CREDENTIAL_KEYS = tuple(f"claudeAiOauth.{key}" for key in (
+    "accessToken", "refreshToken", "expiresAt", "scopes", "subscriptionType", "rateLimitTier"))
+
+
 @dataclass(frozen=True)
 class State:
     """One home-relative path of a CLI's state: how the session gets the host's (seed) and
@@ -351,6 +415,8 @@ CLAUDE_OPTIONS = (
     "--remote-control-session-name-prefix", "--replay-user-messages", "--resume", "--safe-mode",
     "--session-id", "--setting-sources", "--settings", "--strict-mcp-config", "--system-prompt",
     "--tmux", "--tools", "--version", "--worktree")
+
+
 GEMINI_OPTIONS = (
     "--accept-raw-output-risk", "--acp", "--admin-policy", "--allowed-mcp-server-names",
     "--allowed-tools", "--approval-mode", "--debug", "--delete-session", "--experimental-acp",
@@ -378,6 +444,8 @@ class Profile:
     cli_options: tuple = ()  # the CLI's own long options, passed through even when one looks
                              # like a misspelt option of the wrapper's (see misspelt_option)
     expected_blocked: tuple = ()  # host:port every session contacts and the default allow list
+
+
                                   # blocks by design: summed up on one quiet line at exit
 
 
@@ -449,12 +517,36 @@ PROFILES = {
     ),
 }
 
+
+def hidden_paths(profile):
+    """Home-relative paths this profile's sandbox never shows: SECRETS, and the other
+    CLIs' state (their credentials: ~/.gemini/oauth_creds.json from bw-claude,
+    ~/.claude/.credentials.json and ~/.claude.json from bw-gemini)."""
+    others = [p for p in PROFILES.values() if p.name != profile.name]
+    return tuple(dict.fromkeys([*SECRETS, *(d for p in others for d in p.state_dirs),
+                                *(f for p in others for f in top_state_files(p))]))
+
+
+def top_state_files(profile):
+    """The profile's State paths that are not inside one of its state directories
+    (~/.claude.json)."""
+    return [i.path for i in profile.state
+            if not any(i.path.startswith(d + "/") for d in profile.state_dirs)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The sandbox's layout: what it shows of the system and the home, secrets, protected
+# paths, caches, presets and the seccomp tables
+# ---------------------------------------------------------------------------------------------
+
 # Host variables every sandbox gets, when set.
 ENV_NAMES = ("USER", "LOGNAME", "PATH", "SHELL", "TERM", "COLORTERM", "TERM_PROGRAM",
              "TERM_PROGRAM_VERSION", "NO_COLOR", "FORCE_COLOR", "LANG", "LANGUAGE", "LC_*", "TZ")
 
+
 # Read-only from the host, when present.  A symlink (merged /usr) is recreated as one.
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
+
 ETC_ENTRIES = ("alternatives", "bash.bashrc", "ca-certificates", "ca-certificates.conf",
                "crypto-policies", "debian_version", "gai.conf", "gitconfig", "group", "host.conf",
                "hostname", "hosts", "inputrc", "ld.so.cache", "ld.so.conf", "ld.so.conf.d",
@@ -462,11 +554,13 @@ ETC_ENTRIES = ("alternatives", "bash.bashrc", "ca-certificates", "ca-certificate
                "nsswitch.conf", "os-release", "passwd", "pki", "profile", "protocols",
                "resolv.conf", "services", "shells", "ssl", "terminfo", "timezone", "vim")
 
+
 # Home-relative tool directories made visible read-only, when present.
 # Caches (~/.npm...) are not tools: each session has its own (CACHE_ENV).
 HOME_TOOLS = (".cargo", ".rustup", ".nvm", ".pyenv", ".rbenv", ".volta", ".bun",
               ".deno", ".local/bin", ".local/lib", "go", ".gitconfig", ".config/git",
               ".inputrc", ".vimrc")
+
 
 # Home-relative paths never visible: hidden by an empty mount wherever a bind exposes them.
 SECRETS = (".ssh", ".aws", ".gnupg", ".kube", ".docker", ".netrc", ".password-store",
@@ -482,12 +576,16 @@ SECRETS = (".ssh", ".aws", ".gnupg", ".kube", ".docker", ".netrc", ".password-st
            ".python_history", ".psql_history", ".lesshst", ".mysql_history",
            ".node_repl_history", ".sqlite_history", ".local/share/fish/fish_history")
 
+
 # Sockets below what --full-home-access, --allow-ro and --allow-rw show are covered; the
 # walk that finds them stops after this many entries, or this deep (said with --verbose).
 SOCKET_WALK_ENTRIES = 20000
+
 SOCKET_WALK_DEPTH = 8
+
 REPOSITORY_SEARCH_SKIPS = (".git", "node_modules", ".venv", "venv", ".tox", "__pycache__",
                            ".mypy_cache", "target", ".gradle", ".cache")
+
 
 # --allow-preset NAME: destinations developers commonly need, as allow rules (HTTPS only
 # unless said).  Names, never wildcards over hosts that serve anyone's content.
@@ -521,40 +619,7 @@ PRESETS = {
                 "security.ubuntu.com:443", "ports.ubuntu.com:80", "ports.ubuntu.com:443")),
 }
 
-REASONS = {
-    "not-in-allowlist": "not in allow list",
-    "denied-by-rule": "denied by rule",
-    "private-address": "private address",
-    "platform-endpoint": "cloud platform endpoint",
-    "ip-literal-not-allowed": "IP address without an IP rule",
-    "sni-mismatch": "TLS name differs from the requested host",
-    "bad-name": "malformed name",
-    "bad-port": "bad port",
-    "too-many-connections": "too many connections",
-    "bad-request": "malformed request",
-    # A tunnel to a name that did not open with a ClientHello naming that host (socks_filter).
-    "no-sni": "TLS without a server name",
-    "not-tls": "not TLS",
-    "bad-client-hello": "malformed TLS ClientHello",
-    "tls-timeout": "no TLS ClientHello in time",
-    "tls-alert-first": "TLS alert before the ClientHello",
-    "tls-change-cipher-spec-first": "TLS change-cipher-spec before the ClientHello",
-    "tls-heartbeat-first": "TLS heartbeat before the ClientHello",
-    "tls-data-first": "TLS application data before the ClientHello",
-    "bad-server-hello": "no valid TLS ServerHello from the server in time",
-    "proxy-auth": "no session credential",
-    # Allowed, but the connection did not happen.
-    "lookup-failed": "DNS lookup failed",
-    "connect-refused": "connection refused",
-    "unreachable": "unreachable",
-    "connect-timeout": "connect timed out",
-    "connect-failed": "connect failed",
-}
-# Reasons an --allow-domain HOST:PORT would cure.
-ALLOWABLE = {"not-in-allowlist", "ip-literal-not-allowed"}
-SUMMARY_HOSTS = 10
-
-# Paths an agent could write to get code run later, outside the sandbox (NOTES section 2):
+# Paths an agent could write to get code run later, outside the sandbox:
 # read-only even though their parent is writable, and held by an empty placeholder for the
 # session when they do not exist yet, so they cannot be created.  A trailing "/" marks a
 # directory.  Paths under .git count only when .git is a directory; a .git that is a file
@@ -567,11 +632,15 @@ PROTECTED_PROJECT = (".git/hooks/", ".git/config", ".git/commondir", ".git/confi
                      ".claude/hooks/", ".claude/skills/", ".mcp.json", ".gemini/settings.json",
                      ".gemini/.env", ".gemini/commands/", ".gemini/extensions/", ".vscode/",
                      ".idea/")
+
+
 PROTECTED_GLOBS = (".claude/settings*.json",)
+
 # A placeholder for a missing .json file holds an empty object: an empty file is invalid
 # JSON, and Gemini CLI refuses to start on it.  A missing .git/commondir is held by one
 # naming .git itself (git refuses an empty one).
 PLACEHOLDER_JSON = b"{}\n"
+
 PLACEHOLDER_COMMONDIR = b".\n"
 
 # seccomp: ioctl(TIOCSTI) pushes keystrokes into the terminal the sandbox shares with the
@@ -579,31 +648,45 @@ PLACEHOLDER_COMMONDIR = b".\n"
 # struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}: the request is args[1], of
 # which the kernel uses only the low 32 bits, so only they are compared (CVE-2019-10063).
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
+
 SECCOMP_ARCHES = {  # os.uname().machine: ((AUDIT_ARCH_*, (ioctl syscall numbers)), ...)
     "x86_64": ((0xC000003E, (16, 0x40000000 | 514)),     # x86-64, and its x32 ABI
                (0x40000003, (54,))),                      # i386 programs
     "aarch64": ((0xC00000B7, (29,)),
                 (0x40000028, (54,))),                     # 32-bit ARM programs
 }
+
 SECCOMP_RET_ALLOW, SECCOMP_RET_EPERM = 0x7FFF0000, 0x00050000 | 1
 BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K = 0x20, 0x15, 0x06
 
+# The session's cache directory inside: on disk, the session's own, removed at exit.
+SANDBOX_CACHE = "/var/cache/bw"
 
-class Failure(Exception):
-    """A clear, expected error: printed as one line, exit with code."""
+# Package managers write their caches there, never into the host's: a cache the sandbox wrote
+# and a later install outside read would carry a poisoned package out.  The tools themselves
+# (~/.cargo/bin, ~/.nvm, ~/go/bin...) stay visible read-only.  (variable, subdirectory)
+CACHE_ENV = (("XDG_CACHE_HOME", ""),            # pip, go-build, deno, yarn 1, pnpm's cache...
+             ("npm_config_cache", "npm"), ("PIP_CACHE_DIR", "pip"),
+             ("YARN_CACHE_FOLDER", "yarn"), ("npm_config_store_dir", "pnpm-store"),
+             ("BUN_INSTALL_CACHE_DIR", "bun"), ("GOMODCACHE", "go-mod"),
+             ("GOCACHE", "go-build"),
+             # Cargo keeps its registry and git checkouts in CARGO_HOME, whose bin/ stays on
+             # PATH read-only; ~/.cargo/config.toml is then not read inside.
+             ("CARGO_HOME", "cargo"))
 
-    def __init__(self, message, code=1):
-        super().__init__(message)
-        self.code = code
+
+# Node's fetch() honours HTTP(S)_PROXY only with NODE_USE_ENV_PROXY=1, from Node 24.0 and
+# 22.21; http/https.request from 24.5 and 22.21 (Node's changelogs).  Earlier versions ignore
+# the variable, so it is set for every session with the filter; nothing is put in NODE_OPTIONS,
+# which an older node would refuse to start with.
+NODE_FETCH_PROXY = ((22, 21), (24, 0))
+
+NODE_HTTP_PROXY = ((22, 21), (24, 5))
 
 
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP arrived; unwinds through the clean-up code."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
+# ---------------------------------------------------------------------------------------------
+# Options: the command line and the defaults file
+# ---------------------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -614,7 +697,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps option names whole when wrapping help (--no-filter-network, not --no-filter-)."""
 
     def _split_lines(self, text, width):
-        import textwrap     # only --help needs it: not imported at every start (issue 15)
+        import textwrap     # only --help needs it: not imported at every start
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
@@ -749,6 +832,8 @@ def build_parser(profile):
 # Options that do something once and so have no place in the defaults file.
 ONE_SHOT = ("--doctor", "--list-presets", "--dry-run", "--shell", "--learn", "--no-defaults",
             "--help", "-h", "--")
+
+
 # Options that mean nothing without the proxy: refused on the command line without it,
 # ignored when they come from the defaults file (a session run with --no-filter-network).
 NEEDS_FILTER = (("--allow-domain", "allow_domain"), ("--allow-file", "allow_file"),
@@ -862,11 +947,6 @@ def read_defaults(profile, environ):
     return parse_defaults(profile, text, path, environ.get("HOME", ""))
 
 
-def preset_rules(names):
-    """The rules of the named presets, each once, in order."""
-    return list(dict.fromkeys(rule for name in names for rule in PRESETS[name][1]))
-
-
 def format_presets():
     """--list-presets: every preset as a commented block of an allow file."""
     blocks = [f"# {name}: {description} (--allow-preset {name})\n" + "\n".join(rules)
@@ -874,9 +954,72 @@ def format_presets():
     return "\n\n".join(blocks) + "\n"
 
 
-def is_within(path, parent):
-    return path == parent or path.startswith(parent.rstrip("/") + "/")
+TOKEN_VARIABLE = "BW_PROXY_TOKEN"   # the proxy's password, in the proxy's and the bridge's
+                                    # environment (never on a command line, where ps shows it)
+LOOPBACKS = ("127.0.0.1", "::1")    # the sandbox's own loopback inside --unshare-net
 
+
+def host_ports(opts, given):
+    """--host-port PORT[:HOSTPORT] values as [(inside port, host port)].  [] in a session
+    without the filter or with the host's network shared (where 127.0.0.1 already is the
+    host's); an error there when the command line, not the defaults file, gave them."""
+    if not (opts.filter_network and opts.unshare_net):
+        if given.host_port and opts.filter_network:
+            raise Failure("--host-port needs --unshare-net (with --share-net the host's "
+                          "127.0.0.1 is already reachable)", 2)
+        return []
+    pairs = []
+    for text in opts.host_port:
+        inside, colon, host = text.partition(":")
+        ports = [inside, host if colon else inside]
+        if not all(p.isdigit() and p == str(int(p)) and 1 <= int(p) <= 65535 for p in ports):
+            raise Failure(f"--host-port {text!r}: expected PORT or PORT:HOSTPORT, "
+                          "ports 1-65535", 2)
+        if any(int(inside) == seen for seen, _ in pairs):
+            raise Failure(f"--host-port {text!r}: port {inside} is already mapped", 2)
+        pairs.append((int(inside), int(ports[1])))
+    return pairs
+
+
+def advisory_token(opts):
+    """A fresh random password for the proxy when its bridge listens on the host's loopback
+    (--filter-network --share-net), where every local user could use it; else None."""
+    if opts.filter_network and not opts.unshare_net:
+        import secrets      # only --share-net needs it: not imported at every start
+        return secrets.token_urlsafe(24)
+    return None
+
+
+def misspelt_option(token, ours, cli_options=()):
+    """The wrapper's options `token` (an option its parser did not know) may be a typo of: a
+    prefix of them, or close to one (--filter-netwrok); [] when the CLI has it, or when
+    nothing of ours looks like it.  A CLI option that looks like ours goes after --."""
+    name = token.split("=", 1)[0]
+    if not name.startswith("--") or len(name) < 3 or name in cli_options or \
+            any(c.isspace() for c in name):
+        return []
+    prefixed = [o for o in ours if o.startswith(name)]
+    if prefixed:
+        return prefixed
+    import difflib      # here: only an unknown option pays for it
+    return difflib.get_close_matches(name, ours, n=1, cutoff=0.8)
+
+
+def refuse_misspelt(profile, parser, unknown):
+    """Refuse, before anything starts, an unknown option that looks like one of ours."""
+    ours = sorted(o for o in parser._option_string_actions if o.startswith("--"))
+    for token in unknown:
+        close = misspelt_option(token, ours, profile.cli_options)
+        if close:
+            name = token.split("=", 1)[0]
+            raise Failure(f"{name}: not a {profile.tool} option; did you mean "
+                          f"{' or '.join(close)}?  (an option for {profile.name} goes after "
+                          f"--: {profile.tool} -- {name})", 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host facts: programs, their install trees and what the host's tools can do
+# ---------------------------------------------------------------------------------------------
 
 def find_program(name, search_path, skip=()):
     """Like shutil.which, but never returns one of `skip` (our own entry scripts)."""
@@ -936,20 +1079,6 @@ def install_roots(chain, home):
     return [r for r in roots if not any(r != o and is_within(r, o) for o in roots)]
 
 
-def build_env(profile, environ, home, pass_env=(), assignments=(), defaults=()):
-    """The sandbox's environment: allow list, profile defaults, `defaults` (inside_env),
-    --pass-env, --env."""
-    patterns = ENV_NAMES + profile.env_names
-    env = {name: value for name, value in environ.items()
-           if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
-    env["HOME"] = home
-    env.update(profile.env)
-    env.update(defaults)
-    env.update((name, environ[name]) for name in pass_env if name in environ)
-    env.update(a.partition("=")[::2] for a in assignments)
-    return env
-
-
 def env_resets_signals(path):
     """Whether this env(1) has --default-signal (coreutils >= 8.31), read without running it."""
     try:
@@ -959,54 +1088,372 @@ def env_resets_signals(path):
         return False
 
 
-@dataclass
-class Plan:
-    """Everything decided about one session; build_*_args turn it into commands."""
-    profile: Profile
-    home: str
-    project: str
-    command: list
-    env: dict
-    bwrap: str = "bwrap"
-    system: list = field(default_factory=list)      # (path, symlink target or None)
-    etc: list = field(default_factory=list)
-    mounts: list = field(default_factory=list)      # (option, source or None, destination)
-    unshare_net: bool = False
-    filter: bool = False
-    allow: list = field(default_factory=list)
-    allow_files: list = field(default_factory=list)
-    allow_private: bool = False
-    learn: str = None                               # --learn FILE: audit mode, write FILE
-    proxy_log: str = None
-    socat: str = "socat"
-    env_program: str = None                         # env(1) that can reset SIGINT
-    seccomp: bytes = None                           # the TIOCSTI filter program
-    disable_userns: bool = False                    # bwrap has --disable-userns
-    placeholders: list = field(default_factory=list)  # protected paths to create first
-    sockets_complete: bool = True                   # the socket and repository walks
-                                                    # saw everything
-    verbose: bool = False
-    dry_run: bool = False
-    state: list = field(default_factory=list)       # State items, SLUG filled in
-    read_only_state: list = field(default_factory=list)  # home-relative seeded "ro" copies
-    allow_file_rules: list = field(default_factory=list)  # the allow files' rules, read once
-    beneath: dict = field(default_factory=dict)     # fd-bound source: (real root, relative,
-                                                    # is a directory), see bind_checked
-    git_roots: list = field(default_factory=list)   # checked for git metadata at the end
-    host_ports: list = field(default_factory=list)  # --host-port: (inside, host port)
-    proxy_token: str = None                         # --share-net: the proxy's password
-    environ: dict = field(default_factory=dict)     # the wrapper's environment, HOME checked
-    early_proxy: object = None      # a ProxyInterpreter started before the plan (Wrapper.plan)
+def checked_home(environ):
+    """$HOME, which must be an existing absolute directory: a relative one would make
+    the project (the working directory) the home, its files the CLI's and ours."""
+    home = environ.get("HOME", "")
+    if not os.path.isabs(home) or not os.path.isdir(home):
+        raise Failure(f"HOME is {printable(home)!r}; it must be an existing absolute directory")
+    return os.path.normpath(home)
 
 
-def hidden_paths(profile):
-    """Home-relative paths this profile's sandbox never shows: SECRETS, and the other
-    CLIs' state (their credentials: ~/.gemini/oauth_creds.json from bw-claude,
-    ~/.claude/.credentials.json and ~/.claude.json from bw-gemini)."""
-    others = [p for p in PROFILES.values() if p.name != profile.name]
-    return tuple(dict.fromkeys([*SECRETS, *(d for p in others for d in p.state_dirs),
-                                *(f for p in others for f in top_state_files(p))]))
+def cli_places(profile):
+    """Where find_cli looks, for messages."""
+    return ", ".join(["PATH"] + [f"~/{p}" for p in profile.lookup])
 
+
+def bwrap_supports(bwrap, option):
+    """Whether this bwrap knows `option`, read from its binary rather than by running it."""
+    try:
+        with open(bwrap, "rb") as f:
+            return option.encode() in f.read(4 << 20)
+    except OSError:
+        return False
+
+
+def terminal_width(stream):
+    """The terminal's width when `stream` is one, else None."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns if stream.isatty() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def node_version(text):
+    """(major, minor) from `node --version` output such as "v20.20.2", or None."""
+    parts = text.strip().lstrip("v").split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return None
+
+
+def node_honours(version, since):
+    """Whether Node `version` has a feature added in the (major, minor) releases of `since`
+    (each line from its release on, and every later major)."""
+    lines = dict(since)
+    if version[0] in lines:
+        return version[1] >= lines[version[0]]
+    return version[0] > max(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Filesystem helpers and walks: bounded, and never following a link the sandbox planted
+# ---------------------------------------------------------------------------------------------
+
+def is_within(path, parent):
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def bounded_walk(roots, prune=(), limit=None, max_depth=None):
+    """([(path, st_mode)] for everything below `roots`, complete): a walk that follows no
+    symlink, does not enter directories named in `prune`, and stops after `limit`
+    entries or `max_depth` levels (complete is then False)."""
+    limit = SOCKET_WALK_ENTRIES if limit is None else limit
+    max_depth = SOCKET_WALK_DEPTH if max_depth is None else max_depth
+    found, seen, stack = [], 0, [(root, 0) for root in reversed(roots)]
+    complete = True
+    while stack:
+        path, level = stack.pop()
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            continue
+        found.append((path, mode))
+        if not stat.S_ISDIR(mode) or (level and os.path.basename(path) in prune):
+            continue
+        if level >= max_depth:
+            complete = False
+            continue
+        try:
+            with os.scandir(path) as entries:
+                names = []
+                for entry in entries:
+                    seen += 1
+                    if seen > limit:
+                        return found, False
+                    names.append(entry.name)
+        except OSError:
+            continue
+        stack += [(os.path.join(path, name), level + 1) for name in sorted(names, reverse=True)]
+    return found, complete
+
+
+def find_sockets(roots, limit=None, max_depth=None):
+    """Unix sockets under `roots`: (sockets, complete)."""
+    found, complete = bounded_walk(roots, limit=limit, max_depth=max_depth)
+    return [path for path, mode in found if stat.S_ISSOCK(mode)], complete
+
+
+def nested_repositories(roots):
+    """Directories below `roots` (not the roots) holding a .git, directory or file (a
+    submodule's checkout): (directories, complete).  Dependency and build trees
+    (REPOSITORY_SEARCH_SKIPS) are not searched: large, and no place for a repository of
+    the user's."""
+    found, complete = bounded_walk(roots, prune=REPOSITORY_SEARCH_SKIPS)
+    repos = [os.path.dirname(path) for path, _ in found if os.path.basename(path) == ".git"]
+    return [r for r in dict.fromkeys(repos) if r not in roots], complete
+
+
+def host_file_problem(path, roots=()):
+    """Why the wrapper must not write `path` on the host (None when it may): a link on the
+    way to it below a writable root, or something there that is not a regular file of
+    ours (a link to ~/.bashrc the sandbox left in place of a log)."""
+    where = root_of(path, roots)
+    link = planted_link(where[0], os.path.join(*where)) if where else None
+    if link is not None and link != path:
+        return f"{link} is a symbolic link (remove it: rm {shlex.quote(link)})"
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return error.strerror
+    if stat.S_ISLNK(info.st_mode):
+        return f"it is a symbolic link (remove it: rm {shlex.quote(path)})"
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        return "it is not a regular file of yours"
+    return None
+
+
+def open_text(path):
+    """A regular file for reading, never through a link at its name."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return open(fd, errors="replace")
+
+
+def is_real_dir(path):
+    """A directory itself, not a link to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def planted_link(root, path, lstat=os.lstat):
+    """The first component of `path` below `root` that is a symlink, or None (a missing
+    component ends the search: nothing below it exists)."""
+    current = root
+    for part in os.path.relpath(path, root).split("/"):
+        current = os.path.join(current, part)
+        try:
+            mode = lstat(current).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if stat.S_ISLNK(mode):
+            return current
+    return None
+
+
+def link_refusal(path, what="a protected path"):
+    way_out = ", or run with --allow-config-writes" if what == "a protected path" else ""
+    return Failure(f"{path} is a symbolic link where {what} is expected; it is never followed "
+                   f"(it may have been planted by a sandboxed session): remove it "
+                   f"(rm {shlex.quote(path)}){way_out}")
+
+
+def root_of(path, roots):
+    """(real root, path relative to it) for the writable root `path` lies strictly below,
+    or None.  `roots` are (path as mounted, real path) pairs."""
+    for mounted, real in roots:
+        for base in (mounted, real):
+            if path != base and is_within(path, base):
+                return real, os.path.relpath(path, base)
+    return None
+
+
+def open_beneath(root, relative):
+    """An O_PATH descriptor of root/relative, reached without following any link below
+    root; None when a component is missing.  A link raises link_refusal."""
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    path = root
+    try:
+        for part in relative.split("/"):
+            if part in ("", ".", ".."):
+                raise Failure(f"{root}/{relative}: not a plain path below {root}")
+            path = os.path.join(path, part)
+            try:
+                child = os.open(part, os.O_PATH | os.O_NOFOLLOW, dir_fd=fd)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            os.close(fd)
+            fd = child
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise link_refusal(path)
+        result, fd = fd, None
+        return result
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def parent_beneath(root, relative):
+    """(descriptor of relative's directory, its last name), checked as open_beneath."""
+    head, name = os.path.split(relative)
+    fd = open_beneath(root, head) if head else os.open(root, os.O_PATH | os.O_DIRECTORY)
+    if fd is None:
+        raise FileNotFoundError(2, "No such file or directory", os.path.join(root, head))
+    return fd, name
+
+
+def private_subdir(base, name):
+    """base/name, a directory of this user only (made 0700 if missing); refused if it is a
+    link, someone else's or open to others."""
+    path = os.path.join(base, name)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        os.close(fd)
+        raise Failure(f"{path} is not a private directory of yours: remove it, or if someone "
+                      "else made it, set XDG_RUNTIME_DIR to a private directory of yours")
+    return fd
+
+
+def not_writable(plan, root, path, error):
+    """Say which directory is not writable and what to do."""
+    what = ("the project" if root == plan.project else
+            f"{plan.profile.name}'s state directory" if is_within(root, plan.home) else
+            "the --allow-rw directory")
+    return (f"{what} {root} is not writable ({error.strerror}), so {path} cannot be held "
+            f"read-only for the session: make it writable (chmod u+w {shlex.quote(root)}), or "
+            "run with --allow-config-writes to go without that protection")
+
+
+def depth(mount):
+    return mount[2].rstrip("/").count("/")
+
+
+def private_base(environ):
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    return runtime if os.path.isabs(runtime) and os.path.isdir(runtime) else tempfile.gettempdir()
+
+
+def make_private_dir(base, tool):
+    """A 0700 directory for one session, locked for as long as this process lives.
+
+    It is made under a hidden name and renamed once locked, so sweep_stale never sees
+    it unlocked.  Returns (path, fd holding the lock).
+    """
+    hidden = tempfile.mkdtemp(prefix=f".{tool}.", dir=base)
+    fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    path = os.path.join(base, os.path.basename(hidden)[1:])
+    os.rename(hidden, path)
+    return path, fd
+
+
+def remove_tree(path):
+    """rmtree that also removes what the sandbox made unwritable (chmod 500 on a directory):
+    on a failure the directory concerned is made 0700 and the removal tried again, once
+    for each path."""
+    tried = set()
+
+    def retry(function, failed, _info):
+        if failed in tried:
+            return
+        tried.add(failed)
+        with contextlib.suppress(OSError):
+            parent = os.path.dirname(failed)
+            if is_within(parent, path):
+                os.chmod(parent, 0o700)
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                os.chmod(failed, 0o700)
+                shutil.rmtree(failed, onerror=retry)
+            else:
+                function(failed)
+
+    with contextlib.suppress(OSError):
+        shutil.rmtree(path, onerror=retry)
+    if os.path.lexists(path):       # a directory emptied late by a retry
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def could_be_made(path, error):
+    """Whether the sandbox could create `path` although we failed to: not when the
+    filesystem is read-only, the parent is not a directory (it is pinned), or the nearest
+    existing directory is someone else's and not writable (no chmod can open it)."""
+    import errno
+    if error.errno in (errno.EROFS, errno.ENOTDIR):
+        return False
+    parent = os.path.dirname(path.rstrip("/"))
+    while not os.path.lexists(parent) and parent != "/":
+        parent = os.path.dirname(parent)
+    try:
+        owner = os.stat(parent).st_uid
+    except OSError:
+        return True
+    return owner == os.geteuid() or os.access(parent, os.W_OK)
+
+
+def open_dir_beneath(root, parts, create=False):
+    """A descriptor of the directory root/parts..., each part opened with O_NOFOLLOW (a link
+    is refused); missing parts (and root) are made (0700) when `create`.  None when that
+    fails."""
+    if create:
+        with contextlib.suppress(OSError):
+            os.mkdir(root, 0o700)
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    for part in parts:
+        try:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o700, dir_fd=fd)
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        except OSError:
+            os.close(fd)
+            return None
+        os.close(fd)
+        fd = inner
+    return fd
+
+
+def read_at(dir_fd, name, limit=STATE_FILE_LIMIT):
+    """The bytes of regular file `name` in dir_fd (None: the working directory), never
+    through a link; None for anything else (a directory, a fifo) or a larger file."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+        os.close(fd)
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limit)
+
+
+def same_file(info, path):
+    try:
+        other = os.stat(path)
+    except OSError:
+        return False
+    return (info.st_dev, info.st_ino) == (other.st_dev, other.st_ino)
+
+
+def read_limited(fd, limit):
+    """All of fd (blocking, as a pipe needs), or None past `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mount planning: what the sandbox sees of the home, the project and the extra paths
+# ---------------------------------------------------------------------------------------------
 
 def home_mounts(profile, home, full_home, entries, exists=os.path.lexists, bind_state=False):
     """Binds that populate the session's home; `entries` lists the real home.  The CLI's
@@ -1094,403 +1541,11 @@ def socket_masks(shown, home, hidden):
     return masks, complete
 
 
-def bounded_walk(roots, prune=(), limit=None, max_depth=None):
-    """([(path, st_mode)] for everything below `roots`, complete): a walk that follows no
-    symlink, does not enter directories named in `prune`, and stops after `limit`
-    entries or `max_depth` levels (complete is then False)."""
-    limit = SOCKET_WALK_ENTRIES if limit is None else limit
-    max_depth = SOCKET_WALK_DEPTH if max_depth is None else max_depth
-    found, seen, stack = [], 0, [(root, 0) for root in reversed(roots)]
-    complete = True
-    while stack:
-        path, level = stack.pop()
-        try:
-            mode = os.lstat(path).st_mode
-        except OSError:
-            continue
-        found.append((path, mode))
-        if not stat.S_ISDIR(mode) or (level and os.path.basename(path) in prune):
-            continue
-        if level >= max_depth:
-            complete = False
-            continue
-        try:
-            with os.scandir(path) as entries:
-                names = []
-                for entry in entries:
-                    seen += 1
-                    if seen > limit:
-                        return found, False
-                    names.append(entry.name)
-        except OSError:
-            continue
-        stack += [(os.path.join(path, name), level + 1) for name in sorted(names, reverse=True)]
-    return found, complete
-
-
-def find_sockets(roots, limit=None, max_depth=None):
-    """Unix sockets under `roots`: (sockets, complete)."""
-    found, complete = bounded_walk(roots, limit=limit, max_depth=max_depth)
-    return [path for path, mode in found if stat.S_ISSOCK(mode)], complete
-
-
-def nested_repositories(roots):
-    """Directories below `roots` (not the roots) holding a .git, directory or file (a
-    submodule's checkout): (directories, complete).  Dependency and build trees
-    (REPOSITORY_SEARCH_SKIPS) are not searched: large, and no place for a repository of
-    the user's."""
-    found, complete = bounded_walk(roots, prune=REPOSITORY_SEARCH_SKIPS)
-    repos = [os.path.dirname(path) for path, _ in found if os.path.basename(path) == ".git"]
-    return [r for r in dict.fromkeys(repos) if r not in roots], complete
-
-
-def checked_home(environ):
-    """$HOME, which must be an existing absolute directory: a relative one would make
-    the project (the working directory) the home, its files the CLI's and ours."""
-    home = environ.get("HOME", "")
-    if not os.path.isabs(home) or not os.path.isdir(home):
-        raise Failure(f"HOME is {printable(home)!r}; it must be an existing absolute directory")
-    return os.path.normpath(home)
-
-
-def cli_places(profile):
-    """Where find_cli looks, for messages."""
-    return ", ".join(["PATH"] + [f"~/{p}" for p in profile.lookup])
-
-
-def make_plan(profile, opts, environ, skip=()):
-    """Look at the host (paths, programs) and decide the session."""
-    home = checked_home(environ)
-    project = os.path.realpath(opts.dir or os.getcwd())
-    if not os.path.isdir(project):
-        raise Failure(f"--dir {opts.dir}: not a directory")
-    refuse_path("--dir", project, home, hidden_paths(profile))
-    refuse_wrapper_place("--dir", project, environ)
-    search_path = environ.get("PATH", os.defpath)
-    cli = find_cli(profile, search_path, home, skip)
-    if cli is None and not opts.shell:
-        raise Failure(f"{profile.name} not found (looked in {cli_places(profile)}); install it: "
-                      f"{profile.install_hint}", 127)
-    programs = [cli] if cli else []
-    for helper in profile.helpers:
-        found = find_program(helper, search_path)
-        if found is None and not opts.shell:
-            raise Failure(f"{helper} not found on PATH; {profile.name} needs it", 127)
-        programs += [found] if found else []
-    if opts.shell:
-        shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
-        command = [shell, *opts.args]
-    else:
-        extra = [] if opts.no_skip_permissions else list(profile.cli_args)
-        command = [cli, *extra, *opts.args]
-
-    hidden = hidden_paths(profile)
-    entries = showable_entries(home, hidden) if opts.full_home_access else set()
-    mounts = home_mounts(profile, home, opts.full_home_access, entries,
-                         bind_state=opts.allow_config_writes)
-    rw_extra = []
-    for flag, option, paths in (("--allow-ro", "--ro-bind", opts.allow_ro),
-                                ("--allow-rw", "--bind", opts.allow_rw)):
-        for path in paths:
-            check_given(flag, path, writable_roots(project, home, profile))
-            real = os.path.realpath(path)
-            if not os.path.exists(real):
-                raise Failure(f"{flag} {path}: no such file or directory")
-            refuse_path(flag, real, home, hidden)
-            refuse_wrapper_place(flag, real, environ)
-            mounts.append((option, real, real))
-            if option == "--bind":
-                rw_extra.append(real)
-    # Sockets are searched for where the user chose to show a tree (--allow-*, the whole
-    # home), not in the CLI's state or the tool directories: toolchains hold tens of
-    # thousands of files and no sockets, and walking them would cost every start.
-    skipped = {os.path.join(home, d) for d in (*profile.state_dirs, *HOME_TOOLS)}
-    sockets, walked = socket_masks([(src, dest) for _, src, dest in mounts
-                                    if src and src not in skipped], home, hidden)
-    socat = shutil.which("socat", path=search_path) or "socat"
-    if opts.filter_network:
-        programs.append(socat)
-    roots = writable_roots(project, home, profile, rw_extra)
-    refuse_wrapper_inside(roots)
-    for program in programs:
-        check_chain(symlink_chain(program), roots)
-        mounts += [("--ro-bind", r, r) for r in install_roots(symlink_chain(program), home)]
-    mounts.append(("--bind", project, project))
-    mounts += secret_masks(home, mounts, hidden=hidden)
-    mounts += session_masks(environ, mounts, create=not opts.dry_run)
-    mounts += sockets
-    placeholders, beneath = [], {}
-    if not opts.allow_config_writes:
-        rw_roots = [dest for option, _, dest in mounts if option == "--bind"]
-        nested, whole = nested_repositories([project, *rw_extra])
-        walked = walked and whole
-        protected, placeholders = protection(project, home, rw_roots, rw_extra, nested)
-        mounts += protected
-        mounts, beneath = bind_checked(mounts, roots, placeholders)
-
-    allow_files, file_rules = [], []
-    user_file = config_path({**environ, "HOME": home}, profile.tool, "allowed-domains")
-    writable = [dest for option, _, dest in mounts if option == "--bind"]
-    writable += [session_base(environ, p.tool) for p in PROFILES.values()]
-    for path in ([user_file] if os.path.isfile(user_file) else []) + opts.allow_file:
-        if opts.filter_network:
-            file_rules += allow_file_rules(path, writable)
-        allow_files.append(os.path.abspath(path))
-    allow = list(profile.allow) + preset_rules(opts.allow_preset) + opts.allow_domain
-    allow += [host_port_rule(host) for _, host in opts.host_port]
-    if opts.filter_network:
-        # Every rule now, before anything starts: the proxy would refuse it later.
-        problems = rule_problems(allow)[1]
-        if problems:
-            raise Failure(f"bad allow rule: {problems[0]}", 2)
-    learn = os.path.abspath(opts.learn) if opts.learn else None
-    for flag, given in (("--learn", opts.learn), ("--proxy-log", opts.proxy_log)):
-        problem = given and host_file_problem(os.path.abspath(given), roots)
-        if problem:
-            raise Failure(f"{flag} {given}: will not write there: {problem}")
-    if learn and (os.path.isdir(learn) or not os.access(os.path.dirname(learn), os.W_OK)):
-        raise Failure(f"--learn {opts.learn}: cannot write a file there")
-
-    env_program = shutil.which("env", path="/usr/bin:/bin")
-    bwrap = shutil.which("bwrap", path=search_path) or "bwrap"
-    token = advisory_token(opts)
-    return Plan(
-        profile=profile, home=home, project=project, command=command,
-        env=with_token(build_env(profile, environ, home, opts.pass_env, opts.env,
-                                 defaults=inside_env(opts.filter_network)), token),
-        bwrap=bwrap,
-        system=[(d, os.readlink(d) if os.path.islink(d) else None)
-                for d in SYSTEM_DIRS if os.path.lexists(d)],
-        etc=[f"/etc/{e}" for e in ETC_ENTRIES if os.path.exists(f"/etc/{e}")],
-        mounts=mounts,
-        unshare_net=opts.unshare_net,
-        filter=opts.filter_network,
-        allow=allow,
-        allow_files=allow_files,
-        allow_private=opts.allow_private,
-        learn=learn,
-        proxy_log=os.path.abspath(opts.proxy_log) if opts.proxy_log else None,
-        socat=socat,
-        env_program=env_program if env_program and env_resets_signals(env_program) else None,
-        seccomp=tiocsti_filter(os.uname().machine),
-        disable_userns=bwrap_supports(bwrap, "--disable-userns"),
-        placeholders=placeholders,
-        sockets_complete=walked,
-        verbose=opts.verbose, dry_run=opts.dry_run, allow_file_rules=file_rules,
-        state=state_items(profile, project, opts.allow_config_writes), beneath=beneath,
-        git_roots=[] if opts.allow_config_writes else [project, *rw_extra],
-        host_ports=opts.host_port, proxy_token=token)
-
-
-def assemble(program):
-    """Classic BPF from (op, k[, label to jump to when true]) and ("label", name) items;
-    a false comparison falls through to the next instruction."""
-    at, labels = 0, {}
-    for item in program:
-        if item[0] == "label":
-            labels[item[1]] = at
-        else:
-            at += 1
-    code, at = b"", 0
-    for item in program:
-        if item[0] == "label":
-            continue
-        op, k, if_true = (*item, None)[:3]
-        jt = labels[if_true] - at - 1 if if_true else 0
-        code += struct.pack("=HBBI", op, jt, 0, k)
-        at += 1
-    return code
-
-
-def tiocsti_filter(machine):
-    """The seccomp program that makes ioctl(TIOCSTI/TIOCLINUX) fail with EPERM."""
-    arches = SECCOMP_ARCHES.get(machine)
-    if arches is None:
-        raise Failure(f"the keystroke-injection filter supports {' and '.join(SECCOMP_ARCHES)}, "
-                      f"not {machine}; refusing to start without it")
-    program = [(BPF_LD_W_ABS, 4)]
-    program += [(BPF_JEQ_K, arch, f"arch{i}") for i, (arch, _) in enumerate(arches)]
-    program.append((BPF_RET_K, SECCOMP_RET_ALLOW))
-    for i, (arch, numbers) in enumerate(arches):
-        program += [("label", f"arch{i}"), (BPF_LD_W_ABS, 0)]
-        program += [(BPF_JEQ_K, n, "request") for n in numbers]
-        program.append((BPF_RET_K, SECCOMP_RET_ALLOW))
-    program += [("label", "request"), (BPF_LD_W_ABS, 24),
-                (BPF_JEQ_K, TIOCSTI, "deny"), (BPF_JEQ_K, TIOCLINUX, "deny"),
-                (BPF_RET_K, SECCOMP_RET_ALLOW),
-                ("label", "deny"), (BPF_RET_K, SECCOMP_RET_EPERM)]
-    return assemble(program)
-
-
-def bwrap_supports(bwrap, option):
-    """Whether this bwrap knows `option`, read from its binary rather than by running it."""
-    try:
-        with open(bwrap, "rb") as f:
-            return option.encode() in f.read(4 << 20)
-    except OSError:
-        return False
-
-
-def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexists,
-               isdir=None, glob=glob.glob):
-    """What keeps PROTECTED_* read-only: (mounts, placeholders to create first).
-
-    PROTECTED_PROJECT applies to the project and to each of `extra` (the --allow-rw
-    directories); its .git entries to each of `nested` (repositories below them).  Each protected path is bound read-only onto itself; the directories
-    between it and its writable root are bound onto themselves, which pins them (a mount
-    point cannot be renamed, so `mv .git x` cannot carry the protection away).
-    """
-    isdir = isdir or is_real_dir     # a link to a directory is a link (bind_checked refuses it)
-    bases = list(dict.fromkeys([project, *extra]))
-    wanted = []
-    for base in bases + [n for n in nested if n not in bases]:
-        git = os.path.join(base, ".git")
-        if exists(git) and not isdir(git):
-            wanted.append((base, ".git"))      # a gitdir: pointer file
-        wanted += [(base, p) for p in PROTECTED_PROJECT
-                   if base in bases or p.startswith(".git/")]
-    for base in bases:
-        for pattern in PROTECTED_GLOBS:
-            wanted += [(base, os.path.relpath(p, base))
-                       for p in sorted(glob(os.path.join(base, pattern)))]
-    mounts, placeholders, pins = [], [], []
-    for base, relative in dict.fromkeys(wanted):
-        path = os.path.join(base, relative.rstrip("/"))
-        root = next((r for r in rw_roots if is_within(path, r) and path != r), None)
-        if root is None or (relative.startswith(".git/") and not isdir(os.path.join(base, ".git"))):
-            continue
-        parts = os.path.relpath(path, root).split("/")
-        for n in range(1, len(parts)):
-            parent = os.path.join(root, *parts[:n])
-            if parent not in pins:
-                pins.append(parent)
-                if not exists(parent):
-                    placeholders.append(parent + "/")
-        if not exists(path):
-            placeholders.append(path + ("/" if relative.endswith("/") else ""))
-        mounts.append(("--ro-bind", path, path))
-    return [("--bind", p, p) for p in pins] + mounts, placeholders
-
-
-# ---------------------------------------------------------------------------------------------
-# Paths the sandbox can write: never followed, bound as they were checked (issue 11)
-#
-# The project, the --allow-rw directories and the CLI's state are the sandbox's to write, for
-# this session and the ones before it, so a path below them may be a link it planted
-# (`sub/.git -> ../../..`).  Every mount source below such a root is walked component by
-# component with O_NOFOLLOW: a symlink stops the session with one line naming it, and what
-# was checked is what bwrap binds (an O_PATH descriptor, --ro-bind-fd / --bind-fd; bwrap
-# compares the mount with the descriptor afterwards).  Placeholders are made and removed
-# through descriptors of their checked parents.  Sessions sharing a root hold a shared
-# flock on a lock file of that root for their whole life, in a directory of the user's the
-# sandbox cannot see (LOCKS_DIR); the one that can take it exclusively (at its end, or at
-# the next start after a SIGKILL) removes the placeholders the sessions listed, so no
-# session's end or crash takes away a mount another still stands on.
-# ---------------------------------------------------------------------------------------------
-
-LOCKS_DIR = "bw-locks.{uid}"        # under private_base(): one per user, shared by the tools
-LOCK_SECONDS = 10                   # bound on waiting for another session's start or end
-FD_OPTIONS = {"--ro-bind": "--ro-bind-fd", "--bind": "--bind-fd"}
-
-
-def host_file_problem(path, roots=()):
-    """Why the wrapper must not write `path` on the host (None when it may): a link on the
-    way to it below a writable root, or something there that is not a regular file of
-    ours (a link to ~/.bashrc the sandbox left in place of a log)."""
-    where = root_of(path, roots)
-    link = planted_link(where[0], os.path.join(*where)) if where else None
-    if link is not None and link != path:
-        return f"{link} is a symbolic link (remove it: rm {shlex.quote(link)})"
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        return error.strerror
-    if stat.S_ISLNK(info.st_mode):
-        return f"it is a symbolic link (remove it: rm {shlex.quote(path)})"
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-        return "it is not a regular file of yours"
-    return None
-
-
-def open_text(path):
-    """A regular file for reading, never through a link at its name."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(f"{path} is not a regular file")
-    return open(fd, errors="replace")
-
-
-def is_real_dir(path):
-    """A directory itself, not a link to one."""
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
 def writable_roots(project, home, profile, extra=()):
     """The sandbox-writable trees, as (path as mounted, real path) pairs: the CLI's state
     directories, the --allow-rw directories and the project."""
     paths = [os.path.join(home, d) for d in profile.state_dirs] + [*extra, project]
     return [(p, os.path.realpath(p)) for p in dict.fromkeys(paths)]
-
-
-def planted_link(root, path, lstat=os.lstat):
-    """The first component of `path` below `root` that is a symlink, or None (a missing
-    component ends the search: nothing below it exists)."""
-    current = root
-    for part in os.path.relpath(path, root).split("/"):
-        current = os.path.join(current, part)
-        try:
-            mode = lstat(current).st_mode
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        if stat.S_ISLNK(mode):
-            return current
-    return None
-
-
-def link_refusal(path, what="a protected path"):
-    way_out = ", or run with --allow-config-writes" if what == "a protected path" else ""
-    return Failure(f"{path} is a symbolic link where {what} is expected; it is never followed "
-                   f"(it may have been planted by a sandboxed session): remove it "
-                   f"(rm {shlex.quote(path)}){way_out}")
-
-
-def root_of(path, roots):
-    """(real root, path relative to it) for the writable root `path` lies strictly below,
-    or None.  `roots` are (path as mounted, real path) pairs."""
-    for mounted, real in roots:
-        for base in (mounted, real):
-            if path != base and is_within(path, base):
-                return real, os.path.relpath(path, base)
-    return None
-
-
-def bind_checked(mounts, roots, placeholders=(), lstat=os.lstat):
-    """`mounts` with every bind whose source lies below a writable root turned into a bind
-    of a descriptor (FD_OPTIONS), and {source: (real root, relative, is a directory)} saying
-    what to open; a symlink on the way to one refuses the session."""
-    result, beneath = [], {}
-    dirs = {p.rstrip("/") for p in placeholders if p.endswith("/")}
-    for option, source, dest in mounts:
-        where = root_of(source, roots) if source and option in FD_OPTIONS else None
-        if where is None:
-            result.append((option, source, dest))
-            continue
-        link = planted_link(where[0], os.path.join(*where), lstat)
-        if link is not None:
-            raise link_refusal(link)
-        try:
-            is_dir = stat.S_ISDIR(lstat(os.path.join(*where)).st_mode)
-        except OSError:
-            is_dir = option == "--bind" or source in dirs
-        beneath[source] = (*where, is_dir)
-        result.append((FD_OPTIONS[option], source, dest))
-    return result, beneath
 
 
 def wrapper_files():
@@ -1537,38 +1592,90 @@ def check_given(flag, path, roots):
             raise link_refusal(link, f"the {flag} directory")
 
 
-def open_beneath(root, relative):
-    """An O_PATH descriptor of root/relative, reached without following any link below
-    root; None when a component is missing.  A link raises link_refusal."""
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    path = root
-    try:
-        for part in relative.split("/"):
-            if part in ("", ".", ".."):
-                raise Failure(f"{root}/{relative}: not a plain path below {root}")
-            path = os.path.join(path, part)
-            try:
-                child = os.open(part, os.O_PATH | os.O_NOFOLLOW, dir_fd=fd)
-            except (FileNotFoundError, NotADirectoryError):
-                return None
-            os.close(fd)
-            fd = child
-            if stat.S_ISLNK(os.fstat(fd).st_mode):
-                raise link_refusal(path)
-        result, fd = fd, None
-        return result
-    finally:
-        if fd is not None:
-            os.close(fd)
+# ---------------------------------------------------------------------------------------------
+# Protected paths: never followed, bound as they were checked
+# ---------------------------------------------------------------------------------------------
+
+def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexists,
+               isdir=None, glob=glob.glob):
+    """What keeps PROTECTED_* read-only: (mounts, placeholders to create first).
+
+    PROTECTED_PROJECT applies to the project and to each of `extra` (the --allow-rw
+    directories); its .git entries to each of `nested` (repositories below them).  Each protected path is bound read-only onto itself; the directories
+    between it and its writable root are bound onto themselves, which pins them (a mount
+    point cannot be renamed, so `mv .git x` cannot carry the protection away).
+    """
+    isdir = isdir or is_real_dir     # a link to a directory is a link (bind_checked refuses it)
+    bases = list(dict.fromkeys([project, *extra]))
+    wanted = []
+    for base in bases + [n for n in nested if n not in bases]:
+        git = os.path.join(base, ".git")
+        if exists(git) and not isdir(git):
+            wanted.append((base, ".git"))      # a gitdir: pointer file
+        wanted += [(base, p) for p in PROTECTED_PROJECT
+                   if base in bases or p.startswith(".git/")]
+    for base in bases:
+        for pattern in PROTECTED_GLOBS:
+            wanted += [(base, os.path.relpath(p, base))
+                       for p in sorted(glob(os.path.join(base, pattern)))]
+    mounts, placeholders, pins = [], [], []
+    for base, relative in dict.fromkeys(wanted):
+        path = os.path.join(base, relative.rstrip("/"))
+        root = next((r for r in rw_roots if is_within(path, r) and path != r), None)
+        if root is None or (relative.startswith(".git/") and not isdir(os.path.join(base, ".git"))):
+            continue
+        parts = os.path.relpath(path, root).split("/")
+        for n in range(1, len(parts)):
+            parent = os.path.join(root, *parts[:n])
+            if parent not in pins:
+                pins.append(parent)
+                if not exists(parent):
+                    placeholders.append(parent + "/")
+        if not exists(path):
+            placeholders.append(path + ("/" if relative.endswith("/") else ""))
+        mounts.append(("--ro-bind", path, path))
+    return [("--bind", p, p) for p in pins] + mounts, placeholders
 
 
-def parent_beneath(root, relative):
-    """(descriptor of relative's directory, its last name), checked as open_beneath."""
-    head, name = os.path.split(relative)
-    fd = open_beneath(root, head) if head else os.open(root, os.O_PATH | os.O_DIRECTORY)
-    if fd is None:
-        raise FileNotFoundError(2, "No such file or directory", os.path.join(root, head))
-    return fd, name
+# The project, the --allow-rw directories and the CLI's state are the sandbox's to write, for
+# this session and the ones before it, so a path below them may be a link it planted
+# (`sub/.git -> ../../..`).  Every mount source below such a root is walked component by
+# component with O_NOFOLLOW: a symlink stops the session with one line naming it, and what
+# was checked is what bwrap binds (an O_PATH descriptor, --ro-bind-fd / --bind-fd; bwrap
+# compares the mount with the descriptor afterwards).  Placeholders are made and removed
+# through descriptors of their checked parents.  Sessions sharing a root hold a shared
+# flock on a lock file of that root for their whole life, in a directory of the user's the
+# sandbox cannot see (LOCKS_DIR); the one that can take it exclusively (at its end, or at
+# the next start after a SIGKILL) removes the placeholders the sessions listed, so no
+# session's end or crash takes away a mount another still stands on.
+
+LOCKS_DIR = "bw-locks.{uid}"        # under private_base(): one per user, shared by the tools
+
+LOCK_SECONDS = 10                   # bound on waiting for another session's start or end
+FD_OPTIONS = {"--ro-bind": "--ro-bind-fd", "--bind": "--bind-fd"}
+
+
+def bind_checked(mounts, roots, placeholders=(), lstat=os.lstat):
+    """`mounts` with every bind whose source lies below a writable root turned into a bind
+    of a descriptor (FD_OPTIONS), and {source: (real root, relative, is a directory)} saying
+    what to open; a symlink on the way to one refuses the session."""
+    result, beneath = [], {}
+    dirs = {p.rstrip("/") for p in placeholders if p.endswith("/")}
+    for option, source, dest in mounts:
+        where = root_of(source, roots) if source and option in FD_OPTIONS else None
+        if where is None:
+            result.append((option, source, dest))
+            continue
+        link = planted_link(where[0], os.path.join(*where), lstat)
+        if link is not None:
+            raise link_refusal(link)
+        try:
+            is_dir = stat.S_ISDIR(lstat(os.path.join(*where)).st_mode)
+        except OSError:
+            is_dir = option == "--bind" or source in dirs
+        beneath[source] = (*where, is_dir)
+        result.append((FD_OPTIONS[option], source, dest))
+    return result, beneath
 
 
 def make_placeholder(root, relative, is_dir):
@@ -1612,21 +1719,6 @@ def root_identity(root):
     except OSError:
         return None
     return f"{info.st_dev:x}-{info.st_ino:x}"
-
-
-def private_subdir(base, name):
-    """base/name, a directory of this user only (made 0700 if missing); refused if it is a
-    link, someone else's or open to others."""
-    path = os.path.join(base, name)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    info = os.fstat(fd)
-    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
-        os.close(fd)
-        raise Failure(f"{path} is not a private directory of yours: remove it, or if someone "
-                      "else made it, set XDG_RUNTIME_DIR to a private directory of yours")
-    return fd
 
 
 def flock_until(fd, operation, seconds=LOCK_SECONDS):
@@ -1863,17 +1955,487 @@ class Protection:
         self.locks_fd = None
 
 
-def not_writable(plan, root, path, error):
-    """Say which directory is not writable and what to do (issue 13.6)."""
-    what = ("the project" if root == plan.project else
-            f"{plan.profile.name}'s state directory" if is_within(root, plan.home) else
-            "the --allow-rw directory")
-    return (f"{what} {root} is not writable ({error.strerror}), so {path} cannot be held "
-            f"read-only for the session: make it writable (chmod u+w {shlex.quote(root)}), or "
-            "run with --allow-config-writes to go without that protection")
+def placeholder_content(path):
+    if path.endswith("/.git/commondir"):
+        return PLACEHOLDER_COMMONDIR
+    return PLACEHOLDER_JSON if path.endswith(".json") else b""
 
-def depth(mount):
-    return mount[2].rstrip("/").count("/")
+
+# ---------------------------------------------------------------------------------------------
+# The wrapper's own places: never shown in the sandbox
+# ---------------------------------------------------------------------------------------------
+
+def session_base(environ, tool):
+    """Where sessions keep their homes, caches and logs: $XDG_CACHE_HOME/TOOL (when absolute)
+    or ~/.cache/TOOL, on disk; $XDG_RUNTIME_DIR is a small tmpfs that a session's caches
+    would fill.  Only the proxy's socket goes there."""
+    base = environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(environ.get("HOME", ""), ".cache")
+    return os.path.join(base, tool)
+
+
+def checked_session_base(environ, tool, create=True):
+    """session_base, made (0700) when missing and checked without following a link: a
+    directory of ours that nobody else can enter.  None when it cannot be made (a read-only
+    home): sessions then live in the runtime directory, as the socket does."""
+    path = session_base(environ, tool)
+    if create:
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise Failure(f"{path}: {error.strerror.lower()}; it must be a directory of yours "
+                      "(mode 0700), not a link: remove it") from None
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise Failure(f"{path}: must be yours with mode 0700 (it is uid {info.st_uid}, mode "
+                      f"{stat.S_IMODE(info.st_mode):04o}): chmod 700 it, or remove it")
+    return path
+
+
+def session_dirs_base(environ, tool):
+    """The base of the session's directory: on disk when it can be, else the runtime one."""
+    return checked_session_base(environ, tool) or private_base(environ)
+
+
+def session_masks(environ, mounts, create=True):
+    """The wrapper's places (wrapper_places) hold other sessions' homes, caches, logs,
+    sockets and locks: a bind that shows one, or something of the wrapper's inside one, is
+    refused, except a read-only bind above one (--full-home-access, a tool's directory),
+    whose read-only parents cannot be renamed away from under the empty mount made over
+    the place.  A session base is made first when missing, so one made later cannot
+    appear."""
+    masks = []
+    for place, own, tool in wrapper_places(environ):
+        for option, src, dest in mounts:
+            real = os.path.realpath(src) if src else None
+            shown = real and place_shown(real, place, own)
+            if shown == "inside" or (shown and option not in ("--ro-bind", "--ro-bind-fd")):
+                raise Failure(wrapper_place_refusal(src, place, tool, environ))
+            if not shown or (create and own is None
+                             and checked_session_base(environ, tool) is None):
+                continue        # not shown, or it cannot be made: nor can a session make it
+            mask = ("--tmpfs", None, os.path.normpath(os.path.join(
+                dest, os.path.relpath(place, real))))
+            if mask not in masks:
+                masks.append(mask)
+    return masks
+
+
+# Each tool's session base (other sessions' homes, their copies of the CLI's credentials and
+# transcripts) and the runtime base (private_base: the proxies' socket directories, and
+# LOCKS_DIR, whose lists say which placeholders the next start removes) let one session reach
+# another.  Showing one, a parent of one, or one of the wrapper's entries inside the runtime
+# base is refused: an empty mount over it would not do, as the sandbox could rename its
+# parent away and the next session would make its directory where the sandbox reads it.
+# Paths are compared canonical (realpath), since any of them may be reached through a link.
+
+def wrapper_places(environ):
+    """[(canonical path, names of the wrapper's entries in it or None for all of it, the
+    tool)] of every tool's session base and of the runtime base."""
+    tools = [p.tool for p in PROFILES.values()]
+    places = [(os.path.realpath(session_base(environ, t)), None, t) for t in tools]
+    own = (LOCKS_DIR.format(uid=os.geteuid()), *tools)
+    return places + [(os.path.realpath(private_base(environ)), own, tools[0])]
+
+
+def place_shown(real, place, own):
+    """How showing the canonical path `real` shows `place`: "above" (it or a parent of
+    it), "inside" (in it, in one of its `own` entries when given: a session's directory,
+    hidden while it is made, or LOCKS_DIR), or None."""
+    if is_within(place, real):
+        return "above"
+    if not is_within(real, place):
+        return None
+    first = os.path.relpath(real, place).split("/")[0].lstrip(".")
+    if own is None or any(first == o or first.startswith(o + ".") for o in own):
+        return "inside"
+    return None
+
+
+def wrapper_place_refusal(path, place, tool, environ):
+    if place == os.path.realpath(private_base(environ)):
+        what = "the sessions' proxy sockets and locks are there"
+        fix = ("" if environ.get("XDG_RUNTIME_DIR") else
+               ", or set XDG_RUNTIME_DIR to a private directory of yours")
+    else:
+        what, fix = f"{tool} keeps its sessions' homes there", ""
+    return (f"{path}: {what} ({place}), so a session shown it could reach the others; "
+            f"choose a directory neither inside nor above it{fix}")
+
+
+def refuse_wrapper_place(flag, path, environ):
+    """Refuse --dir, --allow-ro or --allow-rw `path` (canonical) that shows a wrapper
+    place."""
+    for place, own, tool in wrapper_places(environ):
+        if place_shown(path, place, own):
+            raise Failure(f"{flag} {wrapper_place_refusal(path, place, tool, environ)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The allow list: rules from options, presets and allow files
+# ---------------------------------------------------------------------------------------------
+
+def preset_rules(names):
+    """The rules of the named presets, each once, in order."""
+    return list(dict.fromkeys(rule for name in names for rule in PRESETS[name][1]))
+
+
+def rules_module():
+    """socks_filter, for its pure rule and name functions (never its SOCKS parsing)."""
+    try:
+        import socks_filter
+    except ImportError:
+        raise Failure(f"{FILTER_SCRIPT} is missing; keep socks_filter.py next to bw_lib.py") \
+            from None
+    return socks_filter
+
+
+def host_port(host, port):
+    """host:port, with brackets around an IPv6 address, as rules write it."""
+    return rules_module().host_port(str(host), port)
+
+
+def allow_option(host, port):
+    return "--allow-domain " + shlex.quote(host_port(host, port))
+
+
+def is_ip(text):
+    return rules_module().parse_ip_spelling(str(text)) is not None
+
+
+def is_private_ip(text):
+    """An IP address that is not public (loopback, private, link-local, metadata...)."""
+    rules = rules_module()
+    address = rules.parse_ip_spelling(str(text))
+    return address is not None and not rules.is_public_address(address)
+
+
+def host_port_rule(port):
+    """The exact IP rule that lets the proxy reach the host's 127.0.0.1:PORT."""
+    return f"127.0.0.1:{port}"
+
+
+def loopback_hints(allow):
+    """For each rule naming the sandbox's own 127.0.0.1 or ::1 (inside --unshare-net, where
+    NO_PROXY keeps them away from the proxy anyway): a hint pointing at --host-port."""
+    rules, hints = rules_module(), []
+    for text in allow:
+        try:
+            rule = rules.parse_rule(text)
+        except rules.RuleError:
+            continue
+        if rule.kind != "ip":
+            continue
+        if any(rule.matches_address(rules.parse_ip_spelling(a), rule.port or 1) for a in LOOPBACKS):
+            port = rule.port or "PORT"
+            hints.append(f"hint: --allow-domain {text} names the sandbox's own loopback; for a "
+                         f"service on the host's 127.0.0.1:{port} use --host-port {port}")
+    return hints
+
+
+ALLOW_FILE_LIMIT = 16 << 20
+
+
+def allow_file_rules(path, writable):
+    """The rules of one --allow-file, read once here and handed to the proxy as rules, so a
+    pipe (--allow-file <(...)) works.  Any readable file but a directory; never one the
+    sandbox can write (`writable`: the project, --allow-rw directories, the CLI's state), nor
+    reached through a link there: a session could have changed it to widen the next one's
+    network."""
+    filters = rules_module()
+    for place in (os.path.abspath(path), os.path.realpath(path)):
+        root = next((r for r in writable if is_within(place, r)
+                     or is_within(place, os.path.realpath(r))), None)
+        if root is not None:
+            raise Failure(f"--allow-file {path}: it is in {root}, which the sandbox can write, "
+                          "so a session could have changed it; keep allow files elsewhere "
+                          "(e.g. ~/.config/)", 2)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as error:
+        raise Failure(f"--allow-file {path}: {error.strerror.lower()}", 2) from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise Failure(f"--allow-file {path}: a directory, not a file of rules", 2)
+        if stat.S_ISREG(info.st_mode) and not same_file(info, os.path.realpath(path)):
+            raise Failure(f"--allow-file {path}: it changed while being opened", 2)
+        data = read_limited(fd, ALLOW_FILE_LIMIT)
+    finally:
+        os.close(fd)
+    if data is None:
+        raise Failure(f"--allow-file {path}: larger than {ALLOW_FILE_LIMIT >> 20} MiB", 2)
+    # socks_filter parses it (one parser), from a copy in memory.
+    copy = os.memfd_create("allow-file", os.MFD_CLOEXEC)
+    where = f"/proc/self/fd/{copy}"
+    try:
+        os.write(copy, data)
+        return [rule.text for rule in filters.read_rule_file(where)]
+    except filters.RuleError as error:
+        raise Failure(f"bad allow rule: {printable(str(error).replace(where, path))}", 2) \
+            from None
+    finally:
+        os.close(copy)
+
+
+def rule_problems(rules=(), files=()):
+    """(how many rules parse, ["where: why" for each that does not]): --allow-domain rules
+    one by one, allow files through socks_filter.read_rule_file (its first error a file)."""
+    filters = rules_module()
+    count, problems = 0, []
+    for rule in rules:
+        try:
+            filters.parse_rule(rule)
+            count += 1
+        except filters.RuleError as error:
+            problems.append(f"--allow-domain {printable(rule)}: {printable(error)}")
+    for path in files:
+        try:
+            count += len(filters.read_rule_file(path))
+        except filters.RuleError as error:
+            problems.append(printable(error))
+    return count, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: every decision about one session, made before anything starts
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """Everything decided about one session; build_*_args turn it into commands."""
+    profile: Profile
+    home: str
+    project: str
+    command: list
+    env: dict
+    bwrap: str = "bwrap"
+    system: list = field(default_factory=list)      # (path, symlink target or None)
+    etc: list = field(default_factory=list)
+    mounts: list = field(default_factory=list)      # (option, source or None, destination)
+    unshare_net: bool = False
+    filter: bool = False
+    allow: list = field(default_factory=list)
+    allow_files: list = field(default_factory=list)
+    allow_private: bool = False
+    learn: str = None                               # --learn FILE: audit mode, write FILE
+    proxy_log: str = None
+    socat: str = "socat"
+    env_program: str = None                         # env(1) that can reset SIGINT
+    seccomp: bytes = None                           # the TIOCSTI filter program
+    disable_userns: bool = False                    # bwrap has --disable-userns
+    placeholders: list = field(default_factory=list)  # protected paths to create first
+    sockets_complete: bool = True                   # the socket and repository walks
+                                                    # saw everything
+    verbose: bool = False
+    dry_run: bool = False
+    state: list = field(default_factory=list)       # State items, SLUG filled in
+    read_only_state: list = field(default_factory=list)  # home-relative seeded "ro" copies
+    allow_file_rules: list = field(default_factory=list)  # the allow files' rules, read once
+    beneath: dict = field(default_factory=dict)     # fd-bound source: (real root, relative,
+                                                    # is a directory), see bind_checked
+    git_roots: list = field(default_factory=list)   # checked for git metadata at the end
+    host_ports: list = field(default_factory=list)  # --host-port: (inside, host port)
+    proxy_token: str = None                         # --share-net: the proxy's password
+    environ: dict = field(default_factory=dict)     # the wrapper's environment, HOME checked
+    early_proxy: object = None      # a ProxyInterpreter started before the plan (Wrapper.plan)
+
+
+def make_plan(profile, opts, environ, skip=()):
+    """Look at the host (paths, programs) and decide the session."""
+    home = checked_home(environ)
+    project = os.path.realpath(opts.dir or os.getcwd())
+    if not os.path.isdir(project):
+        raise Failure(f"--dir {opts.dir}: not a directory")
+    refuse_path("--dir", project, home, hidden_paths(profile))
+    refuse_wrapper_place("--dir", project, environ)
+    search_path = environ.get("PATH", os.defpath)
+    cli = find_cli(profile, search_path, home, skip)
+    if cli is None and not opts.shell:
+        raise Failure(f"{profile.name} not found (looked in {cli_places(profile)}); install it: "
+                      f"{profile.install_hint}", 127)
+    programs = [cli] if cli else []
+    for helper in profile.helpers:
+        found = find_program(helper, search_path)
+        if found is None and not opts.shell:
+            raise Failure(f"{helper} not found on PATH; {profile.name} needs it", 127)
+        programs += [found] if found else []
+    if opts.shell:
+        shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+        command = [shell, *opts.args]
+    else:
+        extra = [] if opts.no_skip_permissions else list(profile.cli_args)
+        command = [cli, *extra, *opts.args]
+
+    hidden = hidden_paths(profile)
+    entries = showable_entries(home, hidden) if opts.full_home_access else set()
+    mounts = home_mounts(profile, home, opts.full_home_access, entries,
+                         bind_state=opts.allow_config_writes)
+    rw_extra = []
+    for flag, option, paths in (("--allow-ro", "--ro-bind", opts.allow_ro),
+                                ("--allow-rw", "--bind", opts.allow_rw)):
+        for path in paths:
+            check_given(flag, path, writable_roots(project, home, profile))
+            real = os.path.realpath(path)
+            if not os.path.exists(real):
+                raise Failure(f"{flag} {path}: no such file or directory")
+            refuse_path(flag, real, home, hidden)
+            refuse_wrapper_place(flag, real, environ)
+            mounts.append((option, real, real))
+            if option == "--bind":
+                rw_extra.append(real)
+    # Sockets are searched for where the user chose to show a tree (--allow-*, the whole
+    # home), not in the CLI's state or the tool directories: toolchains hold tens of
+    # thousands of files and no sockets, and walking them would cost every start.
+    skipped = {os.path.join(home, d) for d in (*profile.state_dirs, *HOME_TOOLS)}
+    sockets, walked = socket_masks([(src, dest) for _, src, dest in mounts
+                                    if src and src not in skipped], home, hidden)
+    socat = shutil.which("socat", path=search_path) or "socat"
+    if opts.filter_network:
+        programs.append(socat)
+    roots = writable_roots(project, home, profile, rw_extra)
+    refuse_wrapper_inside(roots)
+    for program in programs:
+        check_chain(symlink_chain(program), roots)
+        mounts += [("--ro-bind", r, r) for r in install_roots(symlink_chain(program), home)]
+    mounts.append(("--bind", project, project))
+    mounts += secret_masks(home, mounts, hidden=hidden)
+    mounts += session_masks(environ, mounts, create=not opts.dry_run)
+    mounts += sockets
+    placeholders, beneath = [], {}
+    if not opts.allow_config_writes:
+        rw_roots = [dest for option, _, dest in mounts if option == "--bind"]
+        nested, whole = nested_repositories([project, *rw_extra])
+        walked = walked and whole
+        protected, placeholders = protection(project, home, rw_roots, rw_extra, nested)
+        mounts += protected
+        mounts, beneath = bind_checked(mounts, roots, placeholders)
+
+    allow_files, file_rules = [], []
+    user_file = config_path({**environ, "HOME": home}, profile.tool, "allowed-domains")
+    writable = [dest for option, _, dest in mounts if option == "--bind"]
+    writable += [session_base(environ, p.tool) for p in PROFILES.values()]
+    for path in ([user_file] if os.path.isfile(user_file) else []) + opts.allow_file:
+        if opts.filter_network:
+            file_rules += allow_file_rules(path, writable)
+        allow_files.append(os.path.abspath(path))
+    allow = list(profile.allow) + preset_rules(opts.allow_preset) + opts.allow_domain
+    allow += [host_port_rule(host) for _, host in opts.host_port]
+    if opts.filter_network:
+        # Every rule now, before anything starts: the proxy would refuse it later.
+        problems = rule_problems(allow)[1]
+        if problems:
+            raise Failure(f"bad allow rule: {problems[0]}", 2)
+    learn = os.path.abspath(opts.learn) if opts.learn else None
+    for flag, given in (("--learn", opts.learn), ("--proxy-log", opts.proxy_log)):
+        problem = given and host_file_problem(os.path.abspath(given), roots)
+        if problem:
+            raise Failure(f"{flag} {given}: will not write there: {problem}")
+    if learn and (os.path.isdir(learn) or not os.access(os.path.dirname(learn), os.W_OK)):
+        raise Failure(f"--learn {opts.learn}: cannot write a file there")
+
+    env_program = shutil.which("env", path="/usr/bin:/bin")
+    bwrap = shutil.which("bwrap", path=search_path) or "bwrap"
+    token = advisory_token(opts)
+    return Plan(
+        profile=profile, home=home, project=project, command=command,
+        env=with_token(build_env(profile, environ, home, opts.pass_env, opts.env,
+                                 defaults=inside_env(opts.filter_network)), token),
+        bwrap=bwrap,
+        system=[(d, os.readlink(d) if os.path.islink(d) else None)
+                for d in SYSTEM_DIRS if os.path.lexists(d)],
+        etc=[f"/etc/{e}" for e in ETC_ENTRIES if os.path.exists(f"/etc/{e}")],
+        mounts=mounts,
+        unshare_net=opts.unshare_net,
+        filter=opts.filter_network,
+        allow=allow,
+        allow_files=allow_files,
+        allow_private=opts.allow_private,
+        learn=learn,
+        proxy_log=os.path.abspath(opts.proxy_log) if opts.proxy_log else None,
+        socat=socat,
+        env_program=env_program if env_program and env_resets_signals(env_program) else None,
+        seccomp=tiocsti_filter(os.uname().machine),
+        disable_userns=bwrap_supports(bwrap, "--disable-userns"),
+        placeholders=placeholders,
+        sockets_complete=walked,
+        verbose=opts.verbose, dry_run=opts.dry_run, allow_file_rules=file_rules,
+        state=state_items(profile, project, opts.allow_config_writes), beneath=beneath,
+        git_roots=[] if opts.allow_config_writes else [project, *rw_extra],
+        host_ports=opts.host_port, proxy_token=token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands: the sandbox's environment, bwrap's and the proxy's command lines, seccomp,
+# and --verbose's description
+# ---------------------------------------------------------------------------------------------
+
+def build_env(profile, environ, home, pass_env=(), assignments=(), defaults=()):
+    """The sandbox's environment: allow list, profile defaults, `defaults` (inside_env),
+    --pass-env, --env."""
+    patterns = ENV_NAMES + profile.env_names
+    env = {name: value for name, value in environ.items()
+           if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+    env["HOME"] = home
+    env.update(profile.env)
+    env.update(defaults)
+    env.update((name, environ[name]) for name in pass_env if name in environ)
+    env.update(a.partition("=")[::2] for a in assignments)
+    return env
+
+
+def assemble(program):
+    """Classic BPF from (op, k[, label to jump to when true]) and ("label", name) items;
+    a false comparison falls through to the next instruction."""
+    at, labels = 0, {}
+    for item in program:
+        if item[0] == "label":
+            labels[item[1]] = at
+        else:
+            at += 1
+    code, at = b"", 0
+    for item in program:
+        if item[0] == "label":
+            continue
+        op, k, if_true = (*item, None)[:3]
+        jt = labels[if_true] - at - 1 if if_true else 0
+        code += struct.pack("=HBBI", op, jt, 0, k)
+        at += 1
+    return code
+
+
+def tiocsti_filter(machine):
+    """The seccomp program that makes ioctl(TIOCSTI/TIOCLINUX) fail with EPERM."""
+    arches = SECCOMP_ARCHES.get(machine)
+    if arches is None:
+        raise Failure(f"the keystroke-injection filter supports {' and '.join(SECCOMP_ARCHES)}, "
+                      f"not {machine}; refusing to start without it")
+    program = [(BPF_LD_W_ABS, 4)]
+    program += [(BPF_JEQ_K, arch, f"arch{i}") for i, (arch, _) in enumerate(arches)]
+    program.append((BPF_RET_K, SECCOMP_RET_ALLOW))
+    for i, (arch, numbers) in enumerate(arches):
+        program += [("label", f"arch{i}"), (BPF_LD_W_ABS, 0)]
+        program += [(BPF_JEQ_K, n, "request") for n in numbers]
+        program.append((BPF_RET_K, SECCOMP_RET_ALLOW))
+    program += [("label", "request"), (BPF_LD_W_ABS, 24),
+                (BPF_JEQ_K, TIOCSTI, "deny"), (BPF_JEQ_K, TIOCLINUX, "deny"),
+                (BPF_RET_K, SECCOMP_RET_ALLOW),
+                ("label", "deny"), (BPF_RET_K, SECCOMP_RET_EPERM)]
+    return assemble(program)
 
 
 def inner_command(plan):
@@ -1950,156 +2512,12 @@ def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
                    "--ready-fd", str(ready_fd)]
 
 
-def private_base(environ):
-    runtime = environ.get("XDG_RUNTIME_DIR", "")
-    return runtime if os.path.isabs(runtime) and os.path.isdir(runtime) else tempfile.gettempdir()
-
-
-def make_private_dir(base, tool):
-    """A 0700 directory for one session, locked for as long as this process lives.
-
-    It is made under a hidden name and renamed once locked, so sweep_stale never sees
-    it unlocked.  Returns (path, fd holding the lock).
-    """
-    hidden = tempfile.mkdtemp(prefix=f".{tool}.", dir=base)
-    fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    path = os.path.join(base, os.path.basename(hidden)[1:])
-    os.rename(hidden, path)
-    return path, fd
-
-
 def filter_fd(program):
     """A pipe holding the seccomp program for bwrap --seccomp (it is far below a pipe's size)."""
     read_fd, write_fd = os.pipe()
     os.write(write_fd, program)
     os.close(write_fd)
     return read_fd
-
-
-def placeholder_content(path):
-    if path.endswith("/.git/commondir"):
-        return PLACEHOLDER_COMMONDIR
-    return PLACEHOLDER_JSON if path.endswith(".json") else b""
-
-
-def key_segments(key, project=None):
-    """A guarded key ("a.b.c", or ("a.b.c", allowed values)) as (segments, values or None);
-    PROJECT_KEY becomes the project's path, which may hold dots (and, escaped, fnmatch's
-    special characters: it names that one project)."""
-    text, values = (key, None) if isinstance(key, str) else key
-    project = None if project is None else glob.escape(project)
-    return [project if part == PROJECT_KEY else part for part in text.split(".")], values
-
-
-def dotted(tree, key):
-    for part in key.split(".") if isinstance(key, str) else key:
-        if not isinstance(tree, dict) or part not in tree:
-            return _MISSING
-        tree = tree[part]
-    return tree
-
-
-def set_dotted(tree, key, value):
-    *parents, last = key.split(".") if isinstance(key, str) else key
-    for part in parents:
-        if not isinstance(tree.get(part), dict):
-            tree[part] = {}
-        tree = tree[part]
-    if value is _MISSING:
-        tree.pop(last, None)
-    else:
-        tree[last] = value
-
-
-def key_paths(trees, segments, prefix=()):
-    """The concrete key paths that `segments` (fnmatch patterns, one a level) names in any
-    of `trees`."""
-    if not segments:
-        yield prefix
-        return
-    pattern, rest = segments[0], segments[1:]
-    if pattern is None:
-        return
-    if any(c in pattern for c in "*?["):
-        names = set()
-        for tree in trees:
-            node = dotted(tree, prefix)
-            if isinstance(node, dict):
-                names.update(k for k in node if fnmatch.fnmatchcase(k, pattern))
-        names = sorted(names)
-    else:
-        names = [pattern]
-    for name in names:
-        yield from key_paths(trees, rest, prefix + (name,))
-
-
-def parse_json(data):
-    """JSON written by the sandbox, or None when it is not strict JSON (or too deep to
-    parse).  Python reads NaN, Infinity and 1e999 and would write them back, and the CLIs'
-    own parsers then take the whole file for corrupt (Claude replaces it with defaults)."""
-    try:
-        return json.loads(data, parse_constant=not_json, parse_float=finite_float)
-    except (ValueError, RecursionError):
-        return None
-
-
-def not_json(word):
-    raise ValueError(f"{word} is not JSON")
-
-
-def finite_float(text):
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"{text} is out of range")
-    return value
-
-
-def guarded_changes(base, ours, keys, project=None):
-    """`base` with only the changes `ours` made to `keys` (see key_segments; a segment may
-    be an fnmatch pattern), or None if none or if either is not a JSON object."""
-    base_tree, our_tree = parse_json(base or b"{}"), parse_json(ours)
-    if not isinstance(base_tree, dict) or not isinstance(our_tree, dict):
-        return None
-    result = json.loads(json.dumps(base_tree))
-    for key in keys:
-        segments, values = key_segments(key, project)
-        for path in key_paths((base_tree, our_tree), segments):
-            value = dotted(our_tree, path)
-            if value == dotted(base_tree, path):
-                continue
-            if values is not None and value is not _MISSING and value not in values:
-                continue
-            if value is _MISSING and dotted(result, path) is _MISSING:
-                continue
-            set_dotted(result, path, value)
-    if result == base_tree:
-        return None
-    try:
-        return (json.dumps(result, indent=2, allow_nan=False) + "\n").encode()
-    except (ValueError, RecursionError):
-        return None
-
-
-def sweep_stale(base, tool):
-    """Remove what sessions killed with SIGKILL left: their directories are no longer locked."""
-    for name in os.listdir(base):
-        if not name.startswith(tool + "."):
-            continue
-        path = os.path.join(base, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            if os.fstat(fd).st_uid != os.getuid():
-                continue
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-        remove_tree(path)
 
 
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "AUTH", "CREDENTIAL")
@@ -2112,464 +2530,74 @@ def format_env_command(env, argv):
     return shlex.join(["env", "-i", *shown, *argv])
 
 
-def printable(text):
-    """Text from the proxy log, safe to print on a terminal."""
-    return "".join(c if c.isprintable() else "?" for c in str(text))
+def with_token(env, token):
+    return {**env, TOKEN_VARIABLE: token} if token else env
 
 
-def rules_module():
-    """socks_filter, for its pure rule and name functions (never its SOCKS parsing)."""
-    try:
-        import socks_filter
-    except ImportError:
-        raise Failure(f"{FILTER_SCRIPT} is missing; keep socks_filter.py next to bw_lib.py") \
-            from None
-    return socks_filter
+def proxy_env(plan):
+    """The proxy's environment: the wrapper's, plus the password when there is one."""
+    return with_token(dict(os.environ), plan.proxy_token)
 
 
-def host_port(host, port):
-    """host:port, with brackets around an IPv6 address, as rules write it."""
-    return rules_module().host_port(str(host), port)
+def network_warnings(plan):
+    """The loud lines at start for the options that open the network."""
+    lines = []
+    if plan.learn:
+        lines.append("learn mode: the network is OPEN to every " +
+                     ("public and private-use address (--allow-private)" if plan.allow_private
+                      else "public address (private addresses stay blocked)") +
+                     f"; the destinations used go to {plan.learn} at exit")
+    elif plan.allow_private:
+        lines.append("--allow-private: allowed names may reach private-use addresses (your LAN)")
+    if plan.unshare_net:
+        own = {host_port_rule(host) for _, host in plan.host_ports}
+        lines += loopback_hints([r for r in plan.allow[len(plan.profile.allow):] if r not in own])
+    return lines
 
 
-def allow_option(host, port):
-    return "--allow-domain " + shlex.quote(host_port(host, port))
+def describe(plan):
+    """--verbose: the decisions, one per line."""
+    net = ("learning: open, audited" if plan.learn else
+           "filtered, enforced" if plan.filter and plan.unshare_net else
+           "filtered, advisory (the proxy wants a per-session credential)" if plan.filter else
+           "none" if plan.unshare_net else "host network")
+    lines = [f"profile: {plan.profile.name}", f"project: {plan.project}",
+             f"command: {shlex.join(plan.command)}", f"network: {net}"]
+    if plan.filter:
+        lines.append(f"allow: {' '.join(plan.allow)}")
+        if plan.allow_private:
+            lines.append("private addresses: reachable by allowed names (--allow-private)")
+        lines += [f"allow file: {p}" for p in plan.allow_files]
+        lines += [f"host port: 127.0.0.1:{inside} inside is the host's 127.0.0.1:{host}"
+                  for inside, host in plan.host_ports]
+    lines += [" ".join(x for x in mount if x) for mount in plan.mounts]
+    lines += [f"state: ~/{i.path}: " + ", ".join(filter(None, [
+        {"copy": "a copy", "ro": "a read-only copy", "mine": "this project's lines"}.get(i.seed),
+        i.back and f"back: {i.back}"])) for i in plan.state]
+    if not plan.sockets_complete:
+        lines.append(f"unix sockets, nested repositories: the search below the shown and "
+                     f"writable directories stopped at {SOCKET_WALK_ENTRIES} entries or "
+                     f"{SOCKET_WALK_DEPTH} levels; what is beyond it is not covered")
+    lines.append("Ctrl-C reaches the CLI: " + ("yes" if plan.env_program else
+                 "no, env(1) lacks --default-signal; Ctrl-C ends the session"))
+    lines.append("keystroke injection (ioctl TIOCSTI, TIOCLINUX): blocked by a seccomp filter")
+    lines.append("nested user namespaces: " + ("blocked (--disable-userns)" if plan.disable_userns
+                 else "possible: this bwrap lacks --disable-userns (bubblewrap >= 0.8)"))
+    return "\n".join(f"{plan.profile.tool}: {line}" for line in lines)
 
 
-def is_ip(text):
-    return rules_module().parse_ip_spelling(str(text)) is not None
-
-
-def is_private_ip(text):
-    """An IP address that is not public (loopback, private, link-local, metadata...)."""
-    rules = rules_module()
-    address = rules.parse_ip_spelling(str(text))
-    return address is not None and not rules.is_public_address(address)
-
-
-def read_records(lines):
-    """The proxy log's objects; lines that are not JSON objects are skipped."""
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(record, dict):
-            yield record
-
-
-def went_ahead(record):
-    """A decision record whose connection the proxy attempted (allowed, or audit mode)."""
-    return record.get("event") == "decision" and (
-        record.get("decision") == "allow" or record.get("enforced") is False)
-
-
-@dataclass
-class Blocked:
-    """One blocked destination in the end-of-session story."""
-    host: str
-    port: str
-    count: int = 0
-    reasons: list = field(default_factory=list)   # log reasons, in order seen
-    address: str = ""       # the private address a name resolved to ("10.0.0.5:8000")
-
-    @property
-    def why(self):
-        text = ", ".join(REASONS.get(r, printable(r)) for r in self.reasons)
-        return text + (": allow only if you mean it" if is_private_ip(self.host) else "")
-
-    @property
-    def option(self):
-        """The option that would let it through, or "" when none would: an IP rule for an
-        address (a private one is flagged in `why`: allow it only if you mean it); a name
-        that resolved to a private address is allowed only by --allow-private, which is
-        the user's call and never suggested."""
-        if any(r in ALLOWABLE for r in self.reasons) or (
-                "private-address" in self.reasons and is_ip(self.host)):
-            return allow_option(self.host, self.port)
-        return fix_option(self)
-
-
-def network_story(records):
-    """(connections allowed, [Blocked], most first): what the session summary tells.
-    A destination is counted once per host:port, whatever the reasons."""
-    allowed, blocked = 0, {}
-    for record in records:
-        if record.get("event") != "decision":
-            continue
-        if went_ahead(record):
-            allowed += 1
-            continue
-        host, port = printable(record.get("host", "?")), printable(record.get("port", "?"))
-        entry = blocked.setdefault((host, port), Blocked(host, port))
-        entry.count += 1
-        reason = str(record.get("reason", ""))
-        if reason not in entry.reasons:
-            entry.reasons.append(reason)
-        if reason == "private-address" and record.get("address"):
-            entry.address = printable(record["address"])
-    return allowed, sorted(blocked.values(), key=lambda b: (-b.count, b.host, b.port))
-
-
-def format_story(tool, allowed, blocked, width=None, failed=(), quiet=(), refused=0):
-    """The summary: one line, or with `width` (a terminal's) a small table when it fits."""
-    total = sum(b.count for b in blocked)
-    head = f"{tool}: network: {allowed} allowed, {total} blocked"
-    shown, more = blocked[:SUMMARY_HOSTS], len(blocked) - SUMMARY_HOSTS
-    rows = [("blocked", "times", "why", "to allow it")]
-    rows += [(host_port(b.host, b.port), str(b.count), b.why, b.option or "-") for b in shown]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  " + "  ".join(cell.rjust(w) if i == 1 else cell.ljust(w)
-                              for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
-             for row in rows]
-    if more > 0:
-        lines.append(f"  and {more} more (see --proxy-log)")
-    extras = story_extras(failed, quiet, refused)
-    if failed:
-        head += f", {sum(f.count for f in failed)} failed"
-    if blocked and width and max([*map(len, lines), *(len(e) + 2 for e in extras)]) <= width:
-        return head + ":\n" + "\n".join(lines + ["  " + e for e in extras])
-    items = []
-    for b in shown:
-        item = host_port(b.host, b.port) + (f" x{b.count}" if b.count > 1 else "")
-        items.append(f"{item} ({b.why})" + (f" {b.option}" if b.option else ""))
-    if more > 0:
-        items.append(f"and {more} more (see --proxy-log)")
-    return wrap_words(head + (": " + "; ".join(items + extras) if items or extras else ""), width)
-
-
-def summarize(tool, lines, width=None, expected=()):
-    """The end-of-session summary from the proxy's JSON log lines (so --proxy-log rebuilds it).
-    `expected`: the profile's expected_blocked, summed up on one quiet line."""
-    records = list(read_records(lines))
-    allowed, blocked = network_story(records)
-    failed = failed_connections(records)
-    blocked, quiet, refused = set_apart(blocked, expected)
-    return format_story(tool, allowed - sum(f.count for f in failed), blocked, width,
-                        failed=failed, quiet=quiet, refused=refused)
+def inside_env(filter_network, cache=SANDBOX_CACHE):
+    """Variables every session sets inside (before --pass-env and --env, which win)."""
+    env = {name: f"{cache}/{sub}" if sub else cache for name, sub in CACHE_ENV}
+    if filter_network:
+        env["NODE_USE_ENV_PROXY"] = "1"
+    return env
 
 
 # ---------------------------------------------------------------------------------------------
-# The summary's extras: failed connections, what is blocked by design, refused strangers
-
-# Reasons a tunnel to a name was closed that a :PORT/raw rule cures (a client that is not
-# TLS, or that waits for the server to speak first); the others look like attacks.
-RAW_CURES = {"not-tls", "tls-timeout", "no-sni"}
-
-
-def fix_option(blocked):
-    """The fix for a blocked name that an --allow-domain NAME:PORT would not cure: an IP rule
-    for the private address it resolved to (or, for a private-use one, --allow-private), or
-    a /raw rule."""
-    if is_ip(blocked.host):
-        return ""
-    if "private-address" in blocked.reasons and blocked.address:
-        rules = rules_module()
-        ip = rules.parse_ip_spelling(blocked.address.rpartition(":")[0].strip("[]"))
-        also = " or --allow-private" if ip and rules.address_class(ip) == "private-use" else ""
-        return f"--allow-domain {shlex.quote(blocked.address)} (only if you mean it){also}"
-    if blocked.reasons and set(blocked.reasons) <= RAW_CURES:
-        return allow_option(blocked.host, blocked.port) + "/raw"
-    return ""
-
-
-@dataclass
-class Failed:
-    """An allowed destination whose lookup or connect failed, counted apart from "allowed"."""
-    host: str
-    port: str
-    count: int = 0
-    reasons: list = field(default_factory=list)
-
-    @property
-    def text(self):
-        times = f" x{self.count}" if self.count > 1 else ""
-        return (host_port(self.host, self.port) + times + " (" +
-                ", ".join(REASONS.get(r, printable(r)) for r in self.reasons) + ")")
-
-
-def failed_connections(records):
-    """[Failed], most first, from the close records of allowed connections that never
-    connected (the proxy logs them allowed, then closed with a FAILURE_REASONS reason)."""
-    failed, failures = {}, rules_module().FAILURE_REASONS
-    for record in records:
-        reason = str(record.get("reason", ""))
-        if record.get("event") != "close" or reason not in failures:
-            continue
-        host, port = printable(record.get("host", "?")), printable(record.get("port", "?"))
-        entry = failed.setdefault((host, port), Failed(host, port))
-        entry.count += 1
-        if reason not in entry.reasons:
-            entry.reasons.append(reason)
-    return sorted(failed.values(), key=lambda f: (-f.count, f.host, f.port))
-
-
-def set_apart(blocked, expected):
-    """(blocked to list, [Blocked] the profile expects, connections refused for lacking the
-    session's proxy credential): the last two are summed up, not listed as problems."""
-    listed, quiet, refused = [], [], 0
-    for entry in blocked:
-        if entry.reasons == ["proxy-auth"]:
-            refused += entry.count
-        elif entry.reasons == ["not-in-allowlist"] and \
-                host_port(entry.host, entry.port) in expected:
-            quiet.append(entry)
-        else:
-            listed.append(entry)
-    return listed, quiet, refused
-
-
-def story_extras(failed, quiet, refused):
-    """The summary's short sentences after the blocked list."""
-    extras = []
-    if failed:
-        extras.append("failed: " + ", ".join(f.text for f in failed[:SUMMARY_HOSTS]))
-    if quiet:
-        extras.append("blocked by design, as in every session: " + ", ".join(
-            host_port(q.host, q.port) + (f" x{q.count}" if q.count > 1 else "") for q in quiet))
-    if refused:
-        extras.append(f"{refused} connection{'s' if refused > 1 else ''} without this "
-                      "session's proxy credential refused (another local user?)")
-    return extras
-
-
-def wrap_words(text, width):
-    """`text` on one line, or for a terminal `width` wide, folded between words (a long
-    option stays whole) with the continuation lines indented."""
-    if not width or len(text) <= width:
-        return text
-    import textwrap     # only a wrapped summary needs it
-    return textwrap.fill(text, width, subsequent_indent="  ", break_long_words=False,
-                         break_on_hyphens=False)
-
-
-def learned(records):
-    """What --learn writes, from the proxy's log: {(host, port): {"count", "reached",
-    "protos", "failures", "addresses", "raw"}} for every destination the proxy attempted;
-    "reached" counts the connections that got through (a failed one teaches nothing); "raw"
-    says a tunnel to that name carried something other than TLS for it."""
-    attempts, closes = {}, {}
-    for record in records:
-        if went_ahead(record):
-            attempts[record.get("id")] = record
-        elif record.get("event") == "close":
-            closes[record.get("id")] = record
-    used = {}
-    for key, record in attempts.items():
-        entry = used.setdefault((str(record.get("host", "")), record.get("port")),
-                                {"count": 0, "reached": 0, "protos": set(), "failures": set(),
-                                 "addresses": set(), "raw": False})
-        entry["count"] += 1
-        entry["raw"] = entry["raw"] or record.get("tunnel") == "raw"
-        entry["protos"].add(str(record.get("proto", "?")))
-        close = closes.get(key, {})
-        reason = str(close.get("reason", "closed"))
-        if reason in ("closed", "proxy-stopped"):
-            entry["reached"] += 1
-            entry["addresses"].add(str(close.get("address") or ""))
-        else:
-            entry["failures"].add(reason)
-    return used
-
-
-def private_addresses(addresses):
-    """Of the close records' "address" fields (1.2.3.4:443, [::1]:443), the non-public IPs."""
-    ips = [text.rpartition(":")[0].strip("[]") for text in sorted(addresses)]
-    return [ip for ip in ips if is_private_ip(ip)]
-
-
-def format_learned(tool, used, when):
-    """The --learn file: one rule a line for every destination reached, sorted, each with a
-    comment; what was never reached, or cannot be a rule, stays a comment.  A name that
-    reached a private address (learned with --allow-private) says it needs that option too."""
-    filters = rules_module()
-    rules, notes = [], []
-    for (host, port), use in sorted(used.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-        rule = host_port(printable(host), printable(port))
-        if use.get("raw") and not is_ip(host):      # it saw a stream that was not TLS
-            rule += filters.RAW_SUFFIX
-        plural = "s" if use["count"] > 1 else ""
-        comment = f"{use['count']} connection{plural}: {', '.join(sorted(use['protos']))}"
-        if use["failures"]:
-            comment += f"; failed: {', '.join(sorted(use['failures']))}"
-        private = [] if is_ip(host) else private_addresses(use["addresses"])
-        if private:
-            comment += f"; reached private {', '.join(private)}: needs --allow-private too"
-        if not use["reached"]:
-            notes.append(f"# not reached, so not allowed: {rule} ({comment})")
-            continue
-        try:
-            filters.parse_rule(rule)
-        except filters.RuleError as error:
-            notes.append(f"# cannot be a rule: {rule} ({printable(error)})")
-            continue
-        rules.append((rule, comment))
-    pad = max((len(rule) for rule, _ in rules), default=0)
-    lines = [f"# {tool} --learn, {when}: the destinations one session reached.",
-             "# Review, then: "
-             f"{tool} --filter-network --unshare-net --allow-file THIS-FILE"]
-    lines += [f"{rule.ljust(pad)}  # {comment}" for rule, comment in rules] + notes
-    return "\n".join(lines) + "\n", len(rules)
-
-
-_MISSING = object()
-
-
-def merge_json(base, ours, theirs):
-    """Three-way merge of JSON objects, key by key; where both changed a key, ours wins."""
-    if not all(isinstance(x, dict) for x in (base, ours, theirs)):
-        return ours
-    merged = dict(theirs)
-    for key in base.keys() | ours.keys():
-        b, o = base.get(key, _MISSING), ours.get(key, _MISSING)
-        if o == b:
-            continue
-        if o is _MISSING:
-            merged.pop(key, None)
-        else:
-            merged[key] = merge_json(b, o, theirs.get(key, _MISSING))
-    return merged
-
-
-def merge_state(base, ours, theirs):
-    """The bytes to write back for a state file, or None to leave the host's alone."""
-    if ours is None or ours == base:
-        return None
-    if theirs == base:
-        return ours
-    parsed = [parse_json(x) if x is not None else {} for x in (base, ours, theirs)]
-    if any(x is None for x in parsed):
-        return ours
-    return (json.dumps(merge_json(*parsed), indent=2, allow_nan=False) + "\n").encode()
-
-
-def take_lock(lock):
-    """mkdir-style lock shared with Claude; a lock older than 10 s is stale."""
-    for _ in range(100):
-        try:
-            os.mkdir(lock)
-            return True
-        except FileExistsError:
-            try:
-                if time.time() - os.stat(lock).st_mtime > 10:
-                    return False
-            except OSError:
-                continue
-            time.sleep(0.05)
-        except OSError:
-            return False
-    return False
-
-
-def stop(process, sig=signal.SIGTERM):
-    """Signal a child and reap it, bounded; SIGKILL if it lingers."""
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(sig)
-    try:
-        process.wait(STOP_SECONDS)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def read_ready(fd, seconds):
-    """The proxy's ready line, or what it wrote before closing or the time running out."""
-    data, deadline = b"", time.monotonic() + seconds
-    while b"\n" not in data:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            break
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode(errors="replace").strip()
-
-
-def last_line(path):
-    try:
-        with open(path, errors="replace") as f:
-            lines = [line.strip() for line in f if line.strip()]
-    except OSError:
-        return ""
-    return printable(lines[-1]) if lines else ""
-
-
-def bwrap_ran(status):
-    """Whether bwrap got as far as running the command (its status fd says how it exited)."""
-    return b'"exit-code"' in status
-
-
-def write_out(text, stream=None):
-    """A line on stdout (or `stream`) whatever its encoding: a path that is not valid in it
-    goes out as its bytes (the shell-quoted commands of --dry-run stay exact)."""
-    stream = stream or sys.stdout
-    encoding = getattr(stream, "encoding", None) or "utf-8"
-    try:
-        data = (text + "\n").encode(encoding, "surrogateescape")
-    except UnicodeEncodeError:
-        data = (text + "\n").encode(encoding, "backslashreplace")
-    if not hasattr(stream, "buffer"):
-        stream.write(data.decode(encoding, "replace"))
-        return
-    stream.flush()
-    stream.buffer.write(data)
-    stream.buffer.flush()
-
-
-def say(text):
-    """A line on stderr, which may be a terminal that is gone (SIGHUP)."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        write_out(text, sys.stderr)
-
-
-def remove_tree(path):
-    """rmtree that also removes what the sandbox made unwritable (chmod 500 on a directory):
-    on a failure the directory concerned is made 0700 and the removal tried again, once
-    for each path."""
-    tried = set()
-
-    def retry(function, failed, _info):
-        if failed in tried:
-            return
-        tried.add(failed)
-        with contextlib.suppress(OSError):
-            parent = os.path.dirname(failed)
-            if is_within(parent, path):
-                os.chmod(parent, 0o700)
-            if os.path.isdir(failed) and not os.path.islink(failed):
-                os.chmod(failed, 0o700)
-                shutil.rmtree(failed, onerror=retry)
-            else:
-                function(failed)
-
-    with contextlib.suppress(OSError):
-        shutil.rmtree(path, onerror=retry)
-    if os.path.lexists(path):       # a directory emptied late by a retry
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def could_be_made(path, error):
-    """Whether the sandbox could create `path` although we failed to: not when the
-    filesystem is read-only, the parent is not a directory (it is pinned), or the nearest
-    existing directory is someone else's and not writable (no chmod can open it)."""
-    import errno
-    if error.errno in (errno.EROFS, errno.ENOTDIR):
-        return False
-    parent = os.path.dirname(path.rstrip("/"))
-    while not os.path.lexists(parent) and parent != "/":
-        parent = os.path.dirname(parent)
-    try:
-        owner = os.stat(parent).st_uid
-    except OSError:
-        return True
-    return owner == os.geteuid() or os.access(parent, os.W_OK)
-
-
-# ---------------------------------------------------------------------------
 # CLI state: the session's own copy, and what of it flows back
-# ---------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+
 # Inside, ~/.claude (~/.gemini) is a directory of the session's private home, not the host's:
 # it starts with copies of what the profile's State items seed and is thrown away at exit.
 # Per session, not per project: sessions of one project overlap and end in any order, and
@@ -2580,9 +2608,9 @@ def could_be_made(path, error):
 # and is followed; below it, no link is ever followed, when reading or when writing.
 
 STATE_COPY_ENTRIES = 10000   # files and directories copied for one State item, at most
+
 STATE_COPY_DEPTH = 8
 SESSION_BACK_LIMIT = STATE_FILE_LIMIT   # bytes one session may add to transcripts and history
-SLUG = "{slug}"              # in a State path: this project's directory name in Claude's state
 GEMINI_ID_NAME = re.compile(r"[a-z0-9-]{1,100}")
 PROJECT_ROOT = ".project_root"
 SLUG_LIMIT = 200             # Claude shortens longer names with a hash: not carried then
@@ -2594,13 +2622,6 @@ def project_slug(project):
     """Claude's name for a project under ~/.claude/projects: every character other than
     an ASCII letter or digit becomes "-"."""
     return re.sub(r"[^A-Za-z0-9]", "-", project)
-
-
-def top_state_files(profile):
-    """The profile's State paths that are not inside one of its state directories
-    (~/.claude.json)."""
-    return [i.path for i in profile.state
-            if not any(i.path.startswith(d + "/") for d in profile.state_dirs)]
 
 
 def state_items(profile, project, bind_state=False):
@@ -2634,46 +2655,6 @@ def private_place(private, relative):
     """The same for the session's copy: nothing in it is followed, not even the first."""
     *parts, name = relative.split("/")
     return private, parts, name
-
-
-def open_dir_beneath(root, parts, create=False):
-    """A descriptor of the directory root/parts..., each part opened with O_NOFOLLOW (a link
-    is refused); missing parts (and root) are made (0700) when `create`.  None when that
-    fails."""
-    if create:
-        with contextlib.suppress(OSError):
-            os.mkdir(root, 0o700)
-    try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return None
-    for part in parts:
-        try:
-            if create:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o700, dir_fd=fd)
-            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-        except OSError:
-            os.close(fd)
-            return None
-        os.close(fd)
-        fd = inner
-    return fd
-
-
-def read_at(dir_fd, name, limit=STATE_FILE_LIMIT):
-    """The bytes of regular file `name` in dir_fd (None: the working directory), never
-    through a link; None for anything else (a directory, a fifo) or a larger file."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
-    except OSError:
-        return None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-        os.close(fd)
-        return None
-    with os.fdopen(fd, "rb") as f:
-        return f.read(limit)
 
 
 def read_place(place):
@@ -2746,7 +2727,7 @@ def copy_entry(src_fd, name, dest, budget, level=0):
 
 def transcript_bases(private_dir):
     """{file name: (size, sha256)} of the transcripts seeded into a "lines" directory."""
-    import hashlib      # here, not at every start: loading OpenSSL costs ~3 ms (issue 15)
+    import hashlib      # here, not at every start: loading OpenSSL costs ~3 ms
     bases = {}
     fd = open_dir_beneath(private_dir, [])
     if fd is None:
@@ -2875,6 +2856,153 @@ def seed_state(items, home, private, project=None):
         elif item.back:
             seeded[item.path] = read_place(private_place(private, item.path))
     return seeded
+
+
+def key_segments(key, project=None):
+    """A guarded key ("a.b.c", or ("a.b.c", allowed values)) as (segments, values or None);
+    PROJECT_KEY becomes the project's path, which may hold dots (and, escaped, fnmatch's
+    special characters: it names that one project)."""
+    text, values = (key, None) if isinstance(key, str) else key
+    project = None if project is None else glob.escape(project)
+    return [project if part == PROJECT_KEY else part for part in text.split(".")], values
+
+
+_MISSING = object()
+
+
+def dotted(tree, key):
+    for part in key.split(".") if isinstance(key, str) else key:
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+def set_dotted(tree, key, value):
+    *parents, last = key.split(".") if isinstance(key, str) else key
+    for part in parents:
+        if not isinstance(tree.get(part), dict):
+            tree[part] = {}
+        tree = tree[part]
+    if value is _MISSING:
+        tree.pop(last, None)
+    else:
+        tree[last] = value
+
+
+def key_paths(trees, segments, prefix=()):
+    """The concrete key paths that `segments` (fnmatch patterns, one a level) names in any
+    of `trees`."""
+    if not segments:
+        yield prefix
+        return
+    pattern, rest = segments[0], segments[1:]
+    if pattern is None:
+        return
+    if any(c in pattern for c in "*?["):
+        names = set()
+        for tree in trees:
+            node = dotted(tree, prefix)
+            if isinstance(node, dict):
+                names.update(k for k in node if fnmatch.fnmatchcase(k, pattern))
+        names = sorted(names)
+    else:
+        names = [pattern]
+    for name in names:
+        yield from key_paths(trees, rest, prefix + (name,))
+
+
+def parse_json(data):
+    """JSON written by the sandbox, or None when it is not strict JSON (or too deep to
+    parse).  Python reads NaN, Infinity and 1e999 and would write them back, and the CLIs'
+    own parsers then take the whole file for corrupt (Claude replaces it with defaults)."""
+    try:
+        return json.loads(data, parse_constant=not_json, parse_float=finite_float)
+    except (ValueError, RecursionError):
+        return None
+
+
+def not_json(word):
+    raise ValueError(f"{word} is not JSON")
+
+
+def finite_float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def guarded_changes(base, ours, keys, project=None):
+    """`base` with only the changes `ours` made to `keys` (see key_segments; a segment may
+    be an fnmatch pattern), or None if none or if either is not a JSON object."""
+    base_tree, our_tree = parse_json(base or b"{}"), parse_json(ours)
+    if not isinstance(base_tree, dict) or not isinstance(our_tree, dict):
+        return None
+    result = json.loads(json.dumps(base_tree))
+    for key in keys:
+        segments, values = key_segments(key, project)
+        for path in key_paths((base_tree, our_tree), segments):
+            value = dotted(our_tree, path)
+            if value == dotted(base_tree, path):
+                continue
+            if values is not None and value is not _MISSING and value not in values:
+                continue
+            if value is _MISSING and dotted(result, path) is _MISSING:
+                continue
+            set_dotted(result, path, value)
+    if result == base_tree:
+        return None
+    try:
+        return (json.dumps(result, indent=2, allow_nan=False) + "\n").encode()
+    except (ValueError, RecursionError):
+        return None
+
+
+def merge_json(base, ours, theirs):
+    """Three-way merge of JSON objects, key by key; where both changed a key, ours wins."""
+    if not all(isinstance(x, dict) for x in (base, ours, theirs)):
+        return ours
+    merged = dict(theirs)
+    for key in base.keys() | ours.keys():
+        b, o = base.get(key, _MISSING), ours.get(key, _MISSING)
+        if o == b:
+            continue
+        if o is _MISSING:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_json(b, o, theirs.get(key, _MISSING))
+    return merged
+
+
+def merge_state(base, ours, theirs):
+    """The bytes to write back for a state file, or None to leave the host's alone."""
+    if ours is None or ours == base:
+        return None
+    if theirs == base:
+        return ours
+    parsed = [parse_json(x) if x is not None else {} for x in (base, ours, theirs)]
+    if any(x is None for x in parsed):
+        return ours
+    return (json.dumps(merge_json(*parsed), indent=2, allow_nan=False) + "\n").encode()
+
+
+def take_lock(lock):
+    """mkdir-style lock shared with Claude; a lock older than 10 s is stale."""
+    for _ in range(100):
+        try:
+            os.mkdir(lock)
+            return True
+        except FileExistsError:
+            try:
+                if time.time() - os.stat(lock).st_mtime > 10:
+                    return False
+            except OSError:
+                continue
+            time.sleep(0.05)
+        except OSError:
+            return False
+    return False
 
 
 def plain(value):
@@ -3085,9 +3213,312 @@ def flow_back(items, seeded, home, private, project):
     return lines
 
 
-# ======================================================================================
-# Git guard (issue 11, part 4): host git must not run what a session put in a repository
-# ======================================================================================
+# ---------------------------------------------------------------------------------------------
+# Network summary and --learn: what the proxy's log tells at the session's end
+# ---------------------------------------------------------------------------------------------
+
+REASONS = {
+    "not-in-allowlist": "not in allow list",
+    "denied-by-rule": "denied by rule",
+    "private-address": "private address",
+    "platform-endpoint": "cloud platform endpoint",
+    "ip-literal-not-allowed": "IP address without an IP rule",
+    "sni-mismatch": "TLS name differs from the requested host",
+    "bad-name": "malformed name",
+    "bad-port": "bad port",
+    "too-many-connections": "too many connections",
+    "bad-request": "malformed request",
+    # A tunnel to a name that did not open with a ClientHello naming that host (socks_filter).
+    "no-sni": "TLS without a server name",
+    "not-tls": "not TLS",
+    "bad-client-hello": "malformed TLS ClientHello",
+    "tls-timeout": "no TLS ClientHello in time",
+    "tls-alert-first": "TLS alert before the ClientHello",
+    "tls-change-cipher-spec-first": "TLS change-cipher-spec before the ClientHello",
+    "tls-heartbeat-first": "TLS heartbeat before the ClientHello",
+    "tls-data-first": "TLS application data before the ClientHello",
+    "bad-server-hello": "no valid TLS ServerHello from the server in time",
+    "proxy-auth": "no session credential",
+    # Allowed, but the connection did not happen.
+    "lookup-failed": "DNS lookup failed",
+    "connect-refused": "connection refused",
+    "unreachable": "unreachable",
+    "connect-timeout": "connect timed out",
+    "connect-failed": "connect failed",
+}
+
+# Reasons an --allow-domain HOST:PORT would cure.
+ALLOWABLE = {"not-in-allowlist", "ip-literal-not-allowed"}
+
+SUMMARY_HOSTS = 10
+
+
+def read_records(lines):
+    """The proxy log's objects; lines that are not JSON objects are skipped."""
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict):
+            yield record
+
+
+def went_ahead(record):
+    """A decision record whose connection the proxy attempted (allowed, or audit mode)."""
+    return record.get("event") == "decision" and (
+        record.get("decision") == "allow" or record.get("enforced") is False)
+
+
+@dataclass
+class Blocked:
+    """One blocked destination in the end-of-session story."""
+    host: str
+    port: str
+    count: int = 0
+    reasons: list = field(default_factory=list)   # log reasons, in order seen
+    address: str = ""       # the private address a name resolved to ("10.0.0.5:8000")
+
+    @property
+    def why(self):
+        text = ", ".join(REASONS.get(r, printable(r)) for r in self.reasons)
+        return text + (": allow only if you mean it" if is_private_ip(self.host) else "")
+
+    @property
+    def option(self):
+        """The option that would let it through, or "" when none would: an IP rule for an
+        address (a private one is flagged in `why`: allow it only if you mean it); a name
+        that resolved to a private address is allowed only by --allow-private, which is
+        the user's call and never suggested."""
+        if any(r in ALLOWABLE for r in self.reasons) or (
+                "private-address" in self.reasons and is_ip(self.host)):
+            return allow_option(self.host, self.port)
+        return fix_option(self)
+
+
+def network_story(records):
+    """(connections allowed, [Blocked], most first): what the session summary tells.
+    A destination is counted once per host:port, whatever the reasons."""
+    allowed, blocked = 0, {}
+    for record in records:
+        if record.get("event") != "decision":
+            continue
+        if went_ahead(record):
+            allowed += 1
+            continue
+        host, port = printable(record.get("host", "?")), printable(record.get("port", "?"))
+        entry = blocked.setdefault((host, port), Blocked(host, port))
+        entry.count += 1
+        reason = str(record.get("reason", ""))
+        if reason not in entry.reasons:
+            entry.reasons.append(reason)
+        if reason == "private-address" and record.get("address"):
+            entry.address = printable(record["address"])
+    return allowed, sorted(blocked.values(), key=lambda b: (-b.count, b.host, b.port))
+
+
+def format_story(tool, allowed, blocked, width=None, failed=(), quiet=(), refused=0):
+    """The summary: one line, or with `width` (a terminal's) a small table when it fits."""
+    total = sum(b.count for b in blocked)
+    head = f"{tool}: network: {allowed} allowed, {total} blocked"
+    shown, more = blocked[:SUMMARY_HOSTS], len(blocked) - SUMMARY_HOSTS
+    rows = [("blocked", "times", "why", "to allow it")]
+    rows += [(host_port(b.host, b.port), str(b.count), b.why, b.option or "-") for b in shown]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  " + "  ".join(cell.rjust(w) if i == 1 else cell.ljust(w)
+                              for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+             for row in rows]
+    if more > 0:
+        lines.append(f"  and {more} more (see --proxy-log)")
+    extras = story_extras(failed, quiet, refused)
+    if failed:
+        head += f", {sum(f.count for f in failed)} failed"
+    if blocked and width and max([*map(len, lines), *(len(e) + 2 for e in extras)]) <= width:
+        return head + ":\n" + "\n".join(lines + ["  " + e for e in extras])
+    items = []
+    for b in shown:
+        item = host_port(b.host, b.port) + (f" x{b.count}" if b.count > 1 else "")
+        items.append(f"{item} ({b.why})" + (f" {b.option}" if b.option else ""))
+    if more > 0:
+        items.append(f"and {more} more (see --proxy-log)")
+    return wrap_words(head + (": " + "; ".join(items + extras) if items or extras else ""), width)
+
+
+def summarize(tool, lines, width=None, expected=()):
+    """The end-of-session summary from the proxy's JSON log lines (so --proxy-log rebuilds it).
+    `expected`: the profile's expected_blocked, summed up on one quiet line."""
+    records = list(read_records(lines))
+    allowed, blocked = network_story(records)
+    failed = failed_connections(records)
+    blocked, quiet, refused = set_apart(blocked, expected)
+    return format_story(tool, allowed - sum(f.count for f in failed), blocked, width,
+                        failed=failed, quiet=quiet, refused=refused)
+
+
+# Reasons a tunnel to a name was closed that a :PORT/raw rule cures (a client that is not
+# TLS, or that waits for the server to speak first); the others look like attacks.
+RAW_CURES = {"not-tls", "tls-timeout", "no-sni"}
+
+
+def fix_option(blocked):
+    """The fix for a blocked name that an --allow-domain NAME:PORT would not cure: an IP rule
+    for the private address it resolved to (or, for a private-use one, --allow-private), or
+    a /raw rule."""
+    if is_ip(blocked.host):
+        return ""
+    if "private-address" in blocked.reasons and blocked.address:
+        rules = rules_module()
+        ip = rules.parse_ip_spelling(blocked.address.rpartition(":")[0].strip("[]"))
+        also = " or --allow-private" if ip and rules.address_class(ip) == "private-use" else ""
+        return f"--allow-domain {shlex.quote(blocked.address)} (only if you mean it){also}"
+    if blocked.reasons and set(blocked.reasons) <= RAW_CURES:
+        return allow_option(blocked.host, blocked.port) + "/raw"
+    return ""
+
+
+@dataclass
+class Failed:
+    """An allowed destination whose lookup or connect failed, counted apart from "allowed"."""
+    host: str
+    port: str
+    count: int = 0
+    reasons: list = field(default_factory=list)
+
+    @property
+    def text(self):
+        times = f" x{self.count}" if self.count > 1 else ""
+        return (host_port(self.host, self.port) + times + " (" +
+                ", ".join(REASONS.get(r, printable(r)) for r in self.reasons) + ")")
+
+
+def failed_connections(records):
+    """[Failed], most first, from the close records of allowed connections that never
+    connected (the proxy logs them allowed, then closed with a FAILURE_REASONS reason)."""
+    failed, failures = {}, rules_module().FAILURE_REASONS
+    for record in records:
+        reason = str(record.get("reason", ""))
+        if record.get("event") != "close" or reason not in failures:
+            continue
+        host, port = printable(record.get("host", "?")), printable(record.get("port", "?"))
+        entry = failed.setdefault((host, port), Failed(host, port))
+        entry.count += 1
+        if reason not in entry.reasons:
+            entry.reasons.append(reason)
+    return sorted(failed.values(), key=lambda f: (-f.count, f.host, f.port))
+
+
+def set_apart(blocked, expected):
+    """(blocked to list, [Blocked] the profile expects, connections refused for lacking the
+    session's proxy credential): the last two are summed up, not listed as problems."""
+    listed, quiet, refused = [], [], 0
+    for entry in blocked:
+        if entry.reasons == ["proxy-auth"]:
+            refused += entry.count
+        elif entry.reasons == ["not-in-allowlist"] and \
+                host_port(entry.host, entry.port) in expected:
+            quiet.append(entry)
+        else:
+            listed.append(entry)
+    return listed, quiet, refused
+
+
+def story_extras(failed, quiet, refused):
+    """The summary's short sentences after the blocked list."""
+    extras = []
+    if failed:
+        extras.append("failed: " + ", ".join(f.text for f in failed[:SUMMARY_HOSTS]))
+    if quiet:
+        extras.append("blocked by design, as in every session: " + ", ".join(
+            host_port(q.host, q.port) + (f" x{q.count}" if q.count > 1 else "") for q in quiet))
+    if refused:
+        extras.append(f"{refused} connection{'s' if refused > 1 else ''} without this "
+                      "session's proxy credential refused (another local user?)")
+    return extras
+
+
+def wrap_words(text, width):
+    """`text` on one line, or for a terminal `width` wide, folded between words (a long
+    option stays whole) with the continuation lines indented."""
+    if not width or len(text) <= width:
+        return text
+    import textwrap     # only a wrapped summary needs it
+    return textwrap.fill(text, width, subsequent_indent="  ", break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def learned(records):
+    """What --learn writes, from the proxy's log: {(host, port): {"count", "reached",
+    "protos", "failures", "addresses", "raw"}} for every destination the proxy attempted;
+    "reached" counts the connections that got through (a failed one teaches nothing); "raw"
+    says a tunnel to that name carried something other than TLS for it."""
+    attempts, closes = {}, {}
+    for record in records:
+        if went_ahead(record):
+            attempts[record.get("id")] = record
+        elif record.get("event") == "close":
+            closes[record.get("id")] = record
+    used = {}
+    for key, record in attempts.items():
+        entry = used.setdefault((str(record.get("host", "")), record.get("port")),
+                                {"count": 0, "reached": 0, "protos": set(), "failures": set(),
+                                 "addresses": set(), "raw": False})
+        entry["count"] += 1
+        entry["raw"] = entry["raw"] or record.get("tunnel") == "raw"
+        entry["protos"].add(str(record.get("proto", "?")))
+        close = closes.get(key, {})
+        reason = str(close.get("reason", "closed"))
+        if reason in ("closed", "proxy-stopped"):
+            entry["reached"] += 1
+            entry["addresses"].add(str(close.get("address") or ""))
+        else:
+            entry["failures"].add(reason)
+    return used
+
+
+def private_addresses(addresses):
+    """Of the close records' "address" fields (1.2.3.4:443, [::1]:443), the non-public IPs."""
+    ips = [text.rpartition(":")[0].strip("[]") for text in sorted(addresses)]
+    return [ip for ip in ips if is_private_ip(ip)]
+
+
+def format_learned(tool, used, when):
+    """The --learn file: one rule a line for every destination reached, sorted, each with a
+    comment; what was never reached, or cannot be a rule, stays a comment.  A name that
+    reached a private address (learned with --allow-private) says it needs that option too."""
+    filters = rules_module()
+    rules, notes = [], []
+    for (host, port), use in sorted(used.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        rule = host_port(printable(host), printable(port))
+        if use.get("raw") and not is_ip(host):      # it saw a stream that was not TLS
+            rule += filters.RAW_SUFFIX
+        plural = "s" if use["count"] > 1 else ""
+        comment = f"{use['count']} connection{plural}: {', '.join(sorted(use['protos']))}"
+        if use["failures"]:
+            comment += f"; failed: {', '.join(sorted(use['failures']))}"
+        private = [] if is_ip(host) else private_addresses(use["addresses"])
+        if private:
+            comment += f"; reached private {', '.join(private)}: needs --allow-private too"
+        if not use["reached"]:
+            notes.append(f"# not reached, so not allowed: {rule} ({comment})")
+            continue
+        try:
+            filters.parse_rule(rule)
+        except filters.RuleError as error:
+            notes.append(f"# cannot be a rule: {rule} ({printable(error)})")
+            continue
+        rules.append((rule, comment))
+    pad = max((len(rule) for rule, _ in rules), default=0)
+    lines = [f"# {tool} --learn, {when}: the destinations one session reached.",
+             "# Review, then: "
+             f"{tool} --filter-network --unshare-net --allow-file THIS-FILE"]
+    lines += [f"{rule.ljust(pad)}  # {comment}" for rule, comment in rules] + notes
+    return "\n".join(lines) + "\n", len(rules)
+
+
+# ---------------------------------------------------------------------------------------------
+# Git guard: host git must not run what a session put in a repository
+# ---------------------------------------------------------------------------------------------
+
 # Host git, run anywhere in the project (a shell prompt runs `git status`), obeys the
 # repository it finds there: the nearest .git (a directory, or a file naming one), or a
 # directory that is itself a git directory; and `git status` enters the directory of each
@@ -3102,11 +3533,13 @@ def flow_back(items, seeded, home, private, project):
 # directory has no .git runs nothing.
 
 GIT_SNAPSHOT = "git-snapshot.json"      # in the session's private directory
+
 GIT_CHECK_ENTRIES = 200000              # each walk stops after this many entries,
 GIT_CHECK_SECONDS = 5                   # or this long, and then says so loudly
 GIT_DIR_ENTRIES = 20000                 # entries looked at inside one git directory
 GIT_INDEX_MAX = 256 << 20
 QUARANTINE_SUFFIX = ".bw-quarantine"
+
 # What in a git directory a session may make or change without git running anything
 # new: objects, refs, logs, the index and the state files of git commands.  .git/info
 # only holds exclude and attributes, which name drivers that config must define.
@@ -3118,17 +3551,23 @@ GIT_DATA = frozenset((
     "CHERRY_PICK_HEAD", "REVERT_HEAD", "REBASE_HEAD", "AUTO_MERGE", "COMMIT_EDITMSG",
     "TAG_EDITMSG", "SQUASH_MSG", "description", "shallow", "gc.pid", "gc.log", "gitk.cache",
     "fsmonitor--daemon", "fsmonitor--daemon.ipc"))
+
+
 GIT_DATA_PREFIXES = ("BISECT_", "sharedindex.")
 GIT_DATA_SUFFIXES = (".lock",)
+
 # Git's data is no configuration, but git writes it: reflogs and refs through a symlink
 # (lockfiles follow one), COMMIT_EDITMSG, FETCH_HEAD, MERGE_MSG... with fopen("w"), and a
 # reflog appended in place reaches every other name of a hard-linked file.  Git makes no
 # symlink, fifo, socket or device there, and no hard link but between objects.
 GIT_DATA_ENTRIES = 200000               # entries looked at in one git directory's data
+
 GIT_UNREADABLE_NAMED = 5                # unreadable directories named in the warning
+
 # In a directory that only looks like a git directory (a HEAD, objects and refs: they
 # may be files of the project) only what the protection holds in a .git is looked at.
 GIT_CODE = tuple(p[len(".git/"):].rstrip("/") for p in PROTECTED_PROJECT if p.startswith(".git/"))
+
 # Files that configure nothing: empty, or a commondir placeholder.
 GIT_INERT_CONTENTS = (b"", PLACEHOLDER_COMMONDIR)
 
@@ -3736,9 +4175,80 @@ def check_git(private_dir, tool, killed=False):
 
 
 # ---------------------------------------------------------------------------------------------
-# A session's life, in the order the entry scripts spell it out: Wrapper (at the end of this
-# file) around plan_session, SessionDirs, FilterProxy and run_sandbox.
+# Runtime: a session's directories, the proxy subprocess and the bwrap run, in the order the
+# entry scripts spell them out: Wrapper (Entry point) around plan_session, SessionDirs,
+# FilterProxy and run_sandbox.
 # ---------------------------------------------------------------------------------------------
+
+def stop(process, sig=signal.SIGTERM):
+    """Signal a child and reap it, bounded; SIGKILL if it lingers."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def read_ready(fd, seconds):
+    """The proxy's ready line, or what it wrote before closing or the time running out."""
+    data, deadline = b"", time.monotonic() + seconds
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def last_line(path):
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ""
+    return printable(lines[-1]) if lines else ""
+
+
+def bwrap_ran(status):
+    """Whether bwrap got as far as running the command (its status fd says how it exited)."""
+    return b'"exit-code"' in status
+
+
+def sweep_stale(base, tool):
+    """Remove what sessions killed with SIGKILL left: their directories are no longer locked."""
+    for name in os.listdir(base):
+        if not name.startswith(tool + "."):
+            continue
+        path = os.path.join(base, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_uid != os.getuid():
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        remove_tree(path)
+
+
+def sweep_sessions(environ, tool):
+    """sweep_stale for both places sessions live."""
+    sweep_stale_git(git_session_bases(environ))
+    sweep_stale(private_base(environ), tool)
+    base = checked_session_base(environ, tool, create=False)
+    if base is not None:
+        sweep_stale(base, tool)
+
 
 class SessionDirs:
     """A session's private directories (the home and caches on disk, the proxy socket's
@@ -3996,233 +4506,7 @@ def ignore_signals():
         signal.signal(sig, signal.SIG_IGN)
 
 
-# ---------------------------------------------------------------------------------------------
-# Network options: host ports, the advisory bridge's credential, hints
-
-TOKEN_VARIABLE = "BW_PROXY_TOKEN"   # the proxy's password, in the proxy's and the bridge's
-                                    # environment (never on a command line, where ps shows it)
-LOOPBACKS = ("127.0.0.1", "::1")    # the sandbox's own loopback inside --unshare-net
-
-
-def host_ports(opts, given):
-    """--host-port PORT[:HOSTPORT] values as [(inside port, host port)].  [] in a session
-    without the filter or with the host's network shared (where 127.0.0.1 already is the
-    host's); an error there when the command line, not the defaults file, gave them."""
-    if not (opts.filter_network and opts.unshare_net):
-        if given.host_port and opts.filter_network:
-            raise Failure("--host-port needs --unshare-net (with --share-net the host's "
-                          "127.0.0.1 is already reachable)", 2)
-        return []
-    pairs = []
-    for text in opts.host_port:
-        inside, colon, host = text.partition(":")
-        ports = [inside, host if colon else inside]
-        if not all(p.isdigit() and p == str(int(p)) and 1 <= int(p) <= 65535 for p in ports):
-            raise Failure(f"--host-port {text!r}: expected PORT or PORT:HOSTPORT, "
-                          "ports 1-65535", 2)
-        if any(int(inside) == seen for seen, _ in pairs):
-            raise Failure(f"--host-port {text!r}: port {inside} is already mapped", 2)
-        pairs.append((int(inside), int(ports[1])))
-    return pairs
-
-
-def host_port_rule(port):
-    """The exact IP rule that lets the proxy reach the host's 127.0.0.1:PORT."""
-    return f"127.0.0.1:{port}"
-
-
-def advisory_token(opts):
-    """A fresh random password for the proxy when its bridge listens on the host's loopback
-    (--filter-network --share-net), where every local user could use it; else None."""
-    if opts.filter_network and not opts.unshare_net:
-        import secrets      # only --share-net needs it: not imported at every start
-        return secrets.token_urlsafe(24)
-    return None
-
-
-def with_token(env, token):
-    return {**env, TOKEN_VARIABLE: token} if token else env
-
-
-def proxy_env(plan):
-    """The proxy's environment: the wrapper's, plus the password when there is one."""
-    return with_token(dict(os.environ), plan.proxy_token)
-
-
-def loopback_hints(allow):
-    """For each rule naming the sandbox's own 127.0.0.1 or ::1 (inside --unshare-net, where
-    NO_PROXY keeps them away from the proxy anyway): a hint pointing at --host-port."""
-    rules, hints = rules_module(), []
-    for text in allow:
-        try:
-            rule = rules.parse_rule(text)
-        except rules.RuleError:
-            continue
-        if rule.kind != "ip":
-            continue
-        if any(rule.matches_address(rules.parse_ip_spelling(a), rule.port or 1) for a in LOOPBACKS):
-            port = rule.port or "PORT"
-            hints.append(f"hint: --allow-domain {text} names the sandbox's own loopback; for a "
-                         f"service on the host's 127.0.0.1:{port} use --host-port {port}")
-    return hints
-
-
-def network_checks(opts):
-    """--doctor's lines about the network options in force (from the defaults file)."""
-    if not opts.unshare_net:
-        return [Check("network", "note", "--filter-network --share-net is advisory: programs "
-                      "that ignore the proxy variables go around it; the bridge on the host's "
-                      "127.0.0.1 asks every client for a per-session credential",
-                      "drop --share-net: --filter-network alone is enforced")]
-    checks = [Check("network", "ok", "--filter-network: enforced (an empty network namespace, "
-                    "the proxy is the only way out)")]
-    checks += [Check("host port", "ok", f"127.0.0.1:{inside} inside is the host's "
-                     f"127.0.0.1:{host}, through the proxy") for inside, host in opts.host_port]
-    return checks + [Check("allow list", "note", hint) for hint in loopback_hints(opts.allow_domain)]
-
-
-def network_warnings(plan):
-    """The loud lines at start for the options that open the network."""
-    lines = []
-    if plan.learn:
-        lines.append("learn mode: the network is OPEN to every " +
-                     ("public and private-use address (--allow-private)" if plan.allow_private
-                      else "public address (private addresses stay blocked)") +
-                     f"; the destinations used go to {plan.learn} at exit")
-    elif plan.allow_private:
-        lines.append("--allow-private: allowed names may reach private-use addresses (your LAN)")
-    if plan.unshare_net:
-        own = {host_port_rule(host) for _, host in plan.host_ports}
-        lines += loopback_hints([r for r in plan.allow[len(plan.profile.allow):] if r not in own])
-    return lines
-
-
-def terminal_width(stream):
-    """The terminal's width when `stream` is one, else None."""
-    try:
-        return os.get_terminal_size(stream.fileno()).columns if stream.isatty() else None
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def describe(plan):
-    """--verbose: the decisions, one per line."""
-    net = ("learning: open, audited" if plan.learn else
-           "filtered, enforced" if plan.filter and plan.unshare_net else
-           "filtered, advisory (the proxy wants a per-session credential)" if plan.filter else
-           "none" if plan.unshare_net else "host network")
-    lines = [f"profile: {plan.profile.name}", f"project: {plan.project}",
-             f"command: {shlex.join(plan.command)}", f"network: {net}"]
-    if plan.filter:
-        lines.append(f"allow: {' '.join(plan.allow)}")
-        if plan.allow_private:
-            lines.append("private addresses: reachable by allowed names (--allow-private)")
-        lines += [f"allow file: {p}" for p in plan.allow_files]
-        lines += [f"host port: 127.0.0.1:{inside} inside is the host's 127.0.0.1:{host}"
-                  for inside, host in plan.host_ports]
-    lines += [" ".join(x for x in mount if x) for mount in plan.mounts]
-    lines += [f"state: ~/{i.path}: " + ", ".join(filter(None, [
-        {"copy": "a copy", "ro": "a read-only copy", "mine": "this project's lines"}.get(i.seed),
-        i.back and f"back: {i.back}"])) for i in plan.state]
-    if not plan.sockets_complete:
-        lines.append(f"unix sockets, nested repositories: the search below the shown and "
-                     f"writable directories stopped at {SOCKET_WALK_ENTRIES} entries or "
-                     f"{SOCKET_WALK_DEPTH} levels; what is beyond it is not covered")
-    lines.append("Ctrl-C reaches the CLI: " + ("yes" if plan.env_program else
-                 "no, env(1) lacks --default-signal; Ctrl-C ends the session"))
-    lines.append("keystroke injection (ioctl TIOCSTI, TIOCLINUX): blocked by a seccomp filter")
-    lines.append("nested user namespaces: " + ("blocked (--disable-userns)" if plan.disable_userns
-                 else "possible: this bwrap lacks --disable-userns (bubblewrap >= 0.8)"))
-    return "\n".join(f"{plan.profile.tool}: {line}" for line in lines)
-
-
-def check_tools(plan):
-    if not os.path.isabs(plan.bwrap):
-        raise Failure("bwrap not found; install it, as root: apt-get install bubblewrap", 127)
-    if plan.filter:
-        if not os.path.isabs(plan.socat):
-            raise Failure("socat not found (--filter-network needs it); install it, "
-                          "as root: apt-get install socat", 127)
-        for path in (FILTER_SCRIPT, BRIDGE_SCRIPT):
-            if not os.path.isfile(path):
-                raise Failure(f"{path} is missing; keep {os.path.basename(path)} next to bw_lib.py")
-
-
-# ---------------------------------------------------------------------------------------------
-# Tools inside the sandbox (issue 13): package caches, Node's fetch, the terminal, misspelt
-# options, allow files that are pipes, the session's home on disk.
-# ---------------------------------------------------------------------------------------------
-
-# The session's cache directory inside: on disk, the session's own, removed at exit.
-SANDBOX_CACHE = "/var/cache/bw"
-# Package managers write their caches there, never into the host's: a cache the sandbox wrote
-# and a later install outside read would carry a poisoned package out.  The tools themselves
-# (~/.cargo/bin, ~/.nvm, ~/go/bin...) stay visible read-only.  (variable, subdirectory)
-CACHE_ENV = (("XDG_CACHE_HOME", ""),            # pip, go-build, deno, yarn 1, pnpm's cache...
-             ("npm_config_cache", "npm"), ("PIP_CACHE_DIR", "pip"),
-             ("YARN_CACHE_FOLDER", "yarn"), ("npm_config_store_dir", "pnpm-store"),
-             ("BUN_INSTALL_CACHE_DIR", "bun"), ("GOMODCACHE", "go-mod"),
-             ("GOCACHE", "go-build"),
-             # Cargo keeps its registry and git checkouts in CARGO_HOME, whose bin/ stays on
-             # PATH read-only; ~/.cargo/config.toml is then not read inside.
-             ("CARGO_HOME", "cargo"))
-# Node's fetch() honours HTTP(S)_PROXY only with NODE_USE_ENV_PROXY=1, from Node 24.0 and
-# 22.21; http/https.request from 24.5 and 22.21 (Node's changelogs).  Earlier versions ignore
-# the variable, so it is set for every session with the filter; nothing is put in NODE_OPTIONS,
-# which an older node would refuse to start with.
-NODE_FETCH_PROXY = ((22, 21), (24, 0))
-NODE_HTTP_PROXY = ((22, 21), (24, 5))
 TERMINAL_SIGNALS = (signal.SIGTTOU, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-ALLOW_FILE_LIMIT = 16 << 20
-
-
-def inside_env(filter_network, cache=SANDBOX_CACHE):
-    """Variables every session sets inside (before --pass-env and --env, which win)."""
-    env = {name: f"{cache}/{sub}" if sub else cache for name, sub in CACHE_ENV}
-    if filter_network:
-        env["NODE_USE_ENV_PROXY"] = "1"
-    return env
-
-
-def node_version(text):
-    """(major, minor) from `node --version` output such as "v20.20.2", or None."""
-    parts = text.strip().lstrip("v").split(".")
-    try:
-        return int(parts[0]), int(parts[1])
-    except (ValueError, IndexError):
-        return None
-
-
-def node_honours(version, since):
-    """Whether Node `version` has a feature added in the (major, minor) releases of `since`
-    (each line from its release on, and every later major)."""
-    lines = dict(since)
-    if version[0] in lines:
-        return version[1] >= lines[version[0]]
-    return version[0] > max(lines)
-
-
-def node_check(search_path):
-    """--doctor: whether the node inside makes fetch() go through the proxy."""
-    node = find_program("node", search_path)
-    if node is None:
-        return Check("node fetch", "ok", "no node on PATH")
-    code, output = run_briefly([node, "--version"], 10)
-    version = node_version(output) if code == 0 else None
-    if version is None:
-        return Check("node fetch", "note", f"cannot tell the version of {node}")
-    name = f"Node {output.strip()} ({node})"
-    if not node_honours(version, NODE_FETCH_PROXY):
-        return Check("node fetch", "note", f"{name}: its built-in fetch() ignores proxy "
-                     "variables, so inside --unshare-net it fails (ECONNREFUSED, EAI_AGAIN); "
-                     "npm, the CLIs, curl, git and pip use the proxy",
-                     "Node 22.21 or 24 and later honour NODE_USE_ENV_PROXY=1, which the "
-                     "sandbox sets")
-    if not node_honours(version, NODE_HTTP_PROXY):
-        return Check("node fetch", "note", f"{name}: fetch() uses the proxy "
-                     "(NODE_USE_ENV_PROXY=1), http.request does not", "Node 24.5 and later")
-    return Check("node fetch", "ok", f"{name}: fetch() and http.request use the proxy "
-                 "(NODE_USE_ENV_PROXY=1)")
 
 
 @contextlib.contextmanager
@@ -4253,274 +4537,180 @@ def restore_terminal(fd, saved):
             signal.signal(sig, handler)
 
 
-def misspelt_option(token, ours, cli_options=()):
-    """The wrapper's options `token` (an option its parser did not know) may be a typo of: a
-    prefix of them, or close to one (--filter-netwrok); [] when the CLI has it, or when
-    nothing of ours looks like it.  A CLI option that looks like ours goes after --."""
-    name = token.split("=", 1)[0]
-    if not name.startswith("--") or len(name) < 3 or name in cli_options or \
-            any(c.isspace() for c in name):
-        return []
-    prefixed = [o for o in ours if o.startswith(name)]
-    if prefixed:
-        return prefixed
-    import difflib      # here: only an unknown option pays for it
-    return difflib.get_close_matches(name, ours, n=1, cutoff=0.8)
+def raise_terminated(signum, frame):
+    raise Terminated(signum)
 
 
-def refuse_misspelt(profile, parser, unknown):
-    """Refuse, before anything starts, an unknown option that looks like one of ours."""
-    ours = sorted(o for o in parser._option_string_actions if o.startswith("--"))
-    for token in unknown:
-        close = misspelt_option(token, ours, profile.cli_options)
-        if close:
-            name = token.split("=", 1)[0]
-            raise Failure(f"{name}: not a {profile.tool} option; did you mean "
-                          f"{' or '.join(close)}?  (an option for {profile.name} goes after "
-                          f"--: {profile.tool} -- {name})", 2)
-
-
-def allow_file_rules(path, writable):
-    """The rules of one --allow-file, read once here and handed to the proxy as rules, so a
-    pipe (--allow-file <(...)) works.  Any readable file but a directory; never one the
-    sandbox can write (`writable`: the project, --allow-rw directories, the CLI's state), nor
-    reached through a link there: a session could have changed it to widen the next one's
-    network."""
-    filters = rules_module()
-    for place in (os.path.abspath(path), os.path.realpath(path)):
-        root = next((r for r in writable if is_within(place, r)
-                     or is_within(place, os.path.realpath(r))), None)
-        if root is not None:
-            raise Failure(f"--allow-file {path}: it is in {root}, which the sandbox can write, "
-                          "so a session could have changed it; keep allow files elsewhere "
-                          "(e.g. ~/.config/)", 2)
+def flushed(tool, status):
+    """`status` once stdout and stderr are flushed (os._exit would drop what is buffered);
+    our own output that cannot be written (a full disk, a closed pipe) is an error."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as error:
-        raise Failure(f"--allow-file {path}: {error.strerror.lower()}", 2) from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise Failure(f"--allow-file {path}: a directory, not a file of rules", 2)
-        if stat.S_ISREG(info.st_mode) and not same_file(info, os.path.realpath(path)):
-            raise Failure(f"--allow-file {path}: it changed while being opened", 2)
-        data = read_limited(fd, ALLOW_FILE_LIMIT)
-    finally:
-        os.close(fd)
-    if data is None:
-        raise Failure(f"--allow-file {path}: larger than {ALLOW_FILE_LIMIT >> 20} MiB", 2)
-    # socks_filter parses it (one parser), from a copy in memory.
-    copy = os.memfd_create("allow-file", os.MFD_CLOEXEC)
-    where = f"/proc/self/fd/{copy}"
-    try:
-        os.write(copy, data)
-        return [rule.text for rule in filters.read_rule_file(where)]
-    except filters.RuleError as error:
-        raise Failure(f"bad allow rule: {printable(str(error).replace(where, path))}", 2) \
-            from None
-    finally:
-        os.close(copy)
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except (OSError, ValueError) as error:
+        say(f"{tool}: error: cannot write the output: {printable(error)}")
+        status = status or 1
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stderr.flush()
+    return status
 
 
-def same_file(info, path):
-    try:
-        other = os.stat(path)
-    except OSError:
-        return False
-    return (info.st_dev, info.st_ino) == (other.st_dev, other.st_ino)
-
-
-def read_limited(fd, limit):
-    """All of fd (blocking, as a pipe needs), or None past `limit` bytes."""
-    chunks, size = [], 0
-    while True:
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-
-
-def session_base(environ, tool):
-    """Where sessions keep their homes, caches and logs: $XDG_CACHE_HOME/TOOL (when absolute)
-    or ~/.cache/TOOL, on disk; $XDG_RUNTIME_DIR is a small tmpfs that a session's caches
-    would fill.  Only the proxy's socket goes there."""
-    base = environ.get("XDG_CACHE_HOME", "")
-    if not os.path.isabs(base):
-        base = os.path.join(environ.get("HOME", ""), ".cache")
-    return os.path.join(base, tool)
-
-
-def checked_session_base(environ, tool, create=True):
-    """session_base, made (0700) when missing and checked without following a link: a
-    directory of ours that nobody else can enter.  None when it cannot be made (a read-only
-    home): sessions then live in the runtime directory, as the socket does."""
-    path = session_base(environ, tool)
-    if create:
-        with contextlib.suppress(OSError):
-            os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+def standard_streams_open():
+    """Descriptors 0, 1 and 2 open (on /dev/null when closed), so that no pipe the wrapper
+    makes takes one of their numbers and then loses it to a child's redirection."""
+    for fd in (0, 1, 2):
         try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
+            os.fstat(fd)
         except OSError:
-            return None
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise Failure(f"{path}: {error.strerror.lower()}; it must be a directory of yours "
-                      "(mode 0700), not a link: remove it") from None
-    try:
-        info = os.fstat(fd)
-    finally:
-        os.close(fd)
-    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
-        raise Failure(f"{path}: must be yours with mode 0700 (it is uid {info.st_uid}, mode "
-                      f"{stat.S_IMODE(info.st_mode):04o}): chmod 700 it, or remove it")
-    return path
+            os.open(os.devnull, os.O_RDWR)      # the lowest free number: fd itself
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
 
 
-def session_dirs_base(environ, tool):
-    """The base of the session's directory: on disk when it can be, else the runtime one."""
-    return checked_session_base(environ, tool) or private_base(environ)
+def exit_status(tool, error):
+    """The exit status for an exception that ended the wrapper, said in one line."""
+    if isinstance(error, Finished):
+        return error.code
+    if isinstance(error, Failure):
+        say(f"{tool}: error: {error}")
+        return error.code
+    if isinstance(error, Terminated):
+        return 128 + error.signum
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    if isinstance(error, OSError):
+        say(f"{tool}: error: {printable(error)}")
+    else:   # the last resort: one line, never a traceback
+        say(f"{tool}: error: unexpected {type(error).__name__}: {printable(error)}")
+    return 1
 
 
-def sweep_sessions(environ, tool):
-    """sweep_stale for both places sessions live."""
-    sweep_stale_git(git_session_bases(environ))
-    sweep_stale(private_base(environ), tool)
-    base = checked_session_base(environ, tool, create=False)
-    if base is not None:
-        sweep_stale(base, tool)
+# Start-up timings (--verbose): where the time before bwrap goes, said with --verbose just
+# before bwrap starts.  A mark is a clock read; nothing is said without --verbose.
+
+class StartupClock:
+    """Phases of the start-up, each the time since the previous mark; the first counts from
+    STARTED (this module's first line: the interpreter's own start is not seen here)."""
+
+    def __init__(self, started):
+        self.last = started
+        self.phases = []
+
+    def mark(self, phase):
+        now = time.perf_counter()
+        self.phases.append((phase, now - self.last))
+        self.last = now
+
+    def line(self, tool):
+        parts = ", ".join(f"{phase} {seconds * 1000:.1f} ms" for phase, seconds in self.phases)
+        total = sum(seconds for _, seconds in self.phases) * 1000
+        return f"{tool}: start-up: {parts}; {total:.0f} ms in all, then bwrap"
 
 
-def session_masks(environ, mounts, create=True):
-    """The wrapper's places (wrapper_places) hold other sessions' homes, caches, logs,
-    sockets and locks: a bind that shows one, or something of the wrapper's inside one, is
-    refused, except a read-only bind above one (--full-home-access, a tool's directory),
-    whose read-only parents cannot be renamed away from under the empty mount made over
-    the place.  A session base is made first when missing, so one made later cannot
-    appear."""
-    masks = []
-    for place, own, tool in wrapper_places(environ):
-        for option, src, dest in mounts:
-            real = os.path.realpath(src) if src else None
-            shown = real and place_shown(real, place, own)
-            if shown == "inside" or (shown and option not in ("--ro-bind", "--ro-bind-fd")):
-                raise Failure(wrapper_place_refusal(src, place, tool, environ))
-            if not shown or (create and own is None
-                             and checked_session_base(environ, tool) is None):
-                continue        # not shown, or it cannot be made: nor can a session make it
-            mask = ("--tmpfs", None, os.path.normpath(os.path.join(
-                dest, os.path.relpath(place, real))))
-            if mask not in masks:
-                masks.append(mask)
-    return masks
+CLOCK = StartupClock(STARTED)
+
+# The proxy's interpreter, started early: Python and socks_filter's imports take
+# ~25 ms, spent while the wrapper plans and prepares rather than after.
+
+# socks_filter.py (the argument after the code) imported, from its bytecode cache (a script is
+# compiled at every start), its directory LAST on sys.path so that nothing next to it can
+# stand in for a standard module; its arguments come on stdin (main_from_stdin).
+PROXY_MAIN = ("import os, sys; sys.path.append(os.path.dirname(sys.argv.pop(1))); "
+              "import socks_filter; sys.exit(socks_filter.main_from_stdin())")
+
+
+class ProxyInterpreter:
+    """socks_filter.py's interpreter, waiting for its arguments (hand) with the write end of
+    its ready pipe already open (ready_number in the child).  Without them (stdin closed:
+    stop, or the wrapper's end) it exits at once, never having listened.  In a session of
+    its own: the terminal's Ctrl-C is for the CLI."""
+
+    def __init__(self, env):
+        read_fd, write_fd = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", PROXY_MAIN, FILTER_SCRIPT],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(write_fd,), start_new_session=True, env=env)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self.ready_fd, self.ready_number = read_fd, write_fd
+
+    def hand(self, args, err_path):
+        """Its arguments (and the file for its stderr); a proxy that died already is found
+        by the wait for its ready line."""
+        try:
+            self.process.stdin.write(b"\0".join(map(os.fsencode, [err_path, *args])))
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    def stop(self):
+        if not self.process.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.close()
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+        stop(self.process)
 
 
 # ---------------------------------------------------------------------------------------------
-# The wrapper's own places: never shown in the sandbox
-#
-# Each tool's session base (other sessions' homes, their copies of the CLI's credentials and
-# transcripts) and the runtime base (private_base: the proxies' socket directories, and
-# LOCKS_DIR, whose lists say which placeholders the next start removes) let one session reach
-# another.  Showing one, a parent of one, or one of the wrapper's entries inside the runtime
-# base is refused: an empty mount over it would not do, as the sandbox could rename its
-# parent away and the next session would make its directory where the sandbox reads it.
-# Paths are compared canonical (realpath), since any of them may be reached through a link.
+# Doctor: checks of this machine and the user's configuration
 # ---------------------------------------------------------------------------------------------
 
-def wrapper_places(environ):
-    """[(canonical path, names of the wrapper's entries in it or None for all of it, the
-    tool)] of every tool's session base and of the runtime base."""
-    tools = [p.tool for p in PROFILES.values()]
-    places = [(os.path.realpath(session_base(environ, t)), None, t) for t in tools]
-    own = (LOCKS_DIR.format(uid=os.geteuid()), *tools)
-    return places + [(os.path.realpath(private_base(environ)), own, tools[0])]
+def network_checks(opts):
+    """--doctor's lines about the network options in force (from the defaults file)."""
+    if not opts.unshare_net:
+        return [Check("network", "note", "--filter-network --share-net is advisory: programs "
+                      "that ignore the proxy variables go around it; the bridge on the host's "
+                      "127.0.0.1 asks every client for a per-session credential",
+                      "drop --share-net: --filter-network alone is enforced")]
+    checks = [Check("network", "ok", "--filter-network: enforced (an empty network namespace, "
+                    "the proxy is the only way out)")]
+    checks += [Check("host port", "ok", f"127.0.0.1:{inside} inside is the host's "
+                     f"127.0.0.1:{host}, through the proxy") for inside, host in opts.host_port]
+    return checks + [Check("allow list", "note", hint) for hint in loopback_hints(opts.allow_domain)]
 
 
-def place_shown(real, place, own):
-    """How showing the canonical path `real` shows `place`: "above" (it or a parent of
-    it), "inside" (in it, in one of its `own` entries when given: a session's directory,
-    hidden while it is made, or LOCKS_DIR), or None."""
-    if is_within(place, real):
-        return "above"
-    if not is_within(real, place):
-        return None
-    first = os.path.relpath(real, place).split("/")[0].lstrip(".")
-    if own is None or any(first == o or first.startswith(o + ".") for o in own):
-        return "inside"
-    return None
+def check_tools(plan):
+    if not os.path.isabs(plan.bwrap):
+        raise Failure("bwrap not found; install it, as root: apt-get install bubblewrap", 127)
+    if plan.filter:
+        if not os.path.isabs(plan.socat):
+            raise Failure("socat not found (--filter-network needs it); install it, "
+                          "as root: apt-get install socat", 127)
+        for path in (FILTER_SCRIPT, BRIDGE_SCRIPT):
+            if not os.path.isfile(path):
+                raise Failure(f"{path} is missing; keep {os.path.basename(path)} next to bw_lib.py")
 
 
-def wrapper_place_refusal(path, place, tool, environ):
-    if place == os.path.realpath(private_base(environ)):
-        what = "the sessions' proxy sockets and locks are there"
-        fix = ("" if environ.get("XDG_RUNTIME_DIR") else
-               ", or set XDG_RUNTIME_DIR to a private directory of yours")
-    else:
-        what, fix = f"{tool} keeps its sessions' homes there", ""
-    return (f"{path}: {what} ({place}), so a session shown it could reach the others; "
-            f"choose a directory neither inside nor above it{fix}")
-
-
-def refuse_wrapper_place(flag, path, environ):
-    """Refuse --dir, --allow-ro or --allow-rw `path` (canonical) that shows a wrapper
-    place."""
-    for place, own, tool in wrapper_places(environ):
-        if place_shown(path, place, own):
-            raise Failure(f"{flag} {wrapper_place_refusal(path, place, tool, environ)}")
-
-
-class Finished(BaseException):
-    """--list-presets, --dry-run or --doctor did their work: no session runs."""
-
-    def __init__(self, code=0):
-        super().__init__(code)
-        self.code = code
-
-
-def plan_session(profile, argv, environ=None, skip=()):
-    """Options (the defaults file's first), a look at the host, and the session's Plan.
-    The options that act once (--list-presets, --dry-run, --doctor) raise Finished."""
-    environ = dict(os.environ if environ is None else environ)
-    ours = split_argv(argv)[0]
-    if not any(flag in ours for flag in ("--help", "-h", "--list-presets")):
-        environ["HOME"] = checked_home(environ)
-    if "--doctor" in ours:
-        raise Finished(doctor(profile, argv, environ, skip))
-    # --help works even when the defaults file does not parse.
-    skip_defaults = any(flag in ours for flag in ("--no-defaults", "--help", "-h"))
-    defaults = [] if skip_defaults else read_defaults(profile, environ)
-    opts = parse_args(profile, argv, defaults)
-    CLOCK.mark("options")
-    if opts.list_presets:
-        sys.stdout.write(format_presets())
-        raise Finished(0)
-    if not opts.dry_run:
-        sweep_sessions(environ, profile.tool)
-    plan = make_plan(profile, opts, environ, skip)
-    plan.environ = environ
-    CLOCK.mark("plan")
-    tool = profile.tool
-    if plan.verbose:
-        if defaults:
-            say(f"{tool}: defaults: {shlex.join(defaults)}")
-        say(describe(plan))
-    if plan.dry_run:
-        private_dir = session_base(environ, tool) + "/" + tool + ".XXXXXXXX"
-        socket_dir = os.path.join(private_base(environ), tool + ".XXXXXXXX")
-        if plan.filter:
-            write_out(shlex.join(build_proxy_args(plan, private_dir, "FD", socket_dir)))
-        write_out(format_env_command(plan.env, build_bwrap_args(plan, private_dir, seccomp_fd="FD",
-                                                                socket_dir=socket_dir)))
-        raise Finished(0)
-    check_tools(plan)
-    return plan
+def node_check(search_path):
+    """--doctor: whether the node inside makes fetch() go through the proxy."""
+    node = find_program("node", search_path)
+    if node is None:
+        return Check("node fetch", "ok", "no node on PATH")
+    code, output = run_briefly([node, "--version"], 10)
+    version = node_version(output) if code == 0 else None
+    if version is None:
+        return Check("node fetch", "note", f"cannot tell the version of {node}")
+    name = f"Node {output.strip()} ({node})"
+    if not node_honours(version, NODE_FETCH_PROXY):
+        return Check("node fetch", "note", f"{name}: its built-in fetch() ignores proxy "
+                     "variables, so inside --unshare-net it fails (ECONNREFUSED, EAI_AGAIN); "
+                     "npm, the CLIs, curl, git and pip use the proxy",
+                     "Node 22.21 or 24 and later honour NODE_USE_ENV_PROXY=1, which the "
+                     "sandbox sets")
+    if not node_honours(version, NODE_HTTP_PROXY):
+        return Check("node fetch", "note", f"{name}: fetch() uses the proxy "
+                     "(NODE_USE_ENV_PROXY=1), http.request does not", "Node 24.5 and later")
+    return Check("node fetch", "ok", f"{name}: fetch() and http.request use the proxy "
+                 "(NODE_USE_ENV_PROXY=1)")
 
 
 @dataclass
@@ -4610,25 +4800,6 @@ def tiocsti_check(value):
             "this kernel (before 6.2) has no switch; the sandbox's seccomp filter blocks it")
     return Check("TIOCSTI", "note", text, "for every program, as root: sysctl dev.tty.legacy_tiocsti=0"
                  if value == "1" else "")
-
-
-def rule_problems(rules=(), files=()):
-    """(how many rules parse, ["where: why" for each that does not]): --allow-domain rules
-    one by one, allow files through socks_filter.read_rule_file (its first error a file)."""
-    filters = rules_module()
-    count, problems = 0, []
-    for rule in rules:
-        try:
-            filters.parse_rule(rule)
-            count += 1
-        except filters.RuleError as error:
-            problems.append(f"--allow-domain {printable(rule)}: {printable(error)}")
-    for path in files:
-        try:
-            count += len(filters.read_rule_file(path))
-        except filters.RuleError as error:
-            problems.append(printable(error))
-    return count, problems
 
 
 def allow_list_checks(profile, opts, environ):
@@ -4779,8 +4950,47 @@ def doctor(profile, argv, environ, skip=()):
     return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 
-def raise_terminated(signum, frame):
-    raise Terminated(signum)
+# ---------------------------------------------------------------------------------------------
+# Entry point: what the entry scripts call
+# ---------------------------------------------------------------------------------------------
+
+def plan_session(profile, argv, environ=None, skip=()):
+    """Options (the defaults file's first), a look at the host, and the session's Plan.
+    The options that act once (--list-presets, --dry-run, --doctor) raise Finished."""
+    environ = dict(os.environ if environ is None else environ)
+    ours = split_argv(argv)[0]
+    if not any(flag in ours for flag in ("--help", "-h", "--list-presets")):
+        environ["HOME"] = checked_home(environ)
+    if "--doctor" in ours:
+        raise Finished(doctor(profile, argv, environ, skip))
+    # --help works even when the defaults file does not parse.
+    skip_defaults = any(flag in ours for flag in ("--no-defaults", "--help", "-h"))
+    defaults = [] if skip_defaults else read_defaults(profile, environ)
+    opts = parse_args(profile, argv, defaults)
+    CLOCK.mark("options")
+    if opts.list_presets:
+        sys.stdout.write(format_presets())
+        raise Finished(0)
+    if not opts.dry_run:
+        sweep_sessions(environ, profile.tool)
+    plan = make_plan(profile, opts, environ, skip)
+    plan.environ = environ
+    CLOCK.mark("plan")
+    tool = profile.tool
+    if plan.verbose:
+        if defaults:
+            say(f"{tool}: defaults: {shlex.join(defaults)}")
+        say(describe(plan))
+    if plan.dry_run:
+        private_dir = session_base(environ, tool) + "/" + tool + ".XXXXXXXX"
+        socket_dir = os.path.join(private_base(environ), tool + ".XXXXXXXX")
+        if plan.filter:
+            write_out(shlex.join(build_proxy_args(plan, private_dir, "FD", socket_dir)))
+        write_out(format_env_command(plan.env, build_bwrap_args(plan, private_dir, seccomp_fd="FD",
+                                                                socket_dir=socket_dir)))
+        raise Finished(0)
+    check_tools(plan)
+    return plan
 
 
 class Wrapper:
@@ -4829,128 +5039,4 @@ class Wrapper:
         if self.quick_exit:
             os._exit(flushed(self.profile.tool, self.status))
         sys.exit(self.status)
-
-
-def flushed(tool, status):
-    """`status` once stdout and stderr are flushed (os._exit would drop what is buffered);
-    our own output that cannot be written (a full disk, a closed pipe) is an error."""
-    try:
-        if sys.stdout is not None:
-            sys.stdout.flush()
-    except (OSError, ValueError) as error:
-        say(f"{tool}: error: cannot write the output: {printable(error)}")
-        status = status or 1
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        sys.stderr.flush()
-    return status
-
-
-def standard_streams_open():
-    """Descriptors 0, 1 and 2 open (on /dev/null when closed), so that no pipe the wrapper
-    makes takes one of their numbers and then loses it to a child's redirection."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            os.open(os.devnull, os.O_RDWR)      # the lowest free number: fd itself
-    if sys.stdout is None:
-        sys.stdout = open(1, "w", closefd=False)
-    if sys.stderr is None:
-        sys.stderr = open(2, "w", closefd=False)
-
-
-def exit_status(tool, error):
-    """The exit status for an exception that ended the wrapper, said in one line."""
-    if isinstance(error, Finished):
-        return error.code
-    if isinstance(error, Failure):
-        say(f"{tool}: error: {error}")
-        return error.code
-    if isinstance(error, Terminated):
-        return 128 + error.signum
-    if isinstance(error, KeyboardInterrupt):
-        return 130
-    if isinstance(error, OSError):
-        say(f"{tool}: error: {printable(error)}")
-    else:   # the last resort: one line, never a traceback
-        say(f"{tool}: error: unexpected {type(error).__name__}: {printable(error)}")
-    return 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Start-up timings (issue 15): where the time before bwrap goes, said with --verbose just
-# before bwrap starts.  A mark is a clock read; nothing is said without --verbose.
-# ---------------------------------------------------------------------------------------------
-
-class StartupClock:
-    """Phases of the start-up, each the time since the previous mark; the first counts from
-    STARTED (this module's first line: the interpreter's own start is not seen here)."""
-
-    def __init__(self, started):
-        self.last = started
-        self.phases = []
-
-    def mark(self, phase):
-        now = time.perf_counter()
-        self.phases.append((phase, now - self.last))
-        self.last = now
-
-    def line(self, tool):
-        parts = ", ".join(f"{phase} {seconds * 1000:.1f} ms" for phase, seconds in self.phases)
-        total = sum(seconds for _, seconds in self.phases) * 1000
-        return f"{tool}: start-up: {parts}; {total:.0f} ms in all, then bwrap"
-
-
-CLOCK = StartupClock(STARTED)
 CLOCK.mark("imports")
-
-
-# ---------------------------------------------------------------------------------------------
-# The proxy's interpreter, started early (issue 15): Python and socks_filter's imports take
-# ~25 ms, spent while the wrapper plans and prepares rather than after.
-# ---------------------------------------------------------------------------------------------
-
-# socks_filter.py (the argument after the code) imported, from its bytecode cache (a script is
-# compiled at every start), its directory LAST on sys.path so that nothing next to it can
-# stand in for a standard module; its arguments come on stdin (main_from_stdin).
-PROXY_MAIN = ("import os, sys; sys.path.append(os.path.dirname(sys.argv.pop(1))); "
-              "import socks_filter; sys.exit(socks_filter.main_from_stdin())")
-
-
-class ProxyInterpreter:
-    """socks_filter.py's interpreter, waiting for its arguments (hand) with the write end of
-    its ready pipe already open (ready_number in the child).  Without them (stdin closed:
-    stop, or the wrapper's end) it exits at once, never having listened.  In a session of
-    its own: the terminal's Ctrl-C is for the CLI."""
-
-    def __init__(self, env):
-        read_fd, write_fd = os.pipe()
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", PROXY_MAIN, FILTER_SCRIPT],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                pass_fds=(write_fd,), start_new_session=True, env=env)
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)
-        self.ready_fd, self.ready_number = read_fd, write_fd
-
-    def hand(self, args, err_path):
-        """Its arguments (and the file for its stderr); a proxy that died already is found
-        by the wait for its ready line."""
-        try:
-            self.process.stdin.write(b"\0".join(map(os.fsencode, [err_path, *args])))
-            self.process.stdin.close()
-        except BrokenPipeError:
-            pass
-
-    def stop(self):
-        if not self.process.stdin.closed:
-            with contextlib.suppress(BrokenPipeError):
-                self.process.stdin.close()
-        if self.ready_fd is not None:
-            os.close(self.ready_fd)
-            self.ready_fd = None
-        stop(self.process)
