@@ -748,6 +748,13 @@ def build_parser(profile):
                f"  {'':{len(tool) + 26}}  e.g. a line: --filter-network\n"
                f"  ~/.config/{tool}/allowed-domains  allow rules, one a line, # comments\n"
                f"  (both under $XDG_CONFIG_HOME instead of ~/.config when it is set)")
+    for add_options in (add_sandbox_options, add_network_options, add_diagnostic_options):
+        add_options(parser, profile)
+    return parser
+
+
+def add_sandbox_options(parser, profile):
+    tool, cli = profile.tool, profile.name
     sandbox = parser.add_argument_group(
         "sandbox", f"what {cli} sees; e.g. {tool} --dir ~/src/app --allow-ro ~/src/shared-lib")
     sandbox.add_argument("--dir", metavar="PATH",
@@ -773,6 +780,10 @@ def build_parser(profile):
     if profile.cli_args:
         add_switch(sandbox, "--no-skip-permissions", "--skip-permissions",
                    f"do not pass {' '.join(profile.cli_args)} to {cli}")
+
+
+def add_network_options(parser, profile):
+    tool, cli = profile.tool, profile.name
     network = parser.add_argument_group(
         "network", f"e.g. {tool} --filter-network --allow-preset github --allow-preset npm")
     network.add_argument("--no-network", action=SetAll, dest=argparse.SUPPRESS,
@@ -813,6 +824,10 @@ def build_parser(profile):
     network.add_argument("--proxy-log", metavar="FILE",
                          help="keep the proxy's JSON log (one object per decision and close) "
                               "in FILE")
+
+
+def add_diagnostic_options(parser, profile):
+    tool = profile.tool
     diagnostics = parser.add_argument_group("diagnostics", f"e.g. {tool} --doctor")
     diagnostics.add_argument("--doctor", action="store_true",
                              help="check bwrap, user namespaces, socat, the CLI, the seccomp "
@@ -826,7 +841,6 @@ def build_parser(profile):
                "went (per phase) to stderr", short=("-v",))
     diagnostics.add_argument("--dry-run", action="store_true",
                              help="print the commands that would run, shell-quoted, and exit")
-    return parser
 
 
 # Options that do something once and so have no place in the defaults file.
@@ -1020,6 +1034,62 @@ def refuse_misspelt(profile, parser, unknown):
 # ---------------------------------------------------------------------------------------------
 # Host facts: programs, their install trees and what the host's tools can do
 # ---------------------------------------------------------------------------------------------
+
+# The host's programs the wrapper runs: what needs each, and its package (Debian, Fedora).
+TOOLS = {
+    "bwrap": ("every session", "bubblewrap"),
+    "socat": ("--filter-network", "socat"),
+}
+OWN_FILES = (FILTER_SCRIPT, BRIDGE_SCRIPT)  # the wrapper's files that must lie beside bw_lib.py
+
+
+@dataclass
+class Host:
+    """This machine's programs, probed once (paths and binaries read, nothing run): the
+    plan, the checks before a session starts and --doctor all read it."""
+    search_path: str
+    bwrap: str = None           # absolute paths, None when not found
+    socat: str = None
+    env_program: str = None     # env(1) when it can reset SIGINT (--default-signal)
+    disable_userns: bool = False    # bwrap has --disable-userns
+    missing_files: tuple = ()   # OWN_FILES that are not there
+    system: list = field(default_factory=list)  # SYSTEM_DIRS present: (path, link target)
+    etc: list = field(default_factory=list)     # ETC_ENTRIES present, as /etc paths
+
+
+def probe_host(environ):
+    """The Host facts, from the wrapper's environment's PATH."""
+    search_path = environ.get("PATH", os.defpath)
+    bwrap = shutil.which("bwrap", path=search_path)
+    env_program = shutil.which("env", path="/usr/bin:/bin")
+    return Host(search_path=search_path, bwrap=bwrap,
+                socat=shutil.which("socat", path=search_path),
+                env_program=env_program if env_program and env_resets_signals(env_program)
+                else None,
+                disable_userns=bool(bwrap) and bwrap_supports(bwrap, "--disable-userns"),
+                missing_files=tuple(p for p in OWN_FILES if not os.path.isfile(p)),
+                system=[(d, os.readlink(d) if os.path.islink(d) else None)
+                        for d in SYSTEM_DIRS if os.path.lexists(d)],
+                etc=[f"/etc/{e}" for e in ETC_ENTRIES if os.path.exists(f"/etc/{e}")])
+
+
+def install_hint(tool):
+    package = TOOLS[tool][1]
+    return f"as root: apt-get install {package}  (Fedora: dnf install {package})"
+
+
+def keep_beside(path):
+    return f"keep {os.path.basename(path)} next to bw_lib.py"
+
+
+def check_tools(plan, host):
+    """Refuse, before anything starts, a session whose programs or files are missing."""
+    for tool, (needed_by, _) in TOOLS.items():
+        if getattr(host, tool) is None and (tool == "bwrap" or plan.filter):
+            needs = "" if tool == "bwrap" else f" ({needed_by} needs it)"
+            raise Failure(f"{tool} not found{needs}; install it, {install_hint(tool)}", 127)
+    for path in host.missing_files if plan.filter else ():
+        raise Failure(f"{path} is missing; {keep_beside(path)}")
 
 def find_program(name, search_path, skip=()):
     """Like shutil.which, but never returns one of `skip` (our own entry scripts)."""
@@ -2099,7 +2169,7 @@ def rules_module():
     try:
         import socks_filter
     except ImportError:
-        raise Failure(f"{FILTER_SCRIPT} is missing; keep socks_filter.py next to bw_lib.py") \
+        raise Failure(f"{FILTER_SCRIPT} is missing; {keep_beside(FILTER_SCRIPT)}") \
             from None
     return socks_filter
 
@@ -2255,32 +2325,81 @@ class Plan:
     early_proxy: object = None      # a ProxyInterpreter started before the plan (Wrapper.plan)
 
 
-def make_plan(profile, opts, environ, skip=()):
-    """Look at the host (paths, programs) and decide the session."""
+def make_plan(profile, opts, environ, skip=(), host=None):
+    """Decide the session from the options and the Host facts: the plan_* steps below, in
+    order, each refusing what it cannot allow before anything starts."""
+    host = host or probe_host(environ)
+    home, project = plan_project(profile, opts, environ)
+    command, programs = plan_command(profile, opts, home, host, skip)
+    mounts, rw_extra = plan_shown(profile, opts, home, project, environ)
+    sockets, walked = plan_sockets(profile, home, mounts)
+    roots = writable_roots(project, home, profile, rw_extra)
+    mounts += plan_programs(programs, roots, home)
+    mounts.append(("--bind", project, project))
+    mounts += secret_masks(home, mounts, hidden=hidden_paths(profile))
+    mounts += session_masks(environ, mounts, create=not opts.dry_run)
+    mounts += sockets
+    placeholders, beneath = [], {}
+    if not opts.allow_config_writes:
+        mounts, placeholders, beneath, whole = plan_protection(project, home, mounts, rw_extra,
+                                                               roots)
+        walked = walked and whole
+    allow, allow_files, file_rules = plan_allow(profile, opts, environ, home, mounts)
+    learn, proxy_log = plan_outputs(opts, roots)
+    token = advisory_token(opts)
+    return Plan(
+        profile=profile, home=home, project=project, command=command,
+        env=with_token(build_env(profile, environ, home, opts.pass_env, opts.env,
+                                 defaults=inside_env(opts.filter_network)), token),
+        bwrap=host.bwrap or "bwrap", system=host.system, etc=host.etc, mounts=mounts,
+        unshare_net=opts.unshare_net, filter=opts.filter_network, allow=allow,
+        allow_files=allow_files, allow_private=opts.allow_private, learn=learn,
+        proxy_log=proxy_log, socat=host.socat or "socat", env_program=host.env_program,
+        seccomp=tiocsti_filter(os.uname().machine), disable_userns=host.disable_userns,
+        placeholders=placeholders, sockets_complete=walked, verbose=opts.verbose,
+        dry_run=opts.dry_run, allow_file_rules=file_rules,
+        state=state_items(profile, project, opts.allow_config_writes), beneath=beneath,
+        git_roots=[] if opts.allow_config_writes else [project, *rw_extra],
+        host_ports=opts.host_port, proxy_token=token)
+
+
+def plan_project(profile, opts, environ):
+    """(home, project): $HOME checked, and the project directory, which must not show the
+    home, a secret or the wrapper's own places."""
     home = checked_home(environ)
     project = os.path.realpath(opts.dir or os.getcwd())
     if not os.path.isdir(project):
         raise Failure(f"--dir {opts.dir}: not a directory")
     refuse_path("--dir", project, home, hidden_paths(profile))
     refuse_wrapper_place("--dir", project, environ)
-    search_path = environ.get("PATH", os.defpath)
-    cli = find_cli(profile, search_path, home, skip)
+    return home, project
+
+
+def plan_command(profile, opts, home, host, skip):
+    """(the command the sandbox runs, the host programs it needs shown): the CLI with its
+    arguments, or a shell with --shell; the CLI's helpers, and socat for the proxy."""
+    cli = find_cli(profile, host.search_path, home, skip)
     if cli is None and not opts.shell:
         raise Failure(f"{profile.name} not found (looked in {cli_places(profile)}); install it: "
                       f"{profile.install_hint}", 127)
     programs = [cli] if cli else []
     for helper in profile.helpers:
-        found = find_program(helper, search_path)
+        found = find_program(helper, host.search_path)
         if found is None and not opts.shell:
             raise Failure(f"{helper} not found on PATH; {profile.name} needs it", 127)
         programs += [found] if found else []
+    if opts.filter_network:
+        programs.append(host.socat or "socat")
     if opts.shell:
         shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
-        command = [shell, *opts.args]
-    else:
-        extra = [] if opts.no_skip_permissions else list(profile.cli_args)
-        command = [cli, *extra, *opts.args]
+        return [shell, *opts.args], programs
+    extra = [] if opts.no_skip_permissions else list(profile.cli_args)
+    return [cli, *extra, *opts.args], programs
 
+
+def plan_shown(profile, opts, home, project, environ):
+    """(mounts, the --allow-rw paths): the session's home, then --allow-ro and --allow-rw,
+    each an existing path that shows neither the home, a secret nor the wrapper's places."""
     hidden = hidden_paths(profile)
     entries = showable_entries(home, hidden) if opts.full_home_access else set()
     mounts = home_mounts(profile, home, opts.full_home_access, entries,
@@ -2298,33 +2417,45 @@ def make_plan(profile, opts, environ, skip=()):
             mounts.append((option, real, real))
             if option == "--bind":
                 rw_extra.append(real)
-    # Sockets are searched for where the user chose to show a tree (--allow-*, the whole
-    # home), not in the CLI's state or the tool directories: toolchains hold tens of
-    # thousands of files and no sockets, and walking them would cost every start.
+    return mounts, rw_extra
+
+
+def plan_sockets(profile, home, mounts):
+    """(masks over the host's unix sockets in the shown trees, walk complete).  Sockets are
+    searched for where the user chose to show a tree (--allow-*, the whole home), not in
+    the CLI's state or the tool directories: toolchains hold tens of thousands of files and
+    no sockets, and walking them would cost every start."""
     skipped = {os.path.join(home, d) for d in (*profile.state_dirs, *HOME_TOOLS)}
-    sockets, walked = socket_masks([(src, dest) for _, src, dest in mounts
-                                    if src and src not in skipped], home, hidden)
-    socat = shutil.which("socat", path=search_path) or "socat"
-    if opts.filter_network:
-        programs.append(socat)
-    roots = writable_roots(project, home, profile, rw_extra)
+    return socket_masks([(src, dest) for _, src, dest in mounts if src and src not in skipped],
+                        home, hidden_paths(profile))
+
+
+def plan_programs(programs, roots, home):
+    """Read-only mounts of the programs' install trees; refused when one of them, or the
+    wrapper itself, lies where the sandbox can write."""
     refuse_wrapper_inside(roots)
+    mounts = []
     for program in programs:
         check_chain(symlink_chain(program), roots)
         mounts += [("--ro-bind", r, r) for r in install_roots(symlink_chain(program), home)]
-    mounts.append(("--bind", project, project))
-    mounts += secret_masks(home, mounts, hidden=hidden)
-    mounts += session_masks(environ, mounts, create=not opts.dry_run)
-    mounts += sockets
-    placeholders, beneath = [], {}
-    if not opts.allow_config_writes:
-        rw_roots = [dest for option, _, dest in mounts if option == "--bind"]
-        nested, whole = nested_repositories([project, *rw_extra])
-        walked = walked and whole
-        protected, placeholders = protection(project, home, rw_roots, rw_extra, nested)
-        mounts += protected
-        mounts, beneath = bind_checked(mounts, roots, placeholders)
+    return mounts
 
+
+def plan_protection(project, home, mounts, rw_extra, roots):
+    """(mounts, placeholders, beneath, walk complete): the protected paths bound read-only
+    (placeholders for the missing ones), then every bind below a writable root turned into
+    a bind of what was checked (bind_checked)."""
+    rw_roots = [dest for option, _, dest in mounts if option == "--bind"]
+    nested, whole = nested_repositories([project, *rw_extra])
+    protected, placeholders = protection(project, home, rw_roots, rw_extra, nested)
+    mounts, beneath = bind_checked(mounts + protected, roots, placeholders)
+    return mounts, placeholders, beneath, whole
+
+
+def plan_allow(profile, opts, environ, home, mounts):
+    """(allow rules, allow files, the allow files' rules read once): the profile's API, the
+    presets, --allow-domain, --host-port, and the allow files, each rule checked now, since
+    the proxy would refuse it later."""
     allow_files, file_rules = [], []
     user_file = config_path({**environ, "HOME": home}, profile.tool, "allowed-domains")
     writable = [dest for option, _, dest in mounts if option == "--bind"]
@@ -2336,10 +2467,14 @@ def make_plan(profile, opts, environ, skip=()):
     allow = list(profile.allow) + preset_rules(opts.allow_preset) + opts.allow_domain
     allow += [host_port_rule(host) for _, host in opts.host_port]
     if opts.filter_network:
-        # Every rule now, before anything starts: the proxy would refuse it later.
         problems = rule_problems(allow)[1]
         if problems:
             raise Failure(f"bad allow rule: {problems[0]}", 2)
+    return allow, allow_files, file_rules
+
+
+def plan_outputs(opts, roots):
+    """(--learn file, --proxy-log file), absolute: refused where the wrapper must not write."""
     learn = os.path.abspath(opts.learn) if opts.learn else None
     for flag, given in (("--learn", opts.learn), ("--proxy-log", opts.proxy_log)):
         problem = given and host_file_problem(os.path.abspath(given), roots)
@@ -2347,36 +2482,7 @@ def make_plan(profile, opts, environ, skip=()):
             raise Failure(f"{flag} {given}: will not write there: {problem}")
     if learn and (os.path.isdir(learn) or not os.access(os.path.dirname(learn), os.W_OK)):
         raise Failure(f"--learn {opts.learn}: cannot write a file there")
-
-    env_program = shutil.which("env", path="/usr/bin:/bin")
-    bwrap = shutil.which("bwrap", path=search_path) or "bwrap"
-    token = advisory_token(opts)
-    return Plan(
-        profile=profile, home=home, project=project, command=command,
-        env=with_token(build_env(profile, environ, home, opts.pass_env, opts.env,
-                                 defaults=inside_env(opts.filter_network)), token),
-        bwrap=bwrap,
-        system=[(d, os.readlink(d) if os.path.islink(d) else None)
-                for d in SYSTEM_DIRS if os.path.lexists(d)],
-        etc=[f"/etc/{e}" for e in ETC_ENTRIES if os.path.exists(f"/etc/{e}")],
-        mounts=mounts,
-        unshare_net=opts.unshare_net,
-        filter=opts.filter_network,
-        allow=allow,
-        allow_files=allow_files,
-        allow_private=opts.allow_private,
-        learn=learn,
-        proxy_log=os.path.abspath(opts.proxy_log) if opts.proxy_log else None,
-        socat=socat,
-        env_program=env_program if env_program and env_resets_signals(env_program) else None,
-        seccomp=tiocsti_filter(os.uname().machine),
-        disable_userns=bwrap_supports(bwrap, "--disable-userns"),
-        placeholders=placeholders,
-        sockets_complete=walked,
-        verbose=opts.verbose, dry_run=opts.dry_run, allow_file_rules=file_rules,
-        state=state_items(profile, project, opts.allow_config_writes), beneath=beneath,
-        git_roots=[] if opts.allow_config_writes else [project, *rw_extra],
-        host_ports=opts.host_port, proxy_token=token)
+    return learn, os.path.abspath(opts.proxy_log) if opts.proxy_log else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4678,18 +4784,6 @@ def network_checks(opts):
     return checks + [Check("allow list", "note", hint) for hint in loopback_hints(opts.allow_domain)]
 
 
-def check_tools(plan):
-    if not os.path.isabs(plan.bwrap):
-        raise Failure("bwrap not found; install it, as root: apt-get install bubblewrap", 127)
-    if plan.filter:
-        if not os.path.isabs(plan.socat):
-            raise Failure("socat not found (--filter-network needs it); install it, "
-                          "as root: apt-get install socat", 127)
-        for path in (FILTER_SCRIPT, BRIDGE_SCRIPT):
-            if not os.path.isfile(path):
-                raise Failure(f"{path} is missing; keep {os.path.basename(path)} next to bw_lib.py")
-
-
 def node_check(search_path):
     """--doctor: whether the node inside makes fetch() go through the proxy."""
     node = find_program("node", search_path)
@@ -4830,90 +4924,133 @@ def allow_list_checks(profile, opts, environ):
     return checks
 
 
-def host_checks(profile, opts, environ, skip=()):
-    """Everything --filter-network --unshare-net needs from this machine, as Checks."""
-    search_path = environ.get("PATH", os.defpath)
-    home = environ.get("HOME", "")
-    checks, userns = [], False
-    bwrap = shutil.which("bwrap", path=search_path)
-    disable_userns = bool(bwrap) and bwrap_supports(bwrap, "--disable-userns")
+@dataclass
+class Look:
+    """What --doctor's checks look at: this machine (Host), the profile and options in
+    force, the environment, and the checks made so far (a later check may need an earlier
+    one's result: the seccomp filter is tried only in a working sandbox)."""
+    profile: Profile
+    opts: object
+    environ: dict
+    host: Host
+    skip: tuple = ()
+    done: list = field(default_factory=list)
+
+    def passed(self, name):
+        return any(c.name == name and c.status == "ok" for c in self.done)
+
+
+def check_bwrap(look):
+    bwrap = look.host.bwrap
     if bwrap is None:
-        checks.append(Check("bwrap", "FAIL", "not found on PATH",
-                            "as root: apt-get install bubblewrap  (Fedora: dnf install bubblewrap)"))
-    else:
-        version = first_line(run_briefly([bwrap, "--version"], 10)[1]) or "version unknown"
-        checks.append(Check("bwrap", "ok", f"{version} ({bwrap})"))
-        if not disable_userns:
-            checks.append(Check("nested userns", "note", "this bwrap lacks --disable-userns, so "
-                                "the sandbox could make namespaces of its own",
-                                "bubblewrap 0.8 or later"))
-        code, output = run_briefly(trial_args(bwrap, disable_userns), 10,
-                                   env={"PATH": "/usr/bin:/bin"})
-        userns = code == 0
-        checks.append(Check("user namespaces", "ok",
-                            "a trial sandbox ran (user, pid, ipc, uts and net namespaces)")
-                      if userns else
-                      Check("user namespaces", "FAIL", "a trial sandbox failed: " +
-                            last_words(output, code), userns_fix(read_sysctls(USERNS_SYSCTLS))))
+        return [Check("bwrap", "FAIL", "not found on PATH", install_hint("bwrap"))]
+    version = first_line(run_briefly([bwrap, "--version"], 10)[1]) or "version unknown"
+    checks = [Check("bwrap", "ok", f"{version} ({bwrap})")]
+    if not look.host.disable_userns:
+        checks.append(Check("nested userns", "note", "this bwrap lacks --disable-userns, so "
+                            "the sandbox could make namespaces of its own",
+                            "bubblewrap 0.8 or later"))
+    return checks
+
+
+def check_userns(look):
+    if look.host.bwrap is None:
+        return []
+    code, output = run_briefly(trial_args(look.host.bwrap, look.host.disable_userns), 10,
+                               env={"PATH": "/usr/bin:/bin"})
+    if code == 0:
+        return [Check("user namespaces", "ok",
+                      "a trial sandbox ran (user, pid, ipc, uts and net namespaces)")]
+    return [Check("user namespaces", "FAIL", "a trial sandbox failed: " +
+                  last_words(output, code), userns_fix(read_sysctls(USERNS_SYSCTLS)))]
+
+
+def check_seccomp(look):
     machine = os.uname().machine
     try:
         program = tiocsti_filter(machine)
     except Failure as error:
-        checks.append(Check("seccomp", "FAIL", str(error), "run on x86_64 or aarch64"))
-    else:
-        if not userns:
-            checks.append(Check("seccomp", "FAIL", f"untested: no working bwrap ({machine} "
-                                "is supported)", "fix bwrap first"))
-        else:
-            fd = filter_fd(program)
-            try:
-                code, output = run_briefly(trial_args(bwrap, disable_userns, fd), 10,
-                                           env={"PATH": "/usr/bin:/bin"}, pass_fds=(fd,))
-            finally:
-                os.close(fd)
-            checks.append(Check("seccomp", "ok", f"the keystroke-injection filter loads ({machine})")
-                          if code == 0 else
-                          Check("seccomp", "FAIL", "bwrap refused the filter: " +
-                                last_words(output, code),
-                                "a kernel with CONFIG_SECCOMP_FILTER"))
-    legacy = read_sysctls(["dev.tty.legacy_tiocsti"]).get("dev.tty.legacy_tiocsti")
-    checks.append(tiocsti_check(legacy))
-    socat = shutil.which("socat", path=search_path)
-    if socat is None:
-        checks.append(Check("socat", "FAIL", "not found on PATH (--filter-network needs it)",
-                            "as root: apt-get install socat  (Fedora: dnf install socat)"))
-    else:
-        version = first_line(run_briefly([socat, "-V"], 10)[1], "socat version")
-        checks.append(Check("socat", "ok", f"{version or 'version unknown'} ({socat})"))
-    for path in (FILTER_SCRIPT, BRIDGE_SCRIPT):
-        if not os.path.isfile(path):
-            checks.append(Check("proxy", "FAIL", f"{path} is missing",
-                                f"keep {os.path.basename(path)} next to bw_lib.py"))
-    cli = find_cli(profile, search_path, home, skip)
-    if cli is None:
-        checks.append(Check(profile.name, "FAIL", f"not found (looked in {cli_places(profile)})",
-                            profile.install_hint))
-    else:
-        code, output = run_briefly([cli, "--version"], 20, env=dict(environ))
-        checks.append(Check(profile.name, "ok", f"{first_line(output)} ({cli})") if code == 0 else
-                      Check(profile.name, "FAIL", f"{cli} --version failed: "
-                            f"{last_words(output, code)}",
-                            f"reinstall it: {profile.install_hint}"))
-    for helper in profile.helpers:
-        if find_program(helper, search_path) is None:
-            checks.append(Check(helper, "FAIL", f"not found on PATH; {profile.name} needs it",
-                                f"install {helper}"))
-    env_program = shutil.which("env", path="/usr/bin:/bin")
-    if not (env_program and env_resets_signals(env_program)):
-        checks.append(Check("Ctrl-C", "note", "env(1) lacks --default-signal: Ctrl-C ends the "
-                            "whole session instead of reaching the CLI", "coreutils 8.31 or later"))
-    checks.append(node_check(search_path))
+        return [Check("seccomp", "FAIL", str(error), "run on x86_64 or aarch64")]
+    if not look.passed("user namespaces"):
+        return [Check("seccomp", "FAIL", f"untested: no working bwrap ({machine} is supported)",
+                      "fix bwrap first")]
+    fd = filter_fd(program)
     try:
-        checks += allow_list_checks(profile, opts, environ)
+        code, output = run_briefly(trial_args(look.host.bwrap, look.host.disable_userns, fd), 10,
+                                   env={"PATH": "/usr/bin:/bin"}, pass_fds=(fd,))
+    finally:
+        os.close(fd)
+    if code == 0:
+        return [Check("seccomp", "ok", f"the keystroke-injection filter loads ({machine})")]
+    return [Check("seccomp", "FAIL", "bwrap refused the filter: " + last_words(output, code),
+                  "a kernel with CONFIG_SECCOMP_FILTER")]
+
+
+def check_tiocsti(look):
+    return [tiocsti_check(read_sysctls(["dev.tty.legacy_tiocsti"]).get("dev.tty.legacy_tiocsti"))]
+
+
+def check_socat(look):
+    socat = look.host.socat
+    if socat is None:
+        return [Check("socat", "FAIL", f"not found on PATH ({TOOLS['socat'][0]} needs it)",
+                      install_hint("socat"))]
+    version = first_line(run_briefly([socat, "-V"], 10)[1], "socat version")
+    return [Check("socat", "ok", f"{version or 'version unknown'} ({socat})")]
+
+
+def check_own_files(look):
+    return [Check("proxy", "FAIL", f"{path} is missing", keep_beside(path))
+            for path in look.host.missing_files]
+
+
+def check_cli(look):
+    profile = look.profile
+    cli = find_cli(profile, look.host.search_path, look.environ.get("HOME", ""), look.skip)
+    if cli is None:
+        return [Check(profile.name, "FAIL", f"not found (looked in {cli_places(profile)})",
+                      profile.install_hint)]
+    code, output = run_briefly([cli, "--version"], 20, env=dict(look.environ))
+    if code == 0:
+        return [Check(profile.name, "ok", f"{first_line(output)} ({cli})")]
+    return [Check(profile.name, "FAIL", f"{cli} --version failed: {last_words(output, code)}",
+                  f"reinstall it: {profile.install_hint}")]
+
+
+def check_helpers(look):
+    return [Check(helper, "FAIL", f"not found on PATH; {look.profile.name} needs it",
+                  f"install {helper}")
+            for helper in look.profile.helpers
+            if find_program(helper, look.host.search_path) is None]
+
+
+def check_ctrl_c(look):
+    if look.host.env_program:
+        return []
+    return [Check("Ctrl-C", "note", "env(1) lacks --default-signal: Ctrl-C ends the whole "
+                  "session instead of reaching the CLI", "coreutils 8.31 or later")]
+
+
+def check_node(look):
+    return [node_check(look.host.search_path)]
+
+
+def check_allow_list(look):
+    try:
+        return allow_list_checks(look.profile, look.opts, look.environ)
     except Failure:
-        checks.append(Check("allow list", "FAIL", "cannot check rules without socks_filter.py",
-                            "keep socks_filter.py next to bw_lib.py"))
-    return checks
+        return [Check("allow list", "FAIL", "cannot check rules without socks_filter.py",
+                      keep_beside(FILTER_SCRIPT))]
+
+
+def check_network(look):
+    return network_checks(look.opts)
+
+
+# --doctor's checks, in the order it prints them.
+DOCTOR_CHECKS = (check_bwrap, check_userns, check_seccomp, check_tiocsti, check_socat,
+                 check_own_files, check_cli, check_helpers, check_ctrl_c, check_node,
+                 check_allow_list, check_network)
 
 
 def format_doctor(tool, checks):
@@ -4944,8 +5081,9 @@ def doctor(profile, argv, environ, skip=()):
         if defaults:
             checks.append(Check("defaults", "ok", shlex.join(defaults)))
     opts = parse_args(profile, ["--filter-network", *argv], defaults)
-    checks += host_checks(profile, opts, environ, skip)
-    checks += network_checks(opts)
+    look = Look(profile, opts, environ, probe_host(environ), skip, checks)
+    for check in DOCTOR_CHECKS:
+        checks += check(look)
     write_out(format_doctor(profile.tool, checks))
     return 1 if any(c.status == "FAIL" for c in checks) else 0
 
@@ -4973,7 +5111,8 @@ def plan_session(profile, argv, environ=None, skip=()):
         raise Finished(0)
     if not opts.dry_run:
         sweep_sessions(environ, profile.tool)
-    plan = make_plan(profile, opts, environ, skip)
+    host = probe_host(environ)
+    plan = make_plan(profile, opts, environ, skip, host)
     plan.environ = environ
     CLOCK.mark("plan")
     tool = profile.tool
@@ -4989,7 +5128,7 @@ def plan_session(profile, argv, environ=None, skip=()):
         write_out(format_env_command(plan.env, build_bwrap_args(plan, private_dir, seccomp_fd="FD",
                                                                 socket_dir=socket_dir)))
         raise Finished(0)
-    check_tools(plan)
+    check_tools(plan, host)
     return plan
 
 
