@@ -220,11 +220,20 @@ HERE = os.path.dirname(os.path.realpath(__file__))
 FILTER_SCRIPT = os.path.join(HERE, "socks_filter.py")
 BRIDGE_SCRIPT = os.path.join(HERE, "socat_bridge.sh")
 
+# What a session's directory (SessionDirs) holds; the proxy's socket is in a directory of
+# its own under the runtime base (see SessionDirs).
+SESSION_HOME = "home"           # the session's home
+SESSION_CACHE = "cache"         # package caches, at SANDBOX_CACHE inside
+PROXY_SOCKET = "proxy.sock"
+PROXY_LOG = "proxy.log"         # the proxy's decisions, unless --proxy-log names a file
+PROXY_ERRORS = "proxy.err"      # what the proxy wrote on stderr
+GIT_SNAPSHOT = "git-snapshot.json"  # the git guard's snapshot of the session's start
+
 # Where the proxy socket and the bridge script appear inside the sandbox.
 SANDBOX_RUN = "/run/bw"
+SANDBOX_SOCKET = SANDBOX_RUN + "/" + PROXY_SOCKET
+SANDBOX_BRIDGE = SANDBOX_RUN + "/" + os.path.basename(BRIDGE_SCRIPT)
 
-SANDBOX_SOCKET = SANDBOX_RUN + "/proxy.sock"
-SANDBOX_BRIDGE = SANDBOX_RUN + "/socat_bridge.sh"
 PROXY_READY_SECONDS = 10
 STOP_SECONDS = 5
 STATE_FILE_LIMIT = 64 << 20
@@ -376,7 +385,6 @@ CLAUDE_JSON_KEYS = (
         "reactVulnerabilityCache")),
     (f"projects.{PROJECT_KEY}.hasTrustDialogAccepted", (True, False)))
 
-
 # What of ~/.claude/.credentials.json goes back: the OAuth tokens a login or a refresh inside
 # wrote (plain values only, see the "secret" check).
 CLAUDE_CREDENTIAL_KEYS = tuple(f"claudeAiOauth.{key}" for key in (
@@ -416,7 +424,6 @@ CLAUDE_OPTIONS = (
     "--session-id", "--setting-sources", "--settings", "--strict-mcp-config", "--system-prompt",
     "--tmux", "--tools", "--version", "--worktree")
 
-
 GEMINI_OPTIONS = (
     "--accept-raw-output-risk", "--acp", "--admin-policy", "--allowed-mcp-server-names",
     "--allowed-tools", "--approval-mode", "--debug", "--delete-session", "--experimental-acp",
@@ -444,9 +451,11 @@ class Profile:
     cli_options: tuple = ()  # the CLI's own long options, passed through even when one looks
                              # like a misspelt option of the wrapper's (see misspelt_option)
     expected_blocked: tuple = ()  # host:port every session contacts and the default allow list
-
-
                                   # blocks by design: summed up on one quiet line at exit
+    project_config: tuple = ()  # project-relative files and directories ("/" at the end) the
+                                # CLI reads its settings, hooks and commands from: protected
+                                # (PROTECTED_PROJECT) in every tool's sessions
+    project_config_globs: tuple = ()    # the same, as glob patterns of existing files
 
 
 PROFILES = {
@@ -480,6 +489,10 @@ PROFILES = {
                # The prompt history (arrow up): this project's lines only, both ways.
                State(".claude/history.jsonl", seed="mine", back="mine")),
         cli_options=CLAUDE_OPTIONS,
+        project_config=(".claude/settings.json", ".claude/settings.local.json",
+                        ".claude/commands/", ".claude/agents/", ".claude/hooks/",
+                        ".claude/skills/", ".mcp.json"),
+        project_config_globs=(".claude/settings*.json",),
     ),
     "gemini": Profile(
         name="gemini",
@@ -514,6 +527,8 @@ PROFILES = {
                State(".gemini/GEMINI.md", seed="ro"),
                State(".gemini/commands", seed="ro")),
         cli_options=GEMINI_OPTIONS,
+        project_config=(".gemini/settings.json", ".gemini/.env", ".gemini/commands/",
+                        ".gemini/extensions/"),
     ),
 }
 
@@ -543,7 +558,6 @@ def top_state_files(profile):
 ENV_NAMES = ("USER", "LOGNAME", "PATH", "SHELL", "TERM", "COLORTERM", "TERM_PROGRAM",
              "TERM_PROGRAM_VERSION", "NO_COLOR", "FORCE_COLOR", "LANG", "LANGUAGE", "LC_*", "TZ")
 
-
 # Read-only from the host, when present.  A symlink (merged /usr) is recreated as one.
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
 
@@ -554,13 +568,11 @@ ETC_ENTRIES = ("alternatives", "bash.bashrc", "ca-certificates", "ca-certificate
                "nsswitch.conf", "os-release", "passwd", "pki", "profile", "protocols",
                "resolv.conf", "services", "shells", "ssl", "terminfo", "timezone", "vim")
 
-
 # Home-relative tool directories made visible read-only, when present.
 # Caches (~/.npm...) are not tools: each session has its own (CACHE_ENV).
 HOME_TOOLS = (".cargo", ".rustup", ".nvm", ".pyenv", ".rbenv", ".volta", ".bun",
               ".deno", ".local/bin", ".local/lib", "go", ".gitconfig", ".config/git",
               ".inputrc", ".vimrc")
-
 
 # Home-relative paths never visible: hidden by an empty mount wherever a bind exposes them.
 SECRETS = (".ssh", ".aws", ".gnupg", ".kube", ".docker", ".netrc", ".password-store",
@@ -576,7 +588,6 @@ SECRETS = (".ssh", ".aws", ".gnupg", ".kube", ".docker", ".netrc", ".password-st
            ".python_history", ".psql_history", ".lesshst", ".mysql_history",
            ".node_repl_history", ".sqlite_history", ".local/share/fish/fish_history")
 
-
 # Sockets below what --full-home-access, --allow-ro and --allow-rw show are covered; the
 # walk that finds them stops after this many entries, or this deep (said with --verbose).
 SOCKET_WALK_ENTRIES = 20000
@@ -585,7 +596,6 @@ SOCKET_WALK_DEPTH = 8
 
 REPOSITORY_SEARCH_SKIPS = (".git", "node_modules", ".venv", "venv", ".tox", "__pycache__",
                            ".mypy_cache", "target", ".gradle", ".cache")
-
 
 # --allow-preset NAME: destinations developers commonly need, as allow rules (HTTPS only
 # unless said).  Names, never wildcards over hosts that serve anyone's content.
@@ -627,14 +637,10 @@ PRESETS = {
 # every --allow-rw directory.  .git/info/ stays writable: its attributes can only name
 # drivers whose commands come from .git/config, as .gitattributes in the tree can.
 PROTECTED_PROJECT = (".git/hooks/", ".git/config", ".git/commondir", ".git/config.worktree",
-                     ".git/modules/", ".git/worktrees/", ".claude/settings.json",
-                     ".claude/settings.local.json", ".claude/commands/", ".claude/agents/",
-                     ".claude/hooks/", ".claude/skills/", ".mcp.json", ".gemini/settings.json",
-                     ".gemini/.env", ".gemini/commands/", ".gemini/extensions/", ".vscode/",
-                     ".idea/")
-
-
-PROTECTED_GLOBS = (".claude/settings*.json",)
+                     ".git/modules/", ".git/worktrees/",
+                     *(path for p in PROFILES.values() for path in p.project_config),
+                     ".vscode/", ".idea/")
+PROTECTED_GLOBS = tuple(pattern for p in PROFILES.values() for pattern in p.project_config_globs)
 
 # A placeholder for a missing .json file holds an empty object: an empty file is invalid
 # JSON, and Gemini CLI refuses to start on it.  A missing .git/commondir is held by one
@@ -673,7 +679,6 @@ CACHE_ENV = (("XDG_CACHE_HOME", ""),            # pip, go-build, deno, yarn 1, p
              # Cargo keeps its registry and git checkouts in CARGO_HOME, whose bin/ stays on
              # PATH read-only; ~/.cargo/config.toml is then not read inside.
              ("CARGO_HOME", "cargo"))
-
 
 # Node's fetch() honours HTTP(S)_PROXY only with NODE_USE_ENV_PROXY=1, from Node 24.0 and
 # 22.21; http/https.request from 24.5 and 22.21 (Node's changelogs).  Earlier versions ignore
@@ -846,7 +851,6 @@ def add_diagnostic_options(parser, profile):
 # Options that do something once and so have no place in the defaults file.
 ONE_SHOT = ("--doctor", "--list-presets", "--dry-run", "--shell", "--learn", "--no-defaults",
             "--help", "-h", "--")
-
 
 # Options that mean nothing without the proxy: refused on the command line without it,
 # ignored when they come from the defaults file (a session run with --no-filter-network).
@@ -2576,13 +2580,13 @@ def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None, socket_
     for path in plan.etc:
         args += ["--ro-bind", path, path]
     args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
-    mounts = [("--bind", os.path.join(private_dir, "home"), plan.home), *plan.mounts,
-              ("--bind", os.path.join(private_dir, "cache"), SANDBOX_CACHE)]
-    mounts += [("--ro-bind", os.path.join(private_dir, "home", relative),
+    mounts = [("--bind", os.path.join(private_dir, SESSION_HOME), plan.home), *plan.mounts,
+              ("--bind", os.path.join(private_dir, SESSION_CACHE), SANDBOX_CACHE)]
+    mounts += [("--ro-bind", os.path.join(private_dir, SESSION_HOME, relative),
                 os.path.join(plan.home, relative)) for relative in plan.read_only_state]
     if plan.filter:
         mounts += [("--ro-bind", BRIDGE_SCRIPT, SANDBOX_BRIDGE),
-                   ("--ro-bind", os.path.join(socket_dir or private_dir, "proxy.sock"),
+                   ("--ro-bind", os.path.join(socket_dir or private_dir, PROXY_SOCKET),
                     SANDBOX_SOCKET)]
     # Parents before children, so no mount hides one meant to be on top of it.
     for option, source, dest in sorted(mounts, key=depth):
@@ -2605,7 +2609,7 @@ def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
     # user's PYTHON* variables saves start-up time and keeps it what this file says.
     # (ProxyInterpreter runs the same, from the bytecode cache, with args[4:] on stdin.)
     args = [sys.executable, "-I", "-S", FILTER_SCRIPT,
-            "--listen", os.path.join(socket_dir or private_dir, "proxy.sock")]
+            "--listen", os.path.join(socket_dir or private_dir, PROXY_SOCKET)]
     for rule in plan.allow + plan.allow_file_rules:
         args += ["--allow", rule]
     if plan.allow_private:
@@ -2614,7 +2618,7 @@ def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
         args += ["--mode", "audit"]
     if plan.proxy_token:
         args += ["--token-env", TOKEN_VARIABLE]
-    return args + ["--log", plan.proxy_log or os.path.join(private_dir, "proxy.log"),
+    return args + ["--log", plan.proxy_log or os.path.join(private_dir, PROXY_LOG),
                    "--ready-fd", str(ready_fd)]
 
 
@@ -3638,7 +3642,6 @@ def format_learned(tool, used, when):
 # a config: a git directory without HEAD is no repository, and a gitlink whose
 # directory has no .git runs nothing.
 
-GIT_SNAPSHOT = "git-snapshot.json"      # in the session's private directory
 
 GIT_CHECK_ENTRIES = 200000              # each walk stops after this many entries,
 GIT_CHECK_SECONDS = 5                   # or this long, and then says so loudly
@@ -3657,7 +3660,6 @@ GIT_DATA = frozenset((
     "CHERRY_PICK_HEAD", "REVERT_HEAD", "REBASE_HEAD", "AUTO_MERGE", "COMMIT_EDITMSG",
     "TAG_EDITMSG", "SQUASH_MSG", "description", "shallow", "gc.pid", "gc.log", "gitk.cache",
     "fsmonitor--daemon", "fsmonitor--daemon.ipc"))
-
 
 GIT_DATA_PREFIXES = ("BISECT_", "sharedindex.")
 GIT_DATA_SUFFIXES = (".lock",)
@@ -4372,8 +4374,8 @@ class SessionDirs:
         self.dir, self.lock_fd = make_private_dir(session_dirs_base(self.environ, self.tool),
                                                   self.tool)
         try:
-            os.mkdir(os.path.join(self.dir, "home"), 0o700)
-            os.mkdir(os.path.join(self.dir, "cache"), 0o700)
+            os.mkdir(os.path.join(self.dir, SESSION_HOME), 0o700)
+            os.mkdir(os.path.join(self.dir, SESSION_CACHE), 0o700)
             if self.plan.filter:
                 self.socket_dir, self.socket_lock = make_private_dir(
                     private_base(self.environ), self.tool)
@@ -4419,7 +4421,7 @@ class SessionDirs:
 
     def load_state(self):
         """The session's own copy of the CLI's state (see the "CLI state" section)."""
-        private = os.path.join(self.dir, "home")
+        private = os.path.join(self.dir, SESSION_HOME)
         bound = {src for option, src, _ in self.plan.mounts if option == "--bind"}
         for relative in self.plan.profile.state_dirs:
             os.makedirs(os.path.join(private, relative), 0o700, exist_ok=True)
@@ -4436,7 +4438,7 @@ class SessionDirs:
     def save_state(self):
         """Send back what may flow back (FLOWS_BACK), nothing else; one line for each refusal."""
         for line in flow_back(self.plan.state, self.seeded, self.plan.home,
-                              os.path.join(self.dir, "home"), self.plan.project):
+                              os.path.join(self.dir, SESSION_HOME), self.plan.project):
             say(f"{self.tool}: {line}")
 
     def roots(self):
@@ -4472,7 +4474,7 @@ class FilterProxy:
                                 socket_dir=self.dirs.socket_dir)
         if self.plan.verbose:
             say(shlex.join(args))
-        interpreter.hand(args[4:], self.path("proxy.err"))
+        interpreter.hand(args[4:], self.path(PROXY_ERRORS))
         CLOCK.mark("proxy started")
         return self
 
@@ -4487,7 +4489,7 @@ class FilterProxy:
             self.ready_fd = None
         if not line.startswith("ready"):
             status = self.process.poll()
-            why = last_line(self.path("proxy.err")) or (
+            why = last_line(self.path(PROXY_ERRORS)) or (
                 f"it exited with status {status}" if status is not None else
                 f"no ready line within {PROXY_READY_SECONDS} s")
             raise Failure(f"the filtering proxy did not start: {why}")
@@ -4514,7 +4516,7 @@ class FilterProxy:
         return os.path.join(self.dirs.dir, name)
 
     def log_path(self):
-        return self.plan.proxy_log or self.path("proxy.log")
+        return self.plan.proxy_log or self.path(PROXY_LOG)
 
     def summary(self):
         try:
