@@ -359,9 +359,12 @@ def dataclass(cls=None, frozen=False):
 # ---------------------------------------------------------------------------------------------
 
 PROJECT_KEY = "{project}"   # in a guarded key: the session's project directory, one segment
-GEMINI_ID = "{id}"          # in a State path: Gemini's short id for this project, the
-GEMINI_IDS = ".gemini/tmp"  # directory here whose .project_root names it
-SLUG = "{slug}"              # in a State path: this project's directory name in Claude's state
+SLUG = "{slug}"             # in a State path: this project's directory name in Claude's state
+PROJECT_ID = "{id}"         # in a State path: the CLI's short id for this project, the
+                            # directory in Profile.project_ids whose PROJECT_ROOT names it
+PROJECT_ROOT = ".project_root"
+PROJECT_ID_NAME = re.compile(r"[a-z0-9-]{1,100}")
+GEMINI_IDS = ".gemini/tmp"
 
 # What of ~/.claude.json goes back: the state Claude keeps across runs (counters, onboarding
 # and tips, the changelog it shows, this project's history and statistics), by exact name or a
@@ -396,7 +399,7 @@ class State:
     """One home-relative path of a CLI's state: how the session gets the host's (seed) and
     what of the session's goes back at exit (back, checked by the FLOWS_BACK function of
     that name).  In the path, "{slug}" (SLUG) is this project's directory name in
-    Claude's state, "{id}" (GEMINI_ID) its directory in Gemini's."""
+    Claude's state, "{id}" (PROJECT_ID) its directory in Gemini's."""
     path: str
     seed: str = "copy"      # "copy": a writable copy; "ro": a read-only copy; "mine":
                             # the lines of this project (a shared JSONL file); "": none
@@ -456,6 +459,9 @@ class Profile:
                                 # CLI reads its settings, hooks and commands from: protected
                                 # (PROTECTED_PROJECT) in every tool's sessions
     project_config_globs: tuple = ()    # the same, as glob patterns of existing files
+    project_ids: str = ""   # home-relative: a directory of one directory per project, named
+                            # by the CLI's id for it (PROJECT_ID) and holding PROJECT_ROOT
+    project_registry: str = ""  # home-relative JSON file: {"projects": {path: id}}
 
 
 PROFILES = {
@@ -521,14 +527,16 @@ PROFILES = {
                      keys=((PROJECT_KEY, ("TRUST_FOLDER", "DO_NOT_TRUST")),)),
                # This project's chats, for --resume: the directory is seeded, and its
                # chats/*.jsonl go back (after the project_id checks).
-               State(f"{GEMINI_IDS}/{GEMINI_ID}"),
-               State(f"{GEMINI_IDS}/{GEMINI_ID}/chats", seed="", back="lines"),
+               State(f"{GEMINI_IDS}/{PROJECT_ID}"),
+               State(f"{GEMINI_IDS}/{PROJECT_ID}/chats", seed="", back="lines"),
                State(".gemini/.env", seed="ro"),
                State(".gemini/GEMINI.md", seed="ro"),
                State(".gemini/commands", seed="ro")),
         cli_options=GEMINI_OPTIONS,
         project_config=(".gemini/settings.json", ".gemini/.env", ".gemini/commands/",
                         ".gemini/extensions/"),
+        project_ids=GEMINI_IDS,
+        project_registry=".gemini/projects.json",
     ),
 }
 
@@ -865,6 +873,25 @@ def split_argv(argv):
         cut = argv.index("--")
         return argv[:cut], argv[cut + 1:]
     return argv, []
+
+
+@dataclass(frozen=True)
+class EarlyFlags:
+    """The options read before the full parse, which needs the defaults file (and so a
+    checked home): they decide whether those are read at all, and whether the proxy's
+    interpreter starts before the plan."""
+    help: bool              # --help, -h: no home needed, no defaults file read
+    list_presets: bool      # no home needed
+    doctor: bool            # --doctor runs instead of a session
+    no_defaults: bool       # the defaults file is not read
+    filter_network: bool    # on the command line (the defaults file may add it later)
+
+
+def early_flags(argv):
+    ours = set(split_argv(argv)[0])
+    return EarlyFlags(help=bool(ours & {"--help", "-h"}), list_presets="--list-presets" in ours,
+                      doctor="--doctor" in ours, no_defaults="--no-defaults" in ours,
+                      filter_network="--filter-network" in ours)
 
 
 def parse_args(profile, argv, defaults=()):
@@ -2721,8 +2748,6 @@ STATE_COPY_ENTRIES = 10000   # files and directories copied for one State item, 
 
 STATE_COPY_DEPTH = 8
 SESSION_BACK_LIMIT = STATE_FILE_LIMIT   # bytes one session may add to transcripts and history
-GEMINI_ID_NAME = re.compile(r"[a-z0-9-]{1,100}")
-PROJECT_ROOT = ".project_root"
 SLUG_LIMIT = 200             # Claude shortens longer names with a hash: not carried then
 TRANSCRIPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.jsonl")
 INSTALLATION_ID = re.compile(rb"[A-Za-z0-9-]{1,64}\n?")
@@ -2860,7 +2885,7 @@ def find_project_id(root, parts, project, limit=STATE_COPY_ENTRIES):
         return None
     try:
         for name in sorted(os.listdir(fd))[:limit]:
-            if not GEMINI_ID_NAME.fullmatch(name):
+            if not PROJECT_ID_NAME.fullmatch(name):
                 continue
             inner = open_dir_beneath(f"/proc/self/fd/{fd}", [name])
             if inner is None:
@@ -2877,39 +2902,40 @@ def find_project_id(root, parts, project, limit=STATE_COPY_ENTRIES):
 
 
 def with_project_id(items, project_id):
-    """`items` with GEMINI_ID filled in; those that need it are left out when it is None."""
-    return [State(i.path.replace(GEMINI_ID, project_id), i.seed, i.back, i.keys)
-            if GEMINI_ID in i.path else i for i in items
-            if project_id is not None or GEMINI_ID not in i.path]
+    """`items` with PROJECT_ID filled in; those that need it are left out when it is None."""
+    return [State(i.path.replace(PROJECT_ID, project_id), i.seed, i.back, i.keys)
+            if PROJECT_ID in i.path else i for i in items
+            if project_id is not None or PROJECT_ID not in i.path]
 
 
-def host_project_id(items, home, project):
-    """Gemini's id for this project on the host, if the profile has GEMINI_ID items."""
-    if not any(GEMINI_ID in i.path for i in items):
+def host_project_id(profile, items, home, project):
+    """Gemini's id for this project on the host, if the profile has PROJECT_ID items."""
+    if not any(PROJECT_ID in i.path for i in items):
         return None
-    root, parts, name = host_place(home, GEMINI_IDS + "/x")
+    root, parts, name = host_place(home, profile.project_ids + "/x")
     return find_project_id(root, parts, project)
 
 
-def claim_project_id(home, private, project):
+def claim_project_id(profile, home, private, project):
     """The id the session's Gemini gave this project, if the host may take its chats under
     it: the host's directory of that id is this project's (its .project_root names it), or
-    does not exist yet and no other project has that id in ~/.gemini/projects.json; then it
+    does not exist yet and no other project has that id in the registry; then it
     is made with its .project_root.  An existing directory is never claimed: one without a
     .project_root may be another project's (Gemini's older sha256 names)."""
-    project_id = find_project_id(private, GEMINI_IDS.split("/"), project)
+    base = profile.project_ids
+    project_id = find_project_id(private, base.split("/"), project)
     if project_id is None:
         return None
-    root, parts, _ = host_place(home, f"{GEMINI_IDS}/{project_id}/{PROJECT_ROOT}")
+    root, parts, _ = host_place(home, f"{base}/{project_id}/{PROJECT_ROOT}")
     owner = read_place((root, parts, PROJECT_ROOT))
-    registry = parse_json(read_place(host_place(home, ".gemini/projects.json")) or b"{}")
+    registry = parse_json(read_place(host_place(home, profile.project_registry)) or b"{}")
     ids = registry.get("projects") if isinstance(registry, dict) else None
     others = {v for k, v in ids.items() if k != project} if isinstance(ids, dict) else set()
     if (owner is not None and owner.strip() != project.encode()) or project_id in others:
-        raise ValueError(f"~/{GEMINI_IDS}/{project_id} belongs to another project")
+        raise ValueError(f"~/{base}/{project_id} belongs to another project")
     if owner is None:
         if host_entry_exists(root, parts):
-            raise ValueError(f"~/{GEMINI_IDS}/{project_id} exists and names no project; it is "
+            raise ValueError(f"~/{base}/{project_id} exists and names no project; it is "
                              "not taken for this one")
         write_place((root, parts, PROJECT_ROOT), project.encode())
     return project_id
@@ -3300,13 +3326,13 @@ FLOWS_BACK = {"keys": back_keys, "secret": back_keys, "lines": back_lines, "id":
               "mine": back_mine}
 
 
-def flow_back(items, seeded, home, private, project):
+def flow_back(profile, items, seeded, home, private, project):
     """Send back, item by item, what its FLOWS_BACK check accepts.  Returns a line for
     each item refused (its host copy is left as it was)."""
     lines, budget = [], [SESSION_BACK_LIMIT]
-    if any(GEMINI_ID in i.path for i in items):
+    if any(PROJECT_ID in i.path for i in items):
         try:
-            project_id = claim_project_id(home, private, project)
+            project_id = claim_project_id(profile, home, private, project)
         except (OSError, ValueError) as error:
             lines.append(f"chats not saved: {printable(str(error))}")
             project_id = None
@@ -4427,17 +4453,18 @@ class SessionDirs:
             os.makedirs(os.path.join(private, relative), 0o700, exist_ok=True)
             if os.path.join(self.plan.home, relative) in bound:    # --allow-config-writes
                 os.makedirs(os.path.join(self.plan.home, relative), 0o700, exist_ok=True)
-        project_id = host_project_id(self.plan.state, self.plan.home, self.plan.project)
+        project_id = host_project_id(self.plan.profile, self.plan.state, self.plan.home,
+                                     self.plan.project)
         if project_id is not None:
             self.plan.state = with_project_id(self.plan.state, project_id)
-        self.seeded = seed_state([i for i in self.plan.state if GEMINI_ID not in i.path],
+        self.seeded = seed_state([i for i in self.plan.state if PROJECT_ID not in i.path],
                                  self.plan.home, private, self.plan.project)
         self.plan.read_only_state = [i.path for i in self.plan.state if i.seed == "ro"
                                      and os.path.lexists(os.path.join(private, i.path))]
 
     def save_state(self):
         """Send back what may flow back (FLOWS_BACK), nothing else; one line for each refusal."""
-        for line in flow_back(self.plan.state, self.seeded, self.plan.home,
+        for line in flow_back(self.plan.profile, self.plan.state, self.seeded, self.plan.home,
                               os.path.join(self.dir, SESSION_HOME), self.plan.project):
             say(f"{self.tool}: {line}")
 
@@ -5075,7 +5102,7 @@ def format_doctor(tool, checks):
 def doctor(profile, argv, environ, skip=()):
     """--doctor: check this machine and the user's configuration; 0 when all needed works."""
     checks, defaults = [], []
-    if "--no-defaults" not in split_argv(argv)[0]:
+    if not early_flags(argv).no_defaults:
         try:
             defaults = read_defaults(profile, environ)
         except Failure as error:
@@ -5098,14 +5125,13 @@ def plan_session(profile, argv, environ=None, skip=()):
     """Options (the defaults file's first), a look at the host, and the session's Plan.
     The options that act once (--list-presets, --dry-run, --doctor) raise Finished."""
     environ = dict(os.environ if environ is None else environ)
-    ours = split_argv(argv)[0]
-    if not any(flag in ours for flag in ("--help", "-h", "--list-presets")):
+    early = early_flags(argv)
+    if not (early.help or early.list_presets):
         environ["HOME"] = checked_home(environ)
-    if "--doctor" in ours:
+    if early.doctor:
         raise Finished(doctor(profile, argv, environ, skip))
     # --help works even when the defaults file does not parse.
-    skip_defaults = any(flag in ours for flag in ("--no-defaults", "--help", "-h"))
-    defaults = [] if skip_defaults else read_defaults(profile, environ)
+    defaults = [] if early.no_defaults or early.help else read_defaults(profile, environ)
     opts = parse_args(profile, argv, defaults)
     CLOCK.mark("options")
     if opts.list_presets:
@@ -5161,7 +5187,7 @@ class Wrapper:
         --filter-network on the command line the proxy's interpreter starts first, so that
         its start-up overlaps the planning (see ProxyInterpreter)."""
         early = None
-        if "--filter-network" in split_argv(argv)[0]:
+        if early_flags(argv).filter_network:
             early = ProxyInterpreter(dict(os.environ))
             self.stack.callback(early.stop)
         plan = plan_session(self.profile, argv, skip=(os.path.realpath(sys.argv[0]),))
