@@ -3,7 +3,11 @@
 This module is all the logic of bw-claude and bw-gemini; each entry script names its
 profile and spells out one session's life with what this module offers: Wrapper (errors,
 signals, the terminal, the exit status), plan_session, SessionDirs, FilterProxy and
-run_sandbox (the section "A session's life").  Python 3.10 or later (os.splice), standard library only.
+run_sandbox (the section "Runtime").  Python 3.10 or later (os.splice), standard library
+only.  Its sections, in reading order: constants and errors, records, CLI profiles, the
+sandbox's layout, options, host facts, filesystem helpers, mount planning, protected paths,
+the wrapper's own places, the allow list, the plan, commands, CLI state, network summary,
+git guard, runtime, doctor, entry point.
 
 What the sandbox sees
     /usr, /bin, /sbin, /lib*, /opt   read-only, laid out as on the host
@@ -188,6 +192,9 @@ socat or the CLI is missing; 1 for other errors (HOME not an absolute directory,
 protection that cannot be set up...).  Errors are one line on stderr, whatever
 happens.  A relative XDG_CONFIG_HOME is ignored.
 """
+
+__all__ = ["Wrapper", "plan_session", "SessionDirs", "FilterProxy", "run_sandbox", "Plan",
+           "make_plan", "Profile", "PROFILES", "Failure", "Finished", "doctor"]
 
 import time
 STARTED = time.perf_counter()   # the start-up timings (StartupClock) count the imports from here
