@@ -1249,6 +1249,13 @@ def node_honours(version, since):
 # Filesystem helpers and walks: bounded, and never following a link the sandbox planted
 # ---------------------------------------------------------------------------------------------
 
+def stat_or_none(path, follow=True):
+    try:
+        return os.stat(path, follow_symlinks=follow)
+    except OSError:
+        return None
+
+
 def is_within(path, parent):
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
@@ -1822,11 +1829,8 @@ def remove_placeholder(root, relative):
 
 def root_identity(root):
     """A writable root's name in LOCKS_DIR: its device and inode."""
-    try:
-        info = os.stat(root)
-    except OSError:
-        return None
-    return f"{info.st_dev:x}-{info.st_ino:x}"
+    info = stat_or_none(root)
+    return None if info is None else f"{info.st_dev:x}-{info.st_ino:x}"
 
 
 def flock_until(fd, operation, seconds=LOCK_SECONDS):
@@ -1890,12 +1894,7 @@ class RootLock:
         already held, so the exclusive try comes first.)"""
         self.fd = os.open(self.name + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600,
                           dir_fd=self.locks_fd)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass
-        else:
-            self.clear()
+        self.clear_if_alone()
         if not flock_until(self.fd, fcntl.LOCK_SH):
             raise Failure(f"another session of {self.root} holds its lock for more than "
                           f"{LOCK_SECONDS} s; try again")
@@ -1909,6 +1908,16 @@ class RootLock:
                      0o600, dir_fd=self.locks_fd)
         with os.fdopen(fd, "w") as f:
             json.dump({"root": self.root, "placeholders": names}, f)
+
+    def clear_if_alone(self):
+        """clear() when the lock can be taken exclusively (no other session holds the root);
+        whether it could."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self.clear()
+        return True
 
     def clear(self):
         """With the lock held exclusively: remove the listed placeholders, deepest first
@@ -1924,13 +1933,8 @@ class RootLock:
         """The session is over: the last one out removes the placeholders and the files."""
         if self.fd is None:
             return
-        try:
-            # A failed conversion drops the shared lock: nothing of ours needs it any more.
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass
-        else:
-            self.clear()
+        # A failed conversion drops the shared lock: nothing of ours needs it any more.
+        if self.clear_if_alone():
             with contextlib.suppress(OSError):
                 os.unlink(self.name + ".lock", dir_fd=self.locks_fd)
         os.close(self.fd)
@@ -3844,11 +3848,8 @@ def list_dir(path):
 
 def git_entry(path):
     """[kind, dev, ino, ctime_ns] of what is at `path` (not followed), or None."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return [git_kind(st.st_mode), st.st_dev, st.st_ino, st.st_ctime_ns]
+    st = stat_or_none(path, follow=False)
+    return None if st is None else [git_kind(st.st_mode), st.st_dev, st.st_ino, st.st_ctime_ns]
 
 
 def find_git_entries(roots, limit=None, seconds=None, clock=time.monotonic, unreadable=None):
@@ -4174,35 +4175,9 @@ def git_session_bases(environ):
             if os.path.isdir(b) and not os.path.islink(b)]
 
 
-def git_session_dirs(bases):
-    """(path, tool, fd holding the lock or None when the session lives) for each private
-    directory of this user's sessions of either tool in `bases`; the caller closes fd."""
-    tools = {p.tool + ".": p.tool for p in PROFILES.values()}
-    for base in bases:
-        for name in sorted(os.listdir(base)):
-            tool = next((t for prefix, t in tools.items() if name.startswith(prefix)), None)
-            if tool is None:
-                continue
-            path = os.path.join(base, name)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-            except OSError:
-                continue
-            try:
-                if os.fstat(fd).st_uid != os.getuid():
-                    os.close(fd)
-                    continue
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                yield path, tool, None
-                continue
-            yield path, tool, fd
-
-
 def live_git_snapshots(bases, own):
     """The snapshots of the other live sessions (of either tool) of this user."""
-    for path, _, fd in git_session_dirs(bases):
+    for path, _, fd in session_dirs_in(bases, [p.tool for p in PROFILES.values()]):
         if fd is not None:
             os.close(fd)
         elif path != own:
@@ -4214,7 +4189,7 @@ def live_git_snapshots(bases, own):
 def sweep_stale_git(bases):
     """check_git for the sessions killed with SIGKILL, of either tool, once each, before
     anything else looks at the project."""
-    for path, tool, fd in git_session_dirs(bases):
+    for path, tool, fd in session_dirs_in(bases, [p.tool for p in PROFILES.values()]):
         if fd is None:
             continue
         try:
@@ -4361,25 +4336,37 @@ def bwrap_ran(status):
     return b'"exit-code"' in status
 
 
+def session_dirs_in(bases, tools):
+    """(path, tool, fd holding the lock or None when the session lives) for each private
+    directory of this user's sessions of `tools` in `bases`; the caller closes fd."""
+    for base in bases:
+        for name in sorted(os.listdir(base)):
+            tool = next((t for t in tools if name.startswith(t + ".")), None)
+            if tool is None:
+                continue
+            path = os.path.join(base, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                if os.fstat(fd).st_uid != os.getuid():
+                    os.close(fd)
+                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                yield path, tool, None
+                continue
+            yield path, tool, fd
+
+
 def sweep_stale(base, tool):
     """Remove what sessions killed with SIGKILL left: their directories are no longer locked."""
-    for name in os.listdir(base):
-        if not name.startswith(tool + "."):
-            continue
-        path = os.path.join(base, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            if os.fstat(fd).st_uid != os.getuid():
-                continue
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue
-        finally:
+    for path, _, fd in session_dirs_in([base], [tool]):
+        if fd is not None:
             os.close(fd)
-        remove_tree(path)
+            remove_tree(path)
 
 
 def sweep_sessions(environ, tool):
