@@ -1944,10 +1944,13 @@ class RootLock:
 class Protection:
     """What keeps one session's protected paths in place: a shared lock on every writable
     root it protects something in, the placeholders it needed, and the descriptors bwrap
-    binds (closed once bwrap has them)."""
+    binds (closed once bwrap has them).  The plan is not changed: what could not be held
+    (a placeholder neither we nor the sandbox can make) is left out by mounts()."""
 
     def __init__(self, plan, locks_base):
         self.plan, self.fds, self.locks, self.locks_fd = plan, {}, [], None
+        self.beneath = dict(plan.beneath)   # what is still to hold
+        self.dropped = []                   # sources whose placeholder cannot be made
         self.locks_path = os.path.join(locks_base, LOCKS_DIR.format(uid=os.geteuid()))
         self.roots = list(dict.fromkeys(root for root, _, _ in plan.beneath.values()))
 
@@ -2011,21 +2014,28 @@ class Protection:
         for root, lock in by_root.items():
             lock.note([plan.beneath[s][1] for s in missing if plan.beneath[s][0] == root])
         for source in missing:
-            if source not in plan.beneath:      # dropped with a parent that cannot be made
+            if source not in self.beneath:      # dropped with a parent that cannot be made
                 continue
-            root, relative, is_dir = plan.beneath[source]
+            root, relative, is_dir = self.beneath[source]
             if self.make(root, relative, is_dir, source):
                 found[source] = open_beneath(root, relative)
                 if found[source] is None:
                     raise Failure(f"{source} vanished while the session started; try again")
-        mounted = {m[1] for m in plan.mounts}
+        mounted = {m[1] for m in plan.mounts if not self.is_dropped(m[2])}
         for source, fd in list(found.items()):
             del found[source]
-            if fd is not None and source in mounted and source in plan.beneath:
+            if fd is not None and source in mounted and source in self.beneath:
                 self.fds[source] = fd
             elif fd is not None:
                 os.close(fd)        # a guarded file's place: held, bound as a copy
-        plan.mounts = [m for m in plan.mounts if m[1] not in plan.beneath or m[1] in self.fds]
+
+    def is_dropped(self, dest):
+        return any(is_within(dest, source) for source in self.dropped)
+
+    def mounts(self):
+        """The plan's mounts that bwrap makes: those of what could not be held left out."""
+        return [m for m in self.plan.mounts if not self.is_dropped(m[2])
+                and (m[1] not in self.plan.beneath or m[1] in self.fds)]
 
     def make(self, root, relative, is_dir, source):
         """Make one placeholder; False when neither we nor the sandbox can create it (its
@@ -2037,9 +2047,9 @@ class Protection:
         except OSError as error:
             if could_be_made(source, error):
                 raise Failure(not_writable(self.plan, root, source, error)) from None
-            self.plan.mounts = [m for m in self.plan.mounts if not is_within(m[2], source)]
-            for path in [p for p in self.plan.beneath if is_within(p, source)]:
-                del self.plan.beneath[path]
+            self.dropped.append(source)
+            for path in [p for p in self.beneath if is_within(p, source)]:
+                del self.beneath[path]
             return False
         return True
 
@@ -2356,7 +2366,6 @@ class Plan:
     verbose: bool = False
     dry_run: bool = False
     state: list = field(default_factory=list)       # State items, SLUG filled in
-    read_only_state: list = field(default_factory=list)  # home-relative seeded "ro" copies
     allow_file_rules: list = field(default_factory=list)  # the allow files' rules, read once
     beneath: dict = field(default_factory=dict)     # fd-bound source: (real root, relative,
                                                     # is a directory), see bind_checked
@@ -2608,9 +2617,12 @@ def namespace_args(disable_userns, unshare_net):
 
 
 def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None, socket_dir=None,
-                     mount_fds=None):
+                     mount_fds=None, read_only_state=(), mounts=None):
     """The bwrap command line.  The environment is not in it: it goes to bwrap as its own
-    environment, so API keys never show in `ps`."""
+    environment, so API keys never show in `ps`.  What only a prepared session knows comes
+    as arguments: its directories, the descriptors of checked mounts (mount_fds) and the
+    home-relative read-only copies of the CLI's state that were seeded (read_only_state),
+    and the plan's mounts less what could not be held (mounts: Protection.mounts)."""
     args = [plan.bwrap, *namespace_args(plan.disable_userns, plan.unshare_net),
             "--hostname", plan.profile.tool]
     for path, link in plan.system:
@@ -2618,10 +2630,11 @@ def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None, socket_
     for path in plan.etc:
         args += ["--ro-bind", path, path]
     args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
-    mounts = [("--bind", os.path.join(private_dir, SESSION_HOME), plan.home), *plan.mounts,
+    shown = plan.mounts if mounts is None else mounts
+    mounts = [("--bind", os.path.join(private_dir, SESSION_HOME), plan.home), *shown,
               ("--bind", os.path.join(private_dir, SESSION_CACHE), SANDBOX_CACHE)]
     mounts += [("--ro-bind", os.path.join(private_dir, SESSION_HOME, relative),
-                os.path.join(plan.home, relative)) for relative in plan.read_only_state]
+                os.path.join(plan.home, relative)) for relative in read_only_state]
     if plan.filter:
         mounts += [("--ro-bind", BRIDGE_SCRIPT, SANDBOX_BRIDGE),
                    ("--ro-bind", os.path.join(socket_dir or private_dir, PROXY_SOCKET),
@@ -4388,7 +4401,9 @@ class SessionDirs:
     def __init__(self, plan):
         self.plan, self.environ, self.tool = plan, plan.environ, plan.profile.tool
         self.dir = self.socket_dir = self.protection = None
+        self.state = plan.state      # State items, the CLI's project id filled in
         self.seeded = {}             # State path: what was copied in (seed_state)
+        self.read_only_state = []    # home-relative: the seeded "ro" copies
 
     def __enter__(self):
         self.dir, self.lock_fd = make_private_dir(session_dirs_base(self.environ, self.tool),
@@ -4447,18 +4462,18 @@ class SessionDirs:
             os.makedirs(os.path.join(private, relative), 0o700, exist_ok=True)
             if os.path.join(self.plan.home, relative) in bound:    # --allow-config-writes
                 os.makedirs(os.path.join(self.plan.home, relative), 0o700, exist_ok=True)
-        project_id = host_project_id(self.plan.profile, self.plan.state, self.plan.home,
+        project_id = host_project_id(self.plan.profile, self.state, self.plan.home,
                                      self.plan.project)
         if project_id is not None:
-            self.plan.state = with_project_id(self.plan.state, project_id)
-        self.seeded = seed_state([i for i in self.plan.state if PROJECT_ID not in i.path],
+            self.state = with_project_id(self.state, project_id)
+        self.seeded = seed_state([i for i in self.state if PROJECT_ID not in i.path],
                                  self.plan.home, private, self.plan.project)
-        self.plan.read_only_state = [i.path for i in self.plan.state if i.seed == "ro"
-                                     and os.path.lexists(os.path.join(private, i.path))]
+        self.read_only_state = [i.path for i in self.state if i.seed == "ro"
+                                and os.path.lexists(os.path.join(private, i.path))]
 
     def save_state(self):
         """Send back what may flow back (FLOWS_BACK), nothing else; one line for each refusal."""
-        for line in flow_back(self.plan.profile, self.plan.state, self.seeded, self.plan.home,
+        for line in flow_back(self.plan.profile, self.state, self.seeded, self.plan.home,
                               os.path.join(self.dir, SESSION_HOME), self.plan.project):
             say(f"{self.tool}: {line}")
 
@@ -4469,6 +4484,9 @@ class SessionDirs:
 
     def mount_fds(self):
         return self.protection.fds if self.protection else {}
+
+    def mounts(self):
+        return self.protection.mounts() if self.protection else self.plan.mounts
 
 
 class FilterProxy:
@@ -4548,7 +4566,7 @@ class FilterProxy:
             text = f"{self.tool}: network: no proxy log"
         if self.process.returncode not in (0, -signal.SIGTERM):
             text += f" (the proxy exited with status {self.process.returncode}: " \
-                    f"{last_line(self.path('proxy.err'))})"
+                    f"{last_line(self.path(PROXY_ERRORS))})"
         return text
 
     def write_learned(self):
@@ -4587,8 +4605,9 @@ def run_sandbox(plan, dirs, proxy):
     read_fd, write_fd = os.pipe()
     seccomp_fd = filter_fd(plan.seccomp)
     mount_fds = dirs.mount_fds()
-    args = build_bwrap_args(plan, dirs.dir, write_fd, seccomp_fd,
-                            socket_dir=dirs.socket_dir, mount_fds=mount_fds)
+    args = build_bwrap_args(plan, dirs.dir, write_fd, seccomp_fd, socket_dir=dirs.socket_dir,
+                            mount_fds=mount_fds, read_only_state=dirs.read_only_state,
+                            mounts=dirs.mounts())
     if plan.verbose:
         say(format_env_command(plan.env, args))
         CLOCK.mark("bwrap arguments")
