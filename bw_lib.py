@@ -1711,6 +1711,18 @@ def check_given(flag, path, roots):
 # Protected paths: never followed, bound as they were checked
 # ---------------------------------------------------------------------------------------------
 
+# The project, the --allow-rw directories and the CLI's state are the sandbox's to write, for
+# this session and the ones before it, so a path below them may be a link it planted
+# (`sub/.git -> ../../..`).  Every mount source below such a root is walked component by
+# component with O_NOFOLLOW: a symlink stops the session with one line naming it, and what
+# was checked is what bwrap binds (an O_PATH descriptor, --ro-bind-fd / --bind-fd; bwrap
+# compares the mount with the descriptor afterwards).  Placeholders are made and removed
+# through descriptors of their checked parents.  Sessions sharing a root hold a shared
+# flock on a lock file of that root for their whole life, in a directory of the user's the
+# sandbox cannot see (LOCKS_DIR); the one that can take it exclusively (at its end, or at
+# the next start after a SIGKILL) removes the placeholders the sessions listed, so no
+# session's end or crash takes away a mount another still stands on.
+
 def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexists,
                isdir=None, glob=glob.glob):
     """What keeps PROTECTED_* read-only: (mounts, placeholders to create first).
@@ -1751,18 +1763,6 @@ def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexi
         mounts.append(("--ro-bind", path, path))
     return [("--bind", p, p) for p in pins] + mounts, placeholders
 
-
-# The project, the --allow-rw directories and the CLI's state are the sandbox's to write, for
-# this session and the ones before it, so a path below them may be a link it planted
-# (`sub/.git -> ../../..`).  Every mount source below such a root is walked component by
-# component with O_NOFOLLOW: a symlink stops the session with one line naming it, and what
-# was checked is what bwrap binds (an O_PATH descriptor, --ro-bind-fd / --bind-fd; bwrap
-# compares the mount with the descriptor afterwards).  Placeholders are made and removed
-# through descriptors of their checked parents.  Sessions sharing a root hold a shared
-# flock on a lock file of that root for their whole life, in a directory of the user's the
-# sandbox cannot see (LOCKS_DIR); the one that can take it exclusively (at its end, or at
-# the next start after a SIGKILL) removes the placeholders the sessions listed, so no
-# session's end or crash takes away a mount another still stands on.
 
 LOCKS_DIR = "bw-locks.{uid}"        # under private_base(): one per user, shared by the tools
 
@@ -2087,6 +2087,14 @@ def placeholder_content(path):
 # The wrapper's own places: never shown in the sandbox
 # ---------------------------------------------------------------------------------------------
 
+# Each tool's session base (other sessions' homes, their copies of the CLI's credentials and
+# transcripts) and the runtime base (private_base: the proxies' socket directories, and
+# LOCKS_DIR, whose lists say which placeholders the next start removes) let one session reach
+# another.  Showing one, a parent of one, or one of the wrapper's entries inside the runtime
+# base is refused: an empty mount over it would not do, as the sandbox could rename its
+# parent away and the next session would make its directory where the sandbox reads it.
+# Paths are compared canonical (realpath), since any of them may be reached through a link.
+
 def session_base(environ, tool):
     """Where sessions keep their homes, caches and logs: $XDG_CACHE_HOME/TOOL (when absolute)
     or ~/.cache/TOOL, on disk; $XDG_RUNTIME_DIR is a small tmpfs that a session's caches
@@ -2156,14 +2164,6 @@ def session_masks(environ, mounts, create=True):
                 masks.append(mask)
     return masks
 
-
-# Each tool's session base (other sessions' homes, their copies of the CLI's credentials and
-# transcripts) and the runtime base (private_base: the proxies' socket directories, and
-# LOCKS_DIR, whose lists say which placeholders the next start removes) let one session reach
-# another.  Showing one, a parent of one, or one of the wrapper's entries inside the runtime
-# base is refused: an empty mount over it would not do, as the sandbox could rename its
-# parent away and the next session would make its directory where the sandbox reads it.
-# Paths are compared canonical (realpath), since any of them may be reached through a link.
 
 def wrapper_places(environ):
     """[(canonical path, names of the wrapper's entries in it or None for all of it, the
