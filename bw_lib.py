@@ -1429,39 +1429,6 @@ def private_subdir(base, name):
     return fd
 
 
-def not_writable(plan, root, path, error):
-    """Say which directory is not writable and what to do."""
-    what = ("the project" if root == plan.project else
-            f"{plan.profile.name}'s state directory" if is_within(root, plan.home) else
-            "the --allow-rw directory")
-    return (f"{what} {root} is not writable ({error.strerror}), so {path} cannot be held "
-            f"read-only for the session: make it writable (chmod u+w {shlex.quote(root)}), or "
-            "run with --allow-config-writes to go without that protection")
-
-
-def depth(mount):
-    return mount[2].rstrip("/").count("/")
-
-
-def private_base(environ):
-    runtime = environ.get("XDG_RUNTIME_DIR", "")
-    return runtime if os.path.isabs(runtime) and os.path.isdir(runtime) else tempfile.gettempdir()
-
-
-def make_private_dir(base, tool):
-    """A 0700 directory for one session, locked for as long as this process lives.
-
-    It is made under a hidden name and renamed once locked, so sweep_stale never sees
-    it unlocked.  Returns (path, fd holding the lock).
-    """
-    hidden = tempfile.mkdtemp(prefix=f".{tool}.", dir=base)
-    fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    path = os.path.join(base, os.path.basename(hidden)[1:])
-    os.rename(hidden, path)
-    return path, fd
-
-
 def remove_tree(path):
     """rmtree that also removes what the sandbox made unwritable (chmod 500 on a directory):
     on a failure the directory concerned is made 0700 and the removal tried again, once
@@ -1722,6 +1689,16 @@ def check_given(flag, path, roots):
 # sandbox cannot see (LOCKS_DIR); the one that can take it exclusively (at its end, or at
 # the next start after a SIGKILL) removes the placeholders the sessions listed, so no
 # session's end or crash takes away a mount another still stands on.
+
+def not_writable(plan, root, path, error):
+    """Say which directory is not writable and what to do."""
+    what = ("the project" if root == plan.project else
+            f"{plan.profile.name}'s state directory" if is_within(root, plan.home) else
+            "the --allow-rw directory")
+    return (f"{what} {root} is not writable ({error.strerror}), so {path} cannot be held "
+            f"read-only for the session: make it writable (chmod u+w {shlex.quote(root)}), or "
+            "run with --allow-config-writes to go without that protection")
+
 
 def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexists,
                isdir=None, glob=glob.glob):
@@ -2094,6 +2071,25 @@ def placeholder_content(path):
 # base is refused: an empty mount over it would not do, as the sandbox could rename its
 # parent away and the next session would make its directory where the sandbox reads it.
 # Paths are compared canonical (realpath), since any of them may be reached through a link.
+
+def private_base(environ):
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    return runtime if os.path.isabs(runtime) and os.path.isdir(runtime) else tempfile.gettempdir()
+
+
+def make_private_dir(base, tool):
+    """A 0700 directory for one session, locked for as long as this process lives.
+
+    It is made under a hidden name and renamed once locked, so sweep_stale never sees
+    it unlocked.  Returns (path, fd holding the lock).
+    """
+    hidden = tempfile.mkdtemp(prefix=f".{tool}.", dir=base)
+    fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    path = os.path.join(base, os.path.basename(hidden)[1:])
+    os.rename(hidden, path)
+    return path, fd
+
 
 def session_base(environ, tool):
     """Where sessions keep their homes, caches and logs: $XDG_CACHE_HOME/TOOL (when absolute)
@@ -2555,44 +2551,21 @@ def build_env(profile, environ, home, pass_env=(), assignments=(), defaults=()):
     return env
 
 
-def assemble(program):
-    """Classic BPF from (op, k[, label to jump to when true]) and ("label", name) items;
-    a false comparison falls through to the next instruction."""
-    at, labels = 0, {}
-    for item in program:
-        if item[0] == "label":
-            labels[item[1]] = at
-        else:
-            at += 1
-    code, at = b"", 0
-    for item in program:
-        if item[0] == "label":
-            continue
-        op, k, if_true = (*item, None)[:3]
-        jt = labels[if_true] - at - 1 if if_true else 0
-        code += struct.pack("=HBBI", op, jt, 0, k)
-        at += 1
-    return code
+def inside_env(filter_network, cache=SANDBOX_CACHE):
+    """Variables every session sets inside (before --pass-env and --env, which win)."""
+    env = {name: f"{cache}/{sub}" if sub else cache for name, sub in CACHE_ENV}
+    if filter_network:
+        env["NODE_USE_ENV_PROXY"] = "1"
+    return env
 
 
-def tiocsti_filter(machine):
-    """The seccomp program that makes ioctl(TIOCSTI/TIOCLINUX) fail with EPERM."""
-    arches = SECCOMP_ARCHES.get(machine)
-    if arches is None:
-        raise Failure(f"the keystroke-injection filter supports {' and '.join(SECCOMP_ARCHES)}, "
-                      f"not {machine}; refusing to start without it")
-    program = [(BPF_LD_W_ABS, 4)]
-    program += [(BPF_JEQ_K, arch, f"arch{i}") for i, (arch, _) in enumerate(arches)]
-    program.append((BPF_RET_K, SECCOMP_RET_ALLOW))
-    for i, (arch, numbers) in enumerate(arches):
-        program += [("label", f"arch{i}"), (BPF_LD_W_ABS, 0)]
-        program += [(BPF_JEQ_K, n, "request") for n in numbers]
-        program.append((BPF_RET_K, SECCOMP_RET_ALLOW))
-    program += [("label", "request"), (BPF_LD_W_ABS, 24),
-                (BPF_JEQ_K, TIOCSTI, "deny"), (BPF_JEQ_K, TIOCLINUX, "deny"),
-                (BPF_RET_K, SECCOMP_RET_ALLOW),
-                ("label", "deny"), (BPF_RET_K, SECCOMP_RET_EPERM)]
-    return assemble(program)
+def with_token(env, token):
+    return {**env, TOKEN_VARIABLE: token} if token else env
+
+
+def proxy_env(plan):
+    """The proxy's environment: the wrapper's, plus the password when there is one."""
+    return with_token(dict(os.environ), plan.proxy_token)
 
 
 def inner_command(plan):
@@ -2655,6 +2628,10 @@ def build_bwrap_args(plan, private_dir, status_fd=None, seccomp_fd=None, socket_
     return args + ["--", *inner_command(plan)]
 
 
+def depth(mount):
+    return mount[2].rstrip("/").count("/")
+
+
 def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
     # -I -S: the proxy needs only the standard library; skipping site-packages and the
     # user's PYTHON* variables saves start-up time and keeps it what this file says.
@@ -2673,6 +2650,46 @@ def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
                    "--ready-fd", str(ready_fd)]
 
 
+def assemble(program):
+    """Classic BPF from (op, k[, label to jump to when true]) and ("label", name) items;
+    a false comparison falls through to the next instruction."""
+    at, labels = 0, {}
+    for item in program:
+        if item[0] == "label":
+            labels[item[1]] = at
+        else:
+            at += 1
+    code, at = b"", 0
+    for item in program:
+        if item[0] == "label":
+            continue
+        op, k, if_true = (*item, None)[:3]
+        jt = labels[if_true] - at - 1 if if_true else 0
+        code += struct.pack("=HBBI", op, jt, 0, k)
+        at += 1
+    return code
+
+
+def tiocsti_filter(machine):
+    """The seccomp program that makes ioctl(TIOCSTI/TIOCLINUX) fail with EPERM."""
+    arches = SECCOMP_ARCHES.get(machine)
+    if arches is None:
+        raise Failure(f"the keystroke-injection filter supports {' and '.join(SECCOMP_ARCHES)}, "
+                      f"not {machine}; refusing to start without it")
+    program = [(BPF_LD_W_ABS, 4)]
+    program += [(BPF_JEQ_K, arch, f"arch{i}") for i, (arch, _) in enumerate(arches)]
+    program.append((BPF_RET_K, SECCOMP_RET_ALLOW))
+    for i, (arch, numbers) in enumerate(arches):
+        program += [("label", f"arch{i}"), (BPF_LD_W_ABS, 0)]
+        program += [(BPF_JEQ_K, n, "request") for n in numbers]
+        program.append((BPF_RET_K, SECCOMP_RET_ALLOW))
+    program += [("label", "request"), (BPF_LD_W_ABS, 24),
+                (BPF_JEQ_K, TIOCSTI, "deny"), (BPF_JEQ_K, TIOCLINUX, "deny"),
+                (BPF_RET_K, SECCOMP_RET_ALLOW),
+                ("label", "deny"), (BPF_RET_K, SECCOMP_RET_EPERM)]
+    return assemble(program)
+
+
 def filter_fd(program):
     """A pipe holding the seccomp program for bwrap --seccomp (it is far below a pipe's size)."""
     read_fd, write_fd = os.pipe()
@@ -2689,15 +2706,6 @@ def format_env_command(env, argv):
     shown = [f"{k}=<hidden>" if any(w in k.upper() for w in SECRET_WORDS) else f"{k}={v}"
              for k, v in sorted(env.items())]
     return shlex.join(["env", "-i", *shown, *argv])
-
-
-def with_token(env, token):
-    return {**env, TOKEN_VARIABLE: token} if token else env
-
-
-def proxy_env(plan):
-    """The proxy's environment: the wrapper's, plus the password when there is one."""
-    return with_token(dict(os.environ), plan.proxy_token)
 
 
 def network_warnings(plan):
@@ -2745,14 +2753,6 @@ def describe(plan):
     lines.append("nested user namespaces: " + ("blocked (--disable-userns)" if plan.disable_userns
                  else "possible: this bwrap lacks --disable-userns (bubblewrap >= 0.8)"))
     return "\n".join(f"{plan.profile.tool}: {line}" for line in lines)
-
-
-def inside_env(filter_network, cache=SANDBOX_CACHE):
-    """Variables every session sets inside (before --pass-env and --env, which win)."""
-    env = {name: f"{cache}/{sub}" if sub else cache for name, sub in CACHE_ENV}
-    if filter_network:
-        env["NODE_USE_ENV_PROXY"] = "1"
-    return env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4309,6 +4309,29 @@ def check_git(private_dir, tool, killed=False):
 # FilterProxy and run_sandbox.
 # ---------------------------------------------------------------------------------------------
 
+# Start-up timings: where the time before bwrap goes, said with --verbose just before bwrap
+# starts.  A mark is a clock read; nothing is said without --verbose.
+class StartupClock:
+    """Phases of the start-up, each the time since the previous mark; the first counts from
+    STARTED (this module's first line: the interpreter's own start is not seen here)."""
+
+    def __init__(self, started):
+        self.last = started
+        self.phases = []
+
+    def mark(self, phase):
+        now = time.perf_counter()
+        self.phases.append((phase, now - self.last))
+        self.last = now
+
+    def line(self, tool):
+        parts = ", ".join(f"{phase} {seconds * 1000:.1f} ms" for phase, seconds in self.phases)
+        total = sum(seconds for _, seconds in self.phases) * 1000
+        return f"{tool}: start-up: {parts}; {total:.0f} ms in all, then bwrap"
+
+CLOCK = StartupClock(STARTED)
+
+
 def stop(process, sig=signal.SIGTERM):
     """Signal a child and reap it, bounded; SIGKILL if it lingers."""
     if process is None or process.poll() is not None:
@@ -4489,6 +4512,54 @@ class SessionDirs:
         return self.protection.mounts() if self.protection else self.plan.mounts
 
 
+# The proxy's interpreter is started early: Python and socks_filter's imports take ~25 ms,
+# spent while the wrapper plans and prepares rather than after.
+# socks_filter.py (the argument after the code) imported, from its bytecode cache (a script is
+# compiled at every start), its directory LAST on sys.path so that nothing next to it can
+# stand in for a standard module; its arguments come on stdin (main_from_stdin).
+PROXY_MAIN = ("import os, sys; sys.path.append(os.path.dirname(sys.argv.pop(1))); "
+              "import socks_filter; sys.exit(socks_filter.main_from_stdin())")
+
+
+class ProxyInterpreter:
+    """socks_filter.py's interpreter, waiting for its arguments (hand) with the write end of
+    its ready pipe already open (ready_number in the child).  Without them (stdin closed:
+    stop, or the wrapper's end) it exits at once, never having listened.  In a session of
+    its own: the terminal's Ctrl-C is for the CLI."""
+
+    def __init__(self, env):
+        read_fd, write_fd = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", PROXY_MAIN, FILTER_SCRIPT],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(write_fd,), start_new_session=True, env=env)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self.ready_fd, self.ready_number = read_fd, write_fd
+
+    def hand(self, args, err_path):
+        """Its arguments (and the file for its stderr); a proxy that died already is found
+        by the wait for its ready line."""
+        try:
+            self.process.stdin.write(b"\0".join(map(os.fsencode, [err_path, *args])))
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    def stop(self):
+        if not self.process.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.close()
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+        stop(self.process)
+
+
 class FilterProxy:
     """socks_filter.py as a subprocess, for a session with --filter-network (a session
     without it gets one that does nothing).  Entering hands its arguments to its interpreter
@@ -4654,163 +4725,18 @@ def ignore_signals():
         signal.signal(sig, signal.SIG_IGN)
 
 
-TERMINAL_SIGNALS = (signal.SIGTTOU, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-
-
-@contextlib.contextmanager
-def terminal_kept(stream):
-    """Restore the terminal's modes on every way out: a CLI killed with the wrapper (SIGTERM,
-    timeout) leaves it raw and without echo."""
-    try:
-        fd = stream.fileno()
-        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
-    except (OSError, ValueError, AttributeError, termios.error):
-        saved = None
-    try:
-        yield
-    finally:
-        if saved is not None:
-            restore_terminal(fd, saved)
-
-
-def restore_terminal(fd, saved):
-    """tcsetattr, even from the background (SIGTTOU) or when the terminal is gone."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in TERMINAL_SIGNALS}
-    try:
-        termios.tcsetattr(fd, termios.TCSANOW, saved)
-    except (OSError, termios.error):
-        pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def raise_terminated(signum, frame):
-    raise Terminated(signum)
-
-
-def flushed(tool, status):
-    """`status` once stdout and stderr are flushed (os._exit would drop what is buffered);
-    our own output that cannot be written (a full disk, a closed pipe) is an error."""
-    try:
-        if sys.stdout is not None:
-            sys.stdout.flush()
-    except (OSError, ValueError) as error:
-        say(f"{tool}: error: cannot write the output: {printable(error)}")
-        status = status or 1
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        sys.stderr.flush()
-    return status
-
-
-def standard_streams_open():
-    """Descriptors 0, 1 and 2 open (on /dev/null when closed), so that no pipe the wrapper
-    makes takes one of their numbers and then loses it to a child's redirection."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            os.open(os.devnull, os.O_RDWR)      # the lowest free number: fd itself
-    if sys.stdout is None:
-        sys.stdout = open(1, "w", closefd=False)
-    if sys.stderr is None:
-        sys.stderr = open(2, "w", closefd=False)
-
-
-def exit_status(tool, error):
-    """The exit status for an exception that ended the wrapper, said in one line."""
-    if isinstance(error, Finished):
-        return error.code
-    if isinstance(error, Failure):
-        say(f"{tool}: error: {error}")
-        return error.code
-    if isinstance(error, Terminated):
-        return 128 + error.signum
-    if isinstance(error, KeyboardInterrupt):
-        return 130
-    if isinstance(error, OSError):
-        say(f"{tool}: error: {printable(error)}")
-    else:   # the last resort: one line, never a traceback
-        say(f"{tool}: error: unexpected {type(error).__name__}: {printable(error)}")
-    return 1
-
-
-# Start-up timings (--verbose): where the time before bwrap goes, said with --verbose just
-# before bwrap starts.  A mark is a clock read; nothing is said without --verbose.
-
-class StartupClock:
-    """Phases of the start-up, each the time since the previous mark; the first counts from
-    STARTED (this module's first line: the interpreter's own start is not seen here)."""
-
-    def __init__(self, started):
-        self.last = started
-        self.phases = []
-
-    def mark(self, phase):
-        now = time.perf_counter()
-        self.phases.append((phase, now - self.last))
-        self.last = now
-
-    def line(self, tool):
-        parts = ", ".join(f"{phase} {seconds * 1000:.1f} ms" for phase, seconds in self.phases)
-        total = sum(seconds for _, seconds in self.phases) * 1000
-        return f"{tool}: start-up: {parts}; {total:.0f} ms in all, then bwrap"
-
-
-CLOCK = StartupClock(STARTED)
-
-# The proxy's interpreter, started early: Python and socks_filter's imports take
-# ~25 ms, spent while the wrapper plans and prepares rather than after.
-
-# socks_filter.py (the argument after the code) imported, from its bytecode cache (a script is
-# compiled at every start), its directory LAST on sys.path so that nothing next to it can
-# stand in for a standard module; its arguments come on stdin (main_from_stdin).
-PROXY_MAIN = ("import os, sys; sys.path.append(os.path.dirname(sys.argv.pop(1))); "
-              "import socks_filter; sys.exit(socks_filter.main_from_stdin())")
-
-
-class ProxyInterpreter:
-    """socks_filter.py's interpreter, waiting for its arguments (hand) with the write end of
-    its ready pipe already open (ready_number in the child).  Without them (stdin closed:
-    stop, or the wrapper's end) it exits at once, never having listened.  In a session of
-    its own: the terminal's Ctrl-C is for the CLI."""
-
-    def __init__(self, env):
-        read_fd, write_fd = os.pipe()
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", PROXY_MAIN, FILTER_SCRIPT],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                pass_fds=(write_fd,), start_new_session=True, env=env)
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)
-        self.ready_fd, self.ready_number = read_fd, write_fd
-
-    def hand(self, args, err_path):
-        """Its arguments (and the file for its stderr); a proxy that died already is found
-        by the wait for its ready line."""
-        try:
-            self.process.stdin.write(b"\0".join(map(os.fsencode, [err_path, *args])))
-            self.process.stdin.close()
-        except BrokenPipeError:
-            pass
-
-    def stop(self):
-        if not self.process.stdin.closed:
-            with contextlib.suppress(BrokenPipeError):
-                self.process.stdin.close()
-        if self.ready_fd is not None:
-            os.close(self.ready_fd)
-            self.ready_fd = None
-        stop(self.process)
-
-
 # ---------------------------------------------------------------------------------------------
 # Doctor: checks of this machine and the user's configuration
 # ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Check:
+    """One line of --doctor: what was looked at, "ok", "note" or "FAIL", and how to fix it."""
+    name: str
+    status: str
+    text: str
+    fix: str = ""
+
 
 def network_checks(opts):
     """--doctor's lines about the network options in force (from the defaults file)."""
@@ -4847,15 +4773,6 @@ def node_check(search_path):
                      "(NODE_USE_ENV_PROXY=1), http.request does not", "Node 24.5 and later")
     return Check("node fetch", "ok", f"{name}: fetch() and http.request use the proxy "
                  "(NODE_USE_ENV_PROXY=1)")
-
-
-@dataclass
-class Check:
-    """One line of --doctor: what was looked at, "ok", "note" or "FAIL", and how to fix it."""
-    name: str
-    status: str
-    text: str
-    fix: str = ""
 
 
 def run_briefly(args, seconds, env=None, pass_fds=()):
@@ -5219,4 +5136,84 @@ class Wrapper:
         if self.quick_exit:
             os._exit(flushed(self.profile.tool, self.status))
         sys.exit(self.status)
+
+TERMINAL_SIGNALS = (signal.SIGTTOU, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def terminal_kept(stream):
+    """Restore the terminal's modes on every way out: a CLI killed with the wrapper (SIGTERM,
+    timeout) leaves it raw and without echo."""
+    try:
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (OSError, ValueError, AttributeError, termios.error):
+        saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            restore_terminal(fd, saved)
+
+
+def restore_terminal(fd, saved):
+    """tcsetattr, even from the background (SIGTTOU) or when the terminal is gone."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in TERMINAL_SIGNALS}
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+    except (OSError, termios.error):
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def flushed(tool, status):
+    """`status` once stdout and stderr are flushed (os._exit would drop what is buffered);
+    our own output that cannot be written (a full disk, a closed pipe) is an error."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except (OSError, ValueError) as error:
+        say(f"{tool}: error: cannot write the output: {printable(error)}")
+        status = status or 1
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stderr.flush()
+    return status
+
+
+def standard_streams_open():
+    """Descriptors 0, 1 and 2 open (on /dev/null when closed), so that no pipe the wrapper
+    makes takes one of their numbers and then loses it to a child's redirection."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)      # the lowest free number: fd itself
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
+
+
+def exit_status(tool, error):
+    """The exit status for an exception that ended the wrapper, said in one line."""
+    if isinstance(error, Finished):
+        return error.code
+    if isinstance(error, Failure):
+        say(f"{tool}: error: {error}")
+        return error.code
+    if isinstance(error, Terminated):
+        return 128 + error.signum
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    if isinstance(error, OSError):
+        say(f"{tool}: error: {printable(error)}")
+    else:   # the last resort: one line, never a traceback
+        say(f"{tool}: error: unexpected {type(error).__name__}: {printable(error)}")
+    return 1
 CLOCK.mark("imports")
