@@ -2,10 +2,11 @@
 would work against a naive filtering proxy, and asserts that it does not work against this one.
 
 Everything runs on loopback (or in a network namespace a test creates with `unshare -rn`). Test
-upstreams are small threaded servers that count every connection they accept: a "denied" upstream
-that counts one connection is an escape, whatever the proxy logged.
+upstreams count every connection they accept: a "denied" upstream that counts one connection is
+an escape, whatever the proxy logged.
 
-    BypassOverTheWireTest      NOTES section 5 bypass classes through SOCKS5, SOCKS4a, CONNECT, GET
+    BypassOverTheWireTest      names and addresses that reach loopback, private networks or
+                               another site in disguise, through SOCKS5, SOCKS4a, CONNECT, GET
     HeaderInjectionTest        CR/LF/NUL in targets and Host, host:port@evil, Host vs URL
     SmugglingTest              pipelined and Content-Length/Transfer-Encoding smuggling
     Socks5NameLengthTest       SOCKS5 names of length 0, 253, 255 (and SOCKS4a over-long)
@@ -13,28 +14,27 @@ that counts one connection is an escape, whatever the proxy logged.
     HalfOpenTest               2000 connections that send nothing
     BackPressureTest           clients that never read while upstreams send 200 MB
     ConnectionFloodTest        floods over --max-connections; refusals, no spinning
-    DescriptorExhaustionTest   the proxy out of file descriptors (RLIMIT_NOFILE 64)
+    DescriptorExhaustionTest   the proxy out of file descriptors (RLIMIT_NOFILE 128)
     OutputInjectionTest        terminal escapes and forged lines in names -> stderr and log
+    BoundedStateTest           thousands of distinct denied names do not grow the proxy's memory
     SniCheckTest               TLS ClientHello server name check, SNI-stage stalls, and DNS
                                rebinding (port 443 and a fake DNS server in a private netns)
     FuzzTest                   3000 mutated SOCKS4/5 and HTTP handshakes, fixed seed
     HelloRetryTest             a second ClientHello for another site after a TLS 1.3
                                HelloRetryRequest, against a real `openssl s_server`
+    ServerAnswerTest           a server that answers a checked ClientHello with anything but TLS
 
 Names that must resolve to loopback (loop.example.com, ...) come from a private /etc/hosts that
-`unshare -rm` bind-mounts for the proxy alone (HOSTS below): no DNS traffic leaves the machine.
-Without user namespaces those tests skip, and fail under CI=true.
+`unshare -rm` bind-mounts for the proxy alone (proxy_harness.HOSTS): no DNS traffic leaves the
+machine. Without user namespaces those tests skip, and fail under CI=true.
 """
 
-import ipaddress
 import json
 import os
 import queue
 import random
-import resource
 import select
 import shutil
-import signal
 import socket
 import ssl
 import struct
@@ -44,522 +44,28 @@ import tempfile
 import threading
 import time
 import unittest
+from concurrent.futures import ThreadPoolExecutor
 
 import socks_filter
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-T = 5.0                    # default socket timeout for test clients
-LOOP = "127.0.0.1"
-
-# Runs socks_filter.main() with a different HANDSHAKE_TIMEOUT (argv[1]) and, when argv[2] is not
-# "0", a hard and soft RLIMIT_NOFILE of argv[2]; the rest is socks_filter's own argv.
-WRAPPER = ("import resource, sys, socks_filter\n"
-           "socks_filter.HANDSHAKE_TIMEOUT = float(sys.argv[1])\n"
-           "if sys.argv[2] != '0':\n"
-           "    resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), int(sys.argv[2])))\n"
-           "sys.exit(socks_filter.main(sys.argv[3:]))\n")
-
-
-# Names the proxy resolves through a private /etc/hosts (bind-mounted in a mount namespace of its
-# own, `unshare -rm`), so that allowed names can point at loopback without any DNS traffic.
-HOSTS = """127.0.0.1 localhost
-127.0.0.1 loop.example.com
-::1 loop6.example.com
-::ffff:127.0.0.1 mapped.example.com
-64:ff9b::7f00:1 nat64.example.com
-2002:7f00:1:: sixtofour.example.com
-169.254.169.254 metadata.example.com
-10.1.2.3 lan.example.com
-0.0.0.0 zero.example.com
-93.184.216.34 mixed.example.com
-127.0.0.1 mixed.example.com
-"""
-MOUNT_HOSTS = 'mount --bind "$1" /etc/hosts && shift && exec "$@"'
-MOUNT_BOTH = ('mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/resolv.conf && shift 2 && '
-              'exec "$@"')
-NAMESERVER = "127.0.0.53"          # the fake DNS server inside the test's network namespace
-_namespace_support = {}
-
-
-def namespace_prefix(directory, net=False):
-    """Command prefix running a command with HOSTS as /etc/hosts (and, when `net`, in a new
-    network namespace whose /etc/resolv.conf names NAMESERVER), or None when this host cannot
-    create the namespaces. The files are written into `directory`."""
-    hosts_path = os.path.join(directory, "hosts")
-    with open(hosts_path, "w") as handle:
-        handle.write(HOSTS)
-    if net:
-        resolv_path = os.path.join(directory, "resolv.conf")
-        with open(resolv_path, "w") as handle:
-            handle.write(f"nameserver {NAMESERVER}\noptions timeout:2 attempts:1\n")
-        prefix = ["unshare", "-rnm", "sh", "-c", MOUNT_BOTH, "sh", hosts_path, resolv_path]
-    else:
-        prefix = ["unshare", "-rm", "sh", "-c", MOUNT_HOSTS, "sh", hosts_path]
-    key = prefix[1]
-    if key not in _namespace_support:
-        ok = False
-        if shutil.which("unshare") and shutil.which("mount"):
-            try:
-                probe = subprocess.run(prefix + ["grep", "-q", "loop.example.com", "/etc/hosts"],
-                                       capture_output=True, timeout=20)
-                ok = probe.returncode == 0
-            except (OSError, subprocess.TimeoutExpired):
-                ok = False
-        _namespace_support[key] = ok
-    return prefix if _namespace_support[key] else None
-
-
-def skip_or_fail(test, reason):
-    if IN_CI:
-        test.fail(f"required under CI=true: {reason}")
-    test.skipTest(reason)
-
-
-# ---------------------------------------------------------------------------------------------
-# Test upstreams and the proxy under test
-
-class Upstream:
-    """A loopback TCP server that counts and records every connection it accepts.
-
-    mode "record": read until EOF, or until `idle` seconds pass without data after some data
-        arrived (10 s cap), then send `reply` (if any) and close; the bytes go to .records/.done.
-    mode "echo": echo bytes back until EOF; an HTTP request head gets a small HTTP answer instead.
-    mode "flood": send `flood` bytes (1 MB at a time) and stop when a send stalls for 3 s.
-    mode "hold": keep the connection open, reading and discarding, until stop().
-    """
-
-    def __init__(self, mode="record", host=LOOP, port=0, reply=b"", idle=0.5, flood=0):
-        self.mode, self.reply, self.idle, self.flood = mode, reply, idle, flood
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.socket(family, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((host, port))
-        self.listener.listen(512)
-        self.listener.settimeout(0.1)
-        self.port = self.listener.getsockname()[1]
-        self.lock = threading.Lock()
-        self.accepted = 0
-        self.records = []
-        self.done = queue.Queue()
-        self.sent = 0
-        self.stalled = threading.Event()
-        self.stopping = threading.Event()
-        self.socks = set()
-        self.threads = []
-        self.thread = threading.Thread(target=self._accept_loop, daemon=True)
-        self.thread.start()
-
-    def _accept_loop(self):
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with self.lock:
-                self.accepted += 1
-                self.socks.add(conn)
-            thread = threading.Thread(target=self._handle, args=(conn,), daemon=True)
-            self.threads.append(thread)
-            thread.start()
-
-    def _handle(self, conn):
-        data = bytearray()
-        try:
-            if self.mode == "flood":
-                conn.settimeout(3.0)
-                chunk = b"\xab" * (1 << 20)
-                while self.sent < self.flood and not self.stopping.is_set():
-                    try:
-                        conn.sendall(chunk)
-                    except socket.timeout:
-                        self.stalled.set()
-                        break
-                    with self.lock:
-                        self.sent += len(chunk)
-            elif self.mode == "hold":
-                conn.settimeout(0.2)
-                while not self.stopping.is_set():
-                    try:
-                        if not conn.recv(65536):
-                            break
-                    except socket.timeout:
-                        continue
-            else:
-                conn.settimeout(self.idle if self.mode == "record" else 0.2)
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and not self.stopping.is_set():
-                    try:
-                        chunk = conn.recv(65536)
-                    except socket.timeout:
-                        if self.mode == "record" and data:
-                            break
-                        continue
-                    if not chunk:
-                        break
-                    data += chunk
-                    if self.mode == "echo":
-                        if data[:1].isupper() and b" /" in data[:20]:
-                            if b"\r\n\r\n" in data:
-                                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                                break
-                        else:
-                            conn.sendall(chunk)
-                if self.reply:
-                    conn.sendall(self.reply)
-        except OSError:
-            pass
-        finally:
-            with self.lock:
-                self.records.append(bytes(data))
-                self.socks.discard(conn)
-            self.done.put(bytes(data))
-            conn.close()
-
-    def next_record(self, timeout=12):
-        return self.done.get(timeout=timeout)
-
-    def stop(self):
-        self.stopping.set()
-        self.listener.close()
-        self.thread.join(5)
-        with self.lock:
-            socks = list(self.socks)
-        for conn in socks:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread in self.threads:
-            thread.join(5)
-        assert not self.thread.is_alive() and not any(t.is_alive() for t in self.threads)
-
-
-class ProxyProcess:
-    """socks_filter.py as a subprocess on 127.0.0.1:0 with a JSON log; stop() leaves nothing."""
-
-    def __init__(self, args, handshake_timeout=None, listen="127.0.0.1:0", hosts=False, nofile=0):
-        self.dir = tempfile.mkdtemp(prefix="bw-adv-")
-        self.log_path = os.path.join(self.dir, "log.jsonl")
-        self.err_path = os.path.join(self.dir, "stderr")
-        self.final_stderr = None
-        timeout = socks_filter.HANDSHAKE_TIMEOUT if handshake_timeout is None else handshake_timeout
-        command = [sys.executable, "-c", WRAPPER, str(timeout), str(nofile), "--listen", listen,
-                   "--log", self.log_path] + list(args)
-        if hosts:
-            prefix = namespace_prefix(self.dir)
-            if prefix is None:
-                shutil.rmtree(self.dir, ignore_errors=True)
-                raise unittest.SkipTest("needs `unshare -rm` and `mount` for a private /etc/hosts")
-            command = prefix + command
-        self.err = open(self.err_path, "wb")
-        self.process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=self.err)
-        ready, _, _ = select.select([self.process.stdout], [], [], 15)
-        line = self.process.stdout.readline().decode() if ready else ""
-        if not line.startswith("ready "):
-            error = self.stderr()
-            self.stop()
-            raise AssertionError(f"proxy did not start: {line!r} {error!r}")
-        self.port = int(line.split()[1].rpartition(":")[2])
-        self.pid = self.process.pid
-
-    def alive(self):
-        return self.process.poll() is None
-
-    def stderr(self):
-        if self.final_stderr is not None:
-            return self.final_stderr
-        with open(self.err_path, "rb") as handle:
-            return handle.read().decode("utf-8", "replace")
-
-    def records(self, event="decision"):
-        """The log's records so far; a last line the proxy is still writing is left for later."""
-        try:
-            with open(self.log_path, encoding="utf-8") as handle:
-                text = handle.read()
-        except FileNotFoundError:
-            return []
-        complete = text[:text.rfind("\n") + 1]
-        return [r for r in (json.loads(line) for line in complete.splitlines() if line.strip())
-                if event is None or r["event"] == event]
-
-    def rss_kb(self):
-        with open(f"/proc/{self.pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmRSS")
-
-    def cpu_seconds(self):
-        with open(f"/proc/{self.pid}/stat") as handle:
-            fields = handle.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def fd_count(self):
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self.process.stdout.close()
-        self.err.close()
-        if self.final_stderr is None:
-            self.final_stderr = self.stderr()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class InProcessProxy:
-    """FilterServer in a thread of the test process (so module globals can be monkeypatched)."""
-
-    def __init__(self, allow, allow_private=False):
-        self.dir = tempfile.mkdtemp(prefix="bw-adv-")
-        self.log_path = os.path.join(self.dir, "log.jsonl")
-        policy = socks_filter.Policy([socks_filter.parse_rule(r) for r in allow],
-                                     allow_private=allow_private)
-        self.server = socks_filter.FilterServer(policy, ["127.0.0.1:0"], log_path=self.log_path)
-        self.port = int(self.server.start()[0].rpartition(":")[2])
-        self.error = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            self.server.serve_forever()
-        except BaseException as error:     # recorded: a crash is what the tests look for
-            self.error = error
-
-    def stop(self):
-        self.server.shutdown()
-        self.thread.join(10)
-        assert not self.thread.is_alive(), "serve_forever did not stop"
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Clients
-
-def connect(port, timeout=T):
-    return socket.create_connection((LOOP, port), timeout=timeout)
-
-
-def read_until_closed(sock, timeout=T, limit=1 << 20):
-    """(bytes received, True if the peer closed) within `timeout` seconds overall."""
-    data = bytearray()
-    deadline = time.monotonic() + timeout
-    while len(data) < limit:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return bytes(data), False
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(65536)
-        except socket.timeout:
-            return bytes(data), False
-        except OSError:
-            return bytes(data), True
-        if not chunk:
-            return bytes(data), True
-        data += chunk
-    return bytes(data), False
-
-
-def recv_exactly(sock, count, timeout=T):
-    data = bytearray()
-    sock.settimeout(timeout)
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
-
-
-def exchange(port, payload, timeout=T):
-    """Send a whole request, read the answer until the proxy closes: (answer, closed)."""
-    with connect(port, timeout) as sock:
-        try:
-            sock.sendall(payload)
-        except OSError:
-            return b"", True
-        return read_until_closed(sock, timeout)
-
-
-def socks5_name(name, port):
-    return (b"\x05\x01\x00" + b"\x05\x01\x00\x03" + bytes([len(name)]) + name
-            + struct.pack("!H", port))
-
-
-def socks5_ip(address, port):
-    address = ipaddress.ip_address(address)
-    kind = b"\x01" if address.version == 4 else b"\x04"
-    return b"\x05\x01\x00" + b"\x05\x01\x00" + kind + address.packed + struct.pack("!H", port)
-
-
-def socks4_ip(address, port):
-    return (b"\x04\x01" + struct.pack("!H", port) + ipaddress.IPv4Address(address).packed
-            + b"user\x00")
-
-
-def socks4a_name(name, port):
-    return b"\x04\x01" + struct.pack("!H", port) + b"\x00\x00\x00\x01" + b"user\x00" + name + b"\x00"
-
-
-def http_connect(authority, extra=b""):
-    return b"CONNECT " + authority + b" HTTP/1.1\r\nHost: " + authority + b"\r\n" + extra + b"\r\n"
-
-
-def http_get(authority, path=b"/", extra=b""):
-    return (b"GET http://" + authority + path + b" HTTP/1.1\r\nHost: " + authority + b"\r\n"
-            + extra + b"\r\n")
-
-
-def authority(host, port):
-    host = host if isinstance(host, bytes) else host.encode("latin-1")
-    if b":" in host and not host.startswith(b"["):
-        host = b"[" + host + b"]"
-    return host + b":" + str(port).encode()
-
-
-def granted(proto, answer):
-    if proto == "socks5":
-        return answer[2:4] == b"\x05\x00"
-    if proto == "socks4a":
-        return answer[:2] == b"\x00\x5a"
-    return answer.startswith(b"HTTP/1.1 200") or answer.startswith(b"HTTP/1.0 200")
-
-
-def refused(proto, answer):
-    """A proper refusal in the client's own protocol."""
-    if proto == "socks5":
-        return answer[:2] == b"\x05\x00" and len(answer) >= 12 and answer[2] == 5 and answer[3] != 0
-    if proto == "socks4a":
-        return len(answer) == 8 and answer[:2] == b"\x00\x5b"
-    return (answer.startswith(b"HTTP/1.1 4") or answer.startswith(b"HTTP/1.1 5")) and b"X-Proxy-Error" in answer
-
-
-def attempts_for(host, port, protocols=("socks5", "socks4a", "http-connect", "http")):
-    """(proto, payload) to reach `host` (bytes; name or IP spelling) through each protocol."""
-    out = []
-    bare = host[1:-1] if host.startswith(b"[") else host
-    for proto in protocols:
-        if proto == "socks5":
-            out.append(("socks5", socks5_name(host, port)))
-        elif proto == "socks4a":
-            out.append(("socks4a", socks4a_name(host, port)))
-        elif proto == "http-connect":
-            out.append(("http", http_connect(authority(bare, port))))
-        else:
-            out.append(("http", http_get(authority(bare, port))))
-    return out
-
-
-def echo_through(port, payload, proto="socks5"):
-    """A well-behaved client: open a tunnel with `payload`, check that bytes come back."""
-    try:
-        return _echo_through(port, payload, proto)
-    except OSError:
-        return False
-
-
-def _echo_through(port, payload, proto):
-    with connect(port) as sock:
-        sock.sendall(payload)
-        head = {"socks5": 12, "socks4a": 8}.get(proto)
-        if head:
-            answer = recv_exactly(sock, head)
-        else:
-            answer = b""
-            while b"\r\n\r\n" not in answer and len(answer) < 4096:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                answer += chunk
-        if not granted(proto, answer):
-            return False
-        sock.sendall(b"ping-through-proxy")
-        return recv_exactly(sock, 18) == b"ping-through-proxy"
-
-
-def client_hello(server_name=None):
-    """A real ClientHello from the ssl module (server_name None: no SNI extension)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
-
-
-def built_client_hello(sni=None, pieces=1):
-    """A ClientHello assembled with struct: raw SNI bytes (anything), split over `pieces` records."""
-    extensions = struct.pack("!HH", 43, 3) + b"\x02\x03\x04"               # supported_versions
-    extensions += struct.pack("!HH", 21, 8) + bytes(8)                       # padding
-    if sni is not None:
-        entry = b"\x00" + struct.pack("!H", len(sni)) + sni
-        names = struct.pack("!H", len(entry)) + entry
-        extensions += struct.pack("!HH", 0, len(names)) + names
-    body = (b"\x03\x03" + bytes(32) + b"\x20" + bytes(32) + struct.pack("!H", 4) + b"\x13\x01\x13\x02"
-            + b"\x01\x00" + struct.pack("!H", len(extensions)) + extensions)
-    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
-    size = -(-len(handshake) // pieces)
-    return b"".join(b"\x16\x03\x01" + struct.pack("!H", len(part)) + part
-                    for part in (handshake[i:i + size] for i in range(0, len(handshake), size)))
-
-
-def raise_nofile(test, wanted):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < wanted:
-        skip_or_fail(test, f"RLIMIT_NOFILE hard limit {hard} < {wanted}")
-    if soft == resource.RLIM_INFINITY or soft >= wanted:
-        return
-    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    test.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
-
-
-class ProxyTestCase(unittest.TestCase):
-    def upstream(self, *args, **kwargs):
-        server = Upstream(*args, **kwargs)
-        self.addCleanup(server.stop)
-        return server
-
-    def proxy(self, *args, **kwargs):
-        try:
-            proxy = ProxyProcess(*args, **kwargs)
-        except unittest.SkipTest as skip:
-            skip_or_fail(self, str(skip))
-        self.addCleanup(self._stop_proxy, proxy)
-        return proxy
-
-    def _stop_proxy(self, proxy):
-        proxy.stop()
-        self.assertIsNotNone(proxy.process.poll())
-
-    def assert_alive(self, proxy):
-        self.assertTrue(proxy.alive(), f"proxy died: {proxy.stderr()[-3000:]}")
-        self.assertNotIn("Traceback", proxy.stderr())
+from tests.proxy_harness import (
+    CCS, HRR_RANDOM, LOOP, NAMESERVER, P256, PROMPT, REPO, Flood, ProxyProcess,
+    ProxyTestCase, Upstream, attempts_for, authority, built_client_hello, client_hello, dial,
+    echo_handler, echo_through, exchange, granted, hold_handler, http_connect, http_get,
+    key_share_hello, namespace_prefix, raise_nofile, read_until, read_until_closed,
+    record_handler, recv_exact, refused, require_tool, skip_or_fail, socks4_ip, socks4a_name, socks5_ip,
+    socks5_name)
 
 
 # ---------------------------------------------------------------------------------------------
 
 class BypassOverTheWireTest(ProxyTestCase):
-    """NOTES section 5 through every protocol: the loopback upstream must never be reached."""
+    """Every way to name loopback, a private network or another site in disguise, through every
+    protocol: the loopback upstream must never be reached."""
 
     def test_bypass_classes_never_reach_loopback(self):
-        target = self.upstream("record")
+        target = self.upstream(record_handler())
         port = target.port
-        proxy = self.proxy(["--allow", "example.com", "--allow", "*.example.com"], hosts=True)
+        proxy = self.daemon("--allow", "example.com", "--allow", "*.example.com", hosts=True)
         names = {
             b"x.example.com.evil.net": {"not-in-allowlist"},
             b"evilexample.com": {"not-in-allowlist"},
@@ -635,9 +141,9 @@ class BypassOverTheWireTest(ProxyTestCase):
 
     def test_audit_mode_still_refuses_private_and_bad_names(self):
         """--mode audit lets unlisted destinations through; never loopback, private or bad names."""
-        target = self.upstream("record")
+        target = self.upstream(record_handler())
         port = target.port
-        proxy = self.proxy(["--allow", "example.com", "--mode", "audit"], hosts=True)
+        proxy = self.daemon("--allow", "example.com", "--mode", "audit", hosts=True)
         hosts = [b"localhost", b"loop.example.com", b"LOOP.Example.COM.", b"mapped.example.com",
                  b"nat64.example.com", b"metadata.example.com", b"lan.example.com", b"zero.example.com",
                  b"mixed.example.com", b"127.1", b"0x7f.1", b"2130706433", b"0177.0.0.1", b"0.0.0.0",
@@ -658,11 +164,11 @@ class BypassOverTheWireTest(ProxyTestCase):
     def test_canonical_spellings_of_allowed_destinations_pass(self):
         """The positive control: the same wire paths DO reach the upstream when a rule allows it,
         so the denials above are the policy and not a broken test harness."""
-        target = self.upstream("echo")
+        target = self.upstream(echo_handler)
         port = target.port
         # /raw: the echo stream is not TLS (a plain name rule would close it, see SniCheckTest)
-        proxy = self.proxy(["--allow", f"loop.example.com:{port}/raw", "--allow", f"127.0.0.1:{port}",
-                            "--allow", f"mapped.example.com:{port}/raw", "--allow-private"], hosts=True)
+        proxy = self.daemon("--allow", f"loop.example.com:{port}/raw", "--allow", f"127.0.0.1:{port}",
+                            "--allow", f"mapped.example.com:{port}/raw", "--allow-private", hosts=True)
         plan = []
         for host in (b"loop.example.com", b"LOOP.Example.COM.", b"127.1", b"0x7f.1", b"2130706433",
                      b"0177.0.0.1", b"[::ffff:127.0.0.1]"):
@@ -693,11 +199,11 @@ class HeaderInjectionTest(ProxyTestCase):
     """CR/LF/NUL in CONNECT targets and Host headers, junk after the port, Host vs URL."""
 
     def test_injected_heads_are_refused_before_any_connection(self):
-        allowed = self.upstream("record", reply=b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        denied = self.upstream("record")
+        allowed = self.upstream(record_handler(reply=b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+        denied = self.upstream(record_handler())
         a = f"127.0.0.1:{allowed.port}".encode()
         d = f"127.0.0.1:{denied.port}".encode()
-        proxy = self.proxy(["--allow", a.decode()])
+        proxy = self.daemon("--allow", a.decode())
         heads = [
             b"CONNECT " + a + b" HTTP/1.1\r\nHost: " + a + b"\rX-Injected: 1\r\n\r\n",
             b"CONNECT " + a + b" HTTP/1.1\r\nHost: " + a + b"\nHost: " + d + b"\r\n\r\n",
@@ -763,15 +269,16 @@ class SmugglingTest(ProxyTestCase):
     REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
 
     def setUp(self):
-        self.allowed = self.upstream("record", reply=self.REPLY, idle=0.6)
-        self.denied = self.upstream("record", reply=self.REPLY)
+        super().setUp()
+        self.allowed = self.upstream(record_handler(reply=self.REPLY, idle=0.6))
+        self.denied = self.upstream(record_handler(reply=self.REPLY))
         self.a = f"127.0.0.1:{self.allowed.port}".encode()
         self.d = f"127.0.0.1:{self.denied.port}".encode()
-        self.proxy_ = self.proxy(["--allow", self.a.decode()])
+        self.proxy_ = self.daemon("--allow", self.a.decode())
 
     def forwarded(self, payload, later=b""):
         """Send payload (and `later` after a pause), return (answer, what the upstream got)."""
-        with connect(self.proxy_.port) as sock:
+        with dial(self.proxy_.port, PROMPT) as sock:
             sock.sendall(payload)
             if later:
                 time.sleep(0.2)
@@ -807,7 +314,7 @@ class SmugglingTest(ProxyTestCase):
         self.assertEqual(self.denied.accepted, 0)
 
     def test_request_after_response_on_kept_alive_connection(self):
-        with connect(self.proxy_.port) as sock:
+        with dial(self.proxy_.port, PROMPT) as sock:
             sock.sendall(http_get(self.a, b"/one", b"Connection: keep-alive\r\n"))
             answer = b""
             while not answer.endswith(b"ok"):
@@ -870,8 +377,8 @@ class SmugglingTest(ProxyTestCase):
 
 class Socks5NameLengthTest(ProxyTestCase):
     def test_name_lengths(self):
-        target = self.upstream("record")
-        proxy = self.proxy(["--allow", "*.example.com"])
+        target = self.upstream(record_handler())
+        proxy = self.daemon("--allow", "*.example.com")
         long253 = (".".join(["a" * 63] * 3 + ["b" * 49]) + ".example.com").encode()
         self.assertEqual(len(long253), 253)
         long255 = (".".join(["a" * 63] * 3 + ["b" * 51]) + ".example.com").encode()
@@ -905,7 +412,7 @@ class Socks5NameLengthTest(ProxyTestCase):
         self.assertTrue(closed)
         self.assertTrue(refused("socks5", answer[:12]), answer)
         # a declared length longer than what is sent, then EOF: closed, nothing reached
-        with connect(proxy.port) as sock:
+        with dial(proxy.port, PROMPT) as sock:
             sock.sendall(b"\x05\x01\x00\x05\x01\x00\x03\xffabc")
             sock.shutdown(socket.SHUT_WR)
             answer, closed = read_until_closed(sock)
@@ -918,20 +425,23 @@ class Socks5NameLengthTest(ProxyTestCase):
 # ---------------------------------------------------------------------------------------------
 # Denial of service
 
-class SlowlorisTest(unittest.TestCase):
-    """Stalls and drips in every handshake state; HANDSHAKE_TIMEOUT monkeypatched to 1 s."""
+class SlowlorisTest(ProxyTestCase):
+    """Stalls and drips in every handshake state, against a proxy in this process whose
+    HANDSHAKE_TIMEOUT and CLOSING_TIMEOUT are 1 s."""
 
-    def test_stalled_handshakes_are_dropped_and_others_served(self):
+    def setUp(self):
+        super().setUp()
         for name in ("HANDSHAKE_TIMEOUT", "CLOSING_TIMEOUT"):
             self.addCleanup(setattr, socks_filter, name, getattr(socks_filter, name))
             setattr(socks_filter, name, 1.0)
-        target = Upstream("echo")
-        self.addCleanup(target.stop)
-        proxy = InProcessProxy([f"127.0.0.1:{target.port}"])
-        self.addCleanup(proxy.stop)
-        p = struct.pack("!H", target.port)
-        good = socks5_ip("127.0.0.1", target.port)
-        stalls = {
+        self.target = self.upstream(echo_handler)
+        self.proxy_ = self.proxy(f"127.0.0.1:{self.target.port}")
+        self.good = socks5_ip("127.0.0.1", self.target.port)
+
+    def stalls(self):
+        """A handshake cut short in every state, by name."""
+        p = struct.pack("!H", self.target.port)
+        return {
             "connected, silent": b"",
             "socks5 greeting, 1 byte": b"\x05",
             "socks5 greeting, methods missing": b"\x05\x02\x00",
@@ -942,10 +452,14 @@ class SlowlorisTest(unittest.TestCase):
             "socks4, user id not ended": b"\x04\x01" + p + b"\x7f\x00\x00\x01user",
             "socks4a, name not ended": b"\x04\x01" + p + b"\x00\x00\x00\x01\x00localh",
             "http, one letter": b"C",
-            "http, head not ended": b"CONNECT 127.0.0.1:" + str(target.port).encode() + b" HTTP/1.1\r\nHost: 1",
+            "http, head not ended": b"CONNECT 127.0.0.1:" + str(self.target.port).encode() + b" HTTP/1.1\r\nHost: 1",
             "http, absolute-form not ended": b"GET http://127.0.0.1/ HTTP/1.1\r\n",
         }
-        drips = {
+
+    def drips(self):
+        """Handshakes sent one byte at a time, by name."""
+        p = struct.pack("!H", self.target.port)
+        return {
             "drip socks5 request": b"\x05\x01\x00\x05\x01\x00\x03\xff" + b"a" * 255,
             "drip socks4a name": b"\x04\x01" + p + b"\x00\x00\x00\x01\x00" + b"a" * 250,
             "drip http head": b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n" + b"X-Slow: " + b"a" * 400,
@@ -953,45 +467,58 @@ class SlowlorisTest(unittest.TestCase):
             "drip after a refusal": b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n\r\n" + b"a" * 400,
             "drip after a malformed request": b"\x05\x01\x00\x05\x09" + b"a" * 400,
         }
-        sockets = {}
-        for name, payload in stalls.items():
-            sock = connect(proxy.port)
-            self.addCleanup(sock.close)
-            if payload:
-                sock.sendall(payload)
-            sockets[name] = sock
-        dropped = {}
 
-        def drip(name, payload):
-            """One byte every 0.15 s; dropped = the proxy closed the connection for good (a
-            send fails), not merely half-closed it after a refusal."""
-            dropped[name] = False
-            eof = False
-            with connect(proxy.port) as sock:
-                for i in range(len(payload)):     # at most ~60 s, far beyond the 1 s timeouts
+    def drip(self, payload):
+        """One byte every 0.15 s; True when the proxy closed the connection for good (a send
+        fails), not merely half-closed it after a refusal."""
+        eof = False
+        with dial(self.proxy_.port, PROMPT) as sock:
+            for i in range(len(payload)):     # at most ~60 s, far beyond the 1 s timeouts
+                try:
+                    sock.sendall(payload[i:i + 1])
+                except socket.timeout:
+                    return False
+                except OSError:
+                    return True
+                if eof:
+                    time.sleep(0.15)
+                    continue
+                if select.select([sock], [], [], 0.15)[0]:
                     try:
-                        sock.sendall(payload[i:i + 1])
-                    except socket.timeout:
-                        return
+                        eof = not sock.recv(4096)
                     except OSError:
-                        dropped[name] = True
-                        return
-                    if eof:
-                        time.sleep(0.15)
-                        continue
-                    readable, _, _ = select.select([sock], [], [], 0.15)
-                    if readable:
-                        try:
-                            eof = not sock.recv(4096)
-                        except OSError:
-                            dropped[name] = True
-                            return
-        threads = [threading.Thread(target=drip, args=item, daemon=True) for item in drips.items()]
+                        return True
+        return False
+
+    def assert_served_and_clean(self):
+        """A good client is served, no connection is left in the server, and it still runs."""
+        self.assertTrue(echo_through(self.proxy_.port, self.good))
+        server = self.proxy_.server
+        deadline = time.monotonic() + 5
+        while server.connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(len(server.connections), 0, "connections leaked in the server")
+        self.assertIsNone(self.proxy_.error)
+        self.assertTrue(self.proxy_.thread.is_alive())
+
+    def test_stalled_handshakes_are_dropped_and_others_served(self):
+        sockets = {}
+        for name, payload in self.stalls().items():
+            sockets[name] = self.connection(dial(self.proxy_.port, PROMPT))
+            if payload:
+                sockets[name].sendall(payload)
+        drips = self.drips()
+        dropped = dict.fromkeys(drips, False)
+
+        def run(name):
+            dropped[name] = self.drip(drips[name])
+        threads = [threading.Thread(target=run, args=(name,), daemon=True) for name in drips]
         for thread in threads:
             thread.start()
         # while every state is stalled, a well-behaved client is served
-        self.assertTrue(echo_through(proxy.port, good))
-        self.assertTrue(echo_through(proxy.port, http_connect(f"127.0.0.1:{target.port}".encode()), "http"))
+        self.assertTrue(echo_through(self.proxy_.port, self.good))
+        self.assertTrue(echo_through(self.proxy_.port,
+                                     http_connect(f"127.0.0.1:{self.target.port}".encode()), "http"))
         for name, sock in sockets.items():
             with self.subTest(state=name):
                 answer, closed = read_until_closed(sock, 8)
@@ -1003,9 +530,12 @@ class SlowlorisTest(unittest.TestCase):
         for name in drips:
             with self.subTest(state=name):
                 self.assertTrue(dropped[name], f"{name}: a byte-at-a-time client was never dropped")
-        # a refused client that sends without end is cut off (MAX_DRAIN_BYTES, or the closing
-        # timeout), it does not get to stream into the proxy forever
-        with connect(proxy.port) as sock:
+        self.assert_served_and_clean()
+
+    def test_a_refused_client_that_keeps_sending_is_cut_off(self):
+        """Cut off by MAX_DRAIN_BYTES or the closing timeout: it does not get to stream into the
+        proxy forever."""
+        with dial(self.proxy_.port, PROMPT) as sock:
             sock.sendall(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n\r\n")
             cut = False
             deadline = time.monotonic() + 20
@@ -1018,13 +548,7 @@ class SlowlorisTest(unittest.TestCase):
                     cut = True
                     break
         self.assertTrue(cut, "a refused client could keep sending for 20 s")
-        self.assertTrue(echo_through(proxy.port, good))
-        deadline = time.monotonic() + 5
-        while proxy.server.connections and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.assertEqual(len(proxy.server.connections), 0, "connections leaked in the server")
-        self.assertIsNone(proxy.error)
-        self.assertTrue(proxy.thread.is_alive())
+        self.assert_served_and_clean()
 
 
 class HalfOpenTest(ProxyTestCase):
@@ -1037,15 +561,12 @@ class HalfOpenTest(ProxyTestCase):
         idle = []
         self.addCleanup(lambda: [s.close() for s in idle])
         for _ in range(self.COUNT):
-            sock = socket.socket()
-            sock.settimeout(T)
-            sock.connect((LOOP, port))
-            idle.append(sock)
+            idle.append(dial(port, PROMPT))
         return idle
 
     def test_half_open_under_the_limit(self):
-        target = self.upstream("echo")
-        proxy = self.proxy(["--allow", f"127.0.0.1:{target.port}", "--max-connections", "4096"])
+        target = self.upstream(echo_handler)
+        proxy = self.daemon("--allow", f"127.0.0.1:{target.port}", "--max-connections", "4096")
         idle = self.open_idle(proxy.port)
         self.assertTrue(echo_through(proxy.port, socks5_ip("127.0.0.1", target.port)))
         self.assertTrue(echo_through(proxy.port, http_connect(f"127.0.0.1:{target.port}".encode()), "http"))
@@ -1063,8 +584,8 @@ class HalfOpenTest(ProxyTestCase):
         """Default limit (1024): silent clients are dropped (evicted by newcomers, or at the
         handshake timeout, 2 s here), a client arriving meanwhile gets an answer or a close
         (never a hang), and the proxy serves again afterwards."""
-        target = self.upstream("echo")
-        proxy = self.proxy(["--allow", f"127.0.0.1:{target.port}"], handshake_timeout=2.0)
+        target = self.upstream(echo_handler)
+        proxy = self.daemon("--allow", f"127.0.0.1:{target.port}", handshake_timeout=2.0)
         idle = self.open_idle(proxy.port)
         answer, closed = exchange(proxy.port, socks5_ip("127.0.0.1", target.port), timeout=10)
         self.assertTrue(closed or granted("socks5", answer), answer)
@@ -1079,8 +600,8 @@ class HalfOpenTest(ProxyTestCase):
         """With the default limit, 2000 silent connections must not hold every slot for
         HANDSHAKE_TIMEOUT: a well-behaved client arriving meanwhile is served (the proxy evicts
         the oldest connection still in its handshake)."""
-        target = self.upstream("echo")
-        proxy = self.proxy(["--allow", f"127.0.0.1:{target.port}"])
+        target = self.upstream(echo_handler)
+        proxy = self.daemon("--allow", f"127.0.0.1:{target.port}")
         self.open_idle(proxy.port)
         self.assertTrue(echo_through(proxy.port, socks5_ip("127.0.0.1", target.port)),
                         "a good client was refused while silent connections held every slot")
@@ -1089,20 +610,20 @@ class HalfOpenTest(ProxyTestCase):
     def test_lingering_refusals_do_not_hold_slots(self):
         """Clients that get a refusal, read it, and then neither close nor send: they are done,
         and must not keep a well-behaved client out (--max-connections 16, 40 such clients)."""
-        target = self.upstream("echo")
-        denied = self.upstream("record")
-        proxy = self.proxy(["--allow", f"127.0.0.1:{target.port}", "--max-connections", "16"])
+        target = self.upstream(echo_handler)
+        denied = self.upstream(record_handler())
+        proxy = self.daemon("--allow", f"127.0.0.1:{target.port}", "--max-connections", "16")
         lingering = []
         self.addCleanup(lambda: [s.close() for s in lingering])
         for i in range(40):
-            sock = connect(proxy.port)
+            sock = dial(proxy.port, PROMPT)
             lingering.append(sock)
             if i % 2:
                 sock.sendall(socks5_ip("127.0.0.1", denied.port))
-                answer = recv_exactly(sock, 12)
+                answer = recv_exact(sock, 12)
             else:
                 sock.sendall(http_connect(f"127.0.0.1:{denied.port}".encode()))
-                answer = recv_exactly(sock, 12)
+                answer = recv_exact(sock, 12)
             self.assertTrue(answer.startswith((b"\x05\x00\x05\x02", b"HTTP/1.1 403", b"\x05\x00\x05\x01",
                                                b"HTTP/1.1 503")) or answer == b"", answer)
         self.assertTrue(echo_through(proxy.port, socks5_ip("127.0.0.1", target.port)),
@@ -1113,43 +634,44 @@ class HalfOpenTest(ProxyTestCase):
 
 class BackPressureTest(ProxyTestCase):
     def test_clients_that_never_read_keep_memory_bounded(self):
-        flooder = self.upstream("flood", flood=200 << 20)
-        target = self.upstream("echo")
-        proxy = self.proxy(["--allow", f"127.0.0.1:{flooder.port}", "--allow", f"127.0.0.1:{target.port}"])
+        flood = Flood(200 << 20)
+        flooder = self.upstream(flood)
+        target = self.upstream(echo_handler)
+        proxy = self.daemon("--allow", f"127.0.0.1:{flooder.port}", "--allow", f"127.0.0.1:{target.port}")
         baseline = proxy.rss_kb()
         readers = []
         for _ in range(4):
-            sock = connect(proxy.port)
+            sock = dial(proxy.port, PROMPT)
             self.addCleanup(sock.close)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.sendall(socks5_ip("127.0.0.1", flooder.port))
-            self.assertTrue(granted("socks5", recv_exactly(sock, 12)))
+            self.assertTrue(granted("socks5", recv_exact(sock, 12)))
             readers.append(sock)            # and never read from again
         peak = baseline
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline:
             peak = max(peak, proxy.rss_kb())
-            if flooder.stalled.is_set() and len(flooder.records) >= 4:
+            if flood.stalled.is_set() and flooder.done_count() >= 4:
                 break
-            if flooder.sent >= 4 * (200 << 20):
+            if flood.sent >= 4 * (200 << 20):
                 break
             time.sleep(0.05)
         # meanwhile another client is served
         self.assertTrue(echo_through(proxy.port, socks5_ip("127.0.0.1", target.port)))
         peak = max(peak, proxy.rss_kb())
-        self.assertTrue(flooder.stalled.is_set(), f"the upstream was never held back ({flooder.sent} bytes sent)")
-        self.assertLess(flooder.sent, 200 << 20, "the proxy read far more than it could deliver")
+        self.assertTrue(flood.stalled.is_set(), f"the upstream was never held back ({flood.sent} bytes sent)")
+        self.assertLess(flood.sent, 200 << 20, "the proxy read far more than it could deliver")
         self.assertLess(peak, 100 * 1024, f"proxy RSS reached {peak} kB (baseline {baseline} kB)")
         self.assert_alive(proxy)
 
 
 class ConnectionFloodTest(ProxyTestCase):
     def test_flood_over_max_connections(self):
-        target = self.upstream("hold")
-        echo = self.upstream("echo")
+        target = self.upstream(hold_handler)
+        echo = self.upstream(echo_handler)
         limit = 16
-        proxy = self.proxy(["--allow", f"127.0.0.1:{target.port}", "--allow", f"127.0.0.1:{echo.port}",
-                            "--max-connections", str(limit)])
+        proxy = self.daemon("--allow", f"127.0.0.1:{target.port}", "--allow", f"127.0.0.1:{echo.port}",
+                            "--max-connections", str(limit))
         socks5 = socks5_ip("127.0.0.1", target.port)
         http = http_connect(f"127.0.0.1:{target.port}".encode())
         clients = []
@@ -1157,7 +679,7 @@ class ConnectionFloodTest(ProxyTestCase):
         for i in range(300):
             proto, payload = ("socks5", socks5) if i % 2 else ("http", http)
             sock = socket.socket()
-            sock.settimeout(T)
+            sock.settimeout(PROMPT)
             try:
                 sock.connect((LOOP, proxy.port))
                 sock.sendall(payload)
@@ -1168,7 +690,7 @@ class ConnectionFloodTest(ProxyTestCase):
         for sock, proto in clients:
             head = 12 if proto == "socks5" else 39
             try:
-                answer = recv_exactly(sock, head, timeout=10)
+                answer = recv_exact(sock, head, timeout=10)
             except socket.timeout:
                 self.fail("a flood client got neither an answer nor a close")
             except OSError:
@@ -1210,18 +732,18 @@ class DescriptorExhaustionTest(ProxyTestCase):
         two sockets and two splice pipes), so it lowers its connection limit to what the
         descriptors carry. Tunnels and silent clients beyond that must not run it out of
         descriptors, make it crash or spin, or keep a good client out."""
-        target = self.upstream("echo")
-        proxy = self.proxy(["--allow", f"127.0.0.1:{target.port}"], handshake_timeout=2.0, nofile=128)
+        target = self.upstream(echo_handler)
+        proxy = self.daemon("--allow", f"127.0.0.1:{target.port}", handshake_timeout=2.0, nofile=128)
         request = socks5_ip("127.0.0.1", target.port)
         tunnels = []
         self.addCleanup(lambda: [s.close() for s in tunnels])
         worked = 0
         for _ in range(16):
-            sock = connect(proxy.port)
+            sock = dial(proxy.port, PROMPT)
             tunnels.append(sock)
             try:
                 sock.sendall(request + b"ping")
-                answer = recv_exactly(sock, 16, timeout=3)
+                answer = recv_exact(sock, 16, timeout=3)
             except OSError:
                 continue
             worked += answer == b"\x05\x00\x05\x00" + answer[4:12] + b"ping"
@@ -1229,7 +751,7 @@ class DescriptorExhaustionTest(ProxyTestCase):
         idle = []
         self.addCleanup(lambda: [s.close() for s in idle])
         for _ in range(80):
-            idle.append(connect(proxy.port))
+            idle.append(dial(proxy.port, PROMPT))
         time.sleep(0.5)
         self.assertLess(proxy.fd_count(), 128, "the proxy ran out of descriptors")
         cpu = proxy.cpu_seconds()
@@ -1259,7 +781,7 @@ class OutputInjectionTest(ProxyTestCase):
                b"a\x9b31mb", b"\x1b[1;31mred\x1b[0m"]
 
     def test_hostile_names_are_escaped_in_output(self):
-        proxy = self.proxy(["--allow", "example.com", "--verbose"])
+        proxy = self.daemon("--allow", "example.com", "--verbose")
         for name in self.HOSTILE:
             for payload, proto in ((socks5_name(name, 443), "socks5"), (socks4a_name(name, 443), "socks4a")):
                 answer, _ = exchange(proxy.port, payload)
@@ -1279,14 +801,13 @@ class OutputInjectionTest(ProxyTestCase):
             self.assertEqual(len(lines) - 1, 2 * len(self.HOSTILE) + 1, f"forged lines on stderr: {err!r}")
 
 
-class BoundedStateTest(unittest.TestCase):
+class BoundedStateTest(ProxyTestCase):
     def test_distinct_denied_names_do_not_grow_state_without_bound(self):
         """Every denied request with a new name must not add to what the proxy keeps for the
         rest of its life: 6000 distinct denied names (a hostile agent can send millions) must
         not leave 6000 entries behind (here: the per-host tally behind the exit summary,
         ~340 bytes each, never freed)."""
-        proxy = InProcessProxy(["example.com"])
-        self.addCleanup(proxy.stop)
+        proxy = self.proxy("example.com")
         count = 6000
 
         def one(i):
@@ -1295,7 +816,6 @@ class BoundedStateTest(unittest.TestCase):
                 exchange(proxy.port, socks5_name(name, 443))
             except OSError:
                 pass
-        from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(one, range(count)))
         self.assertIsNone(proxy.error)
@@ -1370,11 +890,11 @@ class FakeDns:
         self.sock.close()
 
 
-def _rebinding_case():
+def _rebinding_case(directory):
     """An allowed name whose first lookup is public and every later one loopback."""
     dns = FakeDns()
-    upstream = Upstream("record", host=LOOP)
-    proxy = ProxyProcess(["--allow", "rebind.example.com"])
+    upstream = Upstream(record_handler())
+    proxy = ProxyProcess(directory, "--allow", "rebind.example.com")
     result = {}
     try:
         name = b"rebind.example.com"
@@ -1395,100 +915,131 @@ def _rebinding_case():
     return result
 
 
-def _sni_child():
-    """Run inside the namespace: every SNI case against a proxy and an upstream on 127.0.0.1:443.
-    Prints one JSON object with what each case observed."""
-    _bring_loopback_up()
-    upstream = Upstream("record", host=LOOP, port=443, idle=1.0)
-    proxy = ProxyProcess(["--allow", "loop.example.com:443", "--allow", f"{LOOP}:443", "--verbose"],
-                         handshake_timeout=1.5)
-    results = {}
+def _sni_hellos():
+    """What a client sends first through a tunnel to loop.example.com:443, by case name."""
+    return {
+        "real-match": client_hello("loop.example.com"),
+        "real-mismatch": client_hello("evil.example.net"),
+        "real-no-sni": client_hello(None),
+        "built-match-upper": built_client_hello(b"LOOP.Example.COM"),
+        "built-mismatch": built_client_hello(b"evil.example.net"),
+        "built-mismatch-suffix": built_client_hello(b"loop.example.com.evil.net"),
+        "built-mismatch-prefix": built_client_hello(b"xloop.example.com"),
+        "built-mismatch-nul": built_client_hello(b"loop.example.com\x00.evil.net"),
+        "built-mismatch-empty": built_client_hello(b""),
+        "built-mismatch-escapes": built_client_hello(b"\x1b]0;owned\x07\x1b[2J\r\nsocks_filter: x\x9b"),
+        "fragmented-match": built_client_hello(b"loop.example.com", pieces=5),
+        "fragmented-mismatch": built_client_hello(b"evil.example.net", pieces=5),
+        "not-tls": b"GET / HTTP/1.1\r\nHost: evil.example.net\r\n\r\n",
+    }
+
+
+# How each protocol opens the tunnel: (request, length of the proxy's answer)
+SNI_OPENERS = {
+    "http": (http_connect(b"loop.example.com:443"), 39),
+    "socks5": (socks5_name(b"loop.example.com", 443), 12),
+    "socks4a": (socks4a_name(b"loop.example.com", 443), 8),
+}
+
+
+def _sni_case(proxy, upstream, proto, hello, way):
+    """Open a tunnel with `proto` and send `hello` whole, one byte at a time ("drip") or with
+    the request ("pipelined"); return what the client and the upstream saw."""
+    opener, head = SNI_OPENERS[proto]
+    before = len(proxy.records("decision"))
+    with dial(proxy.port, 10) as sock:
+        sock.sendall(opener + hello if way == "pipelined" else opener)
+        opened = recv_exact(sock, head, 10)
+        if way == "drip":
+            for i in range(len(hello)):
+                sock.sendall(hello[i:i + 1])
+        elif way == "whole":
+            sock.sendall(hello)
+        sock.shutdown(socket.SHUT_WR)
+        answer, closed = read_until_closed(sock, 10)
     try:
-        hellos = {
-            "real-match": client_hello("loop.example.com"),
-            "real-mismatch": client_hello("evil.example.net"),
-            "real-no-sni": client_hello(None),
-            "built-match-upper": built_client_hello(b"LOOP.Example.COM"),
-            "built-mismatch": built_client_hello(b"evil.example.net"),
-            "built-mismatch-suffix": built_client_hello(b"loop.example.com.evil.net"),
-            "built-mismatch-prefix": built_client_hello(b"xloop.example.com"),
-            "built-mismatch-nul": built_client_hello(b"loop.example.com\x00.evil.net"),
-            "built-mismatch-empty": built_client_hello(b""),
-            "built-mismatch-escapes": built_client_hello(b"\x1b]0;owned\x07\x1b[2J\r\nsocks_filter: x\x9b"),
-            "fragmented-match": built_client_hello(b"loop.example.com", pieces=5),
-            "fragmented-mismatch": built_client_hello(b"evil.example.net", pieces=5),
-            "not-tls": b"GET / HTTP/1.1\r\nHost: evil.example.net\r\n\r\n",
-        }
-        openers = {
-            "http": (http_connect(b"loop.example.com:443"), 39),
-            "socks5": (socks5_name(b"loop.example.com", 443), 12),
-            "socks4a": (socks4a_name(b"loop.example.com", 443), 8),
-        }
-        for case, hello in hellos.items():
-            for proto, (opener, head) in openers.items():
-                ways = ("whole", "drip", "pipelined") if case in ("real-match", "real-mismatch") else ("whole",)
-                for way in ways:
-                    key = f"{case}/{proto}" + ("" if way == "whole" else f"/{way}")
-                    before = len(proxy.records("decision"))
-                    with connect(proxy.port, 10) as sock:
-                        if way == "pipelined":      # the hello sent before the tunnel is open
-                            sock.sendall(opener + hello)
-                            opened = recv_exactly(sock, head, 10)
-                        else:
-                            sock.sendall(opener)
-                            opened = recv_exactly(sock, head, 10)
-                        if way == "drip":
-                            for i in range(len(hello)):
-                                sock.sendall(hello[i:i + 1])
-                        elif way == "whole":
-                            sock.sendall(hello)
-                        sock.shutdown(socket.SHUT_WR)
-                        answer, closed = read_until_closed(sock, 10)
-                    try:
-                        received = upstream.next_record(12)
-                    except queue.Empty:
-                        received = None
-                    reasons = [r["reason"] for r in proxy.records("decision")[before:]]
-                    results[key] = {"granted": granted(proto, opened), "closed": closed,
-                                    "received": None if received is None else received.hex(),
-                                    "sent": hello.hex(), "reasons": reasons}
-        # a partial ClientHello that never completes: closed at the handshake timeout
-        with connect(proxy.port, 10) as sock:
-            sock.sendall(http_connect(b"loop.example.com:443"))
-            recv_exactly(sock, 39, 10)
-            sock.sendall(client_hello("loop.example.com")[:40])
-            answer, closed = read_until_closed(sock, 10)
         received = upstream.next_record(12)
-        results["stalled"] = {"closed": closed, "received": received.hex(),
-                              "reasons": [r["reason"] for r in proxy.records("decision")[-1:]]}
-        closes = [r for r in proxy.records("close") if r["decision"] == "deny"]
-        results["close-records"] = len(closes)
+    except queue.Empty:
+        received = None
+    return {"granted": granted(proto, opened), "closed": closed,
+            "received": None if received is None else received.hex(),
+            "sent": hello.hex(), "reasons": [r["reason"] for r in proxy.records("decision")[before:]]}
+
+
+def _sni_cases(proxy, upstream):
+    """Every hello through every protocol, keyed "case/proto[/way]"."""
+    results = {}
+    for case, hello in _sni_hellos().items():
+        ways = ("whole", "drip", "pipelined") if case in ("real-match", "real-mismatch") else ("whole",)
+        for proto in SNI_OPENERS:
+            for way in ways:
+                key = f"{case}/{proto}" + ("" if way == "whole" else f"/{way}")
+                results[key] = _sni_case(proxy, upstream, proto, hello, way)
+    return results
+
+
+def _stalled_hello(proxy, upstream):
+    """A partial ClientHello that never completes: closed at the handshake timeout."""
+    with dial(proxy.port, 10) as sock:
+        sock.sendall(http_connect(b"loop.example.com:443"))
+        recv_exact(sock, 39, 10)
+        sock.sendall(client_hello("loop.example.com")[:40])
+        answer, closed = read_until_closed(sock, 10)
+    received = upstream.next_record(12)
+    return {"closed": closed, "received": received.hex(),
+            "reasons": [r["reason"] for r in proxy.records("decision")[-1:]]}
+
+
+def _sni_stall_at_limit(directory):
+    """Whether a good client is served while 4 tunnels wait for their ClientHello at
+    --max-connections 4."""
+    limited = ProxyProcess(directory, "--allow", "loop.example.com:443", "--allow", f"{LOOP}:443",
+                           "--max-connections", "4")
+    stalled = []
+    try:
+        for _ in range(4):
+            sock = dial(limited.port, 10)
+            stalled.append(sock)
+            sock.sendall(http_connect(b"loop.example.com:443"))
+            recv_exact(sock, 39, 10)
+        with dial(limited.port, 10) as sock:
+            sock.sendall(http_connect(b"loop.example.com:443"))
+            return granted("http", recv_exact(sock, 39, 10))
+    finally:
+        for sock in stalled:
+            sock.close()
+        limited.stop()
+
+
+def _sni_checks(directory, upstream):
+    """Every SNI case against a proxy and `upstream` on 127.0.0.1:443; what each observed."""
+    proxy = ProxyProcess(directory, "--allow", "loop.example.com:443", "--allow", f"{LOOP}:443",
+                         "--verbose", handshake_timeout=1.5)
+    try:
+        results = _sni_cases(proxy, upstream)
+        results["stalled"] = _stalled_hello(proxy, upstream)
+        results["close-records"] = len([r for r in proxy.records("close") if r["decision"] == "deny"])
         results["alive"] = proxy.alive()
-        proxy.stop()
-        results["stderr"] = proxy.stderr()
-        results["log-details"] = [r.get("detail", "") for r in proxy.records(None)]
-        # SNI-stage stalls (tunnel open, no ClientHello) at the connection limit
-        limited = ProxyProcess(["--allow", "loop.example.com:443", "--allow", f"{LOOP}:443",
-                                "--max-connections", "4"])
-        stalled = []
-        try:
-            for _ in range(4):
-                sock = connect(limited.port, 10)
-                stalled.append(sock)
-                sock.sendall(http_connect(b"loop.example.com:443"))
-                recv_exactly(sock, 39, 10)
-            with connect(limited.port, 10) as sock:
-                sock.sendall(http_connect(b"loop.example.com:443"))
-                opened = recv_exactly(sock, 39, 10)
-                results["sni-stall-good-client"] = granted("http", opened)
-        finally:
-            for sock in stalled:
-                sock.close()
-            limited.stop()
     finally:
         proxy.stop()
-        upstream.stop()
-    results["rebind"] = _rebinding_case()
+    results["stderr"] = proxy.stderr()
+    results["log-details"] = [r.get("detail", "") for r in proxy.records(None)]
+    return results
+
+
+def _sni_child():
+    """Run inside the namespace: prints one JSON object with what every case observed."""
+    _bring_loopback_up()
+    with tempfile.TemporaryDirectory(prefix="bw-adv-sni-") as directory:
+        for name in ("sni", "limited", "rebind"):
+            os.mkdir(os.path.join(directory, name))
+        upstream = Upstream(record_handler(idle=1.0), port=443)
+        try:
+            results = _sni_checks(os.path.join(directory, "sni"), upstream)
+            results["sni-stall-good-client"] = _sni_stall_at_limit(os.path.join(directory, "limited"))
+        finally:
+            upstream.stop()
+        results["rebind"] = _rebinding_case(os.path.join(directory, "rebind"))
     print(json.dumps(results))
 
 
@@ -1509,7 +1060,7 @@ class SniCheckTest(unittest.TestCase):
                 cls.reason = "needs `unshare -rnm` and `mount` (a private network namespace for port 443)"
                 return
             code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-                    "from tests import test_proxy_adversarial as t; t._sni_child()")
+                    "from tests import test_adversarial as t; t._sni_child()")
             run = subprocess.run(prefix + [sys.executable, "-c", code, REPO], capture_output=True,
                                  timeout=150, cwd=REPO)
             if run.returncode != 0:
@@ -1597,11 +1148,11 @@ class FuzzTest(ProxyTestCase):
     COUNT = 3000
 
     def test_mutated_handshakes(self):
-        allowed = self.upstream("echo")
-        denied = self.upstream("record")
+        allowed = self.upstream(echo_handler)
+        denied = self.upstream(record_handler())
         A, D = allowed.port, denied.port
-        proxy = self.proxy(["--allow", f"127.0.0.1:{A}", "--allow", f"loop.example.com:{A}",
-                            "--allow-private"], handshake_timeout=1.0, hosts=True)
+        proxy = self.daemon("--allow", f"127.0.0.1:{A}", "--allow", f"loop.example.com:{A}",
+                            "--allow-private", handshake_timeout=1.0, hosts=True)
         a, d = f"127.0.0.1:{A}".encode(), f"127.0.0.1:{D}".encode()
         templates = [
             socks5_ip("127.0.0.1", A), socks5_ip("127.0.0.1", D), socks5_name(b"loop.example.com", A),
@@ -1646,7 +1197,7 @@ class FuzzTest(ProxyTestCase):
 
         def run(payload):
             try:
-                with connect(proxy.port, 8) as sock:
+                with dial(proxy.port, 8) as sock:
                     sock.sendall(payload)
                     sock.shutdown(socket.SHUT_WR)
                     _, closed = read_until_closed(sock, 8)
@@ -1655,7 +1206,6 @@ class FuzzTest(ProxyTestCase):
             except OSError:
                 pass
 
-        from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(run, cases))
         self.assertEqual(hung, [], f"{len(hung)} connections never closed, e.g. {hung[:3]!r}")
@@ -1672,122 +1222,8 @@ class FuzzTest(ProxyTestCase):
         self.assertGreater(len([r for r in records if r["reason"] == "bad-request"]), 100)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 # ---------------------------------------------------------------------------------------------
-# A second ClientHello after a TLS 1.3 HelloRetryRequest (attacker review, SNI bypass)
-
-HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
-X25519, P256 = 0x1d, 0x17
-CCS = b"\x14\x03\x03\x00\x01\x01"
-# A valid P-256 key share (the curve's generator, uncompressed): a server checks the point.
-P256_GENERATOR = bytes.fromhex("04" "6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296"
-                               "4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5")
-
-
-def key_share_hello(sni, groups=(X25519, P256), share=X25519, pieces=1):
-    """A TLS 1.3 ClientHello offering `groups` but a key share only for `share` (None: none), so
-    that a server limited to another offered group answers with a HelloRetryRequest. The
-    shares are valid points (enough to reach the server's name callback, not to finish); the
-    session id is fixed, as a second hello must repeat the first one's."""
-    def extension(kind, body):
-        return struct.pack("!HH", kind, len(body)) + body
-    extensions = b""
-    if sni is not None:
-        entry = b"\x00" + struct.pack("!H", len(sni)) + sni
-        extensions += extension(0, struct.pack("!H", len(entry)) + entry)
-    extensions += extension(43, b"\x02\x03\x04")
-    listed = b"".join(struct.pack("!H", g) for g in groups)
-    extensions += extension(10, struct.pack("!H", len(listed)) + listed)
-    extensions += extension(13, b"\x00\x04\x04\x03\x08\x04")
-    key = {X25519: os.urandom(32), P256: P256_GENERATOR}.get(share)
-    shares = struct.pack("!HH", share, len(key)) + key if key else b""
-    extensions += extension(51, struct.pack("!H", len(shares)) + shares)
-    body = (b"\x03\x03" + os.urandom(32) + b"\x20" + b"s" * 32 + b"\x00\x02\x13\x01\x01\x00"
-            + struct.pack("!H", len(extensions)) + extensions)
-    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
-    size = -(-len(handshake) // pieces)
-    return b"".join(b"\x16\x03\x01" + struct.pack("!H", len(part)) + part
-                    for part in (handshake[i:i + size] for i in range(0, len(handshake), size)))
-
-
-def server_hello(random, pieces=1):
-    """A ServerHello record (HRR_RANDOM: a HelloRetryRequest), split over `pieces` records."""
-    body = b"\x03\x03" + random + b"\x00\x13\x01\x00" + struct.pack("!H", 6) + b"\x00\x2b\x00\x02\x03\x04"
-    handshake = b"\x02" + len(body).to_bytes(3, "big") + body
-    size = -(-len(handshake) // pieces)
-    return b"".join(b"\x16\x03\x03" + struct.pack("!H", len(part)) + part
-                    for part in (handshake[i:i + size] for i in range(0, len(handshake), size)))
-
-
-class HelloRetryParsingTest(unittest.TestCase):
-    """The pure functions behind the HelloRetryRequest check."""
-
-    def test_server_hello_kind(self):
-        warning = b"\x15\x03\x03\x00\x02\x01\x70"           # unrecognized_name, warning level
-        cases = [
-            (server_hello(HRR_RANDOM), "hello-retry"),
-            (server_hello(HRR_RANDOM) + CCS, "hello-retry"),
-            (server_hello(HRR_RANDOM, pieces=4), "hello-retry"),
-            (warning + server_hello(HRR_RANDOM), "hello-retry"),
-            (server_hello(os.urandom(32)), "server-hello"),
-            (server_hello(HRR_RANDOM[:31] + b"\0"), "server-hello"),
-            (server_hello(HRR_RANDOM)[:30], None),
-            (server_hello(HRR_RANDOM, pieces=4)[:40], None),
-            (b"", None),
-            (b"\x16\x03", None),
-        ]
-        for data, expected in cases:
-            with self.subTest(data=data[:48].hex()):
-                self.assertEqual(socks_filter.server_hello_kind(data), expected)
-
-    def test_malformed_answers_raise(self):
-        for data in (b"HTTP/1.1 200 OK\r\n\r\n", b"SSH-2.0-x\r\n",
-                     b"\x17\x03\x03\x00\x02hi" + server_hello(HRR_RANDOM),      # data first
-                     CCS + server_hello(HRR_RANDOM),                            # CCS first
-                     b"\x16\x03\x03\x00\x04\x0b\x00\x00\x00",                   # not a ServerHello
-                     b"\x16\x03\x03\xff\xff",                                   # oversized record
-                     b"\x15\x03\x03\x00\x02\x01\x70" * 10000):                  # endless alerts
-            with self.subTest(data=data[:24].hex()):
-                with self.assertRaises(socks_filter.ProtocolError):
-                    socks_filter.server_hello_kind(data)
-
-    def test_retry_hello_start(self):
-        evil, good = key_share_hello(b"evil.example.net"), key_share_hello(b"loop.example.com")
-        cases = [
-            (good, ("sni", "loop.example.com")),
-            (CCS + evil, ("sni", "evil.example.net")),
-            (CCS + key_share_hello(b"evil.example.net", pieces=6), ("sni", "evil.example.net")),
-            (CCS + key_share_hello(None), ("no-sni",)),
-            (CCS + CCS + good, ("tls-change-cipher-spec-first",)),
-            (b"\x14\x03\x03\x00\x02\x01\x01" + good, ("bad-client-hello",)),
-            (CCS + b"\x15\x03\x03\x00\x02\x01\x00", ("tls-alert-first",)),
-            (CCS[:4], None),
-            (CCS + evil[:20], None),
-        ]
-        for data, expected in cases:
-            with self.subTest(data=data[:24].hex()):
-                found = socks_filter.retry_hello_start(data)
-                self.assertEqual(found if found is None else found[:len(expected)], expected)
-
-    def test_the_reason_is_known(self):
-        import bw_lib
-        self.assertIn("bad-server-hello", socks_filter.TUNNEL_REFUSALS)
-        self.assertIn("bad-server-hello", bw_lib.REASONS)
-
-    def test_client_hello_end(self):
-        hello = key_share_hello(b"loop.example.com", pieces=3)
-        self.assertEqual(socks_filter.client_hello_end(hello + CCS), len(hello))
-        # a second hello hidden in the first one's last record is refused
-        one = key_share_hello(b"loop.example.com")[5:]
-        two = key_share_hello(b"evil.example.net")[5:]
-        both = b"\x16\x03\x01" + struct.pack("!H", len(one + two)) + one + two
-        with self.assertRaises(socks_filter.ProtocolError):
-            socks_filter.client_hello_end(both)
-        self.assertEqual(socks_filter.tunnel_start(both), ("sni", "loop.example.com"))
-
+# A second ClientHello after a TLS 1.3 HelloRetryRequest
 
 STDBUF = ["stdbuf", "-o0", "-e0"] if shutil.which("stdbuf") else []    # s_server's lines as they come
 
@@ -1834,21 +1270,6 @@ class TlsServer:
         self.process.wait(10)
 
 
-def read_until(sock, wanted, timeout=T):
-    """Bytes received until `wanted` is among them or the peer closes, bounded by `timeout`."""
-    data, deadline = bytearray(), time.monotonic() + timeout
-    while wanted not in data and time.monotonic() < deadline:
-        sock.settimeout(max(deadline - time.monotonic(), 0.01))
-        try:
-            chunk = sock.recv(65536)
-        except socket.timeout:
-            break
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
-
-
 class HelloRetryTest(ProxyTestCase):
     """A tunnel to a name opens with a ClientHello naming that host; a TLS 1.3 server that
     answers with a HelloRetryRequest reads a second ClientHello, whose name it takes too. The
@@ -1857,20 +1278,18 @@ class HelloRetryTest(ProxyTestCase):
     server's servername callback saw."""
 
     def setUp(self):
-        if not shutil.which("openssl"):
-            skip_or_fail(self, "needs the openssl command (apt-get install openssl)")
-        directory = tempfile.mkdtemp(prefix="bw-adv-hrr-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        self.tls = TlsServer(directory)
+        super().setUp()
+        require_tool(self, "openssl")
+        self.tls = TlsServer(self.tmp)
         self.addCleanup(self.tls.stop)
         port = self.tls.port
-        self.filter = self.proxy(["--allow", f"loop.example.com:{port}", "--allow", f"{LOOP}:{port}"],
-                                 handshake_timeout=3, hosts=True)
+        self.filter = self.daemon("--allow", f"loop.example.com:{port}", "--allow", f"{LOOP}:{port}",
+                                  handshake_timeout=3, hosts=True)
 
     def tunnel(self):
-        sock = connect(self.filter.port, 10)
+        sock = dial(self.filter.port, 10)
         sock.sendall(http_connect(b"loop.example.com:%d" % self.tls.port))
-        self.assertTrue(granted("http", recv_exactly(sock, 39, 10)))
+        self.assertTrue(granted("http", recv_exact(sock, 39, 10)))
         return sock
 
     def retry(self, second, first=None):
@@ -1996,17 +1415,17 @@ class ServerAnswerTest(ProxyTestCase):
     nothing, closes the tunnel ("bad-server-hello") and the held bytes never reach it."""
 
     def open_tunnel(self, server, data):
-        proxy = self.proxy(["--allow", f"loop.example.com:{server.port}", "--allow",
-                            f"{LOOP}:{server.port}"], handshake_timeout=1.5, hosts=True)
-        with connect(proxy.port, 10) as sock:
+        proxy = self.daemon("--allow", f"loop.example.com:{server.port}", "--allow",
+                            f"{LOOP}:{server.port}", handshake_timeout=1.5, hosts=True)
+        with dial(proxy.port, 10) as sock:
             sock.sendall(http_connect(b"loop.example.com:%d" % server.port))
-            self.assertTrue(granted("http", recv_exactly(sock, 39, 10)))
+            self.assertTrue(granted("http", recv_exact(sock, 39, 10)))
             sock.sendall(data)
             answer, closed = read_until_closed(sock, 10)
         return proxy, answer, closed
 
     def test_an_answer_that_is_not_tls_closes_the_tunnel(self):
-        server = self.upstream("record", reply=b"HTTP/1.1 200 OK\r\n\r\n", idle=0.3)
+        server = self.upstream(record_handler(reply=b"HTTP/1.1 200 OK\r\n\r\n", idle=0.3))
         hello = client_hello("loop.example.com")
         proxy, answer, closed = self.open_tunnel(server, hello + b"held until the ServerHello")
         self.assertTrue(closed)
@@ -2016,9 +1435,13 @@ class ServerAnswerTest(ProxyTestCase):
         self.assert_alive(proxy)
 
     def test_a_silent_server_closes_the_tunnel_in_time(self):
-        server = self.upstream("hold")
+        server = self.upstream(hold_handler)
         started = time.monotonic()
         proxy, answer, closed = self.open_tunnel(server, client_hello("loop.example.com"))
         self.assertTrue(closed)
         self.assertLess(time.monotonic() - started, 9)
         self.assertEqual([r["reason"] for r in proxy.records()], ["allowed-by-rule", "bad-server-hello"])
+
+
+if __name__ == "__main__":
+    unittest.main()
