@@ -62,54 +62,54 @@ class BypassOverTheWireTest(ProxyTestCase):
     """Every way to name loopback, a private network or another site in disguise, through every
     protocol: the loopback upstream must never be reached."""
 
-    def test_bypass_classes_never_reach_loopback(self):
-        target = self.upstream(record_handler())
-        port = target.port
-        proxy = self.daemon("--allow", "example.com", "--allow", "*.example.com", hosts=True)
-        names = {
-            b"x.example.com.evil.net": {"not-in-allowlist"},
-            b"evilexample.com": {"not-in-allowlist"},
-            b"example.com.evil.net": {"not-in-allowlist"},
-            b"xexample.com": {"not-in-allowlist"},
-            b"example.com\n": {"bad-name", "bad-request"},
-            b"example.com\r\n": {"bad-name", "bad-request"},
-            b"localhost\x00.example.com": {"bad-name", "bad-request"},
-            b"localhost\x00": {"bad-name", "bad-request"},
-            b"local host": {"bad-name", "bad-request"},
-            b"localhost%00.example.com": {"bad-name", "bad-request"},
-            b"*.example.com": {"bad-name", "bad-request"},
-            b"example.com..": {"bad-name", "bad-request"},
-            b"127.1": {"private-address"},
-            b"0x7f.1": {"private-address"},
-            b"2130706433": {"private-address"},
-            b"0x7f000001": {"private-address"},
-            b"0177.0.0.1": {"private-address"},
-            b"017700000001": {"private-address"},
-            b"127.0.0.1.": {"private-address"},
-            b"0.0.0.0": {"private-address"},
-            b"0": {"private-address"},
-            b"[::ffff:127.0.0.1]": {"private-address"},
-            b"[::ffff:7f00:1]": {"private-address"},
-            b"[64:ff9b::7f00:1]": {"private-address"},
-            b"[2002:7f00:1::]": {"private-address"},
-            b"[::1]": {"private-address"},
-            b"[::]": {"private-address"},
-            b"[::127.0.0.1]": {"private-address"},
-            b"localhost": {"not-in-allowlist"},
-            # allowed names (by *.example.com) whose addresses are loopback, private or wrapped
-            b"loop.example.com": {"private-address"},
-            b"LOOP.Example.COM.": {"private-address"},
-            b"loop6.example.com": {"private-address"},
-            b"mapped.example.com": {"private-address"},
-            b"nat64.example.com": {"private-address"},
-            b"sixtofour.example.com": {"private-address"},
-            b"metadata.example.com": {"platform-endpoint"},
-            b"lan.example.com": {"private-address"},
-            b"zero.example.com": {"private-address"},
-            b"mixed.example.com": {"private-address"},     # one public, one loopback address
-        }
+    # name -> the reasons a denial may give
+    NAMES = {
+        b"x.example.com.evil.net": {"not-in-allowlist"},
+        b"evilexample.com": {"not-in-allowlist"},
+        b"example.com.evil.net": {"not-in-allowlist"},
+        b"xexample.com": {"not-in-allowlist"},
+        b"example.com\n": {"bad-name", "bad-request"},
+        b"example.com\r\n": {"bad-name", "bad-request"},
+        b"localhost\x00.example.com": {"bad-name", "bad-request"},
+        b"localhost\x00": {"bad-name", "bad-request"},
+        b"local host": {"bad-name", "bad-request"},
+        b"localhost%00.example.com": {"bad-name", "bad-request"},
+        b"*.example.com": {"bad-name", "bad-request"},
+        b"example.com..": {"bad-name", "bad-request"},
+        b"127.1": {"private-address"},
+        b"0x7f.1": {"private-address"},
+        b"2130706433": {"private-address"},
+        b"0x7f000001": {"private-address"},
+        b"0177.0.0.1": {"private-address"},
+        b"017700000001": {"private-address"},
+        b"127.0.0.1.": {"private-address"},
+        b"0.0.0.0": {"private-address"},
+        b"0": {"private-address"},
+        b"[::ffff:127.0.0.1]": {"private-address"},
+        b"[::ffff:7f00:1]": {"private-address"},
+        b"[64:ff9b::7f00:1]": {"private-address"},
+        b"[2002:7f00:1::]": {"private-address"},
+        b"[::1]": {"private-address"},
+        b"[::]": {"private-address"},
+        b"[::127.0.0.1]": {"private-address"},
+        b"localhost": {"not-in-allowlist"},
+        # allowed names (by *.example.com) whose addresses are loopback, private or wrapped
+        b"loop.example.com": {"private-address"},
+        b"LOOP.Example.COM.": {"private-address"},
+        b"loop6.example.com": {"private-address"},
+        b"mapped.example.com": {"private-address"},
+        b"nat64.example.com": {"private-address"},
+        b"sixtofour.example.com": {"private-address"},
+        b"metadata.example.com": {"platform-endpoint"},
+        b"lan.example.com": {"private-address"},
+        b"zero.example.com": {"private-address"},
+        b"mixed.example.com": {"private-address"},     # one public, one loopback address
+    }
+
+    def plan(self, port):
+        """(host, proto, payload, reasons it may be denied for) for every name and address."""
         plan = []
-        for host, reasons in names.items():
+        for host, reasons in self.NAMES.items():
             for proto, payload in attempts_for(host, port):
                 if proto == "socks4a" and b"\x00" in host:
                     # SOCKS4a ends the name at the NUL: the proxy sees (and decides on) "localhost"
@@ -122,7 +122,12 @@ class BypassOverTheWireTest(ProxyTestCase):
             plan.append((address.encode(), "socks5", socks5_ip(address, port), {"private-address"}))
         for address in ("127.0.0.1", "0.0.0.0", "127.255.255.254"):
             plan.append((address.encode(), "socks4a", socks4_ip(address, port), {"private-address"}))
+        return plan
 
+    def test_bypass_classes_never_reach_loopback(self):
+        target = self.upstream(record_handler())
+        proxy = self.daemon("--allow", "example.com", "--allow", "*.example.com", hosts=True)
+        plan = self.plan(target.port)
         for host, proto, payload, reasons in plan:
             with self.subTest(host=host, proto=proto, payload=payload[:60]):
                 answer, closed = exchange(proxy.port, payload)
@@ -1143,18 +1148,44 @@ class SniCheckTest(unittest.TestCase):
 
 # ---------------------------------------------------------------------------------------------
 
+def mutate(rng, templates):
+    """One of `templates` changed one to three times: bytes flipped, cut, inserted, a length or
+    port field set, random bytes after a version byte, two templates spliced, a slice doubled."""
+    data = bytearray(rng.choice(templates))
+    for _ in range(rng.randint(1, 3)):
+        op = rng.randrange(7)
+        if op == 0 and data:                               # flip bytes
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        elif op == 1 and data:                             # truncate
+            del data[rng.randrange(len(data)):]
+        elif op == 2:                                      # insert random bytes
+            at = rng.randint(0, len(data))
+            data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+        elif op == 3 and len(data) > 4:                    # length/port fields
+            at = rng.choice([1, 4, 7, 8] if len(data) > 8 else [1, 2, 3])
+            data[at] = rng.choice([0, 1, 2, 3, 4, 5, 0x7f, 0xfe, 0xff, rng.randrange(256)])
+        elif op == 4:                                      # random bytes after a version
+            data = bytearray([rng.choice([4, 5, 0x43, 0x47, rng.randrange(256)])])
+            data += bytes(rng.randrange(256) for _ in range(rng.randint(0, 600)))
+        elif op == 5:                                      # splice two templates
+            other = rng.choice(templates)
+            data = data[:rng.randint(0, len(data))] + other[rng.randint(0, len(other)):]
+        elif op == 6 and data:                             # duplicate a slice
+            i = rng.randrange(len(data))
+            data[i:i] = data[i:i + rng.randint(1, 40)]
+    return bytes(data)
+
+
 class FuzzTest(ProxyTestCase):
     SEED = 0x5EED5
     COUNT = 3000
 
-    def test_mutated_handshakes(self):
-        allowed = self.upstream(echo_handler)
-        denied = self.upstream(record_handler())
-        A, D = allowed.port, denied.port
-        proxy = self.daemon("--allow", f"127.0.0.1:{A}", "--allow", f"loop.example.com:{A}",
-                            "--allow-private", handshake_timeout=1.0, hosts=True)
+    @staticmethod
+    def templates(A, D):
+        """Handshakes of every protocol to the allowed port A and the denied port D."""
         a, d = f"127.0.0.1:{A}".encode(), f"127.0.0.1:{D}".encode()
-        templates = [
+        return [
             socks5_ip("127.0.0.1", A), socks5_ip("127.0.0.1", D), socks5_name(b"loop.example.com", A),
             socks5_name(b"loop.example.com", D), socks5_name(b"127.0.0.1", D), socks5_ip("::1", D),
             socks4_ip("127.0.0.1", A), socks4_ip("127.0.0.1", D), socks4a_name(b"loop.example.com", A),
@@ -1164,35 +1195,16 @@ class FuzzTest(ProxyTestCase):
             b"POST http://" + a + b"/ HTTP/1.1\r\nHost: " + a + b"\r\nContent-Length: 3\r\n\r\nabc",
             b"CONNECT " + a + b" HTTP/1.1\r\nHost: " + d + b"\r\n\r\n",
         ]
+
+    def test_mutated_handshakes(self):
+        allowed = self.upstream(echo_handler)
+        denied = self.upstream(record_handler())
+        A, D = allowed.port, denied.port
+        proxy = self.daemon("--allow", f"127.0.0.1:{A}", "--allow", f"loop.example.com:{A}",
+                            "--allow-private", handshake_timeout=1.0, hosts=True)
         rng = random.Random(self.SEED)
-
-        def mutate():
-            data = bytearray(rng.choice(templates))
-            for _ in range(rng.randint(1, 3)):
-                op = rng.randrange(7)
-                if op == 0 and data:                               # flip bytes
-                    for _ in range(rng.randint(1, 4)):
-                        data[rng.randrange(len(data))] = rng.randrange(256)
-                elif op == 1 and data:                             # truncate
-                    del data[rng.randrange(len(data)):]
-                elif op == 2:                                      # insert random bytes
-                    at = rng.randint(0, len(data))
-                    data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
-                elif op == 3 and len(data) > 4:                    # length/port fields
-                    at = rng.choice([1, 4, 7, 8] if len(data) > 8 else [1, 2, 3])
-                    data[at] = rng.choice([0, 1, 2, 3, 4, 5, 0x7f, 0xfe, 0xff, rng.randrange(256)])
-                elif op == 4:                                      # random bytes after a version
-                    data = bytearray([rng.choice([4, 5, 0x43, 0x47, rng.randrange(256)])])
-                    data += bytes(rng.randrange(256) for _ in range(rng.randint(0, 600)))
-                elif op == 5:                                      # splice two templates
-                    other = rng.choice(templates)
-                    data = data[:rng.randint(0, len(data))] + other[rng.randint(0, len(other)):]
-                elif op == 6 and data:                             # duplicate a slice
-                    i = rng.randrange(len(data))
-                    data[i:i] = data[i:i + rng.randint(1, 40)]
-            return bytes(data)
-
-        cases = [mutate() for _ in range(self.COUNT)]
+        templates = self.templates(A, D)
+        cases = [mutate(rng, templates) for _ in range(self.COUNT)]
         hung = []
 
         def run(payload):
