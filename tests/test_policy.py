@@ -293,8 +293,8 @@ def verdict_of(rules, text, port=443, literal=False):
 
 class EmbeddedAddressTest(unittest.TestCase):
     """IP rules, deny and allow, see the IPv4 address inside IPv4-mapped, NAT64 and 6to4
-    addresses, as the private-address check does: a deny range for 10.0.0.0/8 also denies
-    64:ff9b::a00:1, and the NAT64 forms of private ranges are private."""
+    addresses, as the private-address check does: a deny rule for 1.1.1.1 also denies
+    ::ffff:1.1.1.1, 64:ff9b::101:101 and 2002:101:101::1."""
 
     READINGS = [
         ("::ffff:10.0.0.5", ["10.0.0.5"]),
@@ -432,7 +432,8 @@ class PlatformEndpointTest(unittest.TestCase):
 
 class AllowPrivateTest(unittest.TestCase):
     """--allow-private opens the private-use networks to allowed names, and nothing else:
-    loopback, link-local and the platform endpoints stay closed."""
+    loopback, link-local, shared, multicast, reserved and documentation addresses, and their
+    wrapped forms, stay closed."""
 
     OPENED = ["10.0.0.5", "172.16.0.1", "172.31.255.255", "192.168.1.1", "fc00::1", "fd12:3456::1",
               "::ffff:192.168.0.1", "64:ff9b::a00:5", "2002:c0a8:101::1"]

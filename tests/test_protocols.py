@@ -6,7 +6,6 @@ name under .invalid, which is meant to fail. Every socket has a timeout and ever
 nothing asserts on elapsed time.
 """
 
-
 import ipaddress
 import os
 import select
@@ -22,8 +21,8 @@ import unittest
 import socks_filter
 from tests.proxy_harness import (
     GREETING, REPO, SCRIPT, WAIT, ProxyTestCase, dial, echo_handler, free_port, http_handler,
-    is_closed, loopback_rules, parse_address, read_http_response, read_line, read_log,
-    raise_nofile, read_to_eof, recv_exact, reply_after_eof, send_then_read, socks4_ip, socks4a_name,
+    is_closed, loopback_rules, parse_address, raise_nofile, read_http_response, read_line,
+    read_log, read_to_eof, recv_exact, reply_after_eof, send_then_read, socks4_ip, socks4a_name,
     socks5_open, socks5_request)
 
 
