@@ -61,7 +61,7 @@ class CurlTest(ProxyTestCase):
 
     def start_proxy(self, *rules):
         rules = rules or ("--allow", f"127.0.0.1:{self.web_port}")
-        self.log = self.daemon("--listen", self.sock, *rules).log_path
+        self.proxy_log = self.daemon("--listen", self.sock, *rules).log_path
 
     def start_bridge(self):
         """socat TCP4-LISTEN on a loopback port forwarding to the proxy's unix socket."""
@@ -104,7 +104,7 @@ class CurlTest(ProxyTestCase):
         return f"socks5h://localhost{self.sock}"
 
     def assert_logged(self, proto, host, port, decision, reason=None):
-        records = read_log(self.log, 1, lambda r: r["event"] == "decision" and r["host"] == host
+        records = read_log(self.proxy_log, 1, lambda r: r["event"] == "decision" and r["host"] == host
                            and r["proto"] == proto)
         found = [r for r in records if r["event"] == "decision" and r["host"] == host
                  and r["proto"] == proto and r["port"] == port]
@@ -132,7 +132,7 @@ class CurlTest(ProxyTestCase):
         self.assertEqual(code, 0, err)
         self.assert_logged("socks5", DENIED_HOST, 80, "deny", "not-in-allowlist")
         self.assert_logged("socks5", "127.0.0.1", self.web_port, "allow")
-        records = read_log(self.log, 1, lambda r: r["event"] == "close")
+        records = read_log(self.proxy_log, 1, lambda r: r["event"] == "close")
         closes = [r for r in records if r["event"] == "close"]
         self.assertEqual([(r["host"], r["port"], r["reason"]) for r in closes],
                          [("127.0.0.1", self.web_port, "closed")])
