@@ -283,10 +283,8 @@ class AuditModeTest(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 16: where the peers' tested cases showed this policy wrong. The peers are Anthropic's
-# sandbox-runtime (srt: test/sandbox/network-filter.test.ts, domain-pattern.test.ts,
-# config-validation.test.ts), OpenAI Codex's network-proxy (src/policy.rs tests) and Stripe's
-# Smokescreen (pkg/smokescreen/ip_policy_test.go, ip_filter_bypass_test.go).
+# Addresses inside addresses, platform endpoints, --allow-private, broad rules, rule syntax and
+# this machine's own addresses
 
 def verdict_of(rules, text, port=443, literal=False):
     verdict = rules.check_address(ipaddress.ip_address(text), port, literal=literal)
@@ -294,9 +292,9 @@ def verdict_of(rules, text, port=443, literal=False):
 
 
 class EmbeddedAddressTest(unittest.TestCase):
-    """16.1: IP rules, deny and allow, see the IPv4 address inside IPv4-mapped, NAT64 and 6to4
-    addresses, as the private-address check does. Smokescreen TestIPFilterBypassPolicy denies
-    64:ff9b::a00:1 through a deny range; srt network-filter blocks NAT64 forms of private ranges."""
+    """IP rules, deny and allow, see the IPv4 address inside IPv4-mapped, NAT64 and 6to4
+    addresses, as the private-address check does: a deny rule for 1.1.1.1 also denies
+    ::ffff:1.1.1.1, 64:ff9b::101:101 and 2002:101:101::1."""
 
     READINGS = [
         ("::ffff:10.0.0.5", ["10.0.0.5"]),
@@ -314,7 +312,7 @@ class EmbeddedAddressTest(unittest.TestCase):
 
     # (allow rules, deny rules, allow_private, resolved address, port, allowed, reason)
     TABLE = [
-        # the issue's cases: a deny rule escaped through NAT64 and 6to4
+        # a deny rule must not be escaped through IPv4-mapped, NAT64 or 6to4 forms
         (["example.com"], ["1.1.1.1"], False, "64:ff9b::101:101", 443, False, "denied-by-rule"),
         (["example.com"], ["1.1.1.1"], False, "2002:101:101::1", 443, False, "denied-by-rule"),
         (["example.com"], ["1.1.1.1"], False, "::ffff:1.1.1.1", 443, False, "denied-by-rule"),
@@ -362,11 +360,11 @@ class EmbeddedAddressTest(unittest.TestCase):
 
 
 class PlatformEndpointTest(unittest.TestCase):
-    """16.2: cloud platform endpoints, one table, refused in every form unless an allow rule for
+    """Cloud platform endpoints, one table, refused in every form unless an allow rule for
     exactly that address names them, even with --allow-private. "Exactly" means a single-address
     rule (/32, /128) for the endpoint or for its IPv4 address when the endpoint is a wrapping of
-    it; a network that merely contains it (169.254.0.0/16, fd00::/8) is not enough.
-    Smokescreen and srt block 169.254.169.254 in every spelling; neither covers 168.63.129.16."""
+    it; a network that merely contains it (169.254.0.0/16, fd00::/8) is not enough. The table
+    covers more than 169.254.169.254, e.g. 168.63.129.16."""
 
     WRAPPED = ["::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1",
                "64:ff9b::a83f:8110", "2002:a83f:8110::", "64:ff9b::6464:64c8", "64:ff9b::c000:c0"]
@@ -433,9 +431,9 @@ class PlatformEndpointTest(unittest.TestCase):
 
 
 class AllowPrivateTest(unittest.TestCase):
-    """16.3: --allow-private opens the private-use networks to allowed names, and nothing else
-    (Codex is_non_public_ip_rejects_private_and_loopback_ranges; srt network-filter keeps
-    loopback, link-local and metadata closed in its permissive mode)."""
+    """--allow-private opens the private-use networks to allowed names, and nothing else:
+    loopback, link-local, shared, multicast, reserved and documentation addresses, and their
+    wrapped forms, stay closed."""
 
     OPENED = ["10.0.0.5", "172.16.0.1", "172.31.255.255", "192.168.1.1", "fc00::1", "fd12:3456::1",
               "::ffff:192.168.0.1", "64:ff9b::a00:5", "2002:c0a8:101::1"]
@@ -478,8 +476,8 @@ class AllowPrivateTest(unittest.TestCase):
 
 
 class BroadDenyRuleTest(unittest.TestCase):
-    """16.4: breadth is refused in allow rules only (srt config-validation accepts broad denied
-    domains; Smokescreen TestIPFilterBypassPolicy denies 0.0.0.0/0 and ::/0)."""
+    """Breadth is refused in allow rules only: broad denied names and networks, even 0.0.0.0/0
+    and ::/0, are accepted as deny rules."""
 
     BROAD = ["*:22", "*", "[fc00::]/7", "0.0.0.0/0", "[::]/0", "2.0.0.0/7", "*.com", "com",
              "*.co.uk", "*.github.io", "localhost", "localhost:631"]
@@ -523,10 +521,10 @@ class BroadDenyRuleTest(unittest.TestCase):
 
 
 class SyntaxTest(unittest.TestCase):
-    """16.5: leading zeros in ports, '_' in names, IPv6 zone ids; and '**.' (decided: refused)."""
+    """Leading zeros in ports, '_' in names, IPv6 zone ids, and '**.' (refused)."""
 
     def test_ports_with_leading_zeros_are_refused(self):
-        # srt config-validation and Codex refuse them; "0443" is not a way to write 443 here
+        # "0443" is not a way to write 443 here
         for text in ("example.com:0443", "[::1]:080", "1.2.3.4:00080", "10.0.0.0/8:022", "*.example.com:01"):
             with self.subTest(rule=text):
                 with self.assertRaisesRegex(RuleError, "leading zeros"):
@@ -536,7 +534,7 @@ class SyntaxTest(unittest.TestCase):
         self.assertEqual(parse_rule("example.com:10").port, 10)
 
     def test_underscore_in_labels(self):
-        # real names: DMARC, SRV and DKIM records, some hosts (srt domain-pattern)
+        # real names: DMARC, SRV and DKIM records, some hosts
         for text in ("_dmarc.example.com", "foo_bar.example.com", "*._tcp.example.com", "_a.b_.example.com:443"):
             with self.subTest(rule=text):
                 self.assertIn(parse_rule(text).kind, ("name", "wildcard"))
@@ -548,8 +546,8 @@ class SyntaxTest(unittest.TestCase):
         self.assertEqual(socks_filter.parse_authority("_dmarc.example.com:443"), ("_dmarc.example.com", 443))
 
     def test_zone_ids_are_refused(self):
-        # Codex keeps them (compile_globset_preserves_scoped_ipv6_literals); a zone picks the
-        # host's interface, which no rule here means, so they are refused in rules and hosts
+        # a zone picks the host's interface, which no rule here means, so they are refused in
+        # rules and hosts
         for text in ("[fe80::1%eth0]", "[fe80::1%25eth0]", "[fe80::1%eth0]:443", "fe80::1%eth0",
                      "[fe80::%1]/64"):
             with self.subTest(rule=text):
@@ -564,17 +562,15 @@ class SyntaxTest(unittest.TestCase):
                 self.assertEqual(rules.check_request(host, 443).reason, "bad-name")
 
     def test_apex_and_subdomains_in_one_rule_is_refused_with_a_hint(self):
-        # Codex's "**.example.com" (compile_globset_normalizes_apex_and_subdomains): two rules here
+        # "**.example.com" (the name and its subdomains) is two rules here
         with self.assertRaisesRegex(RuleError, r"example\.com and \*\.example\.com"):
             parse_rule("**.example.com")
 
 
 class OwnAddressTest(unittest.TestCase):
-    """Decided with issue 16: this machine's own interface addresses count as loopback, so a
-    name that resolves to one (an attacker's record under an allowed wildcard pointing at the
-    host's global IPv6 address) does not reach services listening on all interfaces. An IP rule
-    still reaches them. Smokescreen refuses them the same way (TestIPFilterBypassPolicy,
-    ipDenySelfConnection)."""
+    """This machine's own interface addresses count as loopback, so a name that resolves to one
+    (an attacker's record under an allowed wildcard pointing at the host's global IPv6 address)
+    does not reach services listening on all interfaces. An IP rule still reaches them."""
 
     FIB_TRIE = """Main:
   +-- 0.0.0.0/0 3 0 5

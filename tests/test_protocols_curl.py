@@ -7,27 +7,17 @@ Needs curl (>= 7.84, for SOCKS on a unix socket) and socat: skipped when missing
 
 import http.server
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 import unittest
 
-from tests.test_proxy_protocol import WAIT, Daemon, read_log
+from tests.proxy_harness import WAIT, ProxyTestCase, free_port, read_log, require_tool
 
 BODY = b"hello through the filter\n"
 DENIED_HOST = "denied.example.com"
-
-
-def require(tool):
-    """Skip the test when `tool` is missing, except under CI=true where that is a failure."""
-    if shutil.which(tool) is None:
-        if os.environ.get("CI") == "true":
-            raise AssertionError(f"{tool} is not installed (required under CI=true)")
-        raise unittest.SkipTest(f"{tool} is not installed")
 
 
 class RecordingHandler(http.server.BaseHTTPRequestHandler):
@@ -45,27 +35,18 @@ class RecordingHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def free_port():
-    """A loopback port free right now (bind to 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def clean_env():
     """The environment without proxy variables, so curl uses only the proxy it is told."""
     return {name: value for name, value in os.environ.items()
             if not name.lower().endswith("_proxy")}
 
 
-class CurlTest(unittest.TestCase):
+class CurlTest(ProxyTestCase):
 
     def setUp(self):
-        require("curl")
-        self.tmp = tempfile.mkdtemp(prefix="bwpc-")
-        self.addCleanup(shutil.rmtree, self.tmp, True)
+        super().setUp()
+        require_tool(self, "curl")
         self.sock = os.path.join(self.tmp, "proxy.sock")
-        self.log = os.path.join(self.tmp, "proxy.jsonl")
         self.web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RecordingHandler)
         self.web.daemon_threads = True
         self.web.requests = []
@@ -80,11 +61,11 @@ class CurlTest(unittest.TestCase):
 
     def start_proxy(self, *rules):
         rules = rules or ("--allow", f"127.0.0.1:{self.web_port}")
-        return Daemon(self, "--listen", self.sock, *rules, "--log", self.log)
+        self.proxy_log = self.daemon("--listen", self.sock, *rules).log_path
 
     def start_bridge(self):
         """socat TCP4-LISTEN on a loopback port forwarding to the proxy's unix socket."""
-        require("socat")
+        require_tool(self, "socat")
         port = free_port()
         bridge = subprocess.Popen(
             ["socat", f"TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", f"UNIX-CONNECT:{self.sock}"],
@@ -123,7 +104,7 @@ class CurlTest(unittest.TestCase):
         return f"socks5h://localhost{self.sock}"
 
     def assert_logged(self, proto, host, port, decision, reason=None):
-        records = read_log(self.log, 1, lambda r: r["event"] == "decision" and r["host"] == host
+        records = read_log(self.proxy_log, 1, lambda r: r["event"] == "decision" and r["host"] == host
                            and r["proto"] == proto)
         found = [r for r in records if r["event"] == "decision" and r["host"] == host
                  and r["proto"] == proto and r["port"] == port]
@@ -151,7 +132,7 @@ class CurlTest(unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assert_logged("socks5", DENIED_HOST, 80, "deny", "not-in-allowlist")
         self.assert_logged("socks5", "127.0.0.1", self.web_port, "allow")
-        records = read_log(self.log, 1, lambda r: r["event"] == "close")
+        records = read_log(self.proxy_log, 1, lambda r: r["event"] == "close")
         closes = [r for r in records if r["event"] == "close"]
         self.assertEqual([(r["host"], r["port"], r["reason"]) for r in closes],
                          [("127.0.0.1", self.web_port, "closed")])
