@@ -11,7 +11,7 @@ import os
 import pty
 import select
 import shutil
-import socket
+import socketserver
 import subprocess
 import sys
 import tempfile
@@ -193,17 +193,25 @@ def decisions(records, host=None, port=None):
 
 # -- upstreams on the host's loopback ---------------------------------------------------------
 
-class BodyHandler(http.server.BaseHTTPRequestHandler):
-    """Answers every GET with 200 and BODY."""
-
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
+class Answers:
+    """Mixed into a request handler: answer() sends a 200 with a body; nothing is logged."""
 
     def log_message(self, *args):
         pass
+
+    def answer(self, body, content_type="text/plain"):
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class BodyHandler(Answers, http.server.BaseHTTPRequestHandler):
+    """Answers every GET with BODY."""
+
+    def do_GET(self):
+        self.answer(BODY)
 
 
 def http_server(cleanup, address="127.0.0.1", handler=BodyHandler):
@@ -249,53 +257,46 @@ ALERT = bytes.fromhex("15 03 01 00 02 01 5a")          # a TLS warning alert rec
 SSH_BANNER = b"SSH-2.0-fake_server\r\n"
 
 
-class RecordingUpstream:
+class RecordingUpstream(socketserver.ThreadingTCPServer):
     """A TCP server on the host's 127.0.0.1: records what each connection sent; "ssh" mode
     first sends SSH_BANNER, "http" mode answers one request with `ok`."""
 
+    daemon_threads = True
+    request_queue_size = 16
+
     def __init__(self, mode="record"):
+        super().__init__(("127.0.0.1", 0), RecordedConnection)
         self.mode, self.received, self.accepted = mode, [], 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, args=(0.2,), daemon=True).start()
 
-    def serve(self):
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.accepted += 1
-            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
-
-    def handle(self, conn):
-        data = b""
-        with conn:
-            conn.settimeout(3)
-            try:
-                if self.mode == "ssh":
-                    conn.sendall(SSH_BANNER)
-                end = {"ssh": b"\r\n", "http": b"\r\n\r\n"}.get(self.mode)
-                while end is None or end not in data:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                if self.mode == "http" and data:
-                    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
-            except OSError:
-                pass
-        self.received.append(data)
+    def verify_request(self, request, client_address):
+        self.accepted += 1
+        return True
 
     def stop(self):
-        self.stopping.set()
-        self.thread.join(5)
-        self.sock.close()
+        self.shutdown()
+        self.server_close()
+
+
+class RecordedConnection(socketserver.BaseRequestHandler):
+    def handle(self):
+        conn, mode, data = self.request, self.server.mode, b""
+        conn.settimeout(3)
+        try:
+            if mode == "ssh":
+                conn.sendall(SSH_BANNER)
+            end = {"ssh": b"\r\n", "http": b"\r\n\r\n"}.get(mode)
+            while end is None or end not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            if mode == "http" and data:
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+        except OSError:
+            pass
+        self.server.received.append(data)
 
 
 def loopback(server):

@@ -21,7 +21,7 @@ import unittest
 import zipfile
 
 import bw_lib
-from tests.sandbox_harness import BODY, SessionCase, http_server, missing
+from tests.sandbox_harness import BODY, Answers, SessionCase, http_server, missing
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main",
@@ -74,7 +74,7 @@ def wheel():
     return data.getvalue()
 
 
-class Served(http.server.SimpleHTTPRequestHandler):
+class Served(Answers, http.server.SimpleHTTPRequestHandler):
     """Static files from `directory`, and JSON documents by path (an npm package document
     is /NAME, while /NAME/-/ holds its tarball: a file cannot be both)."""
     documents = {}
@@ -83,14 +83,7 @@ class Served(http.server.SimpleHTTPRequestHandler):
         document = self.documents.get(self.path.split("?")[0])
         if document is None:
             return super().do_GET()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(document)))
-        self.end_headers()
-        self.wfile.write(document)
-
-    def log_message(self, *args):
-        pass
+        self.answer(document, "application/json")
 
 
 def serve(directory, cleanup):
