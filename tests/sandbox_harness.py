@@ -90,11 +90,17 @@ def install_copy(directory):
     return os.path.join(directory, "bw-claude")
 
 
+def temporary_root(test, prefix):
+    """A new directory (its real path) for `test`, removed with all it holds after the test."""
+    root = os.path.realpath(tempfile.mkdtemp(prefix=prefix))
+    test.addCleanup(shutil.rmtree, root, True)
+    return root
+
+
 def make_session_dirs(test, prefix):
     """Give `test` a temporary root with home/, bin/, project/ and run/ (test.home, .bin,
     .project, .runtime), removed after the test."""
-    test.root = os.path.realpath(tempfile.mkdtemp(prefix=prefix))
-    test.addCleanup(shutil.rmtree, test.root, True)
+    test.root = temporary_root(test, prefix)
     for attribute, name in (("home", "home"), ("bin", "bin"), ("project", "project"),
                             ("runtime", "run")):
         setattr(test, attribute, os.path.join(test.root, name))

@@ -6,16 +6,14 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import unittest
 
-from tests.sandbox_harness import REPO, SCRIPTS, install_copy
+from tests.sandbox_harness import REPO, SCRIPTS, install_copy, temporary_root
 
 
 class EntryScriptTest(unittest.TestCase):
     def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix="bw-entry-")
-        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.dir = temporary_root(self, "bw-entry-")
 
     def run_script(self, path, *argv):
         return subprocess.run([sys.executable, path, *argv], capture_output=True, text=True,

@@ -11,13 +11,12 @@ import random
 import shutil
 import signal
 import subprocess
-import tempfile
 import unittest
 
 import bw_lib
 from tests.sandbox_harness import (BW_CLAUDE, BW_GEMINI, SessionCase, missing,
-                                   processes_mentioning, read_pty, read_text, wait_for,
-                                   write_file)
+                                   processes_mentioning, read_pty, read_text, temporary_root,
+                                   wait_for, write_file)
 
 GIT = shutil.which("git")
 PROMPT = "/usr/lib/git-core/git-sh-prompt"
@@ -72,8 +71,7 @@ class IndexParserTest(unittest.TestCase):
 
     def setUp(self):
         need_git()
-        self.root = tempfile.mkdtemp(prefix="bw-index-")
-        self.addCleanup(shutil.rmtree, self.root, True)
+        self.root = temporary_root(self, "bw-index-")
         self.sub = make_repo(os.path.join(self.root, "sub"))
         files = ["a", "dir/deep/one", "dir/deep/two", "dir/deeper/three",
                  "/".join(["z" * 200] * 3)]
@@ -218,8 +216,7 @@ class GitCheckCase(unittest.TestCase):
 
     def setUp(self):
         need_git()
-        self.root = os.path.realpath(tempfile.mkdtemp(prefix="bw-gitcheck-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
+        self.root = temporary_root(self, "bw-gitcheck-")
         self.project = make_repo(os.path.join(self.root, "p"), self.FILES)
         self.private = os.path.join(self.root, "run", "bw-claude.test")
         os.makedirs(self.private)

@@ -5,7 +5,6 @@ doctor's verdicts and the way out of the wrapper.  No namespaces, no sandbox."""
 import contextlib
 import io
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -15,7 +14,7 @@ import unittest
 import bw_lib
 import socks_filter
 from bw_lib import PROFILES, Failure
-from tests.sandbox_harness import write_file
+from tests.sandbox_harness import temporary_root, write_file
 
 CLAUDE = PROFILES["claude"]
 GEMINI = PROFILES["gemini"]
@@ -30,8 +29,7 @@ class Fixture(unittest.TestCase):
     """A temporary HOME with a fake CLI, a project and some secrets."""
 
     def setUp(self):
-        self.root = os.path.realpath(tempfile.mkdtemp(prefix="bw-unit-"))
-        self.addCleanup(shutil.rmtree, self.root)
+        self.root = temporary_root(self, "bw-unit-")
         self.home = os.path.join(self.root, "home")
         self.bin = os.path.join(self.root, "bin")
         self.project = os.path.join(self.root, "project")
@@ -431,8 +429,7 @@ class PathRulesTest(unittest.TestCase):
     """The pure decisions behind the session tests below."""
 
     def setUp(self):
-        self.root = os.path.realpath(tempfile.mkdtemp(prefix="bw-paths-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
+        self.root = temporary_root(self, "bw-paths-")
         self.project = os.path.join(self.root, "p")
         os.makedirs(os.path.join(self.project, "sub", "real"))
         os.symlink("../..", os.path.join(self.project, "sub", ".git"))
@@ -486,8 +483,7 @@ class PathRulesTest(unittest.TestCase):
 
 class PlacesTest(unittest.TestCase):
     def setUp(self):
-        self.root = os.path.realpath(tempfile.mkdtemp(prefix="bw-places-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
+        self.root = temporary_root(self, "bw-places-")
 
     def test_pure_decisions(self):
         place = os.path.join(self.root, "run")
@@ -784,8 +780,7 @@ class PresetTest(unittest.TestCase):
 
 class AllowFileRulesTest(unittest.TestCase):
     def setUp(self):
-        self.root = os.path.realpath(tempfile.mkdtemp(prefix="bw-allow-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
+        self.root = temporary_root(self, "bw-allow-")
 
     def test_a_directory_or_a_missing_file_is_refused(self):
         for path, why in ((self.root, "a directory"),

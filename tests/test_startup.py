@@ -5,7 +5,6 @@ outlives a session that failed; --verbose says where start-up time went; the rec
 replace dataclasses keep their contracts; the quick exit keeps the status and the output."""
 
 import os
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -14,7 +13,7 @@ import unittest
 
 import bw_lib
 from tests.sandbox_harness import (FAKE_CLI, REPO, install_copy, processes_mentioning,
-                                   require_tools, wait_for, write_file)
+                                   require_tools, temporary_root, wait_for, write_file)
 
 
 class Session(unittest.TestCase):
@@ -22,8 +21,7 @@ class Session(unittest.TestCase):
     fake claude on PATH, a throwaway HOME and project."""
 
     def setUp(self):
-        self.root = tempfile.mkdtemp(prefix="bw-startup-")
-        self.addCleanup(shutil.rmtree, self.root, True)
+        self.root = temporary_root(self, "bw-startup-")
         os.chmod(self.root, 0o755)
         self.scripts = os.path.dirname(install_copy(os.path.join(self.root, "scripts")))
         self.bin = os.path.join(self.root, "bin")

@@ -3,13 +3,11 @@ atomically and read without following links."""
 
 import json
 import os
-import shutil
 import stat
-import tempfile
 import unittest
 
 import bw_lib
-from tests.sandbox_harness import write_file
+from tests.sandbox_harness import temporary_root, write_file
 
 
 class StateMergeTest(unittest.TestCase):
@@ -33,8 +31,7 @@ class StateMergeTest(unittest.TestCase):
         self.assertEqual(bw_lib.merge_state(b"{}", b"broken", b'{"b": 1}'), b"broken")
 
     def test_write_place_is_atomic_and_keeps_the_mode(self):
-        root = tempfile.mkdtemp(prefix="bw-unit-")
-        self.addCleanup(shutil.rmtree, root)
+        root = temporary_root(self, "bw-unit-")
         path = write_file(os.path.join(root, ".claude.json"), '{"a": 1}', 0o600)
         bw_lib.write_place((root, [], ".claude.json"), b'{"a": 2}\n')
         with open(path) as f:
@@ -43,8 +40,7 @@ class StateMergeTest(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(root)), [".claude.json"])
 
     def test_read_at_refuses_symlinks_fifos_and_directories(self):
-        root = tempfile.mkdtemp(prefix="bw-unit-")
-        self.addCleanup(shutil.rmtree, root)
+        root = temporary_root(self, "bw-unit-")
         target = write_file(os.path.join(root, "target"), "secret")
         os.symlink(target, os.path.join(root, "link"))
         os.mkfifo(os.path.join(root, "fifo"))
