@@ -580,7 +580,7 @@ class ConcurrentSessionsTest(ContainmentCase):
             with self.subTest(delay=delay):
                 self.forget_markers()
                 self.start("a")
-                threading.Timer(delay, open, (self.marker("end", "a"), "w")).start()
+                threading.Timer(delay, write_file, (self.marker("end", "a"), "")).start()
                 self.start("b")
                 self.sessions["a"].communicate(timeout=30)
                 self.attack_from("b")
