@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark of socks_filter.py, its socat bridge, and peer proxies (issue 6).
+"""Side-by-side benchmark of socks_filter.py, its socat bridge, and peer proxies.
 
 Run from the repository root (Python 3.11 stdlib only; not part of the unit suite):
 
@@ -7,7 +7,7 @@ Run from the repository root (Python 3.11 stdlib only; not part of the unit suit
     python3 tests/benchmark.py --quick         # 64 MiB bulk, 2 passes, shorter rate test (1 minute)
     python3 tests/benchmark.py --setups direct,ours-unix,pproxy-unix --no-startup --json out.json
     python3 tests/benchmark.py --socks-filter /tmp/copy/socks_filter.py   # measure a modified copy
-    python3 tests/benchmark.py --startup-only --startup-runs 21   # start-up only (issue 15)
+    python3 tests/benchmark.py --startup-only --startup-runs 21   # start-up only
 
 It starts its own upstreams on 127.0.0.1, each in its own process: an HTTP source that answers
 `GET /N` with N zero bytes (sendfile), and an echo server (epoll). Its client speaks SOCKS5 and
@@ -40,12 +40,12 @@ replaced by paths), `bw-claude --shell -- -c true`, the same with --unshare-net 
 --filter-network (which implies --unshare-net), with a fake `claude` on PATH, HOME in a
 temporary directory, the current directory as the project and bytecode caches kept.  Its own
 table gives each as milliseconds and as a multiple of `python3 -c pass` from the same run
-(the targets of issue 15).
+(check_targets holds the targets).
 
 Reading the table: one row per figure and setup with the median over passes (bulk: over all
 runs; RSS: the largest), its ratio to `direct`, and its ratio to pproxy (`pproxy-chain` for
 ours-chain, pproxy-chain and sandbox; `pproxy-unix` for the rest). The target and check
-columns repeat the targets of issue 6. PASS/MISS is decided on this one run and loopback
+columns repeat the targets in check_targets. PASS/MISS is decided on this one run and loopback
 figures move a lot with other load, so repeat a run before believing a miss; n/a means a
 setup it compares with was not measured. MB/s counts 10^6 bytes per second.
 """
@@ -963,7 +963,7 @@ def describe_machine():
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Benchmark socks_filter.py, its socat bridge and peer proxies side by side "
-                    "on loopback (issue 6). Prints one table; see the module docstring for how to read it.")
+                    "on loopback. Prints one table; see the module docstring for how to read it.")
     parser.add_argument("--bytes", type=parse_size, default=None, metavar="SIZE",
                         help="bytes per bulk download, e.g. 1G, 256M (default 1G; 64M with --quick)")
     parser.add_argument("--passes", type=int, default=None, metavar="N",

@@ -1,22 +1,19 @@
 """The entry scripts: each reads as one session's life and works copied or linked anywhere,
 and one without bw_lib.py beside it says so in one line."""
+
 import os
 import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import unittest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("bw-claude", "bw-gemini")
-LIBRARY = ("bw_lib.py", "socks_filter.py", "socat_bridge.sh")
+from tests.sandbox_harness import REPO, SCRIPTS, install_copy, temporary_root
 
 
 class EntryScriptTest(unittest.TestCase):
     def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix="bw-entry-")
-        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.dir = temporary_root(self, "bw-entry-")
 
     def run_script(self, path, *argv):
         return subprocess.run([sys.executable, path, *argv], capture_output=True, text=True,
@@ -36,8 +33,7 @@ class EntryScriptTest(unittest.TestCase):
                 self.assertNotIn("Traceback", result.stderr)
 
     def test_a_copy_with_the_library_and_a_link_to_it_work(self):
-        for name in LIBRARY + SCRIPTS:
-            shutil.copy(os.path.join(REPO, name), os.path.join(self.dir, name))
+        install_copy(self.dir)
         links = os.path.join(self.dir, "bin")
         os.mkdir(links)
         for name in SCRIPTS:
@@ -53,28 +49,16 @@ class EntryScriptTest(unittest.TestCase):
         # would run that on the host: the session never starts, the file stays as it was.
         project = os.path.join(self.dir, "project")
         tools = os.path.join(project, "tools")
-        os.makedirs(tools)
-        for name in LIBRARY + SCRIPTS:
-            shutil.copy(os.path.join(REPO, name), os.path.join(tools, name))
+        install_copy(tools)
         other = os.path.join(self.dir, "other")
         os.mkdir(other)
         for argv in (["--dir", project], ["--dir", other, "--allow-rw", tools]):
             with self.subTest(argv=argv):
-                result = self.run_script(os.path.join(tools, "bw-claude"), *argv, "--shell",
-                                         "--", "-c", "echo ran")
-                self.assertEqual(result.returncode, 1, result.stderr)
-                self.assertNotIn("ran", result.stdout)
-                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
-                self.assertIn("the sandbox could write there", result.stderr)
+                self.refused(self.run_script(os.path.join(tools, "bw-claude"), *argv,
+                                             "--shell", "--", "-c", "echo ran"))
         with open(os.path.join(tools, "bw_lib.py")) as f, \
                 open(os.path.join(REPO, "bw_lib.py")) as g:
             self.assertEqual(f.read(), g.read())
-
-    def install(self, where):
-        os.makedirs(where, exist_ok=True)
-        for name in LIBRARY + SCRIPTS:
-            shutil.copy(os.path.join(REPO, name), os.path.join(where, name))
-        return os.path.join(where, "bw-claude")
 
     def refused(self, result):
         self.assertEqual(result.returncode, 1, result.stderr)
@@ -86,7 +70,7 @@ class EntryScriptTest(unittest.TestCase):
         project = os.path.join(self.dir, "project")
         os.makedirs(project)
         shell = ["--shell", "--", "-c", "echo ran"]
-        script = self.install(os.path.join(self.dir, "bin"))
+        script = install_copy(os.path.join(self.dir, "bin"))
         with self.subTest("the bytecode cache as an --allow-rw directory"):
             cache = os.path.join(self.dir, "bin", "__pycache__")
             os.makedirs(cache, exist_ok=True)
@@ -111,7 +95,7 @@ class EntryScriptTest(unittest.TestCase):
     def test_closed_standard_streams_keep_the_exit_status(self):
         # Descriptors 0-2 closed: no pipe of the wrapper's takes their numbers, and the
         # CLI's exit status survives the flush at the end.
-        script = self.install(os.path.join(self.dir, "bin"))
+        script = install_copy(os.path.join(self.dir, "bin"))
         project = os.path.join(self.dir, "project")
         os.makedirs(project)
         for extra, closing in (([], ">&-"), (["--filter-network"], "<&- >&-")):

@@ -1,25 +1,22 @@
-"""The git guard (issue 11, part 4): host git must not run what a session put in a
-repository.  The index parser against indexes written by real git (v2, v3, v4, split,
-SHA-256), the decisions, the check on real directories, and end to end: the agent's
-attacks through `bw-claude --shell`, then HOST git (status, diff, log, submodule status,
-commit, __git_ps1) in the project and below, checking that the payload's marker file
-never appears on the host."""
+"""The git guard: host git must not run what a session put in a repository.  The index
+parser against indexes written by real git (v2, v3, v4, split, SHA-256), the decisions, the
+check on real directories, and end to end: the agent's attacks through `bw-claude --shell`,
+then HOST git (status, diff, log, submodule status, commit, __git_ps1) in the project and
+below, checking that the payload's marker file never appears on the host."""
 
 import fcntl
-import json
 import os
 import pty
 import random
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import unittest
 
 import bw_lib
-from tests.test_sandbox import (BW_CLAUDE, BW_GEMINI, SessionCase, make_session_dirs, missing,
-                                processes_mentioning, read_pty, require_sandbox, wait_for)
+from tests.sandbox_harness import (BW_CLAUDE, BW_GEMINI, SessionCase, missing,
+                                   processes_mentioning, read_pty, read_text, temporary_root,
+                                   wait_for, write_file)
 
 GIT = shutil.which("git")
 PROMPT = "/usr/lib/git-core/git-sh-prompt"
@@ -28,7 +25,7 @@ ID = ["-c", "user.email=a@b", "-c", "user.name=a", "-c", "init.defaultBranch=m"]
 
 def need_git():
     if not GIT:
-        missing("git is not installed: sudo apt-get install git")
+        missing("git is not installed: apt-get install git")
 
 
 def host_env(home):
@@ -74,8 +71,7 @@ class IndexParserTest(unittest.TestCase):
 
     def setUp(self):
         need_git()
-        self.root = tempfile.mkdtemp(prefix="bw-index-")
-        self.addCleanup(shutil.rmtree, self.root, True)
+        self.root = temporary_root(self, "bw-index-")
         self.sub = make_repo(os.path.join(self.root, "sub"))
         files = ["a", "dir/deep/one", "dir/deep/two", "dir/deeper/three",
                  "/".join(["z" * 200] * 3)]
@@ -153,11 +149,6 @@ class IndexParserTest(unittest.TestCase):
                 pass
 
 
-def read_text(path):
-    with open(path) as f:
-        return f.read()
-
-
 def struct_version(data):
     return int.from_bytes(data[4:8], "big")
 
@@ -216,15 +207,17 @@ class GitDecisionTest(unittest.TestCase):
         self.assertFalse(bw_lib.looks_like_git_dir({"HEAD", "objects"}))
 
 
-class GitCheckTest(unittest.TestCase):
-    """take_git_snapshot and check_git on real directories and real git, no sandbox: what
-    a session may do stays, what would make host git run something is set aside."""
+class GitCheckCase(unittest.TestCase):
+    """A repository p/ of FILES in a temporary root, and a session's private directory: the
+    snapshot taken at a session's start and the check made at its end, with real git and
+    no sandbox."""
+
+    FILES = ("a",)
 
     def setUp(self):
         need_git()
-        self.root = os.path.realpath(tempfile.mkdtemp(prefix="bw-gitcheck-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self.project = make_repo(os.path.join(self.root, "p"), ["a", "node_modules/x/i.js"])
+        self.root = temporary_root(self, "bw-gitcheck-")
+        self.project = make_repo(os.path.join(self.root, "p"), self.FILES)
         self.private = os.path.join(self.root, "run", "bw-claude.test")
         os.makedirs(self.private)
         self.marker = os.path.join(self.root, "PWNED")
@@ -234,6 +227,13 @@ class GitCheckTest(unittest.TestCase):
 
     def check(self):
         return bw_lib.check_git(self.private, "bw-claude")
+
+
+class GitCheckTest(GitCheckCase):
+    """take_git_snapshot and check_git on real directories and real git, no sandbox: what
+    a session may do stays, what would make host git run something is set aside."""
+
+    FILES = ("a", "node_modules/x/i.js")
 
     def test_ordinary_work_is_left_alone(self):
         make_repo(os.path.join(self.project, "vendor", "lib"))
@@ -355,30 +355,18 @@ class GitCheckTest(unittest.TestCase):
         self.assertIn("WARNING: the search stopped after 10 entries", report)
 
 
-class GitDataWrittenThroughTest(unittest.TestCase):
+class GitDataWrittenThroughTest(GitCheckCase):
     """Git's data (reflogs, refs, COMMIT_EDITMSG, FETCH_HEAD, objects/...) configures
     nothing, but host git writes it: a symlink, a hard link or a fifo the session put
     there would make host git write a host file.  Set aside; then HOST git writes, and
     the host file is unchanged."""
 
+    FILES = ("a", "notes")
+
     def setUp(self):
-        need_git()
-        self.root = os.path.realpath(tempfile.mkdtemp(prefix="bw-gitdata-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self.project = make_repo(os.path.join(self.root, "p"), ["a", "notes"])
+        super().setUp()
         self.git_dir = os.path.join(self.project, ".git")
-        self.private = os.path.join(self.root, "run", "bw-claude.test")
-        os.makedirs(self.private)
-        self.bashrc = os.path.join(self.root, "bashrc")
-        with open(self.bashrc, "w") as f:
-            f.write("# the user's\n")
-        self.marker = os.path.join(self.root, "PWNED")
-
-    def check(self):
-        return bw_lib.check_git(self.private, "bw-claude")
-
-    def snapshot(self):
-        bw_lib.take_git_snapshot([self.project], self.private, [os.path.dirname(self.private)])
+        self.bashrc = write_file(os.path.join(self.root, "bashrc"), "# the user's\n")
 
     def link(self, relative, target):
         path = os.path.join(self.git_dir, relative)
@@ -504,19 +492,10 @@ class GitDataWrittenThroughTest(unittest.TestCase):
         self.assertEqual(self.check(), "")
 
 
-class GitUnreadableTest(unittest.TestCase):
+class GitUnreadableTest(GitCheckCase):
     """A directory the user cannot list hides what is in it from the check, not from
     host git (mode 311: git enters a name it knows).  On directories: unprivileged only,
     root lists everything."""
-
-    def setUp(self):
-        need_git()
-        self.root = os.path.realpath(tempfile.mkdtemp(prefix="bw-gitunread-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self.project = make_repo(os.path.join(self.root, "p"))
-        self.private = os.path.join(self.root, "run", "bw-claude.test")
-        os.makedirs(self.private)
-        self.marker = os.path.join(self.root, "PWNED")
 
     def unhide(self, path):
         """Mode 311 on `path`, undone after the test; skipped as root, who lists it."""
@@ -543,7 +522,7 @@ class GitUnreadableTest(unittest.TestCase):
         unreadable = []
         self.assertFalse(bw_lib.find_git_entries([self.project], unreadable=unreadable)[1])
         self.assertEqual(unreadable, [vault])
-        report = bw_lib.check_git(self.private, "bw-claude")
+        report = self.check()
         self.assertIn(f"WARNING: the search could not read {vault}", report)
         self.assertIn("host git still enters them", report)
 
@@ -557,31 +536,24 @@ class GitUnreadableTest(unittest.TestCase):
         self.unhide(hooks)
         self.addCleanup(lambda: os.path.isdir(hooks + ".bw-quarantine") and
                         os.chmod(hooks + ".bw-quarantine", 0o700))
-        self.assertIn(f"{hooks}: changed during the session", bw_lib.check_git(
-            self.private, "bw-claude"))
+        self.assertIn(f"{hooks}: changed during the session", self.check())
         git(nested, "commit", "-q", "--allow-empty", "-m", "host", env=host_env(self.root))
         self.assertFalse(os.path.exists(self.marker))
 
 
-class GitDataSandboxTest(SessionCase, unittest.TestCase):
-    """The attacker review's reproduction through `bw-claude --shell`: a branch named
+class GitDataSandboxTest(SessionCase):
+    """Git's data turned against host git, through `bw-claude --shell`: a branch named
     like a command, .git/logs/HEAD, FETCH_HEAD and COMMIT_EDITMSG linked to the host's
     ~/.bashrc; then host git switches branch, fetches and commits, and bash reads
     ~/.bashrc."""
 
-    @classmethod
-    def setUpClass(cls):
-        require_sandbox()
-        need_git()
+    PREFIX = "bw-gitdata-"
+    TOOLS = ("git",)
 
     def setUp(self):
-        make_session_dirs(self, "bw-gitdata-")
-        self.env = {"HOME": self.home, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
-                    "XDG_RUNTIME_DIR": self.runtime}
+        super().setUp()
         self.marker = os.path.join(self.root, "PWNED")
-        self.bashrc = os.path.join(self.home, ".bashrc")
-        with open(self.bashrc, "w") as f:
-            f.write("# the user's\n")
+        self.bashrc = self.write_home(".bashrc", "# the user's\n")
         make_repo(self.project, ["a"])
         self.script = (f'git checkout -q -b "wip;touch\\${{IFS}}{self.marker};#" && '
                        f"rm .git/logs/HEAD && ln -s {self.bashrc} .git/logs/HEAD && "
@@ -602,13 +574,12 @@ class GitDataSandboxTest(SessionCase, unittest.TestCase):
         return os.path.exists(self.marker), changed
 
     def test_the_attack_works_without_the_guard(self):
-        result = self.check(self.bw("--shell", "--allow-config-writes", "--", "-c",
-                                    self.script))
+        result = self.shell(self.script, "--allow-config-writes", code=0)
         self.assertIn("ATTACKED", result.stdout)
         self.assertEqual(self.host_git_then_bash(), (True, True))
 
     def test_links_in_git_data_are_set_aside(self):
-        result = self.check(self.bw("--shell", "--", "-c", self.script))
+        result = self.shell(self.script, code=0)
         self.assertIn("ATTACKED", result.stdout)
         git_dir = os.path.join(self.project, ".git")
         for name in ("logs/HEAD", "FETCH_HEAD", "COMMIT_EDITMSG"):
@@ -617,24 +588,16 @@ class GitDataSandboxTest(SessionCase, unittest.TestCase):
                          "host git wrote to ~/.bashrc through the session's links")
 
 
-class GitGuardSandboxTest(SessionCase, unittest.TestCase):
+class GitGuardSandboxTest(SessionCase):
     """The attacks through `bw-claude --shell`, then host git where a user would run it."""
 
-    @classmethod
-    def setUpClass(cls):
-        require_sandbox()
-        need_git()
+    PREFIX = "bw-gitguard-"
+    TOOLS = ("git",)
 
     def setUp(self):
-        make_session_dirs(self, "bw-gitguard-")
-        self.env = {"HOME": self.home, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
-                    "XDG_RUNTIME_DIR": self.runtime}
+        super().setUp()
         self.marker = os.path.join(self.root, "PWNED")
         self.payload = f"touch {self.marker}; false"
-
-    def shell(self, script, *argv, code=0):
-        """Run `script` in the sandbox as the agent would; the wrapper's result."""
-        return self.check(self.bw("--shell", *argv, "--", "-c", script), code)
 
     def project_repo(self):
         make_repo(self.project, ["a", "src/b"])
@@ -682,13 +645,13 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
         """The control: with --allow-config-writes (no protection, no guard) the attack
         reaches the host, so the tests below that see no marker mean something."""
         self.project_repo()
-        result = self.shell(self.nested_attack("sub"), "--allow-config-writes")
+        result = self.shell(self.nested_attack("sub"), "--allow-config-writes", code=0)
         self.assertIn("ATTACKED", result.stdout)
         self.assertTrue(self.host_git())
 
     def test_a_gitlink_to_a_repository_made_inside(self):
         self.project_repo()
-        result = self.shell(self.nested_attack("sub"))
+        result = self.shell(self.nested_attack("sub"), code=0)
         self.assertIn("ATTACKED", result.stdout)
         self.assert_host_git_runs_nothing(self.project, os.path.join(self.project, "sub"),
                                           os.path.join(self.project, "src"))
@@ -702,7 +665,7 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
             f.write("node_modules/\n")
         deep = "/".join(f"d{n}" for n in range(12)) + "/sub"
         ignored = "node_modules/pkg"
-        result = self.shell(self.nested_attack(deep) + " && " + self.nested_attack(ignored))
+        result = self.shell(self.nested_attack(deep) + " && " + self.nested_attack(ignored), code=0)
         self.assertEqual(result.stdout.count("ATTACKED"), 2)
         self.assert_host_git_runs_nothing(self.project, os.path.join(self.project, deep),
                                           os.path.join(self.project, ignored),
@@ -720,7 +683,7 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
                        f"mkdir -p {name} && echo 'gitdir: {gitdir}' > {name}/.git && "
                        f"git update-index --add --cacheinfo 160000,{'1' * 40},{name} && "
                        "echo ATTACKED; ")
-        result = self.shell(script)
+        result = self.shell(script, code=0)
         self.assertEqual(result.stdout.count("ATTACKED"), 2)
         self.assert_host_git_runs_nothing(self.project, os.path.join(self.project, "sub"),
                                           os.path.join(self.project, "other"),
@@ -737,7 +700,7 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
             f"git -C .common config core.fsmonitor '{self.payload}' && mkdir -p .wt w && "
             "echo 'ref: refs/heads/m' > .wt/HEAD && echo ../.common > .wt/commondir && "
             'echo "$PWD/w/.git" > .wt/gitdir && echo "gitdir: $PWD/.wt" > w/.git && '
-            "git -C w status >/dev/null && echo ATTACKED")
+            "git -C w status >/dev/null && echo ATTACKED", code=0)
         self.assertIn("ATTACKED", result.stdout)
         self.assert_host_git_runs_nothing(os.path.join(self.project, "w"))
         self.assertIn("w/.git: a .git file (gitdir: pointer) made", result.stderr)
@@ -746,7 +709,7 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
         result = self.shell(self.nested_attack("sub").replace(
             "git update-index", "true") + f" && git init -q . && "
             f"git config core.fsmonitor '{self.payload}' && git config core.pager "
-            f"'{self.payload}; cat' && echo TOP")
+            f"'{self.payload}; cat' && echo TOP", code=0)
         self.assertIn("TOP", result.stdout)
         self.assert_host_git_runs_nothing(self.project, os.path.join(self.project, "sub"))
         self.assertIn(f"{self.project}/.git: a repository made during the session", result.stderr)
@@ -755,21 +718,21 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
         self.project_repo()
         result = self.shell("git clone -q --bare . tools/x.git && cd tools/x.git && "
                             "git config core.bare false && git config core.worktree ../.. && "
-                            f"git config core.fsmonitor '{self.payload}' && echo ATTACKED")
+                            f"git config core.fsmonitor '{self.payload}' && echo ATTACKED", code=0)
         self.assertIn("ATTACKED", result.stdout)
         self.assert_host_git_runs_nothing(os.path.join(self.project, "tools", "x.git"))
 
     def test_a_project_top_that_looks_like_a_git_directory_hides_nothing(self):
         self.project_repo()
         unlinked = self.nested_attack("other").replace("git update-index", "true")
-        result = self.shell("touch HEAD && mkdir objects refs && " + unlinked)
+        result = self.shell("touch HEAD && mkdir objects refs && " + unlinked, code=0)
         self.assertIn("ATTACKED", result.stdout)
         self.assert_host_git_runs_nothing(self.project, os.path.join(self.project, "other"))
 
     def test_ordinary_git_work_inside_is_not_touched(self):
         self.project_repo()
         result = self.shell(f"echo c > c && git add c && git {' '.join(ID)} commit -qm c && "
-                            "git stash list && git gc -q && echo DONE")
+                            "git stash list && git gc -q && echo DONE", code=0)
         self.assertIn("DONE", result.stdout)
         self.assertNotIn("bw-claude: git:", result.stderr)
         self.assertFalse([n for n in os.listdir(os.path.join(self.project, ".git"))
@@ -778,7 +741,7 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
 
     def test_undo_puts_a_wanted_repository_back(self):
         result = self.shell("git init -q . && echo x > f && git add f && "
-                            f"git {' '.join(ID)} commit -qm wanted")
+                            f"git {' '.join(ID)} commit -qm wanted", code=0)
         self.assertFalse(os.path.exists(os.path.join(self.project, ".git")))
         undo = [line.split("git:", 1)[1].strip() for line in result.stderr.splitlines()
                 if "mv -T" in line]
@@ -788,7 +751,7 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
 
     def test_an_allow_rw_directory(self):
         other = make_repo(os.path.join(self.root, "other"))
-        result = self.shell(f"cd {other} && " + self.nested_attack("sub"), "--allow-rw", other)
+        result = self.shell(f"cd {other} && " + self.nested_attack("sub"), "--allow-rw", other, code=0)
         self.assertIn("ATTACKED", result.stdout)
         self.assert_host_git_runs_nothing(other, os.path.join(other, "sub"))
         self.assertIn(f"{other}/sub/.git: a repository made during the session", result.stderr)
@@ -798,11 +761,7 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
                 "done; ")
 
     def start(self, script):
-        process = subprocess.Popen([sys.executable, BW_CLAUDE, "--shell", "--", "-c", script],
-                                   cwd=self.project, env=self.env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        self.addCleanup(lambda: process.poll() is None and process.kill())
-        return process
+        return self.popen("--shell", "--", "-c", script)
 
     def test_overlapping_sessions_one_puts_back_what_the_other_set_aside(self):
         """A makes sub/.git and waits; B starts (sub/.git is there, protected for B); A
@@ -835,15 +794,12 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
         done = os.path.join(self.project, "attack-done")
         script = (self.nested_attack("sub") + " && touch attack-done; " +
                   self.wait_in_sandbox("never"))
-        process = subprocess.Popen([sys.executable, killed_tool, "--shell", "--", "-c", script],
-                                   cwd=self.project, env=self.env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        self.addCleanup(lambda: process.poll() is None and process.kill())
+        process = self.popen("--shell", "--", "-c", script, tool=killed_tool)
         self.assertTrue(wait_for(lambda: os.path.exists(done), 60))
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=30)
         self.assertTrue(wait_for(lambda: not processes_mentioning(self.runtime)))
-        result = self.shell("true")
+        result = self.shell("true", code=0)
         self.assert_host_git_runs_nothing(self.project, os.path.join(self.project, "sub"))
         self.assertIn("a session that was killed", result.stderr)
         self.assertIn("sub/.git: a repository made during the session", result.stderr)
@@ -856,7 +812,7 @@ class GitGuardSandboxTest(SessionCase, unittest.TestCase):
     def test_kill_9_of_the_other_wrapper_then_a_start(self):
         self.kill_9_then_start(BW_GEMINI)
         # bw-gemini's sweep removes its directory; the check is not made twice
-        result = self.check(self.bw("--shell", "--", "-c", "true", tool=BW_GEMINI))
+        result = self.shell("true", tool=BW_GEMINI, code=0)
         self.assertNotIn("git:", result.stderr)
         self.assertEqual(os.listdir(self.runtime), [])
 

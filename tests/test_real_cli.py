@@ -1,4 +1,4 @@
-"""End-to-end tests with the real Claude Code and Gemini CLI (issue 4).
+"""End-to-end tests with the real Claude Code and Gemini CLI.
 
 The CLIs run inside `bw-claude` / `bw-gemini --filter-network --unshare-net`, reach the host only
 through socat and socks_filter.py, and talk to the fake APIs of tests/fake_apis.py.
@@ -31,20 +31,20 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 import uuid
 
+import bw_lib
 from tests.fake_apis import FakeAPIServer
+from tests.sandbox_harness import (REPO, decisions, make_session_dirs, missing,
+                                   processes_mentioning, read_log)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI_DIR = os.environ.get("BW_TEST_CLI_DIR") or os.path.join(
     os.path.expanduser("~"), ".cache", "bw-claude-test-clis")
 CLI_BIN = os.path.join(CLI_DIR, "node_modules", ".bin")
 INSTALL = (f'npm install --prefix "{CLI_DIR}" --no-audit --no-fund '
            "@anthropic-ai/claude-code @google/gemini-cli")
-IN_CI = os.environ.get("CI") == "true"
 
 RUN_SECONDS = 90          # a whole -p run, proxy start to summary
 LOG_SECONDS = 60          # waiting for a record in the proxy log
@@ -57,54 +57,13 @@ API_HOSTS = {"claude": "api.anthropic.com", "gemini": "generativelanguage.google
 GEMINI_TELEMETRY = "play.googleapis.com"
 
 
-def read_log(path):
-    records = []
-    try:
-        with open(path, errors="replace") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        records.append(json.loads(line))
-                    except ValueError:
-                        pass
-    except FileNotFoundError:
-        pass
-    return records
-
-
-def decisions(records, host=None, port=None):
-    return [r for r in records if r.get("event") == "decision"
-            and (host is None or r.get("host") == host)
-            and (port is None or r.get("port") == port)]
-
-
-def proxies_for(log_path):
-    """Pids of socks_filter.py processes started with --log log_path."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(a.endswith(b"socks_filter.py") for a in argv) and log_path.encode() in argv:
-            found.append(int(pid))
-    return found
-
-
 class RealCLITest(unittest.TestCase):
     """Common set-up: a temporary HOME and project, the fake APIs, the wrapper's private dir."""
 
     def need(self, ok, what, how):
         if ok:
             return
-        message = f"{what} is missing; install it: {how}"
-        if IN_CI:
-            self.fail(message + " (CI=true: a missing tool is a failure)")
-        self.skipTest(message)
+        missing(f"{what} is missing; install it: {how}")
 
     def need_cli(self, name):
         self.need(os.access(os.path.join(CLI_BIN, name), os.X_OK),
@@ -115,16 +74,10 @@ class RealCLITest(unittest.TestCase):
     def setUp(self):
         for tool, package in (("bwrap", "bubblewrap"), ("socat", "socat")):
             self.need(shutil.which(tool), tool, f"apt-get install {package}")
-        self.tmp = tempfile.mkdtemp(prefix="bw-e2e-")
-        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
-        self.home = os.path.join(self.tmp, "home")
-        self.proj = os.path.join(self.tmp, "project")
-        # The wrapper's private directory (proxy socket) goes under TMPDIR: here, so the test
-        # can check that it is removed.
-        self.rundir = os.path.join(self.tmp, "run")
-        for d in (self.home, self.proj, self.rundir):
-            os.mkdir(d)
-        self.proxy_log = os.path.join(self.tmp, "proxy.jsonl")
+        # XDG_RUNTIME_DIR is unset and TMPDIR is run/: the wrapper's private directory (the
+        # proxy socket) goes there, so the test can check that it is removed.
+        make_session_dirs(self, "bw-e2e-")
+        self.proxy_log = os.path.join(self.root, "proxy.jsonl")
         self.answer = f"BWFAKE {uuid.uuid4().hex[:12]} canned answer"
         self.fake = FakeAPIServer(answer=self.answer).start()
         self.addCleanup(self.fake.stop)
@@ -134,7 +87,7 @@ class RealCLITest(unittest.TestCase):
     def env(self, **extra):
         """The host environment the wrapper gets: nothing of the caller's (no real keys)."""
         env = {"PATH": CLI_BIN + os.pathsep + os.environ.get("PATH", os.defpath),
-               "HOME": self.home, "LANG": "C.UTF-8", "TMPDIR": self.rundir,
+               "HOME": self.home, "LANG": "C.UTF-8", "TMPDIR": self.runtime,
                "ANTHROPIC_API_KEY": KEY, "GEMINI_API_KEY": KEY}
         env.update(extra)
         return env
@@ -156,7 +109,7 @@ class RealCLITest(unittest.TestCase):
             json.dump({"security": {"auth": {"selectedType": "gemini-api-key"}}}, f)
 
     def run_wrapper(self, argv, timeout=RUN_SECONDS, env=None):
-        proc = subprocess.Popen(argv, cwd=self.proj, env=env or self.env(), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv, cwd=self.project, env=env or self.env(), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
         try:
@@ -198,10 +151,10 @@ class RealCLITest(unittest.TestCase):
         """Start the wrapper; once the proxy log satisfies `until`, end the session with SIGTERM
         to the wrapper (what `timeout`, `kill` or a closed terminal's SIGHUP do).  For CLIs that
         retry for minutes.  (Not Ctrl-C: `claude -p` lets a SIGINT pass while it retries.)"""
-        err_path = os.path.join(self.tmp, "stderr.txt")
-        out_path = os.path.join(self.tmp, "stdout.txt")
+        err_path = os.path.join(self.root, "stderr.txt")
+        out_path = os.path.join(self.root, "stdout.txt")
         with open(out_path, "w") as out, open(err_path, "w") as err:
-            proc = subprocess.Popen(argv, cwd=self.proj, env=env or self.env(),
+            proc = subprocess.Popen(argv, cwd=self.project, env=env or self.env(),
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True)
         try:
@@ -224,10 +177,26 @@ class RealCLITest(unittest.TestCase):
     # -- common checks --
 
     def assert_cleaned_up(self):
-        self.assertEqual(proxies_for(self.proxy_log), [], "a socks_filter.py process is left running")
-        self.assertEqual(os.listdir(self.rundir), [], "the wrapper's private directory is left behind")
+        self.assertEqual(processes_mentioning(self.proxy_log), [], "a socks_filter.py process is left running")
+        self.assertEqual(os.listdir(self.runtime), [], "the wrapper's private directory is left behind")
         # The project started empty, and the CLIs write nothing there for "say hi".
-        self.assertEqual(sorted(os.listdir(self.proj)), [], "files left in the project directory")
+        self.assertEqual(sorted(os.listdir(self.project)), [], "files left in the project directory")
+
+    def wait_screen(self, term, want, what=None, seconds=SCREEN_SECONDS):
+        """Wait until the screen shows the text `want` (or satisfies `want`, a predicate);
+        fail, showing the screen, if the wrapper ends first or the time is up."""
+        predicate = want if callable(want) else lambda screen: want in screen
+        deadline = time.monotonic() + seconds
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = term.screen()
+            if predicate(screen):
+                return screen
+            if term.exit_code() is not None:
+                break
+            time.sleep(0.25)
+        self.fail(f"never saw {what or repr(want)} (rc {term.exit_code()}); the screen:\n{screen}\n"
+                  f"stderr: {term.stderr()}")
 
     def summary_line(self, err, tool):
         lines = [line for line in err.splitlines() if line.startswith(f"{tool}: network:")]
@@ -236,9 +205,10 @@ class RealCLITest(unittest.TestCase):
 
 
 class TestPrintMode(RealCLITest):
-    """Items 1-3: `-p "say hi"` through sandbox, socat and proxy."""
+    """`-p "say hi"` through sandbox, socat and proxy: allowed, refused without an allow rule,
+    and the real API host with the default allow list."""
 
-    # 1. allowed: the canned answer comes back, the log shows the allow, the fake saw it.
+    # Allowed: the canned answer comes back, the log shows the allow, the fake saw it.
 
     def test_claude_answers_through_proxy(self):
         self.need_cli("claude")
@@ -283,7 +253,7 @@ class TestPrintMode(RealCLITest):
         self.summary_line(err, "bw-gemini")
         self.assert_cleaned_up()
 
-    # 2. no allow rule for the fake: fails, the log shows the denial, the summary names it.
+    # No allow rule for the fake: fails, the log shows the denial, the summary names it.
 
     def test_claude_without_allow_rule_is_blocked(self):
         self.need_cli("claude")
@@ -320,8 +290,8 @@ class TestPrintMode(RealCLITest):
         self.assertIn(f"--allow-domain {fake.hostport}", summary)
         self.assert_cleaned_up()
 
-    # 3. default allow list, no fake: the first request is a CONNECT to the real API host,
-    #    allowed; the lookup then fails (no internet here).
+    # The default allow list, no fake: the first request is a CONNECT to the real API host,
+    # allowed; the lookup then fails (no internet here).
 
     def check_real_api_host(self, cli, argv):
         host = API_HOSTS[cli]
@@ -359,7 +329,7 @@ class TestPrintMode(RealCLITest):
 
 
 class TestInsideSandbox(RealCLITest):
-    """Item 4: from inside a sandbox set up for a real session, nothing gets out but through
+    """From inside a sandbox set up for a real session, nothing gets out but through
     the proxy, and only to allowed places."""
 
     def test_no_way_out_but_the_proxy(self):
@@ -461,7 +431,7 @@ class Tmux:
 
 
 class TestInteractive(RealCLITest):
-    """Items 5 and 6: interactive Claude under a real pseudo-terminal."""
+    """Interactive Claude under a real pseudo-terminal."""
 
     # Dialogs a user who already onboarded meets on first start in a new place, and the key
     # that answers each.
@@ -482,9 +452,9 @@ class TestInteractive(RealCLITest):
             json.dump({"hasCompletedOnboarding": True, "theme": "dark"}, f)
 
     def start(self, name):
-        workdir = os.path.join(self.tmp, name)
+        workdir = os.path.join(self.root, name)
         os.mkdir(workdir)
-        term = Tmux(workdir, self.wrapper("claude"), self.env(), self.proj)
+        term = Tmux(workdir, self.wrapper("claude"), self.env(), self.project)
         self.addCleanup(self.close, term)
         return term
 
@@ -493,20 +463,8 @@ class TestInteractive(RealCLITest):
         its clean-up before the temporary directory goes; bounded."""
         term.close()
         deadline = time.monotonic() + EXIT_SECONDS
-        while proxies_for(self.proxy_log) and time.monotonic() < deadline:
+        while processes_mentioning(self.proxy_log) and time.monotonic() < deadline:
             time.sleep(0.2)
-
-    def wait_screen(self, term, predicate, what, seconds=SCREEN_SECONDS):
-        deadline = time.monotonic() + seconds
-        screen = ""
-        while time.monotonic() < deadline:
-            screen = term.screen()
-            if predicate(screen):
-                return screen
-            if term.exit_code() is not None:
-                break
-            time.sleep(0.25)
-        self.fail(f"never saw {what}; the screen:\n{screen}\nstderr: {term.stderr()}")
 
     def reach_prompt(self, term):
         """Answer the first-start dialogs until the input prompt shows.  Returns the dialogs seen."""
@@ -536,7 +494,7 @@ class TestInteractive(RealCLITest):
         return code
 
     def test_interactive_start_answer_and_quit(self):
-        """6. Start without -p under a pty, see the first screen, ask, quit; clean exit."""
+        """Start without -p under a pty, see the first screen, ask, quit; clean exit."""
         term = self.start("run1")
         dialogs, screen = self.reach_prompt(term)
         self.assertIn("Claude Code", screen)
@@ -553,7 +511,7 @@ class TestInteractive(RealCLITest):
         self.assert_cleaned_up()
 
     def test_state_survives_two_sessions(self):
-        """5. After two sandboxed sessions ~/.claude.json is valid, counts both, and nothing is
+        """After two sandboxed sessions ~/.claude.json is valid, counts both, and nothing is
         left beside it; what the first session's dialogs settled is remembered by the second,
         except the API key's approval (customApiKeyResponses never flows back: the sandbox
         could approve a key)."""
@@ -574,7 +532,7 @@ class TestInteractive(RealCLITest):
             self.assertEqual(state.get("numStartups"), n, "the startup counter did not advance")
         self.assertIn("trust this folder", first_dialogs)
         self.assertTrue(state.get("hasCompletedOnboarding"))
-        self.assertTrue(state["projects"][self.proj]["hasTrustDialogAccepted"])
+        self.assertTrue(state["projects"][self.project]["hasTrustDialogAccepted"])
         self.assertNotIn("customApiKeyResponses", state)
         left = []
         for root, dirs, files in os.walk(self.home):
@@ -583,9 +541,98 @@ class TestInteractive(RealCLITest):
                     left.append(os.path.join(root, name))
         self.assertEqual(left, [], "lock or temporary files left in home")
         self.assertEqual(sorted(os.listdir(self.home)), [".cache", ".claude", ".claude.json"])
-        # .cache holds only where sessions live (issue 13), empty once they are over.
+        # .cache holds only where sessions live, empty once they are over.
         self.assertEqual(os.listdir(os.path.join(self.home, ".cache")), ["bw-claude"])
         self.assertEqual(os.listdir(os.path.join(self.home, ".cache", "bw-claude")), [])
+
+
+# -- the CLI's state across sessions -----------------------------------------------------------
+
+class RealClaudeState(RealCLITest):
+    """The real Claude Code: a transcript written in one sandboxed session is what
+    `--continue` resumes in the next."""
+
+    def test_continue_sees_the_first_session(self):
+        self.need_cli("claude")
+        marker = f"remember-{uuid.uuid4().hex[:8]}"
+        code, out, err = self.run_wrapper(self.wrapper("claude", "--", "-p", f"first {marker}"))
+        self.assertEqual(code, 0, f"stdout: {out}\nstderr: {err}")
+        slug_dir = os.path.join(self.home, ".claude", "projects",
+                                bw_lib.project_slug(self.project))
+        self.assertEqual(os.listdir(os.path.join(self.home, ".claude", "projects")),
+                         [os.path.basename(slug_dir)])
+        transcripts = [n for n in os.listdir(slug_dir) if n.endswith(".jsonl")]
+        self.assertEqual(len(transcripts), 1, os.listdir(slug_dir))
+        code, out, err = self.run_wrapper(self.wrapper("claude", "--", "-p", "--continue",
+                                                       "second"))
+        self.assertEqual(code, 0, f"stdout: {out}\nstderr: {err}")
+        self.assertIn(self.answer, out)
+        last = self.fake.requests_to("anthropic")[-1]
+        self.assertIn(marker, json.dumps(last["body"].get("messages")),
+                      "--continue did not bring back the first session")
+        # .cache holds only the (now empty) base of the sessions' directories.
+        self.assertEqual(sorted(os.listdir(self.home)), [".cache", ".claude", ".claude.json"])
+        self.assertEqual(os.listdir(os.path.join(self.home, ".cache", "bw-claude")), [])
+        self.assertEqual(sorted(os.listdir(os.path.join(self.home, ".claude"))), ["projects"])
+        self.assert_cleaned_up()
+
+
+class RealGeminiResume(RealCLITest):
+    def test_resume_sees_the_first_session(self):
+        self.need_cli("gemini")
+        self.seed_gemini_settings()
+        marker = f"remember-{uuid.uuid4().hex[:8]}"
+        code, out, err = self.run_wrapper(self.wrapper("gemini", "--", "--skip-trust", "-p",
+                                                       f"first {marker}"))
+        self.assertEqual(code, 0, f"stdout: {out}\nstderr: {err}")
+        code, out, err = self.run_wrapper(self.wrapper("gemini", "--", "--skip-trust", "--resume",
+                                                       "latest", "-p", "second"))
+        self.assertEqual(code, 0, f"stdout: {out}\nstderr: {err}")
+        self.assertIn(self.answer, out)
+        last = [r for r in self.fake.requests_to("gemini")
+                if r["path"].endswith(":streamGenerateContent")][-1]
+        self.assertIn(marker, json.dumps(last["body"]), "--resume did not bring back the chat")
+
+
+class RealGeminiTrust(RealCLITest):
+    """The real Gemini CLI's "Do you trust the files in this folder?" prompt: answered inside,
+    the session goes on (it ended with rc 52 "Failed to save trust settings" while
+    trustedFolders.json was a single-file bind), and trust is saved for this project only."""
+
+    def test_trust_prompt_saves_trust_for_this_project_only(self):
+        self.need_cli("gemini")
+        self.need(shutil.which("tmux"), "tmux", "apt-get install tmux")
+        self.seed_gemini_settings()
+        other = os.path.join(self.root, "other")
+        trusted = os.path.join(self.home, ".gemini", "trustedFolders.json")
+        with open(trusted, "w") as f:
+            json.dump({other: "TRUST_FOLDER"}, f)
+        workdir = os.path.join(self.root, "tmux")
+        os.mkdir(workdir)
+        term = Tmux(workdir, self.wrapper("gemini"), self.env(), self.project)
+        self.addCleanup(term.close)
+        self.wait_screen(term, "Do you trust the files in this folder?")
+        self.assertIn("1. Trust folder", term.screen())
+        term.keys("1")
+        time.sleep(0.5)
+        term.keys("Enter")
+        self.wait_screen(term, "Type your message")
+        term.text("say hi")
+        time.sleep(0.5)
+        term.keys("Enter")
+        self.wait_screen(term, self.answer)
+        term.text("/quit")
+        time.sleep(0.5)
+        term.keys("Enter")
+        deadline = time.monotonic() + EXIT_SECONDS
+        while term.exit_code() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.assertEqual(term.exit_code(), 0, f"{term.screen()}\n{term.stderr()}")
+        with open(trusted) as f:
+            self.assertEqual(json.load(f), {other: "TRUST_FOLDER", self.project: "TRUST_FOLDER"})
+        self.assertTrue(any(r["decision"] == "allow" for r in
+                            decisions(read_log(self.proxy_log), self.fake.host, self.fake.port)))
+
 
 
 if __name__ == "__main__":

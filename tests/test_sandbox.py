@@ -1,199 +1,45 @@
-"""bw-claude and bw-gemini in real sandboxes: real bwrap, socat, curl and socks_filter.py, with a
-fake CLI on PATH (a shell script that runs its last argument) and a temporary HOME holding
-fixture secrets.  Upstreams listen on the host's loopback only."""
+"""bw-claude and bw-gemini in real sandboxes: real bwrap, socat, curl and socks_filter.py,
+with a fake CLI on PATH (a shell script that runs its last argument) and a temporary HOME
+holding fixture secrets: what is visible and writable, the process inside, the session's
+life and end, its home on disk, errors, the defaults file and --doctor.  Upstreams listen on
+the host's loopback only."""
 
 import fcntl
-import http.server
-import json
 import os
-import pty
-import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 import unittest
 
 import bw_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BW_CLAUDE = os.path.join(REPO, "bw-claude")
-BW_GEMINI = os.path.join(REPO, "bw-gemini")
-IN_CI = os.environ.get("CI") == "true"
-
-FAKE_CLI = """#!/bin/sh
-# Fake CLI: record the arguments in the project, then run the last one as a script.
-printf '%s\\n' "$@" > "$PWD/.fake-cli-args"
-for script; do :; done
-eval "$script"
-"""
-
-BODY = b"hello from the upstream\n"
+from tests.sandbox_harness import (BODY, BW_CLAUDE, BW_GEMINI, LoopbackUpstreams, SessionCase,
+                                   fetch, http_server, missing, one_line, pid_namespace_members,
+                                   processes_mentioning, run_in_pty, wait_for)
 
 
-class Upstream(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
+class SandboxCase(SessionCase):
+    """A home with secrets of many kinds, and API keys in the environment."""
 
-    def log_message(self, *args):
-        pass
-
-
-def missing(reason):
-    if IN_CI:
-        raise AssertionError(reason)
-    raise unittest.SkipTest(reason)
-
-
-def require_sandbox(*tools):
-    """Skip (fail under CI) unless bwrap and `tools` are installed and bwrap works here."""
-    for tool in ("bwrap", *tools):
-        if not shutil.which(tool):
-            missing(f"{tool} is not installed")
-    probe = subprocess.run(["bwrap", "--ro-bind", "/", "/", "--unshare-pid", "true"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        missing(f"bwrap cannot create a sandbox here: {probe.stderr.strip()}")
-
-
-def write_file(path, text, mode=0o644):
-    """Write `text` to `path` (its directories made), with `mode`; returns the path."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-    os.chmod(path, mode)
-    return path
-
-
-def make_session_dirs(test, prefix):
-    """Give `test` a temporary root with home/, bin/, project/ and run/ (test.home, .bin,
-    .project, .runtime), removed after the test."""
-    test.root = os.path.realpath(tempfile.mkdtemp(prefix=prefix))
-    test.addCleanup(shutil.rmtree, test.root, True)
-    for attribute, name in (("home", "home"), ("bin", "bin"), ("project", "project"),
-                            ("runtime", "run")):
-        setattr(test, attribute, os.path.join(test.root, name))
-        os.makedirs(getattr(test, attribute), 0o700)
-
-
-def read_pty(fd, rounds=600):
-    """Read a pseudo-terminal until it closes (or `rounds` tenths of a second pass)."""
-    output = b""
-    for _ in range(rounds):
-        if not select.select([fd], [], [], 0.1)[0]:
-            continue
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        output += chunk
-    return output
-
-
-def one_line(text):
-    return text.strip() and "\n" not in text.strip() and "Traceback" not in text
-
-
-def wait_for(predicate, seconds=20):
-    """Poll a condition, bounded; the caller asserts on the result."""
-    for _ in range(int(seconds / 0.05)):
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
-def pid_namespace_members(namespace):
-    members = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.readlink(f"/proc/{pid}/ns/pid") == namespace:
-                members.append(pid)
-        except OSError:
-            continue
-    return members
-
-
-def processes_mentioning(text):
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
-class SessionCase:
-    """For test cases that run the wrapper in the directories make_session_dirs made."""
-
-    def bw(self, *argv, script=None, tool=BW_CLAUDE, env=None, **kwargs):
-        command = [sys.executable, tool, *argv] + (["--", script] if script is not None else [])
-        kwargs = {"capture_output": True, **kwargs}
-        return subprocess.run(command, cwd=self.project, env=env or self.env, text=True,
-                              timeout=60, **kwargs)
-
-    def check(self, result, code=0):
-        self.assertEqual(result.returncode, code, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
-        return result
-
-    def assert_clean(self):
-        """No private directory and no process of the session is left."""
-        self.assertEqual(os.listdir(self.runtime), [])
-        self.assertEqual(processes_mentioning(self.runtime), [])
-
-
-class SandboxTest(SessionCase, unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        require_sandbox("socat", "curl")
-        if not os.path.exists(os.path.join(REPO, "socks_filter.py")):
-            missing("socks_filter.py is not there yet")
-        cls.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-        cls.port = cls.server.server_address[1]
-        cls.thread = threading.Thread(target=cls.server.serve_forever, daemon=True)
-        cls.thread.start()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.shutdown()
-        cls.server.server_close()
+    PREFIX = "bw-sandbox-"
+    TOOLS = ("socat", "curl")
 
     def setUp(self):
-        make_session_dirs(self, "bw-sandbox-")
-        self.write(".ssh/id_rsa", "-----BEGIN FAKE PRIVATE KEY-----\n", 0o600)
-        self.write(".aws/credentials", "[default]\naws_secret_access_key = fake\n")
-        self.write(".config/gh/hosts.yml", "oauth_token: fake\n")
-        self.write(".config/app/settings", "visible with --full-home-access\n")
-        self.write(".local/bin/mytool", "#!/bin/sh\necho mytool ran\n", 0o755)
-        self.write(".claude.json", '{"numStartups": 1}\n', 0o600)
-        self.write("notes.txt", "notes\n")
-        self.fake_cli("claude")
-        self.env = {"HOME": self.home, "PATH": f"{self.bin}:/usr/bin:/bin", "LANG": "C.UTF-8",
-                    "XDG_RUNTIME_DIR": self.runtime, "ANTHROPIC_API_KEY": "sk-fake",
-                    "AWS_SECRET_ACCESS_KEY": "aws-fake"}
+        super().setUp()
+        self.write_home(".ssh/id_rsa", "-----BEGIN FAKE PRIVATE KEY-----\n", 0o600)
+        self.write_home(".aws/credentials", "[default]\naws_secret_access_key = fake\n")
+        self.write_home(".config/gh/hosts.yml", "oauth_token: fake\n")
+        self.write_home(".config/app/settings", "visible with --full-home-access\n")
+        self.write_home(".local/bin/mytool", "#!/bin/sh\necho mytool ran\n", 0o755)
+        self.write_home(".claude.json", '{"numStartups": 1}\n', 0o600)
+        self.write_home("notes.txt", "notes\n")
+        self.env.update(ANTHROPIC_API_KEY="sk-fake", AWS_SECRET_ACCESS_KEY="aws-fake")
 
-    def write(self, relative, text, mode=0o644):
-        return write_file(os.path.join(self.home, relative), text, mode)
 
-    def fake_cli(self, name):
-        path = os.path.join(self.bin, name)
-        with open(path, "w") as f:
-            f.write(FAKE_CLI)
-        os.chmod(path, 0o755)
-
-    # -- the sandbox ----------------------------------------------------------------------
+class FilesystemTest(SandboxCase):
+    """What the sandbox sees and may write."""
 
     def test_project_is_writable_and_home_writes_stay_inside(self):
         result = self.check(self.bw(script=(
@@ -267,15 +113,15 @@ class SandboxTest(SessionCase, unittest.TestCase):
     def test_full_home_hides_linked_secrets_other_credentials_and_nested_sockets(self):
         # ~/.ssh as a dotfile manager's symlink; the other CLI's credentials; more secrets;
         # a socket deep in a shown directory.
-        self.write("dotfiles/ssh/id_ed25519", "-----BEGIN FAKE KEY-----\n", 0o600)
+        self.write_home("dotfiles/ssh/id_ed25519", "-----BEGIN FAKE KEY-----\n", 0o600)
         os.rename(os.path.join(self.home, ".ssh"), os.path.join(self.home, "old-ssh"))
         os.symlink("dotfiles/ssh", os.path.join(self.home, ".ssh"))
-        self.write(".gemini/oauth_creds.json", '{"refresh_token": "fake"}\n', 0o600)
-        self.write(".claude/.credentials.json", '{"token": "fake"}\n', 0o600)
-        self.write(".claude.json.backup", '{"primaryApiKey": "fake"}\n', 0o600)
+        self.write_home(".gemini/oauth_creds.json", '{"refresh_token": "fake"}\n', 0o600)
+        self.write_home(".claude/.credentials.json", '{"token": "fake"}\n', 0o600)
+        self.write_home(".claude.json.backup", '{"primaryApiKey": "fake"}\n', 0o600)
         for secret in (".pgpass", ".bash_history", ".config/rclone/rclone.conf",
                        ".cache/huggingface/token", ".m2/settings.xml"):
-            self.write(secret, "fake secret\n", 0o600)
+            self.write_home(secret, "fake secret\n", 0o600)
         deep = os.path.join(self.home, ".config", "app", "run")
         os.makedirs(deep)
         listener = socket.socket(socket.AF_UNIX)
@@ -311,6 +157,10 @@ class SandboxTest(SessionCase, unittest.TestCase):
                                     os.path.join(tree, "d0", "d1", "d2")))
         self.assertNotIn("unix sockets", result.stderr)
 
+
+class ProcessTest(SandboxCase):
+    """The process inside: capabilities, environment, arguments, exit status."""
+
     def test_capabilities_are_dropped(self):
         result = self.check(self.bw(script="grep CapEff /proc/self/status; hostname"))
         self.assertIn("CapEff:\t0000000000000000", result.stdout)
@@ -345,39 +195,6 @@ class SandboxTest(SessionCase, unittest.TestCase):
         self.check(self.bw(script="kill -TERM $$"), code=128 + signal.SIGTERM)
         self.assert_clean()
 
-    def test_claude_json_rename_reaches_the_host(self):
-        self.check(self.bw(script=(
-            "cd ~ && mkdir .claude.json.lock && "
-            "printf '{\"numStartups\": 2}\\n' > .claude.json.tmp.$$.1 && "
-            "mv .claude.json.tmp.$$.1 .claude.json && rmdir .claude.json.lock && "
-            "echo done > ~/.claude/written")))
-        with open(os.path.join(self.home, ".claude.json")) as f:
-            self.assertEqual(json.load(f), {"numStartups": 2})
-        # The rest of the CLI's state is the session's own (tests/test_state.py).
-        self.assertFalse(os.path.lexists(os.path.join(self.home, ".claude", "written")))
-        self.assertEqual(os.stat(os.path.join(self.home, ".claude.json")).st_mode & 0o777, 0o600)
-        leftovers = [e for e in os.listdir(self.home) if e.startswith(".claude.json")]
-        self.assertEqual(leftovers, [".claude.json"])
-
-    def test_claude_json_keeps_a_change_made_on_the_host_meanwhile(self):
-        go = os.path.join(self.project, "go")
-        process = subprocess.Popen(
-            [sys.executable, BW_CLAUDE, "--", (
-                "touch started; i=0; while [ ! -e go ] && [ $i -lt 400 ]; do sleep 0.05; "
-                "i=$((i+1)); done; cd ~ && "
-                "printf '{\"numStartups\": 2, \"tipsHistory\": {\"a\": 1}}' > t && "
-                "mv t .claude.json")],
-            cwd=self.project, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.addCleanup(process.kill)
-        self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.project, "started"))))
-        self.write(".claude.json", '{"numStartups": 1, "host": "kept"}')
-        open(go, "w").close()
-        process.communicate(timeout=60)
-        self.assertEqual(process.returncode, 0)
-        with open(os.path.join(self.home, ".claude.json")) as f:
-            self.assertEqual(json.load(f), {"numStartups": 2, "tipsHistory": {"a": 1},
-                                            "host": "kept"})
-
     def test_gemini_profile(self):
         if not shutil.which("node", path=self.env["PATH"]):
             missing("node is not installed")
@@ -400,81 +217,29 @@ class SandboxTest(SessionCase, unittest.TestCase):
                                     script="echo via-link"))
         self.assertIn("via-link", result.stdout)
 
-    # -- networks ---------------------------------------------------------------------------
+    def test_dry_run_starts_nothing(self):
+        result = self.check(self.bw("--dry-run", "--filter-network", "--unshare-net", script="x"))
+        proxy, bwrap = result.stdout.splitlines()
+        self.assertIn("socks_filter.py --listen", proxy)
+        self.assertIn("bwrap --die-with-parent", bwrap)
+        self.assertNotIn("sk-fake", result.stdout)
+        self.assertEqual(os.listdir(self.runtime), [])
+        self.assertFalse(os.path.exists(os.path.join(self.home, ".claude")))
+        self.assertFalse(os.path.exists(os.path.join(self.project, ".fake-cli-args")))
 
-    def curl(self, url, options=""):
-        """A curl command line for the sandbox's shell; `options` is shell text."""
-        return f"curl -sS -m 10 {options} {url}"
 
-    def test_unshare_net_leaves_no_route(self):
-        upstream = f"http://127.0.0.1:{self.port}/"
-        direct = "--noproxy '*' --connect-timeout 3"
-        script = "; ".join([self.curl(upstream, direct), "echo loopback=$?",
-                            self.curl("http://192.0.2.1/", direct), "echo remote=$?",
-                            "tail -n +2 /proc/net/route | wc -l"])
-        shared = self.check(self.bw(script=script)).stdout
-        self.assertIn(BODY.decode(), shared)
-        for flag in ("--unshare-net", "--no-network"):
-            isolated = self.check(self.bw(flag, script=script)).stdout
-            self.assertNotIn(BODY.decode(), isolated)
-            self.assertIn("loopback=7", isolated)
-            self.assertIn("remote=7", isolated)
-            self.assertEqual(isolated.split()[-1], "0")
+class LifecycleTest(SandboxCase):
+    """Signals, Ctrl-C and Ctrl-\ under a terminal, SIGKILL: nothing is left behind."""
 
-    def test_filter_network_enforced(self):
-        log = os.path.join(self.root, "proxy.jsonl")
-        upstream = f"http://127.0.0.1:{self.port}/"
-        script = "; ".join([
-            self.curl(upstream, "--noproxy ''"),
-            self.curl(upstream, "--noproxy '' -x \"$ALL_PROXY\""),
-            self.curl(upstream, "--noproxy '' -p -x \"$HTTPS_PROXY\""),
-            self.curl("http://blocked.example/", "--noproxy '' -o /dev/null -w 'blocked=%{http_code}\\n'"),
-            self.curl(upstream, "--noproxy '*'") + "; echo direct=$?",
-            "echo $ALL_PROXY $NO_PROXY $NODE_USE_ENV_PROXY"])
-        result = self.check(self.bw("--filter-network", "--unshare-net", "--allow-domain",
-                                    f"127.0.0.1:{self.port}", "--proxy-log", log, script=script))
-        self.assertEqual(result.stdout.count(BODY.decode()), 3)
-        self.assertIn("blocked=403", result.stdout)
-        self.assertIn("direct=7", result.stdout)
-        proxy_vars = result.stdout.split()[-3:]
-        self.assertRegex(proxy_vars[0], r"^socks5h://127\.0\.0\.1:\d+$")
-        self.assertEqual(proxy_vars[1:], ["localhost,127.0.0.1,::1", "1"])
-        with open(log) as f:
-            decisions = [r for r in map(json.loads, f) if r["event"] == "decision"]
-        self.assertEqual({(r["proto"], r["decision"]) for r in decisions if r["host"] == "127.0.0.1"},
-                         {("http", "allow"), ("socks5", "allow"), ("http-connect", "allow")})
-        blocked = [r for r in decisions if r["host"] == "blocked.example"]
-        self.assertEqual([(r["decision"], r["reason"]) for r in blocked],
-                         [("deny", "not-in-allowlist")])
-        summary = result.stderr.strip().splitlines()[-1]
-        self.assertIn("3 allowed, 1 blocked", summary)
-        self.assertIn("--allow-domain blocked.example:80", summary)
-        self.assert_clean()
-
-    def test_filter_network_advisory(self):
-        upstream = f"http://127.0.0.1:{self.port}/"
-        result = self.check(self.bw("--filter-network", "--share-net", "--allow-domain", f"127.0.0.1:{self.port}",
-                                    script=self.curl(upstream, "--noproxy ''")))
-        self.assertIn("advisory", result.stderr)
-        self.assertIn(BODY.decode(), result.stdout)
-        self.assertIn("1 allowed, 0 blocked", result.stderr)
-        self.assert_clean()
-
-    def test_user_allow_file_is_read(self):
-        self.write(".config/bw-claude/allowed-domains", f"# mine\n127.0.0.1:{self.port}\n")
-        result = self.check(self.bw("--filter-network", "--unshare-net", script=self.curl(
-            f"http://127.0.0.1:{self.port}/", "--noproxy ''")))
-        self.assertIn(BODY.decode(), result.stdout)
-
-    # -- lifecycle ---------------------------------------------------------------------------
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.port = http_server(cls.addClassCleanup).server_address[1]
 
     def start_long_session(self, *argv):
         script = ("readlink /proc/self/ns/pid > ns; i=0; while [ $i -lt 600 ]; do sleep 0.1; "
                   "i=$((i+1)); done")
-        process = subprocess.Popen([sys.executable, BW_CLAUDE, *argv, "--", script],
-                                   cwd=self.project, env=self.env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        self.addCleanup(lambda: process.poll() is None and process.kill())
+        process = self.popen(*argv, "--", script)
         ns_file = os.path.join(self.project, "ns")
         self.assertTrue(wait_for(lambda: os.path.exists(ns_file) and os.path.getsize(ns_file)))
         with open(ns_file) as f:
@@ -512,63 +277,94 @@ class SandboxTest(SessionCase, unittest.TestCase):
         self.check(self.bw(script="true"))
         self.assertEqual(os.listdir(self.runtime), ["bw-claude.live"])
 
+    def test_a_session_killed_with_sigkill_is_swept_by_the_next(self):
+        script = "touch ready; i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done"
+        process = self.popen("--filter-network", "--", script, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.project, "ready"))))
+        process.kill()
+        process.wait(30)
+        self.assertEqual(len(os.listdir(self.base)), 1)
+        self.assertTrue(wait_for(lambda: self.bw(script="true").returncode == 0 and
+                                 not os.listdir(self.base), 30))
+        self.assertTrue(wait_for(lambda: not os.listdir(self.runtime), 10))
+        self.assert_all_gone()
+
     def test_ctrl_c_reaches_the_cli_and_not_the_sandbox(self):
         if not bw_lib.env_resets_signals(shutil.which("env") or "/usr/bin/env"):
             missing("env(1) lacks --default-signal (coreutils < 8.31)")
         # After Ctrl-C the network must still work: socat and the proxy are not the CLI.
-        fetch = self.curl(f"http://127.0.0.1:{self.port}/", "--noproxy ''")
-        script = (f"fetch() {{ {fetch}; }}; trap 'fetch; echo got-sigint; exit 5' INT; "
+        get = f"curl -sS -m 10 --noproxy '' http://127.0.0.1:{self.port}/"
+        script = (f"fetch() {{ {get}; }}; trap 'fetch; echo got-sigint; exit 5' INT; "
                   "touch started; i=0; "
                   "while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; echo no-sigint")
-        pid, fd = pty.fork()
-        if pid == 0:
-            os.chdir(self.project)
-            os.execve(sys.executable, [sys.executable, BW_CLAUDE, "--filter-network",
-                                       "--unshare-net", "--allow-domain", f"127.0.0.1:{self.port}",
-                                       "--", script], self.env)
-        output = b""
-
-        def drain(seconds):
-            nonlocal output
-            ready = select.select([fd], [], [], seconds)[0]
-            if ready:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:
-                    chunk = b""
-                output += chunk
-                return bool(chunk)
-            return True
-
         started = os.path.join(self.project, "started")
-        for _ in range(400):
-            drain(0.05)
-            if os.path.exists(started):
-                break
+        output, status = run_in_pty(
+            [sys.executable, BW_CLAUDE, "--filter-network", "--unshare-net", "--allow-domain",
+             f"127.0.0.1:{self.port}", "--", script], self.project, self.env, started, b"\x03")
         self.assertTrue(os.path.exists(started), output)
-        os.write(fd, b"\x03")
-        for _ in range(600):
-            if not drain(0.1):
-                break
-        _, status = os.waitpid(pid, 0)
-        os.close(fd)
         self.assertIn(b"got-sigint", output)
         self.assertIn(BODY, output.replace(b"\r\n", b"\n"))
         self.assertNotIn(b"no-sigint", output)
-        self.assertEqual(os.waitstatus_to_exitcode(status), 5, output)
+        self.assertEqual(status, 5, output)
         self.assert_clean()
 
-    def test_dry_run_starts_nothing(self):
-        result = self.check(self.bw("--dry-run", "--filter-network", "--unshare-net", script="x"))
-        proxy, bwrap = result.stdout.splitlines()
-        self.assertIn("socks_filter.py --listen", proxy)
-        self.assertIn("bwrap --die-with-parent", bwrap)
-        self.assertNotIn("sk-fake", result.stdout)
+    def test_ctrl_backslash_leaves_nothing_behind(self):
+        if not bw_lib.env_resets_signals(shutil.which("env") or "/usr/bin/env"):
+            missing("env(1) lacks --default-signal (coreutils < 8.31)")
+        script = ("trap 'echo got-sigquit; exit 6' QUIT; touch started; i=0; "
+                  "while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; echo no-sigquit")
+        started = os.path.join(self.project, "started")
+        output, status = run_in_pty([sys.executable, BW_CLAUDE, "--", script], self.project,
+                                    self.env, started, b"\x1c")
+        self.assertTrue(os.path.exists(started), output)
+        self.assertIn(b"got-sigquit", output)
+        self.assertEqual(status, 6, output)
         self.assertEqual(os.listdir(self.runtime), [])
-        self.assertFalse(os.path.exists(os.path.join(self.home, ".claude")))
-        self.assertFalse(os.path.exists(os.path.join(self.project, ".fake-cli-args")))
+        self.assertEqual(sorted(os.listdir(self.project)), [".fake-cli-args", "started"])
 
-    # -- errors -----------------------------------------------------------------------------
+
+class SessionHomeTest(SessionCase):
+    """The session's home and caches live on disk, below the sessions' base."""
+
+    PREFIX = "bw-home-"
+    TOOLS = ("socat",)
+
+    def test_home_and_caches_live_on_disk_only_the_socket_in_the_runtime_dir(self):
+        script = ("head -c 1048576 /dev/zero > ~/big; head -c 1048576 /dev/zero > "
+                  "$XDG_CACHE_HOME/big; touch ready; i=0; while [ ! -e done ] && [ $i -lt 600 ]; "
+                  "do sleep 0.1; i=$((i+1)); done")
+        process = self.popen("--filter-network", "--unshare-net", "--", script)
+        self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.project, "ready"))))
+        info = os.lstat(self.base)
+        self.assertTrue(stat.S_ISDIR(info.st_mode))
+        self.assertEqual(stat.S_IMODE(info.st_mode), 0o700)
+        [session] = os.listdir(self.base)
+        self.assertEqual(os.path.getsize(os.path.join(self.base, session, "home", "big")), 1 << 20)
+        self.assertEqual(os.path.getsize(os.path.join(self.base, session, "cache", "big")),
+                         1 << 20)
+        # Beside the socket's directory: the locks that keep placeholders across sessions.
+        [socket_dir] = [e for e in os.listdir(self.runtime) if not e.startswith("bw-locks.")]
+        self.assertEqual(os.listdir(os.path.join(self.runtime, socket_dir)), ["proxy.sock"])
+        with open(os.path.join(self.project, "done"), "w"):
+            pass
+        self.assertEqual(process.wait(60), 0, process.stderr.read())
+        process.stdout.close()
+        process.stderr.close()
+        self.assert_all_gone()
+
+    def test_xdg_cache_home_is_honoured(self):
+        cache = os.path.join(self.root, "xdg-cache")
+        env = {**self.env, "XDG_CACHE_HOME": cache}
+        result = self.check(self.bw(script="echo x > ~/f; ls -d " + cache + " 2>&1; true",
+                                    env=env))
+        self.assertIn("No such file", result.stdout, "the host's cache dir is not shown")
+        self.assertEqual(os.listdir(os.path.join(cache, "bw-claude")), [])
+        self.assertFalse(os.path.exists(self.base))
+
+
+class ErrorsTest(SandboxCase):
+    """Bad input: one line, the right status, nothing started or left."""
 
     def test_errors_are_one_line(self):
         no_cli = {**self.env, "PATH": "/usr/bin:/bin"}
@@ -614,6 +410,102 @@ class SandboxTest(SessionCase, unittest.TestCase):
                 self.assertTrue(result.stderr.startswith("bw-claude: error: "), result.stderr)
                 self.assertNotIn("ran", result.stdout)
                 self.assert_clean()
+
+    def test_a_bad_defaults_file_is_one_line(self):
+        path = self.write_home(".config/bw-claude/options", "--filter-network\n--filter-netwrok\n")
+        result = self.bw(script="echo ran")
+        self.assertEqual(result.returncode, 2)
+        self.assertTrue(one_line(result.stderr), result.stderr)
+        self.assertIn(f"bw-claude: error: {path}:2: --filter-netwrok is not a bw-claude option",
+                      result.stderr)
+        self.assertNotIn("ran", result.stdout)
+
+    def test_a_typo_starts_nothing(self):
+        result = self.bw("--filter-netwrok", "--unshare-net", script="echo ran")
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertTrue(one_line(result.stderr), result.stderr)
+        self.assertIn("did you mean --filter-network?", result.stderr)
+        self.assertNotIn("ran", result.stdout)
+        self.assertFalse(os.path.exists(os.path.join(self.project, ".fake-cli-args")))
+        self.assert_all_gone()
+
+
+class DefaultsAndDoctorTest(LoopbackUpstreams, SessionCase):
+    PREFIX = "bw-daily-"
+    TOOLS = ("socat", "curl")
+
+    def test_defaults_file_is_applied_and_can_be_overridden(self):
+        self.write_home(".config/bw-claude/options", "# mine\n--filter-network --unshare-net\n"
+                                     f"--allow-domain {self.one}   # the upstream\n")
+        direct = fetch(self.one, "--noproxy '*' --connect-timeout 3", "direct")
+        result = self.check(self.bw(script=f"{fetch(self.one)}; {direct}; exit 0"))
+        self.assertEqual(result.stdout.count(BODY.decode()), 1)
+        self.assertIn("code=200", result.stdout.split())
+        self.assertIn("direct=000", result.stdout.split())
+        self.assertIn("bw-claude: network: 1 allowed, 0 blocked", result.stderr)
+
+        result = self.check(self.bw("--no-filter-network", "--share-net", script=direct))
+        self.assertIn("direct=200", result.stdout.split())
+        self.assertNotIn("network:", result.stderr)
+
+        dry = self.check(self.bw("--dry-run")).stdout
+        self.assertIn(f"--allow {self.one}", dry)
+        self.assertIn("--unshare-net", dry)
+        dry = self.check(self.bw("--dry-run", "--no-defaults")).stdout
+        self.assertNotIn("socks_filter", dry)
+        self.assertNotIn("--unshare-net", dry)
+        self.assert_clean()
+
+    def doctor_lines(self, result):
+        return {line.split()[1]: line.split()[0] for line in result.stdout.splitlines()
+                if line.startswith("  ") and line.split()[0] in ("ok", "note", "FAIL")}
+
+    def test_doctor_passes_here_and_names_a_bad_rule(self):
+        result = self.check(self.bw("--doctor"))
+        lines = self.doctor_lines(result)
+        for name in ("bwrap", "user", "seccomp", "socat", "claude", "allow"):
+            self.assertEqual(lines.get(name), "ok", result.stdout)
+        self.assertIn("9.9.9 (Fake Code)", result.stdout)
+        self.assertIn("everything --filter-network --unshare-net needs works", result.stdout)
+
+        path = self.write_home(".config/bw-claude/allowed-domains", "# mine\nok.example:443\n*.github.io\n")
+        result = self.check(self.bw("--doctor", "--allow-preset", "npm"), 1)
+        bad = [line for line in result.stdout.splitlines() if f"{path}:3:" in line]
+        self.assertEqual(len(bad), 1, result.stdout)
+        self.assertEqual(bad[0].split()[:3], ["FAIL", "allow", "list"])
+        self.assertIn(f"{path}:3: rule '*.github.io': too broad", bad[0])
+        self.assertIn("presets: npm", result.stdout)
+        self.assertEqual(result.stderr, "")
+
+    def test_doctor_reports_missing_socat_and_cli(self):
+        only_bwrap = os.path.join(self.root, "only-bwrap")
+        os.makedirs(only_bwrap)
+        os.symlink(shutil.which("bwrap"), os.path.join(only_bwrap, "bwrap"))
+        result = self.check(self.bw("--doctor", env={**self.env, "PATH": only_bwrap}), 1)
+        lines = self.doctor_lines(result)
+        self.assertEqual((lines.get("bwrap"), lines.get("user")), ("ok", "ok"), result.stdout)
+        self.assertEqual((lines.get("socat"), lines.get("claude")), ("FAIL", "FAIL"))
+        self.assertIn("fix: as root: apt-get install socat", result.stdout)
+        self.assertIn("fix: npm install -g @anthropic-ai/claude-code", result.stdout)
+        self.assertIn("bw-claude: 2 problems", result.stdout)
+
+    def test_doctor_explains_a_refused_sandbox(self):
+        refused = os.path.join(self.root, "refused")
+        os.makedirs(refused)
+        with open(os.path.join(refused, "bwrap"), "w") as f:
+            f.write('#!/bin/sh\n[ "$1" = --version ] && echo "bubblewrap 0.9.0" && exit 0\n'
+                    "echo 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n")
+        os.chmod(os.path.join(refused, "bwrap"), 0o755)
+        result = self.check(self.bw("--doctor", env={**self.env,
+                                                     "PATH": f"{refused}:{self.env['PATH']}"}), 1)
+        lines = self.doctor_lines(result)
+        self.assertEqual((lines.get("bwrap"), lines.get("user"), lines.get("seccomp")),
+                         ("ok", "FAIL", "FAIL"), result.stdout)
+        self.assertIn("a trial sandbox failed: bwrap: setting up uid map: Permission denied",
+                      result.stdout)
+        fix = bw_lib.userns_fix(bw_lib.read_sysctls(bw_lib.USERNS_SYSCTLS))
+        self.assertIn(f"fix: {fix}", result.stdout)
+
 
 
 if __name__ == "__main__":

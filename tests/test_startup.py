@@ -1,44 +1,19 @@
-"""Start-up (issue 15): what was made faster still does what it did.  The entry scripts run
+"""Start-up: what was made faster still does what it did.  The entry scripts run
 isolated (python3 -I -S through their own shebang); the proxy's interpreter started before the
 plan never listens without its arguments, never follows a link for its stderr file and never
 outlives a session that failed; --verbose says where start-up time went; the records that
 replace dataclasses keep their contracts; the quick exit keeps the status and the output."""
+
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import unittest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import bw_lib  # noqa: E402
-
-COPIED = ("bw-claude", "bw-gemini", "bw_lib.py", "socks_filter.py", "socat_bridge.sh")
-
-
-def wait_until(predicate, seconds=10):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
-def processes_naming(text):
-    """Pids whose command line contains `text` (read from /proc, this user's view)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
+import bw_lib
+from tests.sandbox_harness import (FAKE_CLI, REPO, install_copy, processes_mentioning,
+                                   require_tools, temporary_root, wait_for, write_file)
 
 
 class Session(unittest.TestCase):
@@ -46,21 +21,15 @@ class Session(unittest.TestCase):
     fake claude on PATH, a throwaway HOME and project."""
 
     def setUp(self):
-        self.root = tempfile.mkdtemp(prefix="bw-startup-")
-        self.addCleanup(shutil.rmtree, self.root, True)
+        self.root = temporary_root(self, "bw-startup-")
         os.chmod(self.root, 0o755)
-        self.scripts = os.path.join(self.root, "scripts")
-        os.mkdir(self.scripts)
-        for name in COPIED:
-            shutil.copy2(os.path.join(REPO, name), os.path.join(self.scripts, name))
+        self.scripts = os.path.dirname(install_copy(os.path.join(self.root, "scripts")))
         self.bin = os.path.join(self.root, "bin")
         self.home = os.path.join(self.root, "home")
         self.project = os.path.join(self.root, "project")
-        for path in (self.bin, self.home, self.project):
+        for path in (self.home, self.project):
             os.mkdir(path)
-        with open(os.path.join(self.bin, "claude"), "w") as f:
-            f.write("#!/bin/sh\nexit 0\n")
-        os.chmod(os.path.join(self.bin, "claude"), 0o755)
+        write_file(os.path.join(self.bin, "claude"), FAKE_CLI, 0o755)
         self.env = {k: v for k, v in os.environ.items()
                     if not k.lower().endswith("_proxy") and k != "XDG_RUNTIME_DIR"}
         self.env.update(HOME=self.home, PATH=self.bin + os.pathsep + os.environ["PATH"])
@@ -69,12 +38,6 @@ class Session(unittest.TestCase):
         # Executed directly: its shebang (env -S python3 -I -S) is what runs it.
         return subprocess.run([os.path.join(self.scripts, name), *argv], cwd=self.project,
                               env=env or self.env, capture_output=True, text=True, timeout=120)
-
-    def need_bwrap(self):
-        if not shutil.which("bwrap"):
-            if os.environ.get("CI") == "true":
-                self.fail("bwrap is missing")
-            self.skipTest("needs bwrap: sudo apt-get install bubblewrap")
 
 
 class IsolatedInterpreterTest(Session):
@@ -114,7 +77,7 @@ class EarlyProxyTest(Session):
         early = self.interpreter()
         fd = early.ready_fd
         early.process.stdin.close()            # the wrapper gave up (or died)
-        self.assertTrue(wait_until(lambda: early.process.poll() is not None))
+        self.assertTrue(wait_for(lambda: early.process.poll() is not None))
         self.assertEqual(early.process.returncode, 0)
         self.assertEqual(os.read(fd, 100), b"")  # no ready line: it never listened
         early.stop()
@@ -154,7 +117,7 @@ class EarlyProxyTest(Session):
         early.hand(["--listen", sock, "--bogus-option-to-make-it-write-an-error",
                     "--ready-fd", str(early.ready_number)], err)
         self.assertEqual(bw_lib.read_ready(early.ready_fd, 20), "")
-        self.assertTrue(wait_until(lambda: early.process.poll() is not None))
+        self.assertTrue(wait_for(lambda: early.process.poll() is not None))
         self.assertNotEqual(early.process.returncode, 0)
         with open(victim) as f:
             self.assertEqual(f.read(), "host file\n")
@@ -167,25 +130,24 @@ class EarlyProxyTest(Session):
         self.assertNotEqual(result.returncode, 0)
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
         self.assertIn("not a directory", result.stderr)
-        self.assertTrue(wait_until(lambda: not processes_naming(filter_script), 5),
+        self.assertTrue(wait_for(lambda: not processes_mentioning(filter_script), 5),
                         "the proxy's interpreter outlived the wrapper")
 
     def test_a_filtered_session_runs_and_leaves_no_proxy(self):
-        self.need_bwrap()
-        if not shutil.which("socat"):
-            self.skipTest("needs socat: sudo apt-get install socat")
+        require_tools("bwrap")
+        require_tools("socat")
         filter_script = os.path.join(self.scripts, "socks_filter.py")
         result = self.run_script("--filter-network", "--shell", "--",
                                  "-c", 'test -n "$HTTPS_PROXY" && echo bridged')
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout, "bridged\n")
         self.assertIn("network: 0 allowed, 0 blocked", result.stderr)
-        self.assertTrue(wait_until(lambda: not processes_naming(filter_script), 5))
+        self.assertTrue(wait_for(lambda: not processes_mentioning(filter_script), 5))
 
 
 class VerboseTimingsTest(Session):
     def test_verbose_says_where_start_up_time_went(self):
-        self.need_bwrap()
+        require_tools("bwrap")
         result = self.run_script("-v", "--shell", "--", "-c", "true")
         self.assertEqual(result.returncode, 0, result.stderr)
         lines = [l for l in result.stderr.splitlines() if l.startswith("bw-claude: start-up: ")]
@@ -196,7 +158,7 @@ class VerboseTimingsTest(Session):
         self.assertRegex(lines[0], r"; [0-9]+ ms in all, then bwrap$")
 
     def test_without_verbose_nothing_is_said(self):
-        self.need_bwrap()
+        require_tools("bwrap")
         result = self.run_script("--shell", "--", "-c", "true")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertNotIn("start-up", result.stderr)
@@ -246,7 +208,7 @@ class QuickExitTest(Session):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertTrue(result.stdout.endswith("\n"))
         self.assertIn("bwrap", result.stdout)
-        self.need_bwrap()
+        require_tools("bwrap")
         result = self.run_script("--shell", "--", "-c", "exit 7")
         self.assertEqual(result.returncode, 7, result.stderr)
         result = self.run_script("--shell", "--dir", os.path.join(self.root, "missing"))
