@@ -8,7 +8,7 @@ import unittest
 import bw_lib
 import socks_filter
 from tests.sandbox_harness import ALERT, NAME, SSH_BANNER
-from tests.test_proxy_adversarial import built_client_hello, client_hello
+from tests.proxy_harness import built_client_hello, client_hello
 
 
 class RawRuleTest(unittest.TestCase):

@@ -16,7 +16,7 @@ import unittest
 from tests.sandbox_harness import (ALERT, BODY, BW_CLAUDE, NAME, SSH_BANNER, PinnedCase,
                                    SessionCase, http_server, loopback, one_line, tunnel,
                                    wait_for)
-from tests.test_proxy_adversarial import built_client_hello, client_hello
+from tests.proxy_harness import built_client_hello, client_hello
 
 
 def curl(url, options=""):
@@ -258,8 +258,8 @@ class BridgeTest(PinnedCase):
 
     def test_host_port_reaches_a_host_service_bound_to_127_0_0_1(self):
         server = self.upstream("http")
-        script = (f"curl -sS -m 8 --noproxy '*' http://127.0.0.1:8123/ ; "
-                  f"curl -sS -m 8 --noproxy '*' http://localhost:8123/x")
+        script = ("curl -sS -m 8 --noproxy '*' http://127.0.0.1:8123/ ; "
+                  "curl -sS -m 8 --noproxy '*' http://localhost:8123/x")
         result = self.filtered("--filter-network", "--host-port", f"8123:{server.port}", script=script,
                          pinned=False)
         self.assertEqual(result.stdout.count("ok"), 2, result.stderr)

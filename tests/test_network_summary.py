@@ -20,7 +20,7 @@ import socks_filter
 from tests.sandbox_harness import (BODY, GONE, LAN, NAME, SSH_BANNER, PinnedCase, SessionCase,
                                    LoopbackUpstreams, decisions, fetch, loopback, pinned_names,
                                    read_log, read_pty, tunnel)
-from tests.test_proxy_adversarial import built_client_hello
+from tests.proxy_harness import built_client_hello
 from tests.test_real_cli import RealCLITest
 
 
@@ -393,7 +393,7 @@ class PinnedStoryTest(PinnedCase):
             f"curl -sS -m 8 -o /dev/null -p -x \"$HTTPS_PROXY\" https://{GONE}/",
             f"curl -sS -m 8 -p -x \"$HTTPS_PROXY\" http://{LAN}:8000/ -o /dev/null -w '%{{http_code}}\\n'",
             f"curl -sS -m 8 -x \"$HTTPS_PROXY\" http://{LAN}:8000/",
-            f"curl -sS -m 8 -o /dev/null -p -x \"$HTTPS_PROXY\" https://raw.githubusercontent.com/"])
+            "curl -sS -m 8 -o /dev/null -p -x \"$HTTPS_PROXY\" https://raw.githubusercontent.com/"])
         result = self.filtered("--filter-network", "--allow-domain", f"127.0.0.1:{server.port}",
                          "--allow-domain", f"{GONE}:443", "--allow-domain", f"{LAN}:8000",
                          script=script)
