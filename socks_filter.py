@@ -154,6 +154,66 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 # ---------------------------------------------------------------------------------------------
+# Reasons: every word the log's "reason" field may hold, each with a few words for people (a
+# summary of the log shows them) and whether it is fixable: whether an allow rule naming the
+# refused destination cures it (for a name that resolved to a private address, a rule naming
+# that address). The code uses the names below, never the words themselves.
+
+REASONS = {}        # word -> (text for people, fixable by an allow rule)
+
+
+def _reason(word, text, fixable=False):
+    REASONS[word] = (text, fixable)
+    return word
+
+
+# The policy's decision on a destination (Policy).
+ALLOWED_BY_RULE = _reason("allowed-by-rule", "allowed by rule")
+NOT_IN_ALLOWLIST = _reason("not-in-allowlist", "not in allow list", fixable=True)
+DENIED_BY_RULE = _reason("denied-by-rule", "denied by rule")
+PRIVATE_ADDRESS = _reason("private-address", "private address", fixable=True)
+PLATFORM_ENDPOINT = _reason("platform-endpoint", "cloud platform endpoint")
+IP_LITERAL_NOT_ALLOWED = _reason("ip-literal-not-allowed", "IP address without an IP rule",
+                                 fixable=True)
+BAD_NAME = _reason("bad-name", "malformed name")
+BAD_PORT = _reason("bad-port", "bad port")
+# Refused before the destination is looked at.
+TOO_MANY_CONNECTIONS = _reason("too-many-connections", "too many connections")
+BAD_REQUEST = _reason("bad-request", "malformed request")
+PROXY_AUTH = _reason("proxy-auth", "no session credential")
+# A tunnel to a name that did not open with a ClientHello naming that host, or whose server
+# did not answer with a ServerHello.
+SNI_MISMATCH = _reason("sni-mismatch", "TLS name differs from the requested host")
+NO_SNI = _reason("no-sni", "TLS without a server name")
+NOT_TLS = _reason("not-tls", "not TLS")
+BAD_CLIENT_HELLO = _reason("bad-client-hello", "malformed TLS ClientHello")
+TLS_TIMEOUT = _reason("tls-timeout", "no TLS ClientHello in time")
+TLS_ALERT_FIRST = _reason("tls-alert-first", "TLS alert before the ClientHello")
+TLS_CHANGE_CIPHER_SPEC_FIRST = _reason("tls-change-cipher-spec-first",
+                                       "TLS change-cipher-spec before the ClientHello")
+TLS_HEARTBEAT_FIRST = _reason("tls-heartbeat-first", "TLS heartbeat before the ClientHello")
+TLS_DATA_FIRST = _reason("tls-data-first", "TLS application data before the ClientHello")
+BAD_SERVER_HELLO = _reason("bad-server-hello", "no valid TLS ServerHello from the server in time")
+# Allowed, but the connection did not happen.
+LOOKUP_FAILED = _reason("lookup-failed", "DNS lookup failed")
+CONNECT_REFUSED = _reason("connect-refused", "connection refused")
+UNREACHABLE = _reason("unreachable", "unreachable")
+CONNECT_TIMED_OUT = _reason("connect-timeout", "connect timed out")
+CONNECT_FAILED = _reason("connect-failed", "connect failed")
+# How a connection that was let through ended.
+CLOSED = _reason("closed", "closed")
+PROXY_STOPPED = _reason("proxy-stopped", "the proxy stopped")
+OUT_OF_DESCRIPTORS = _reason("out-of-descriptors", "the proxy ran out of file descriptors")
+
+# Why a tunnel to a name was closed before any byte reached the upstream.
+TUNNEL_REFUSALS = frozenset((SNI_MISMATCH, NO_SNI, NOT_TLS, BAD_CLIENT_HELLO, TLS_TIMEOUT,
+                             BAD_SERVER_HELLO, TLS_ALERT_FIRST, TLS_CHANGE_CIPHER_SPEC_FIRST,
+                             TLS_HEARTBEAT_FIRST, TLS_DATA_FIRST))
+# Allowed, but never connected: logged allowed, then closed with one of these, counted apart.
+FAILURE_REASONS = frozenset((LOOKUP_FAILED, CONNECT_REFUSED, UNREACHABLE, CONNECT_TIMED_OUT,
+                             CONNECT_FAILED))
+
+# ---------------------------------------------------------------------------------------------
 # Names and addresses
 
 class BadName(ValueError):
@@ -626,19 +686,19 @@ class Policy:
     def check_request(self, host, port):
         """Decide on a requested host (name or IP spelling) and port, before any lookup."""
         if not isinstance(port, int) or not 1 <= port <= 65535:
-            return Verdict(False, "bad-port", f"port {port!r} is not 1-65535")
+            return Verdict(False, BAD_PORT, f"port {port!r} is not 1-65535")
         try:
             kind, value = classify_host(host)
         except BadName as error:
-            return Verdict(False, "bad-name", str(error))
+            return Verdict(False, BAD_NAME, str(error))
         if kind == "ip":
             return self.check_address(value, port, literal=True)
         if any(rule.matches_name(value, port) for rule in self.deny):
-            return Verdict(False, "denied-by-rule", f"{value} matches a deny rule")
+            return Verdict(False, DENIED_BY_RULE, f"{value} matches a deny rule")
         for rule in self.allow:
             if rule.matches_name(value, port):
-                return Verdict(True, "allowed-by-rule", f"rule {rule.text}")
-        return self._unlisted("not-in-allowlist", f"no allow rule matches {value}:{port}")
+                return Verdict(True, ALLOWED_BY_RULE, f"rule {rule.text}")
+        return self._unlisted(NOT_IN_ALLOWLIST, f"no allow rule matches {value}:{port}")
 
     def _classify(self, address):
         """address_class() and words for messages; this machine's own addresses (self.own)
@@ -657,22 +717,22 @@ class Policy:
             address = address.ipv4_mapped
         shown = format_address(address, port)
         if any(rule.matches_address(address, port) for rule in self.deny):
-            return Verdict(False, "denied-by-rule", f"{shown} matches a deny rule")
+            return Verdict(False, DENIED_BY_RULE, f"{shown} matches a deny rule")
         allowing = [rule for rule in self.allow if rule.matches_address(address, port)]
         kind, what = self._classify(address)
         if kind == "platform" and not any(rule.names_exactly() for rule in allowing):
-            return Verdict(False, "platform-endpoint",
+            return Verdict(False, PLATFORM_ENDPOINT,
                            f"{shown}: {what}; only an allow rule for exactly this address "
                            "reaches it")
         if allowing:
-            return Verdict(True, "allowed-by-rule", f"rule {allowing[0].text}")
+            return Verdict(True, ALLOWED_BY_RULE, f"rule {allowing[0].text}")
         if kind == "special" or (kind == "private-use" and not self.allow_private):
             how = "an IP rule or --allow-private" if kind == "private-use" else "only an IP rule"
-            return Verdict(False, "private-address",
+            return Verdict(False, PRIVATE_ADDRESS,
                            f"{shown} is not public ({what}; {how} reaches it)")
         if literal:
-            return self._unlisted("ip-literal-not-allowed", f"no IP rule covers {shown}")
-        return Verdict(True, "allowed-by-rule", f"resolved to {shown}")
+            return self._unlisted(IP_LITERAL_NOT_ALLOWED, f"no IP rule covers {shown}")
+        return Verdict(True, ALLOWED_BY_RULE, f"resolved to {shown}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,11 +745,8 @@ class Policy:
 RAW_SUFFIX = "/raw"
 # The log reason for each TLS record type that is not a handshake, sent first. Some TLS servers
 # accept these before the ClientHello and then answer a hello for another site.
-TLS_RECORD_FIRST = {0x14: "tls-change-cipher-spec-first", 0x15: "tls-alert-first",
-                    0x17: "tls-data-first", 0x18: "tls-heartbeat-first"}
-# Why a tunnel to a name was closed before any byte reached the upstream (log reasons).
-TUNNEL_REFUSALS = frozenset(("sni-mismatch", "no-sni", "not-tls", "bad-client-hello",
-                             "tls-timeout", "bad-server-hello", *TLS_RECORD_FIRST.values()))
+TLS_RECORD_FIRST = {0x14: TLS_CHANGE_CIPHER_SPEC_FIRST, 0x15: TLS_ALERT_FIRST,
+                    0x17: TLS_DATA_FIRST, 0x18: TLS_HEARTBEAT_FIRST}
 
 
 def parse_raw_rule(text, deny=False):
@@ -715,17 +772,17 @@ def tunnel_start(data):
     if data[0] in TLS_RECORD_FIRST:
         return TLS_RECORD_FIRST[data[0]], f"TLS record type {data[0]} before the ClientHello"
     if data[0] != 0x16:
-        return "not-tls", "the stream does not start with a TLS handshake"
+        return NOT_TLS, "the stream does not start with a TLS handshake"
     try:
         found = parse_client_hello(data)
     except ProtocolError as error:
-        return "bad-client-hello", f"bad ClientHello: {error}"
+        return BAD_CLIENT_HELLO, f"bad ClientHello: {error}"
     if found is None:
         if len(data) > MAX_CLIENT_HELLO + 1024:
-            return "bad-client-hello", "ClientHello too large"
+            return BAD_CLIENT_HELLO, "ClientHello too large"
         return None
-    if found[0] == "no-sni":
-        return "no-sni", "a ClientHello without a server name"
+    if found[0] == NO_SNI:
+        return NO_SNI, "a ClientHello without a server name"
     return found
 
 
@@ -777,7 +834,7 @@ def retry_hello_start(data):
         if len(data) < 6:
             return None
         if data[1] != 3 or data[3:6] != b"\x00\x01\x01":
-            return "bad-client-hello", "a malformed change_cipher_spec record"
+            return BAD_CLIENT_HELLO, "a malformed change_cipher_spec record"
         data = data[6:]
     return tunnel_start(data)
 
@@ -840,17 +897,36 @@ def proxy_auth_reply():
             b"Proxy-Authenticate: Basic realm=\"socks_filter\"\r\n"
             b"Content-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n"
-            b"X-Proxy-Error: proxy-auth\r\n\r\n" + body)
+            b"X-Proxy-Error: " + PROXY_AUTH.encode() + b"\r\n\r\n" + body)
 
 
 # ---------------------------------------------------------------------------------------------
 # Protocol parsing: pure functions over the bytes received so far. Each returns None when more
 # bytes are needed, or raises ProtocolError for bytes that can never become a valid request.
 
+# SOCKS5 replies (RFC 1928 section 6) and methods (section 3), the RFC 1929 status, and the
+# SOCKS4 reply codes ("CD" in the SOCKS4 protocol description).
+SOCKS5_SUCCEEDED = 0x00
+SOCKS5_GENERAL_FAILURE = 0x01
+SOCKS5_NOT_ALLOWED = 0x02               # "connection not allowed by ruleset"
+SOCKS5_NETWORK_UNREACHABLE = 0x03
+SOCKS5_HOST_UNREACHABLE = 0x04
+SOCKS5_CONNECTION_REFUSED = 0x05
+SOCKS5_COMMAND_NOT_SUPPORTED = 0x07
+SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+SOCKS5_NO_AUTHENTICATION = 0x00         # methods a greeting offers and the reply picks
+SOCKS5_USERNAME_PASSWORD = 0x02
+SOCKS5_NO_ACCEPTABLE_METHODS = b"\x05\xff"    # the greeting's refusal, version and method
+USERPASS_SUCCESS = b"\x01\x00"                # RFC 1929 version 1, status 0
+USERPASS_FAILURE = b"\x01\x01"                # RFC 1929 version 1, any other status
+SOCKS4_GRANTED = 0x5A
+SOCKS4_REJECTED = 0x5B
+
+
 class ProtocolError(Exception):
     """A malformed or unsupported request; carries the reply code each protocol should send."""
 
-    def __init__(self, message, socks5=0x01, http=400):
+    def __init__(self, message, socks5=SOCKS5_GENERAL_FAILURE, http=400):
         super().__init__(message)
         self.socks5, self.http = socks5, http
 
@@ -881,7 +957,7 @@ def parse_socks5_request(data):
     if version != 5 or reserved != 0:
         raise ProtocolError("malformed SOCKS5 request")
     if command != 1:
-        raise ProtocolError(f"SOCKS5 command {command} is not supported", socks5=0x07)
+        raise ProtocolError(f"SOCKS5 command {command} is not supported", socks5=SOCKS5_COMMAND_NOT_SUPPORTED)
     if address_type == 1:
         end = 4 + 4 + 2
         host = lambda: str(ipaddress.IPv4Address(bytes(data[4:8])))
@@ -892,7 +968,7 @@ def parse_socks5_request(data):
         end = 5 + data[4] + 2
         host = lambda: bytes(data[5:5 + data[4]]).decode("latin-1")
     else:
-        raise ProtocolError(f"SOCKS5 address type {address_type} is not supported", socks5=0x08)
+        raise ProtocolError(f"SOCKS5 address type {address_type} is not supported", socks5=SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED)
     if len(data) < end:
         return None
     port = struct.unpack("!H", data[end - 2:end])[0]
@@ -1042,7 +1118,7 @@ def parse_client_hello(data):
     if not data:
         return None
     if data[0] != 0x16:
-        return "not-tls", None
+        return NOT_TLS, None
     handshake = bytearray()
     offset = 0
     while True:
@@ -1072,7 +1148,7 @@ def _find_sni(hello):
         position += 2 + struct.unpack("!H", hello[position:position + 2])[0]
         position += 1 + hello[position]
         if position == len(hello):
-            return "no-sni", None
+            return NO_SNI, None
         end = position + 2 + struct.unpack("!H", hello[position:position + 2])[0]
         position += 2
         while position + 4 <= end:
@@ -1085,7 +1161,7 @@ def _find_sni(hello):
                 name_length = struct.unpack("!H", entries[1:3])[0]
                 return "sni", entries[3:3 + name_length].decode("latin-1")
             position += length
-        return "no-sni", None
+        return NO_SNI, None
     except (IndexError, struct.error):
         raise ProtocolError("truncated ClientHello") from None
 
@@ -1099,7 +1175,7 @@ def socks5_reply(code, address=None, port=0):
 
 
 def socks4_reply(granted):
-    return bytes((0, 0x5A if granted else 0x5B)) + b"\0" * 6
+    return bytes((0, SOCKS4_GRANTED if granted else SOCKS4_REJECTED)) + b"\0" * 6
 
 
 HTTP_PHRASES = {400: "Bad Request", 403: "Forbidden", 411: "Length Required",
@@ -1125,23 +1201,21 @@ def denial_message(host, port, verdict, address=None):
         also = " or use --allow-private" if address_class(address) == "private-use" else ""
         text += (f"\nTo allow it, add the IP rule '{format_address(address, port)}' (only if you "
                  f"mean to reach that address){also}.")
-    elif verdict.reason in ("not-in-allowlist", "ip-literal-not-allowed", "private-address"):
+    elif REASONS.get(verdict.reason, (None, False))[1]:
         text += f"\nTo allow it, add the allow rule '{shown}'."
     return text
 
 
-# Upstream failures: the log reason, the SOCKS5 code and the HTTP status for each.
+# Upstream failures (FAILURE_REASONS): the log reason, the SOCKS5 reply and the HTTP status.
 CONNECT_FAILURES = {
-    errno.ECONNREFUSED: ("connect-refused", 0x05, 502),
-    errno.ENETUNREACH: ("unreachable", 0x03, 502),
-    errno.EHOSTUNREACH: ("unreachable", 0x04, 502),
-    errno.ETIMEDOUT: ("connect-timeout", 0x04, 504),
+    errno.ECONNREFUSED: (CONNECT_REFUSED, SOCKS5_CONNECTION_REFUSED, 502),
+    errno.ENETUNREACH: (UNREACHABLE, SOCKS5_NETWORK_UNREACHABLE, 502),
+    errno.EHOSTUNREACH: (UNREACHABLE, SOCKS5_HOST_UNREACHABLE, 502),
+    errno.ETIMEDOUT: (CONNECT_TIMED_OUT, SOCKS5_HOST_UNREACHABLE, 504),
 }
-LOOKUP_FAILED = ("lookup-failed", 0x04, 502)
-CONNECT_TIMED_OUT = ("connect-timeout", 0x04, 504)
-OTHER_FAILURE = ("connect-failed", 0x01, 502)
-FAILURE_REASONS = frozenset(reason for reason, _, _ in (*CONNECT_FAILURES.values(), LOOKUP_FAILED,
-                                                        CONNECT_TIMED_OUT, OTHER_FAILURE))
+LOOKUP_FAILURE = (LOOKUP_FAILED, SOCKS5_HOST_UNREACHABLE, 502)
+TIMEOUT_FAILURE = (CONNECT_TIMED_OUT, SOCKS5_HOST_UNREACHABLE, 504)
+OTHER_FAILURE = (CONNECT_FAILED, SOCKS5_GENERAL_FAILURE, 502)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1265,12 +1339,12 @@ class Connection:
                 return
             methods, used = parsed
             del self.inbuf[:used]
-            method = 0 if self.server.token is None else 2
+            method = SOCKS5_NO_AUTHENTICATION if self.server.token is None else SOCKS5_USERNAME_PASSWORD
             if method not in methods:
-                self.unauthenticated("socks5", b"\x05\xff")
+                self.unauthenticated("socks5", SOCKS5_NO_ACCEPTABLE_METHODS)
                 return
             self.send_to_client(bytes((5, method)))
-            self.stage = "socks5-request" if method == 0 else "socks5-auth"
+            self.stage = "socks5-request" if method == SOCKS5_NO_AUTHENTICATION else "socks5-auth"
         if self.stage == "socks5-auth" and not self.socks5_authenticate():
             return
         parser = {"socks5-request": parse_socks5_request, "socks4": parse_socks4_request,
@@ -1284,7 +1358,7 @@ class Connection:
                 self.authenticated = self.server.accepts(http_proxy_password(self.inbuf[:used]))
             del self.inbuf[:used]
             if not self.authenticated:
-                self.unauthenticated(self.request.proto, self.refusal(0x02, 407, "", ""))
+                self.unauthenticated(self.request.proto, self.refusal(SOCKS5_NOT_ALLOWED, 407, "", ""))
                 return
             self.decide()
 
@@ -1292,17 +1366,17 @@ class Connection:
         proto = {"socks5-greeting": "socks5", "socks5-auth": "socks5", "socks5-request": "socks5",
                  "socks4": "socks4a",
                  "http": "http"}.get(self.stage, "unknown")
-        self.server.log_decision(self, proto, "", 0, Verdict(False, "bad-request", str(error)))
+        self.server.log_decision(self, proto, "", 0, Verdict(False, BAD_REQUEST, str(error)))
         if self.stage == "socks5-greeting":
-            self.finish_with(b"\x05\xff")
+            self.finish_with(SOCKS5_NO_ACCEPTABLE_METHODS)
         elif self.stage == "socks5-auth":
-            self.finish_with(b"\x01\x01")
+            self.finish_with(USERPASS_FAILURE)
         elif self.stage == "socks5-request":
             self.finish_with(socks5_reply(error.socks5))
         elif self.stage == "socks4":
             self.finish_with(socks4_reply(False))
         elif self.stage == "http":
-            self.finish_with(http_reply(error.http, f"socks_filter: {error}", "bad-request"))
+            self.finish_with(http_reply(error.http, f"socks_filter: {error}", BAD_REQUEST))
         else:
             self.close()
 
@@ -1324,10 +1398,10 @@ class Connection:
         password, used = parsed
         del self.inbuf[:used]
         if not self.server.accepts(password):
-            self.unauthenticated("socks5", b"\x01\x01")
+            self.unauthenticated("socks5", USERPASS_FAILURE)
             return False
         self.authenticated = True
-        self.send_to_client(b"\x01\x00")
+        self.send_to_client(USERPASS_SUCCESS)
         self.stage = "socks5-request"
         return True
 
@@ -1337,17 +1411,18 @@ class Connection:
         request = self.request
         self.server.log_decision(self, proto, request.host if request else "",
                                  request.port if request else 0,
-                                 Verdict(False, "proxy-auth", "no valid proxy credential"))
+                                 Verdict(False, PROXY_AUTH, "no valid proxy credential"))
         self.finish_with(reply)
 
     def decide(self):
         request = self.request
         self.server.idle.pop(self, None)
         if self.refusing:
-            verdict = Verdict(False, "too-many-connections", "the proxy is at its connection limit")
+            verdict = Verdict(False, TOO_MANY_CONNECTIONS, "the proxy is at its connection limit")
             self.server.log_decision(self, request.proto, request.host, request.port, verdict)
-            self.finish_with(self.refusal(0x01, 503, denial_message(request.host, request.port, verdict),
-                                          "too-many-connections"))
+            self.finish_with(self.refusal(SOCKS5_GENERAL_FAILURE, 503,
+                                          denial_message(request.host, request.port, verdict),
+                                          TOO_MANY_CONNECTIONS))
             return
         verdict = self.server.policy.check_request(request.host, request.port)
         if not verdict.allowed:
@@ -1371,7 +1446,7 @@ class Connection:
         request = self.request
         self.server.log_decision(self, request.proto, request.host, request.port, verdict,
                                  address=address)
-        self.finish_with(self.refusal(0x02, 403, denial_message(request.host, request.port, verdict,
+        self.finish_with(self.refusal(SOCKS5_NOT_ALLOWED, 403, denial_message(request.host, request.port, verdict,
                                                                 address), "blocked-by-allowlist"))
 
     def log_allowed_unless_sni_pending(self):
@@ -1392,13 +1467,13 @@ class Connection:
         if self.closed or self.stage != "connecting":
             return
         if error is not None or not addresses:
-            self.fail(LOOKUP_FAILED, f"lookup of {self.target} failed")
+            self.fail(LOOKUP_FAILURE, f"lookup of {self.target} failed")
             return
         for address in addresses:
             verdict = self.server.policy.check_address(address, self.request.port)
             if not verdict.allowed:
                 self.deny(Verdict(False, verdict.reason, f"{self.target} resolves to {verdict.detail}"),
-                          address if verdict.reason == "private-address" else None)
+                          address if verdict.reason == PRIVATE_ADDRESS else None)
                 return
         self.log_allowed_unless_sni_pending()
         self.candidates = list(addresses)
@@ -1443,7 +1518,8 @@ class Connection:
         request = self.request
         if request.proto == "socks5":
             bound_host, bound_port = self.upstream.getsockname()[:2]
-            self.send_to_client(socks5_reply(0, ipaddress.ip_address(bound_host), bound_port))
+            self.send_to_client(socks5_reply(SOCKS5_SUCCEEDED, ipaddress.ip_address(bound_host),
+                                             bound_port))
         elif request.proto == "socks4a":
             self.send_to_client(socks4_reply(True))
         elif request.proto == "http-connect":
@@ -1477,7 +1553,7 @@ class Connection:
         try:
             end = client_hello_end(self.inbuf)
         except ProtocolError as error:
-            self.tunnel_refused("bad-client-hello", f"bad ClientHello: {error}")
+            self.tunnel_refused(BAD_CLIENT_HELLO, f"bad ClientHello: {error}")
             return
         self.log_allowed(self.verdict, "tls")
         self.watch_server_hello(end)
@@ -1500,7 +1576,7 @@ class Connection:
         self.log_allowed(verdict, "raw")
         self.start_relay()
 
-    def sni_denied(self, detail, reason="sni-mismatch"):
+    def sni_denied(self, detail, reason=SNI_MISMATCH):
         if self.logged_decision:    # allowed on its first ClientHello: counted denied only
             self.server.stats["allowed"] -= 1
         self.server.log_decision(self, self.request.proto, self.target, self.request.port,
@@ -1570,7 +1646,7 @@ class Connection:
         try:
             kind = server_hello_kind(self.server_reply)
         except ProtocolError as error:
-            self.sni_denied(f"bad answer to the ClientHello: {error}", "bad-server-hello")
+            self.sni_denied(f"bad answer to the ClientHello: {error}", BAD_SERVER_HELLO)
             return
         if kind is None:
             return
@@ -1594,7 +1670,7 @@ class Connection:
             if self.stage == "retry-hello":
                 self.check_retry_hello()
         elif self.stage == "retry-hello":
-            self.sni_denied("the client closed the tunnel before its second ClientHello", "not-tls")
+            self.sni_denied("the client closed the tunnel before its second ClientHello", NOT_TLS)
         else:
             self.close()
 
@@ -1605,12 +1681,12 @@ class Connection:
             return
         kind, value = found
         if kind == "sni" and not self.names_target(value):
-            kind, value = "sni-mismatch", f"TLS server name {value[:255]!r} is not {self.target}"
+            kind, value = SNI_MISMATCH, f"TLS server name {value[:255]!r} is not {self.target}"
         if kind == "sni":
             try:
                 client_hello_end(self.inbuf[6 if self.inbuf[0] == 0x14 else 0:])
             except ProtocolError as error:
-                kind, value = "bad-client-hello", f"bad ClientHello: {error}"
+                kind, value = BAD_CLIENT_HELLO, f"bad ClientHello: {error}"
         if kind != "sni":
             self.sni_denied(f"after a HelloRetryRequest: {value}", kind)
             return
@@ -1671,14 +1747,14 @@ class Connection:
             try:
                 direction.pipe = self.server.pipes.take()
             except OSError:
-                self.close("out-of-descriptors")
+                self.close(OUT_OF_DESCRIPTORS)
                 return
         try:
             received = os.splice(direction.source.fileno(), direction.pipe[1], want, flags=SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self.close("closed")
+            self.close(CLOSED)
             return
         if received == 0:
             direction.ended = True
@@ -1706,7 +1782,7 @@ class Connection:
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
-            self.close("closed")
+            self.close(CLOSED)
             return None
 
     def flush(self, direction):
@@ -1740,7 +1816,7 @@ class Connection:
                 except OSError:
                     pass
         if (self.up.shut and self.down.shut) or (self.request.proto == "http" and self.down.shut):
-            self.close("closed")
+            self.close(CLOSED)
         else:
             self.update_events()
 
@@ -1783,7 +1859,7 @@ class Connection:
             data = b""
         if not data:
             if self.stage == "sni":     # logged, or the summary would not know it was tried
-                self.sni_denied("the client closed the tunnel before a whole ClientHello", "not-tls")
+                self.sni_denied("the client closed the tunnel before a whole ClientHello", NOT_TLS)
             self.close()
         elif self.stage in ("closing", "draining"):
             self.drained += len(data)
@@ -1845,18 +1921,18 @@ class Connection:
 
     def on_timeout(self):
         if self.stage == "connecting":
-            self.fail(CONNECT_TIMED_OUT, f"no connection to {self.request.host}:{self.request.port} "
+            self.fail(TIMEOUT_FAILURE, f"no connection to {self.request.host}:{self.request.port} "
                                          f"within {CONNECT_TIMEOUT:g}s")
         elif self.stage == "sni":
-            self.tunnel_refused("tls-timeout", "no complete ClientHello in time")
+            self.tunnel_refused(TLS_TIMEOUT, "no complete ClientHello in time")
         elif self.stage == "server-hello":
-            self.sni_denied("no ServerHello from the server in time", "bad-server-hello")
+            self.sni_denied("no ServerHello from the server in time", BAD_SERVER_HELLO)
         elif self.stage == "retry-hello":
-            self.sni_denied("no second ClientHello after a HelloRetryRequest in time", "tls-timeout")
+            self.sni_denied("no second ClientHello after a HelloRetryRequest in time", TLS_TIMEOUT)
         else:
             self.close()
 
-    def close(self, reason="closed"):
+    def close(self, reason=CLOSED):
         if self.closed:
             return
         self.closed = True
@@ -2191,7 +2267,7 @@ class FilterServer:
         if reason in FAILURE_REASONS:       # allowed, but never connected: counted apart
             self.stats["allowed"] -= 1
             self.stats["failed"] += 1
-        if self.verbose and reason != "closed":
+        if self.verbose and reason != CLOSED:
             print(f"socks_filter: #{connection.id} {record['host']}:{request.port} failed: {reason}",
                   file=self.stderr, flush=True)
 
@@ -2224,7 +2300,7 @@ class FilterServer:
 
     def _cleanup(self):
         for connection in list(self.connections.values()):
-            connection.close("proxy-stopped")
+            connection.close(PROXY_STOPPED)
         self._release()
 
     def _release(self):
