@@ -734,6 +734,16 @@ class Policy:
             return self._unlisted(IP_LITERAL_NOT_ALLOWED, f"no IP rule covers {shown}")
         return Verdict(True, ALLOWED_BY_RULE, f"resolved to {shown}")
 
+    def check_resolved(self, name, addresses, port):
+        """Decide on the addresses an allowed name resolved to: (a denial naming the first one
+        refused, that address when a rule naming it is the fix), or (None, None) for none."""
+        for address in addresses:
+            verdict = self.check_address(address, port)
+            if not verdict.allowed:
+                return (Verdict(False, verdict.reason, f"{name} resolves to {verdict.detail}"),
+                        address if verdict.reason == PRIVATE_ADDRESS else None)
+        return None, None
+
 
 # ---------------------------------------------------------------------------------------------
 # What a tunnel may carry. A name rule is a rule for that name's TLS service: a tunnel to it
@@ -887,6 +897,16 @@ def http_proxy_password(head):
     except (ValueError, binascii.Error):
         return None
     return decoded.partition(b":")[2]
+
+
+def password_matches(token, password):
+    """Whether `password` is the session's `token`; always true without one."""
+    if token is None:
+        return True
+    # Imported here, not at the top: it loads OpenSSL (~3 ms of every proxy start), and only
+    # --token-env needs it.
+    import hmac
+    return password is not None and hmac.compare_digest(password, token)
 
 
 def proxy_auth_reply():
@@ -1188,6 +1208,31 @@ def http_reply(status, message, proxy_error):
     head = (f"HTTP/1.1 {status} {HTTP_PHRASES[status]}\r\nContent-Type: text/plain; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\nX-Proxy-Error: {proxy_error}\r\n\r\n")
     return head.encode("ascii") + body
+
+
+def refusal(proto, socks5_code, http_status, message, proxy_error):
+    """The reply refusing a request, in its protocol: the SOCKS5 reply code, a SOCKS4
+    rejection, or an HTTP error (407 asks for the proxy credential)."""
+    if proto == "socks5":
+        return socks5_reply(socks5_code)
+    if proto == "socks4a":
+        return socks4_reply(False)
+    if http_status == 407:
+        return proxy_auth_reply()
+    return http_reply(http_status, message, proxy_error)
+
+
+def connected_reply(proto, upstream):
+    """What a client is told once its upstream is connected: SOCKS5 with the address the proxy
+    connected from, SOCKS4 granted, HTTP CONNECT 200; b"" for plain HTTP (the answer follows)."""
+    if proto == "socks5":
+        bound_host, bound_port = upstream.getsockname()[:2]
+        return socks5_reply(SOCKS5_SUCCEEDED, ipaddress.ip_address(bound_host), bound_port)
+    if proto == "socks4a":
+        return socks4_reply(True)
+    if proto == "http-connect":
+        return b"HTTP/1.1 200 Connection established\r\n\r\n"
+    return b""
 
 
 def denial_message(host, port, verdict, address=None):
@@ -1525,8 +1570,8 @@ class Handshake:
                 self.authenticated = connection.server.accepts(password)
             del connection.inbuf[:used]
             if not self.authenticated:
-                self.unauthenticated(connection.request.proto,
-                                     connection.refusal(SOCKS5_NOT_ALLOWED, 407, "", ""))
+                proto = connection.request.proto
+                self.unauthenticated(proto, refusal(proto, SOCKS5_NOT_ALLOWED, 407, "", ""))
                 return
             connection.decide()
 
@@ -1804,6 +1849,48 @@ class TlsCheck:
         connection.start_relay(self.relayed_up, self.relayed_down)
 
 
+class Dialer:
+    """The upstream connect: the checked addresses tried in the order given, each without
+    blocking, until one accepts (within the connection's CONNECT_TIMEOUT deadline). The
+    connection gets on_upstream_connected() or fail()."""
+
+    def __init__(self, connection, addresses):
+        self.connection, self.candidates = connection, list(addresses)
+
+    def connect_next(self, failure=OTHER_FAILURE):
+        connection = self.connection
+        port = connection.request.port
+        if not self.candidates:
+            connection.fail(failure, f"cannot connect to {connection.log_host()}:{port}")
+            return
+        address = self.candidates.pop(0)
+        connection.address = address
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        try:
+            upstream = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            connection.fail(OTHER_FAILURE, "out of sockets")
+            return
+        upstream.setblocking(False)
+        connection.upstream = upstream
+        code = upstream.connect_ex((str(address), port))
+        if code in (0, errno.EINPROGRESS):
+            connection.server.watch(upstream, selectors.EVENT_WRITE, connection.on_upstream_event)
+        else:
+            connection.drop_upstream()
+            self.connect_next(CONNECT_FAILURES.get(code, OTHER_FAILURE))
+
+    def on_writable(self):
+        """The connect finished: connected, or on to the next address."""
+        connection = self.connection
+        code = connection.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code != 0:
+            connection.drop_upstream()
+            self.connect_next(CONNECT_FAILURES.get(code, OTHER_FAILURE))
+            return
+        connection.on_upstream_connected()
+
+
 class Connection:
     """One client, from accept to close: its Handshake says where it wants to go, decide()
     asks the policy, the lookup and connect find the upstream, a TlsCheck checks a tunnel to a
@@ -1822,14 +1909,13 @@ class Connection:
         self.refusing = refusing
         self.request = None
         self.upstream = None
-        self.candidates = []
-        self.address = None
+        self.address = None         # the address connected to (or tried last)
         self.closed = False
         self.deadline = None
         self.verdict = self.kind = self.target = None
         self.raw = False            # a /raw rule allows this name and port: no TLS check
         self.handshake = Handshake(self)
-        self.tls = self.relay = None
+        self.dialer = self.tls = self.relay = None
         self.client_pending = b""
         self.logged_decision = False
         self.closed_logged = False
@@ -1841,11 +1927,9 @@ class Connection:
         request = self.request
         self.server.mark_busy(self)
         if self.refusing:
-            verdict = Verdict(False, TOO_MANY_CONNECTIONS, "the proxy is at its connection limit")
-            self.server.log.decision(self.id, request.proto, request.host, request.port, verdict)
-            self.finish_with(self.refusal(SOCKS5_GENERAL_FAILURE, 503,
-                                          denial_message(request.host, request.port, verdict),
-                                          TOO_MANY_CONNECTIONS))
+            self.deny(Verdict(False, TOO_MANY_CONNECTIONS, "the proxy is at its connection limit"),
+                      socks5_code=SOCKS5_GENERAL_FAILURE, http_status=503,
+                      proxy_error=TOO_MANY_CONNECTIONS)
             return
         verdict = self.server.policy.check_request(request.host, request.port)
         if not verdict.allowed:
@@ -1859,25 +1943,18 @@ class Connection:
         self.stage = Stage.CONNECTING
         self.server.set_deadline(self, CONNECT_TIMEOUT)
         if kind == "ip":
-            self.log_allowed_unless_sni_pending()
-            self.candidates = [value]
-            self.connect_next()
+            self.connect([value])
         else:
             self.server.resolve(self, value, request.port)
 
-    def deny(self, verdict, address=None):
+    def deny(self, verdict, address=None, socks5_code=SOCKS5_NOT_ALLOWED, http_status=403,
+             proxy_error="blocked-by-allowlist"):
         request = self.request
         self.server.log.decision(self.id, request.proto, request.host, request.port, verdict,
                                  address=address)
-        self.finish_with(self.refusal(SOCKS5_NOT_ALLOWED, 403,
-                                      denial_message(request.host, request.port, verdict, address),
-                                      "blocked-by-allowlist"))
-
-    def log_allowed_unless_sni_pending(self):
-        """Log the allow decision now, or, for a tunnel whose TLS server name is still to be
-        checked, once it is: a tunnel refused for its name counts as denied only."""
-        if not self.wants_sni_check():
-            self.log_allowed(self.verdict, "raw" if self.raw else None)
+        self.finish_with(refusal(request.proto, socks5_code, http_status,
+                                 denial_message(request.host, request.port, verdict, address),
+                                 proxy_error))
 
     def log_allowed(self, verdict, tunnel=None):
         self.logged_decision = True
@@ -1898,38 +1975,22 @@ class Connection:
         if error is not None or not addresses:
             self.fail(LOOKUP_FAILURE, f"lookup of {self.target} failed")
             return
-        for address in addresses:
-            verdict = self.server.policy.check_address(address, self.request.port)
-            if not verdict.allowed:
-                self.deny(Verdict(False, verdict.reason, f"{self.target} resolves to {verdict.detail}"),
-                          address if verdict.reason == PRIVATE_ADDRESS else None)
-                return
-        self.log_allowed_unless_sni_pending()
-        self.candidates = list(addresses)
-        self.connect_next()
+        verdict, address = self.server.policy.check_resolved(self.target, addresses,
+                                                             self.request.port)
+        if verdict is not None:
+            self.deny(verdict, address)
+            return
+        self.connect(addresses)
 
     # -- upstream connect -------------------------------------------------------------------
 
-    def connect_next(self, failure=OTHER_FAILURE):
-        if not self.candidates:
-            self.fail(failure, f"cannot connect to {self.log_host()}:{self.request.port}")
-            return
-        address = self.candidates.pop(0)
-        self.address = address
-        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-        try:
-            upstream = socket.socket(family, socket.SOCK_STREAM)
-        except OSError:
-            self.fail(OTHER_FAILURE, "out of sockets")
-            return
-        upstream.setblocking(False)
-        self.upstream = upstream
-        code = upstream.connect_ex((str(address), self.request.port))
-        if code in (0, errno.EINPROGRESS):
-            self.server.watch(upstream, selectors.EVENT_WRITE, self.on_upstream_event)
-        else:
-            self.drop_upstream()
-            self.connect_next(CONNECT_FAILURES.get(code, OTHER_FAILURE))
+    def connect(self, addresses):
+        """Allowed: log so now, or, for a tunnel whose TLS server name is still to be checked,
+        once it is (a tunnel refused for its name counts as denied only); then connect."""
+        if not self.wants_sni_check():
+            self.log_allowed(self.verdict, "raw" if self.raw else None)
+        self.dialer = Dialer(self, addresses)
+        self.dialer.connect_next()
 
     def drop_upstream(self):
         self.server.unwatch(self.upstream)
@@ -1937,22 +1998,11 @@ class Connection:
         self.upstream = None
 
     def on_upstream_connected(self):
-        code = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code != 0:
-            self.drop_upstream()
-            self.connect_next(CONNECT_FAILURES.get(code, OTHER_FAILURE))
-            return
         self.server.clear_deadline(self)
         self.upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        request = self.request
-        if request.proto == "socks5":
-            bound_host, bound_port = self.upstream.getsockname()[:2]
-            self.send_to_client(socks5_reply(SOCKS5_SUCCEEDED, ipaddress.ip_address(bound_host),
-                                             bound_port))
-        elif request.proto == "socks4a":
-            self.send_to_client(socks4_reply(True))
-        elif request.proto == "http-connect":
-            self.send_to_client(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        reply = connected_reply(self.request.proto, self.upstream)
+        if reply:
+            self.send_to_client(reply)
         if self.wants_sni_check():
             self.tls = TlsCheck(self)
             self.tls.start()
@@ -1980,7 +2030,7 @@ class Connection:
         elif self.stage in HELLO_STAGES:
             self.tls.on_upstream(events)
         else:
-            self.on_upstream_connected()
+            self.dialer.on_writable()
 
     def on_client_event(self, events):
         if self.closed:
@@ -2054,17 +2104,6 @@ class Connection:
             self.close(CLOSED)
             return None
 
-    def refusal(self, socks5_code, http_status, message, proxy_error):
-        """The reply refusing this client's request, in its protocol."""
-        proto = self.request.proto
-        if proto == "socks5":
-            return socks5_reply(socks5_code)
-        if proto == "socks4a":
-            return socks4_reply(False)
-        if http_status == 407:
-            return proxy_auth_reply()
-        return http_reply(http_status, message, proxy_error)
-
     def finish_with(self, reply):
         """Send a final reply, then close once it is written (or the closing deadline passes)."""
         self.stage = Stage.CLOSING
@@ -2092,8 +2131,8 @@ class Connection:
             self.log_allowed(self.verdict)
         self.server.log.closed(self, reason)
         self.closed_logged = True
-        self.finish_with(self.refusal(socks5_code, http_status,
-                                      f"socks_filter: {detail} ({reason}).", reason))
+        self.finish_with(refusal(self.request.proto, socks5_code, http_status,
+                                 f"socks_filter: {detail} ({reason}).", reason))
 
     def close(self, reason=CLOSED):
         if self.closed:
@@ -2109,11 +2148,6 @@ class Connection:
             if sock is not None:
                 self.server.unwatch(sock)
                 sock.close()
-
-    def bytes_moved(self):
-        """Bytes relayed (up, down), for the close record."""
-        relay = self.relay
-        return (relay.up.count, relay.down.count) if relay else (0, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2196,9 +2230,9 @@ class DecisionLog:
 
     def closed(self, connection, reason):
         """The close record of a logged connection (its id, request, log_host(), address,
-        bytes_moved() and started)."""
-        request = connection.request
-        bytes_up, bytes_down = connection.bytes_moved()
+        relay and started)."""
+        request, relay = connection.request, connection.relay
+        bytes_up, bytes_down = (relay.up.count, relay.down.count) if relay else (0, 0)
         record = {"ts": round(time.time(), 3), "event": "close", "id": connection.id,
                   "proto": request.proto, "host": connection.log_host(), "port": request.port,
                   "decision": "deny" if reason in TUNNEL_REFUSALS else "allow", "reason": reason,
@@ -2250,8 +2284,8 @@ class FilterServer:
     start() binds (raising OSError or ValueError with a readable message) and returns the
     addresses; serve_forever() runs until shutdown() is called from any thread or a signal
     handler, then closes every connection and releases everything. Also for callers: the
-    addresses, connections (id -> open Connection), log (the DecisionLog), stats (its counts)
-    and summary().
+    addresses, connections (id -> open Connection), log (the DecisionLog: summary()) and
+    stats (its counts).
 
     What a Connection (with its Handshake, TlsCheck and Relay) may use, and nothing else:
         policy, sni_check, token        what to allow, and whether a password is needed
@@ -2298,9 +2332,6 @@ class FilterServer:
     @property
     def stats(self):
         return self.log.stats
-
-    def summary(self):
-        return self.log.summary()
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -2465,13 +2496,7 @@ class FilterServer:
         self.resolver.submit(connection, name, port)
 
     def accepts(self, password):
-        """Whether `password` is the session's; always true without one."""
-        if self.token is None:
-            return True
-        # Imported here, not at the top: it loads OpenSSL (~3 ms of every proxy start), and only
-        # --token-env needs it.
-        import hmac
-        return password is not None and hmac.compare_digest(password, self.token)
+        return password_matches(self.token, password)
 
     def _resolved(self, connection, addresses, error):
         """Called on a resolver thread: hand the answer to the loop and wake it."""
@@ -2821,7 +2846,7 @@ def main(argv=None):
         print(f"{name}: error: cannot write the ready line: {error}", file=sys.stderr)
         return 1
     server.serve_forever()
-    print(server.summary(), file=sys.stderr, flush=True)
+    print(server.log.summary(), file=sys.stderr, flush=True)
     return 0
 
 
