@@ -1185,6 +1185,10 @@ def _find_sni(hello):
         raise ProtocolError("truncated ClientHello") from None
 
 
+# ---------------------------------------------------------------------------------------------
+# Replies: what a client is told, in its own protocol, when its request goes through, is
+# refused or fails.
+
 def socks5_reply(code, address=None, port=0):
     """A full-length SOCKS5 reply (clients read at least 10 bytes)."""
     if address is not None and address.version == 6:
@@ -1344,6 +1348,9 @@ class Relay:
         self.up = Direction(client, upstream, body_limit)
         self.down = Direction(upstream, client)
         self.closed = False
+        # The selector's handlers, made once: watch() compares them with what is registered.
+        self.on_client = functools.partial(self.on_ready, self.down, self.up)
+        self.on_upstream = functools.partial(self.on_ready, self.up, self.down)
 
     def start(self, head, body, to_client, counted_up, counted_down):
         """Begin with what the handshake already holds: a request `head` and the first `body`
@@ -1376,25 +1383,16 @@ class Relay:
 
     # -- events -------------------------------------------------------------------------------
 
-    def on_client(self, events):
+    def on_ready(self, to_side, from_side, events):
+        """A side's events (on_client, on_upstream): write what waits for it, then read it."""
         if self.closed:
             return
         if events & selectors.EVENT_WRITE:
-            self.flush(self.down)
+            self.flush(to_side)
             if not self.closed:
                 self.update_events()
         if events & selectors.EVENT_READ and not self.closed:
-            self.read(self.up)
-
-    def on_upstream(self, events):
-        if self.closed:
-            return
-        if events & selectors.EVENT_WRITE:
-            self.flush(self.up)
-            if not self.closed:
-                self.update_events()
-        if events & selectors.EVENT_READ and not self.closed:
-            self.read(self.down)
+            self.read(from_side)
 
     def update_events(self):
         """Read a side only while nothing waits to be written for it; write where bytes wait."""
@@ -1575,14 +1573,21 @@ class Handshake:
                 return
             connection.decide()
 
+    def take(self, parse):
+        """The next message, parsed and removed from the buffer, or None until it is whole."""
+        parsed = parse(self.connection.inbuf)
+        if parsed is None:
+            return None
+        value, used = parsed
+        del self.connection.inbuf[:used]
+        return value
+
     def socks5_greeting(self):
         """True once the method is picked and answered; no acceptable one ends the connection."""
         connection = self.connection
-        parsed = parse_socks5_greeting(connection.inbuf)
-        if parsed is None:
+        methods = self.take(parse_socks5_greeting)
+        if methods is None:
             return False
-        methods, used = parsed
-        del connection.inbuf[:used]
         method = (SOCKS5_NO_AUTHENTICATION if connection.server.token is None
                   else SOCKS5_USERNAME_PASSWORD)
         if method not in methods:
@@ -1596,11 +1601,9 @@ class Handshake:
     def socks5_authenticate(self):
         """RFC 1929: True once the session's password came; a wrong one ends the connection."""
         connection = self.connection
-        parsed = parse_socks5_userpass(connection.inbuf)
-        if parsed is None:
+        password = self.take(parse_socks5_userpass)
+        if password is None:
             return False
-        password, used = parsed
-        del connection.inbuf[:used]
         if not connection.server.accepts(password):
             self.unauthenticated("socks5", USERPASS_FAILURE)
             return False
@@ -2851,9 +2854,9 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Started before its arguments are known (issue 15): a parent starts the interpreter, which
-# imports this module while the parent is still deciding the arguments.
-# ---------------------------------------------------------------------------------------------
+# Started before its arguments are known: a parent starts the interpreter, which imports this
+# module while the parent is still deciding the arguments, so that the two overlap and the
+# proxy is ready sooner.
 
 def main_from_stdin():
     """main() with its arguments read from stdin up to EOF, NUL-separated, the first being
