@@ -1348,9 +1348,6 @@ class Relay:
         self.up = Direction(client, upstream, body_limit)
         self.down = Direction(upstream, client)
         self.closed = False
-        # The selector's handlers, made once: watch() compares them with what is registered.
-        self.on_client = functools.partial(self.on_ready, self.down, self.up)
-        self.on_upstream = functools.partial(self.on_ready, self.up, self.down)
 
     def start(self, head, body, to_client, counted_up, counted_down):
         """Begin with what the handshake already holds: a request `head` and the first `body`
@@ -1383,8 +1380,14 @@ class Relay:
 
     # -- events -------------------------------------------------------------------------------
 
+    def on_client(self, events):
+        self.on_ready(self.down, self.up, events)
+
+    def on_upstream(self, events):
+        self.on_ready(self.up, self.down, events)
+
     def on_ready(self, to_side, from_side, events):
-        """A side's events (on_client, on_upstream): write what waits for it, then read it."""
+        """A side's events: write what waits for it, then read it."""
         if self.closed:
             return
         if events & selectors.EVENT_WRITE:
@@ -2021,6 +2024,7 @@ class Connection:
         to_client, self.client_pending = self.client_pending, b""
         body, self.inbuf = bytes(self.inbuf[:limit]), bytearray()
         self.stage = Stage.RELAY
+        self.handshake = self.dialer = self.tls = None     # done: hundreds of relays may run
         self.relay.start(request.head, body, to_client, relayed_up, relayed_down)
 
     # -- events -----------------------------------------------------------------------------
