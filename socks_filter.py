@@ -976,7 +976,8 @@ def parse_socks5_request(data):
     if version != 5 or reserved != 0:
         raise ProtocolError("malformed SOCKS5 request")
     if command != 1:
-        raise ProtocolError(f"SOCKS5 command {command} is not supported", socks5=SOCKS5_COMMAND_NOT_SUPPORTED)
+        raise ProtocolError(f"SOCKS5 command {command} is not supported",
+                            socks5=SOCKS5_COMMAND_NOT_SUPPORTED)
     if address_type == 1:
         end = 4 + 4 + 2
         host = lambda: str(ipaddress.IPv4Address(bytes(data[4:8])))
@@ -987,7 +988,8 @@ def parse_socks5_request(data):
         end = 5 + data[4] + 2
         host = lambda: bytes(data[5:5 + data[4]]).decode("latin-1")
     else:
-        raise ProtocolError(f"SOCKS5 address type {address_type} is not supported", socks5=SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED)
+        raise ProtocolError(f"SOCKS5 address type {address_type} is not supported",
+                            socks5=SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED)
     if len(data) < end:
         return None
     port = struct.unpack("!H", data[end - 2:end])[0]
