@@ -2296,14 +2296,15 @@ class FilterServer:
     addresses, connections (id -> open Connection), log (the DecisionLog: summary()) and
     stats (its counts).
 
-    What a Connection (with its Handshake, TlsCheck and Relay) may use, and nothing else:
+    What a Connection (with its Handshake, Dialer, TlsCheck and Relay) may use, and no more:
         policy, sni_check, token        what to allow, and whether a password is needed
         accepts(password)               whether it is the session's
         log                             decision(), closed(), retract_allowed()
         pipes                           the PipePool
-        watch(sock, events, handler)    selector registration (handler(events) is called);
+        watch(sock, events, handler)    selector registration: handler(events) is called;
         unwatch(sock)                   no events, or a closed socket
-        set_deadline(connection, seconds), clear_deadline(connection)   on_timeout() then
+        set_deadline(connection, seconds)   connection.on_timeout() is called then,
+        clear_deadline(connection)          unless cleared or set again first
         mark_idle(connection)           its slot may be taken by a newcomer at the limit
         mark_busy(connection)           its slot is its own (deciding, connecting, relaying)
         forget(connection)              it closed: the slot is free
@@ -2335,8 +2336,7 @@ class FilterServer:
         self.pipes = PipePool()
         self.stopping = False
         self.accept_paused_until = None
-        self.wake_lock = threading.Lock()
-        self.wake_read = self.wake_write = None
+        self.waker = Waker()
 
     @property
     def stats(self):
@@ -2360,13 +2360,11 @@ class FilterServer:
                 except OSError as error:
                     raise OSError(f"cannot listen on {spec}: {error.strerror or error}") from None
                 self.listeners.append(listener)
-            self.wake_read, self.wake_write = os.pipe()
+            self.waker.open()
         except Exception:
             self._release()
             raise
-        os.set_blocking(self.wake_read, False)
-        os.set_blocking(self.wake_write, False)
-        self.selector.register(self.wake_read, selectors.EVENT_READ, self._drain_wake)
+        self.selector.register(self.waker.read_fd, selectors.EVENT_READ, self._drain_wake)
         self._watch_listeners()
         return self.addresses
 
@@ -2390,22 +2388,10 @@ class FilterServer:
         """Ask serve_forever() to stop; safe from other threads and from signal handlers
         (which is why it takes no lock: the handler may interrupt a holder of it)."""
         self.stopping = True
-        self._write_wake()
-
-    def _write_wake(self):
-        fd = self.wake_write
-        if fd is not None:
-            try:
-                os.write(fd, b"x")
-            except OSError:
-                pass
+        self.waker.wake()
 
     def _drain_wake(self, events):
-        try:
-            while os.read(self.wake_read, 4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        self.waker.drain()
         while self.resolved:
             connection, addresses, error = self.resolved.popleft()
             connection.on_resolved(addresses, error)
@@ -2510,8 +2496,7 @@ class FilterServer:
     def _resolved(self, connection, addresses, error):
         """Called on a resolver thread: hand the answer to the loop and wake it."""
         self.resolved.append((connection, addresses, error))
-        with self.wake_lock:
-            self._write_wake()
+        self.waker.wake_from_thread()
 
     # -- cleanup ----------------------------------------------------------------------------
 
@@ -2538,8 +2523,45 @@ class FilterServer:
         self.resolver.stop()
         self.selector.close()
         self.log.close()
-        with self.wake_lock:
-            fds, self.wake_read, self.wake_write = (self.wake_read, self.wake_write), None, None
+        self.waker.close()
+
+
+class Waker:
+    """A pipe that wakes the selector loop: from the resolver threads, which hold the lock
+    while they write so that close() never lets them write to a number reused by another
+    file, and from signal handlers, which must not take it (they may interrupt a holder)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.read_fd = self.write_fd = None
+
+    def open(self):
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+
+    def wake(self):
+        fd = self.write_fd
+        if fd is not None:
+            try:
+                os.write(fd, b"x")
+            except OSError:
+                pass
+
+    def wake_from_thread(self):
+        with self.lock:
+            self.wake()
+
+    def drain(self):
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def close(self):
+        with self.lock:
+            fds, self.read_fd, self.write_fd = (self.read_fd, self.write_fd), None, None
         for fd in fds:
             if fd is not None:
                 os.close(fd)
