@@ -154,6 +154,66 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 # ---------------------------------------------------------------------------------------------
+# Reasons: every word the log's "reason" field may hold, each with a few words for people (a
+# summary of the log shows them) and whether it is fixable: whether an allow rule naming the
+# refused destination cures it (for a name that resolved to a private address, a rule naming
+# that address). The code uses the names below, never the words themselves.
+
+REASONS = {}        # word -> (text for people, fixable by an allow rule)
+
+
+def _reason(word, text, fixable=False):
+    REASONS[word] = (text, fixable)
+    return word
+
+
+# The policy's decision on a destination (Policy).
+ALLOWED_BY_RULE = _reason("allowed-by-rule", "allowed by rule")
+NOT_IN_ALLOWLIST = _reason("not-in-allowlist", "not in allow list", fixable=True)
+DENIED_BY_RULE = _reason("denied-by-rule", "denied by rule")
+PRIVATE_ADDRESS = _reason("private-address", "private address", fixable=True)
+PLATFORM_ENDPOINT = _reason("platform-endpoint", "cloud platform endpoint")
+IP_LITERAL_NOT_ALLOWED = _reason("ip-literal-not-allowed", "IP address without an IP rule",
+                                 fixable=True)
+BAD_NAME = _reason("bad-name", "malformed name")
+BAD_PORT = _reason("bad-port", "bad port")
+# Refused before the destination is looked at.
+TOO_MANY_CONNECTIONS = _reason("too-many-connections", "too many connections")
+BAD_REQUEST = _reason("bad-request", "malformed request")
+PROXY_AUTH = _reason("proxy-auth", "no session credential")
+# A tunnel to a name that did not open with a ClientHello naming that host, or whose server
+# did not answer with a ServerHello.
+SNI_MISMATCH = _reason("sni-mismatch", "TLS name differs from the requested host")
+NO_SNI = _reason("no-sni", "TLS without a server name")
+NOT_TLS = _reason("not-tls", "not TLS")
+BAD_CLIENT_HELLO = _reason("bad-client-hello", "malformed TLS ClientHello")
+TLS_TIMEOUT = _reason("tls-timeout", "no TLS ClientHello in time")
+TLS_ALERT_FIRST = _reason("tls-alert-first", "TLS alert before the ClientHello")
+TLS_CHANGE_CIPHER_SPEC_FIRST = _reason("tls-change-cipher-spec-first",
+                                       "TLS change-cipher-spec before the ClientHello")
+TLS_HEARTBEAT_FIRST = _reason("tls-heartbeat-first", "TLS heartbeat before the ClientHello")
+TLS_DATA_FIRST = _reason("tls-data-first", "TLS application data before the ClientHello")
+BAD_SERVER_HELLO = _reason("bad-server-hello", "no valid TLS ServerHello from the server in time")
+# Allowed, but the connection did not happen.
+LOOKUP_FAILED = _reason("lookup-failed", "DNS lookup failed")
+CONNECT_REFUSED = _reason("connect-refused", "connection refused")
+UNREACHABLE = _reason("unreachable", "unreachable")
+CONNECT_TIMED_OUT = _reason("connect-timeout", "connect timed out")
+CONNECT_FAILED = _reason("connect-failed", "connect failed")
+# How a connection that was let through ended.
+CLOSED = _reason("closed", "closed")
+PROXY_STOPPED = _reason("proxy-stopped", "the proxy stopped")
+OUT_OF_DESCRIPTORS = _reason("out-of-descriptors", "the proxy ran out of file descriptors")
+
+# Why a tunnel to a name was closed before any byte reached the upstream.
+TUNNEL_REFUSALS = frozenset((SNI_MISMATCH, NO_SNI, NOT_TLS, BAD_CLIENT_HELLO, TLS_TIMEOUT,
+                             BAD_SERVER_HELLO, TLS_ALERT_FIRST, TLS_CHANGE_CIPHER_SPEC_FIRST,
+                             TLS_HEARTBEAT_FIRST, TLS_DATA_FIRST))
+# Allowed, but never connected: logged allowed, then closed with one of these, counted apart.
+FAILURE_REASONS = frozenset((LOOKUP_FAILED, CONNECT_REFUSED, UNREACHABLE, CONNECT_TIMED_OUT,
+                             CONNECT_FAILED))
+
+# ---------------------------------------------------------------------------------------------
 # Names and addresses
 
 class BadName(ValueError):
@@ -626,19 +686,19 @@ class Policy:
     def check_request(self, host, port):
         """Decide on a requested host (name or IP spelling) and port, before any lookup."""
         if not isinstance(port, int) or not 1 <= port <= 65535:
-            return Verdict(False, "bad-port", f"port {port!r} is not 1-65535")
+            return Verdict(False, BAD_PORT, f"port {port!r} is not 1-65535")
         try:
             kind, value = classify_host(host)
         except BadName as error:
-            return Verdict(False, "bad-name", str(error))
+            return Verdict(False, BAD_NAME, str(error))
         if kind == "ip":
             return self.check_address(value, port, literal=True)
         if any(rule.matches_name(value, port) for rule in self.deny):
-            return Verdict(False, "denied-by-rule", f"{value} matches a deny rule")
+            return Verdict(False, DENIED_BY_RULE, f"{value} matches a deny rule")
         for rule in self.allow:
             if rule.matches_name(value, port):
-                return Verdict(True, "allowed-by-rule", f"rule {rule.text}")
-        return self._unlisted("not-in-allowlist", f"no allow rule matches {value}:{port}")
+                return Verdict(True, ALLOWED_BY_RULE, f"rule {rule.text}")
+        return self._unlisted(NOT_IN_ALLOWLIST, f"no allow rule matches {value}:{port}")
 
     def _classify(self, address):
         """address_class() and words for messages; this machine's own addresses (self.own)
@@ -657,22 +717,32 @@ class Policy:
             address = address.ipv4_mapped
         shown = format_address(address, port)
         if any(rule.matches_address(address, port) for rule in self.deny):
-            return Verdict(False, "denied-by-rule", f"{shown} matches a deny rule")
+            return Verdict(False, DENIED_BY_RULE, f"{shown} matches a deny rule")
         allowing = [rule for rule in self.allow if rule.matches_address(address, port)]
         kind, what = self._classify(address)
         if kind == "platform" and not any(rule.names_exactly() for rule in allowing):
-            return Verdict(False, "platform-endpoint",
+            return Verdict(False, PLATFORM_ENDPOINT,
                            f"{shown}: {what}; only an allow rule for exactly this address "
                            "reaches it")
         if allowing:
-            return Verdict(True, "allowed-by-rule", f"rule {allowing[0].text}")
+            return Verdict(True, ALLOWED_BY_RULE, f"rule {allowing[0].text}")
         if kind == "special" or (kind == "private-use" and not self.allow_private):
             how = "an IP rule or --allow-private" if kind == "private-use" else "only an IP rule"
-            return Verdict(False, "private-address",
+            return Verdict(False, PRIVATE_ADDRESS,
                            f"{shown} is not public ({what}; {how} reaches it)")
         if literal:
-            return self._unlisted("ip-literal-not-allowed", f"no IP rule covers {shown}")
-        return Verdict(True, "allowed-by-rule", f"resolved to {shown}")
+            return self._unlisted(IP_LITERAL_NOT_ALLOWED, f"no IP rule covers {shown}")
+        return Verdict(True, ALLOWED_BY_RULE, f"resolved to {shown}")
+
+    def check_resolved(self, name, addresses, port):
+        """Decide on the addresses an allowed name resolved to: (a denial naming the first one
+        refused, that address when a rule naming it is the fix), or (None, None) for none."""
+        for address in addresses:
+            verdict = self.check_address(address, port)
+            if not verdict.allowed:
+                return (Verdict(False, verdict.reason, f"{name} resolves to {verdict.detail}"),
+                        address if verdict.reason == PRIVATE_ADDRESS else None)
+        return None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,11 +755,8 @@ class Policy:
 RAW_SUFFIX = "/raw"
 # The log reason for each TLS record type that is not a handshake, sent first. Some TLS servers
 # accept these before the ClientHello and then answer a hello for another site.
-TLS_RECORD_FIRST = {0x14: "tls-change-cipher-spec-first", 0x15: "tls-alert-first",
-                    0x17: "tls-data-first", 0x18: "tls-heartbeat-first"}
-# Why a tunnel to a name was closed before any byte reached the upstream (log reasons).
-TUNNEL_REFUSALS = frozenset(("sni-mismatch", "no-sni", "not-tls", "bad-client-hello",
-                             "tls-timeout", "bad-server-hello", *TLS_RECORD_FIRST.values()))
+TLS_RECORD_FIRST = {0x14: TLS_CHANGE_CIPHER_SPEC_FIRST, 0x15: TLS_ALERT_FIRST,
+                    0x17: TLS_DATA_FIRST, 0x18: TLS_HEARTBEAT_FIRST}
 
 
 def parse_raw_rule(text, deny=False):
@@ -715,17 +782,17 @@ def tunnel_start(data):
     if data[0] in TLS_RECORD_FIRST:
         return TLS_RECORD_FIRST[data[0]], f"TLS record type {data[0]} before the ClientHello"
     if data[0] != 0x16:
-        return "not-tls", "the stream does not start with a TLS handshake"
+        return NOT_TLS, "the stream does not start with a TLS handshake"
     try:
         found = parse_client_hello(data)
     except ProtocolError as error:
-        return "bad-client-hello", f"bad ClientHello: {error}"
+        return BAD_CLIENT_HELLO, f"bad ClientHello: {error}"
     if found is None:
         if len(data) > MAX_CLIENT_HELLO + 1024:
-            return "bad-client-hello", "ClientHello too large"
+            return BAD_CLIENT_HELLO, "ClientHello too large"
         return None
-    if found[0] == "no-sni":
-        return "no-sni", "a ClientHello without a server name"
+    if found[0] == NO_SNI:
+        return NO_SNI, "a ClientHello without a server name"
     return found
 
 
@@ -739,7 +806,6 @@ def tunnel_start(data):
 
 # SHA-256("HelloRetryRequest"), the random of every HelloRetryRequest (RFC 8446 section 4.1.3).
 HELLO_RETRY_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
-HELLO_STAGES = ("server-hello", "retry-hello")   # Connection stages between hello and relay
 MAX_SERVER_HELLO_SCAN = 65536     # a server's bytes read before its ServerHello must show
 MAX_TLS_RECORD = 16384 + 2048     # the largest TLS record (RFC 8446 section 5.2)
 
@@ -777,7 +843,7 @@ def retry_hello_start(data):
         if len(data) < 6:
             return None
         if data[1] != 3 or data[3:6] != b"\x00\x01\x01":
-            return "bad-client-hello", "a malformed change_cipher_spec record"
+            return BAD_CLIENT_HELLO, "a malformed change_cipher_spec record"
         data = data[6:]
     return tunnel_start(data)
 
@@ -833,6 +899,16 @@ def http_proxy_password(head):
     return decoded.partition(b":")[2]
 
 
+def password_matches(token, password):
+    """Whether `password` is the session's `token`; always true without one."""
+    if token is None:
+        return True
+    # Imported here, not at the top: it loads OpenSSL (~3 ms of every proxy start), and only
+    # --token-env needs it.
+    import hmac
+    return password is not None and hmac.compare_digest(password, token)
+
+
 def proxy_auth_reply():
     """407 with a Basic challenge: clients such as git send the credential only when asked."""
     body = b"socks_filter: this proxy needs the session's credential.\n"
@@ -840,17 +916,36 @@ def proxy_auth_reply():
             b"Proxy-Authenticate: Basic realm=\"socks_filter\"\r\n"
             b"Content-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n"
-            b"X-Proxy-Error: proxy-auth\r\n\r\n" + body)
+            b"X-Proxy-Error: " + PROXY_AUTH.encode() + b"\r\n\r\n" + body)
 
 
 # ---------------------------------------------------------------------------------------------
 # Protocol parsing: pure functions over the bytes received so far. Each returns None when more
 # bytes are needed, or raises ProtocolError for bytes that can never become a valid request.
 
+# SOCKS5 replies (RFC 1928 section 6) and methods (section 3), the RFC 1929 status, and the
+# SOCKS4 reply codes ("CD" in the SOCKS4 protocol description).
+SOCKS5_SUCCEEDED = 0x00
+SOCKS5_GENERAL_FAILURE = 0x01
+SOCKS5_NOT_ALLOWED = 0x02               # "connection not allowed by ruleset"
+SOCKS5_NETWORK_UNREACHABLE = 0x03
+SOCKS5_HOST_UNREACHABLE = 0x04
+SOCKS5_CONNECTION_REFUSED = 0x05
+SOCKS5_COMMAND_NOT_SUPPORTED = 0x07
+SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+SOCKS5_NO_AUTHENTICATION = 0x00         # methods a greeting offers and the reply picks
+SOCKS5_USERNAME_PASSWORD = 0x02
+SOCKS5_NO_ACCEPTABLE_METHODS = b"\x05\xff"    # the greeting's refusal, version and method
+USERPASS_SUCCESS = b"\x01\x00"                # RFC 1929 version 1, status 0
+USERPASS_FAILURE = b"\x01\x01"                # RFC 1929 version 1, any other status
+SOCKS4_GRANTED = 0x5A
+SOCKS4_REJECTED = 0x5B
+
+
 class ProtocolError(Exception):
     """A malformed or unsupported request; carries the reply code each protocol should send."""
 
-    def __init__(self, message, socks5=0x01, http=400):
+    def __init__(self, message, socks5=SOCKS5_GENERAL_FAILURE, http=400):
         super().__init__(message)
         self.socks5, self.http = socks5, http
 
@@ -881,7 +976,8 @@ def parse_socks5_request(data):
     if version != 5 or reserved != 0:
         raise ProtocolError("malformed SOCKS5 request")
     if command != 1:
-        raise ProtocolError(f"SOCKS5 command {command} is not supported", socks5=0x07)
+        raise ProtocolError(f"SOCKS5 command {command} is not supported",
+                            socks5=SOCKS5_COMMAND_NOT_SUPPORTED)
     if address_type == 1:
         end = 4 + 4 + 2
         host = lambda: str(ipaddress.IPv4Address(bytes(data[4:8])))
@@ -892,7 +988,8 @@ def parse_socks5_request(data):
         end = 5 + data[4] + 2
         host = lambda: bytes(data[5:5 + data[4]]).decode("latin-1")
     else:
-        raise ProtocolError(f"SOCKS5 address type {address_type} is not supported", socks5=0x08)
+        raise ProtocolError(f"SOCKS5 address type {address_type} is not supported",
+                            socks5=SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED)
     if len(data) < end:
         return None
     port = struct.unpack("!H", data[end - 2:end])[0]
@@ -1042,7 +1139,7 @@ def parse_client_hello(data):
     if not data:
         return None
     if data[0] != 0x16:
-        return "not-tls", None
+        return NOT_TLS, None
     handshake = bytearray()
     offset = 0
     while True:
@@ -1072,7 +1169,7 @@ def _find_sni(hello):
         position += 2 + struct.unpack("!H", hello[position:position + 2])[0]
         position += 1 + hello[position]
         if position == len(hello):
-            return "no-sni", None
+            return NO_SNI, None
         end = position + 2 + struct.unpack("!H", hello[position:position + 2])[0]
         position += 2
         while position + 4 <= end:
@@ -1085,10 +1182,14 @@ def _find_sni(hello):
                 name_length = struct.unpack("!H", entries[1:3])[0]
                 return "sni", entries[3:3 + name_length].decode("latin-1")
             position += length
-        return "no-sni", None
+        return NO_SNI, None
     except (IndexError, struct.error):
         raise ProtocolError("truncated ClientHello") from None
 
+
+# ---------------------------------------------------------------------------------------------
+# Replies: what a client is told, in its own protocol, when its request goes through, is
+# refused or fails.
 
 def socks5_reply(code, address=None, port=0):
     """A full-length SOCKS5 reply (clients read at least 10 bytes)."""
@@ -1099,7 +1200,7 @@ def socks5_reply(code, address=None, port=0):
 
 
 def socks4_reply(granted):
-    return bytes((0, 0x5A if granted else 0x5B)) + b"\0" * 6
+    return bytes((0, SOCKS4_GRANTED if granted else SOCKS4_REJECTED)) + b"\0" * 6
 
 
 HTTP_PHRASES = {400: "Bad Request", 403: "Forbidden", 411: "Length Required",
@@ -1115,6 +1216,31 @@ def http_reply(status, message, proxy_error):
     return head.encode("ascii") + body
 
 
+def refusal(proto, socks5_code, http_status, message, proxy_error):
+    """The reply refusing a request, in its protocol: the SOCKS5 reply code, a SOCKS4
+    rejection, or an HTTP error (407 asks for the proxy credential)."""
+    if proto == "socks5":
+        return socks5_reply(socks5_code)
+    if proto == "socks4a":
+        return socks4_reply(False)
+    if http_status == 407:
+        return proxy_auth_reply()
+    return http_reply(http_status, message, proxy_error)
+
+
+def connected_reply(proto, upstream):
+    """What a client is told once its upstream is connected: SOCKS5 with the address the proxy
+    connected from, SOCKS4 granted, HTTP CONNECT 200; b"" for plain HTTP (the answer follows)."""
+    if proto == "socks5":
+        bound_host, bound_port = upstream.getsockname()[:2]
+        return socks5_reply(SOCKS5_SUCCEEDED, ipaddress.ip_address(bound_host), bound_port)
+    if proto == "socks4a":
+        return socks4_reply(True)
+    if proto == "http-connect":
+        return b"HTTP/1.1 200 Connection established\r\n\r\n"
+    return b""
+
+
 def denial_message(host, port, verdict, address=None):
     """What a denied HTTP client is told: who was refused, why, and which rule would allow it.
     `address`: the private address an allowed name resolved to; its rule is the fix, not the
@@ -1125,34 +1251,32 @@ def denial_message(host, port, verdict, address=None):
         also = " or use --allow-private" if address_class(address) == "private-use" else ""
         text += (f"\nTo allow it, add the IP rule '{format_address(address, port)}' (only if you "
                  f"mean to reach that address){also}.")
-    elif verdict.reason in ("not-in-allowlist", "ip-literal-not-allowed", "private-address"):
+    elif REASONS.get(verdict.reason, (None, False))[1]:
         text += f"\nTo allow it, add the allow rule '{shown}'."
     return text
 
 
-# Upstream failures: the log reason, the SOCKS5 code and the HTTP status for each.
+# Upstream failures (FAILURE_REASONS): the log reason, the SOCKS5 reply and the HTTP status.
 CONNECT_FAILURES = {
-    errno.ECONNREFUSED: ("connect-refused", 0x05, 502),
-    errno.ENETUNREACH: ("unreachable", 0x03, 502),
-    errno.EHOSTUNREACH: ("unreachable", 0x04, 502),
-    errno.ETIMEDOUT: ("connect-timeout", 0x04, 504),
+    errno.ECONNREFUSED: (CONNECT_REFUSED, SOCKS5_CONNECTION_REFUSED, 502),
+    errno.ENETUNREACH: (UNREACHABLE, SOCKS5_NETWORK_UNREACHABLE, 502),
+    errno.EHOSTUNREACH: (UNREACHABLE, SOCKS5_HOST_UNREACHABLE, 502),
+    errno.ETIMEDOUT: (CONNECT_TIMED_OUT, SOCKS5_HOST_UNREACHABLE, 504),
 }
-LOOKUP_FAILED = ("lookup-failed", 0x04, 502)
-CONNECT_TIMED_OUT = ("connect-timeout", 0x04, 504)
-OTHER_FAILURE = ("connect-failed", 0x01, 502)
-FAILURE_REASONS = frozenset(reason for reason, _, _ in (*CONNECT_FAILURES.values(), LOOKUP_FAILED,
-                                                        CONNECT_TIMED_OUT, OTHER_FAILURE))
+LOOKUP_FAILURE = (LOOKUP_FAILED, SOCKS5_HOST_UNREACHABLE, 502)
+TIMEOUT_FAILURE = (CONNECT_TIMED_OUT, SOCKS5_HOST_UNREACHABLE, 504)
+OTHER_FAILURE = (CONNECT_FAILED, SOCKS5_GENERAL_FAILURE, 502)
 
 
 # ---------------------------------------------------------------------------------------------
-# The server: one selectors loop, non-blocking sockets, lookups in a small thread pool.
+# The relay: a connection's bytes in both directions, once its destination is decided and
+# checked. Relayed bytes move socket -> pipe -> socket with splice(), never through Python.
 
 class Direction:
     """Bytes flowing one way between two sockets.
 
-    Relayed bytes move socket -> pipe -> socket with splice(), never through Python: the pipe
-    is the buffer, created on the first read, holding at most one read (RELAY_CHUNK) that the
-    target has not taken yet. `pending` holds only the bytes the handshake already read.
+    The pipe is the buffer, created on the first read, holding at most one read (RELAY_CHUNK)
+    that the target has not taken yet. `pending` holds only the bytes the handshake already read.
     """
 
     def __init__(self, source, target, limit=None):
@@ -1168,7 +1292,6 @@ class Direction:
     def waiting(self):
         """True while bytes read from the source wait to be written to the target."""
         return bool(self.pending) or self.in_pipe > 0
-
 
 
 class PipePool:
@@ -1210,446 +1333,71 @@ class PipePool:
         self.spare = []
 
 
-class Connection:
-    """One client: handshake, decision, upstream connect, then a relay in both directions."""
+class Relay:
+    """Both directions of one connection: `up` (client to upstream) and `down`. A side is read
+    only while nothing read from it waits to be written; the end of one direction is passed on
+    as a half-close, and the relay ends when both directions have ended.
 
-    def __init__(self, server, client, refusing=False):
-        self.server, self.client = server, client
-        self.id = next(server.ids)
-        self.started = time.monotonic()
-        self.inbuf = bytearray()
-        self.stage = "start"
-        self.refusing = refusing
-        self.request = None
-        self.upstream = None
-        self.candidates = []
-        self.address = None
-        self.up = self.down = None
+    A plain-HTTP request (`body_limit` given: the request body's length) relays one request:
+    the upload ends after the body without a half-close, and the answer's end ends the relay.
+    From its connection the relay uses only `end`, the connection's close(reason), which calls
+    release(); from the server, watch() and pipes.
+    """
+
+    def __init__(self, server, client, upstream, end, body_limit=None):
+        self.server, self.client, self.upstream, self.end = server, client, upstream, end
+        self.one_request = body_limit is not None
+        self.up = Direction(client, upstream, body_limit)
+        self.down = Direction(upstream, client)
         self.closed = False
-        self.deadline = None
-        self.verdict = self.kind = self.target = None
-        self.raw = False            # a /raw rule allows this name and port: no TLS check
-        self.authenticated = server.token is None
-        self.client_pending = b""
-        self.upstream_pending = b""     # the checked ClientHello, on its way (HELLO_STAGES)
-        self.server_reply = None        # what the server answered it, until its ServerHello
-        self.relayed_up = self.relayed_down = 0     # bytes relayed through Python before the relay
-        self.logged_decision = False
-        self.closed_logged = False
-        self.drained = 0
 
-    # -- handshake --------------------------------------------------------------------------
-
-    def on_client_data(self, data):
-        self.inbuf += data
-        try:
-            self.advance()
-        except ProtocolError as error:
-            self.reject_malformed(error)
-
-    def advance(self):
-        """Move through the handshake as far as the bytes received allow."""
-        if self.stage == "start":
-            first = self.inbuf[0]
-            if first == 5:
-                self.stage = "socks5-greeting"
-            elif first == 4:
-                self.stage = "socks4"
-            elif chr(first).isalpha() and chr(first).isascii():
-                self.stage = "http"
-            else:
-                raise ProtocolError("unknown protocol")
-        if self.stage == "socks5-greeting":
-            parsed = parse_socks5_greeting(self.inbuf)
-            if parsed is None:
-                return
-            methods, used = parsed
-            del self.inbuf[:used]
-            method = 0 if self.server.token is None else 2
-            if method not in methods:
-                self.unauthenticated("socks5", b"\x05\xff")
-                return
-            self.send_to_client(bytes((5, method)))
-            self.stage = "socks5-request" if method == 0 else "socks5-auth"
-        if self.stage == "socks5-auth" and not self.socks5_authenticate():
-            return
-        parser = {"socks5-request": parse_socks5_request, "socks4": parse_socks4_request,
-                  "http": parse_http_request}.get(self.stage)
-        if parser is None or not self.inbuf:
-            return
-        parsed = parser(self.inbuf)
-        if parsed is not None:
-            self.request, used = parsed
-            if self.stage == "http":
-                self.authenticated = self.server.accepts(http_proxy_password(self.inbuf[:used]))
-            del self.inbuf[:used]
-            if not self.authenticated:
-                self.unauthenticated(self.request.proto, self.refusal(0x02, 407, "", ""))
-                return
-            self.decide()
-
-    def reject_malformed(self, error):
-        proto = {"socks5-greeting": "socks5", "socks5-auth": "socks5", "socks5-request": "socks5",
-                 "socks4": "socks4a",
-                 "http": "http"}.get(self.stage, "unknown")
-        self.server.log_decision(self, proto, "", 0, Verdict(False, "bad-request", str(error)))
-        if self.stage == "socks5-greeting":
-            self.finish_with(b"\x05\xff")
-        elif self.stage == "socks5-auth":
-            self.finish_with(b"\x01\x01")
-        elif self.stage == "socks5-request":
-            self.finish_with(socks5_reply(error.socks5))
-        elif self.stage == "socks4":
-            self.finish_with(socks4_reply(False))
-        elif self.stage == "http":
-            self.finish_with(http_reply(error.http, f"socks_filter: {error}", "bad-request"))
-        else:
-            self.close()
-
-    def refusal(self, socks5_code, http_status, message, proxy_error):
-        proto = self.request.proto
-        if proto == "socks5":
-            return socks5_reply(socks5_code)
-        if proto == "socks4a":
-            return socks4_reply(False)
-        if http_status == 407:
-            return proxy_auth_reply()
-        return http_reply(http_status, message, proxy_error)
-
-    def socks5_authenticate(self):
-        """RFC 1929: True once the session's password came; a wrong one ends the connection."""
-        parsed = parse_socks5_userpass(self.inbuf)
-        if parsed is None:
-            return False
-        password, used = parsed
-        del self.inbuf[:used]
-        if not self.server.accepts(password):
-            self.unauthenticated("socks5", b"\x01\x01")
-            return False
-        self.authenticated = True
-        self.send_to_client(b"\x01\x00")
-        self.stage = "socks5-request"
-        return True
-
-    def unauthenticated(self, proto, reply):
-        """A client without the session's credential (another local user, in advisory mode):
-        refused before anything about its destination is looked at."""
-        request = self.request
-        self.server.log_decision(self, proto, request.host if request else "",
-                                 request.port if request else 0,
-                                 Verdict(False, "proxy-auth", "no valid proxy credential"))
-        self.finish_with(reply)
-
-    def decide(self):
-        request = self.request
-        self.server.idle.pop(self, None)
-        if self.refusing:
-            verdict = Verdict(False, "too-many-connections", "the proxy is at its connection limit")
-            self.server.log_decision(self, request.proto, request.host, request.port, verdict)
-            self.finish_with(self.refusal(0x01, 503, denial_message(request.host, request.port, verdict),
-                                          "too-many-connections"))
-            return
-        verdict = self.server.policy.check_request(request.host, request.port)
-        if not verdict.allowed:
-            self.deny(verdict)
-            return
-        kind, value = classify_host(request.host)
-        self.verdict = verdict
-        self.kind, self.target = kind, value
-        self.raw = kind == "name" and allows_raw(self.server.policy, value, request.port)
-        self.server.unwatch(self.client)
-        self.stage = "connecting"
-        self.server.set_deadline(self, CONNECT_TIMEOUT)
-        if kind == "ip":
-            self.log_allowed_unless_sni_pending()
-            self.candidates = [value]
-            self.connect_next()
-        else:
-            self.server.resolve(self, value, request.port)
-
-    def deny(self, verdict, address=None):
-        request = self.request
-        self.server.log_decision(self, request.proto, request.host, request.port, verdict,
-                                 address=address)
-        self.finish_with(self.refusal(0x02, 403, denial_message(request.host, request.port, verdict,
-                                                                address), "blocked-by-allowlist"))
-
-    def log_allowed_unless_sni_pending(self):
-        """Log the allow decision now, or, for a tunnel whose TLS server name is still to be
-        checked, once it is: a tunnel refused for its name counts as denied only."""
-        if not self.wants_sni_check():
-            self.log_allowed(self.verdict, "raw" if self.raw else None)
-
-    def log_allowed(self, verdict, tunnel=None):
-        self.logged_decision = True
-        self.server.log_decision(self, self.request.proto, self.log_host(), self.request.port, verdict,
-                                 tunnel=tunnel)
-
-    def log_host(self):
-        return str(self.target) if self.kind == "ip" else self.target
-
-    def on_resolved(self, addresses, error):
-        if self.closed or self.stage != "connecting":
-            return
-        if error is not None or not addresses:
-            self.fail(LOOKUP_FAILED, f"lookup of {self.target} failed")
-            return
-        for address in addresses:
-            verdict = self.server.policy.check_address(address, self.request.port)
-            if not verdict.allowed:
-                self.deny(Verdict(False, verdict.reason, f"{self.target} resolves to {verdict.detail}"),
-                          address if verdict.reason == "private-address" else None)
-                return
-        self.log_allowed_unless_sni_pending()
-        self.candidates = list(addresses)
-        self.connect_next()
-
-    # -- upstream connect -------------------------------------------------------------------
-
-    def connect_next(self, failure=OTHER_FAILURE):
-        if not self.candidates:
-            self.fail(failure, f"cannot connect to {self.log_host()}:{self.request.port}")
-            return
-        address = self.candidates.pop(0)
-        self.address = address
-        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-        try:
-            upstream = socket.socket(family, socket.SOCK_STREAM)
-        except OSError:
-            self.fail(OTHER_FAILURE, "out of sockets")
-            return
-        upstream.setblocking(False)
-        self.upstream = upstream
-        code = upstream.connect_ex((str(address), self.request.port))
-        if code in (0, errno.EINPROGRESS):
-            self.server.watch(upstream, self, "upstream", selectors.EVENT_WRITE)
-        else:
-            self.drop_upstream()
-            self.connect_next(CONNECT_FAILURES.get(code, OTHER_FAILURE))
-
-    def drop_upstream(self):
-        self.server.unwatch(self.upstream)
-        self.upstream.close()
-        self.upstream = None
-
-    def on_upstream_connected(self):
-        code = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code != 0:
-            self.drop_upstream()
-            self.connect_next(CONNECT_FAILURES.get(code, OTHER_FAILURE))
-            return
-        self.server.clear_deadline(self)
-        self.upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        request = self.request
-        if request.proto == "socks5":
-            bound_host, bound_port = self.upstream.getsockname()[:2]
-            self.send_to_client(socks5_reply(0, ipaddress.ip_address(bound_host), bound_port))
-        elif request.proto == "socks4a":
-            self.send_to_client(socks4_reply(True))
-        elif request.proto == "http-connect":
-            self.send_to_client(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        if self.wants_sni_check():
-            self.stage = "sni"
-            self.server.idle[self] = None
-            self.server.set_deadline(self, HANDSHAKE_TIMEOUT)
-            self.server.unwatch(self.upstream)
-            self.server.watch(self.client, self, "client", selectors.EVENT_READ)
-            self.check_sni()
-        else:
-            self.start_relay()
-
-    def wants_sni_check(self):
-        """A tunnel to a name, on any port, unless a /raw rule allows it (see TUNNEL_REFUSALS)."""
-        return (self.server.sni_check and self.kind == "name" and self.request.proto != "http"
-                and not self.raw)
-
-    def check_sni(self):
-        found = tunnel_start(self.inbuf)
-        if found is None:
-            return
-        kind, value = found
-        if kind != "sni":
-            self.tunnel_refused(kind, value)
-            return
-        if not self.names_target(value):
-            self.sni_denied(f"TLS server name {value[:255]!r} is not {self.target}")
-            return
-        try:
-            end = client_hello_end(self.inbuf)
-        except ProtocolError as error:
-            self.tunnel_refused("bad-client-hello", f"bad ClientHello: {error}")
-            return
-        self.log_allowed(self.verdict, "tls")
-        self.watch_server_hello(end)
-
-    def names_target(self, server_name):
-        try:
-            return canonical_name(server_name) == self.target
-        except BadName:
-            return False
-
-    def tunnel_refused(self, reason, detail):
-        """Not a ClientHello with a server name first: closed, unless audit mode, which lets
-        it through as a raw stream and logs so (--learn then writes a /raw rule)."""
-        if self.server.policy.mode != "audit":
-            self.sni_denied(detail, reason)
-            return
-        self.server.clear_deadline(self)
-        verdict = self.verdict if not self.verdict.enforced else Verdict(
-            True, reason, f"{detail}; a {RAW_SUFFIX} rule would allow it", enforced=False)
-        self.log_allowed(verdict, "raw")
-        self.start_relay()
-
-    def sni_denied(self, detail, reason="sni-mismatch"):
-        if self.logged_decision:    # allowed on its first ClientHello: counted denied only
-            self.server.stats["allowed"] -= 1
-        self.server.log_decision(self, self.request.proto, self.target, self.request.port,
-                                 Verdict(False, reason, detail))
-        self.logged_decision = True
-        self.close(reason)
-
-    # -- after the checked ClientHello: a HelloRetryRequest? --------------------------------
-
-    def watch_server_hello(self, end):
-        """Send the checked ClientHello on and read the server's answer through Python until its
-        first handshake message (server_hello_kind); hold what the client sends meanwhile."""
-        self.stage = "server-hello"
-        self.server.set_deadline(self, HANDSHAKE_TIMEOUT)
-        self.upstream_pending = bytes(self.inbuf[:end])
-        del self.inbuf[:end]
-        self.server_reply = bytearray()
-        self.flush_upstream_pending()
-        if not self.closed:
-            self.watch_hello_events()
-
-    def watch_hello_events(self):
-        """The server is read until its ServerHello; the client while what it sent fits a hello."""
-        upstream = selectors.EVENT_READ if self.stage == "server-hello" else 0
-        upstream |= selectors.EVENT_WRITE if self.upstream_pending else 0
-        client = selectors.EVENT_READ if len(self.inbuf) <= MAX_CLIENT_HELLO + 1024 else 0
-        client |= selectors.EVENT_WRITE if self.client_pending else 0
-        self.server.watch(self.upstream, self, "upstream", upstream)
-        self.server.watch(self.client, self, "client", client)
-
-    def on_hello_event(self, side, events):
-        if side == "upstream":
-            if events & selectors.EVENT_WRITE:
-                self.flush_upstream_pending()
-            if events & selectors.EVENT_READ and not self.closed:
-                self.read_server_hello()
-        else:
-            if events & selectors.EVENT_WRITE:
-                self.flush_client_pending()
-            if events & selectors.EVENT_READ and not self.closed:
-                self.read_client_during_hello()
-        if not self.closed and self.stage in HELLO_STAGES:
-            self.watch_hello_events()
-
-    def flush_upstream_pending(self):
-        sent = self.write(self.upstream.send, self.upstream_pending)
-        if sent:
-            self.upstream_pending = self.upstream_pending[sent:]
-            self.relayed_up += sent
-
-    def read_server_hello(self):
-        try:
-            data = self.upstream.recv(RELAY_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:                # the server hung up (after an alert): pass that on
-            self.server_reply = None
-            self.finish_with(b"")
-            return
-        self.relayed_down += len(data)
-        self.send_to_client(data)
-        if self.closed:
-            return
-        self.server_reply += data
-        try:
-            kind = server_hello_kind(self.server_reply)
-        except ProtocolError as error:
-            self.sni_denied(f"bad answer to the ClientHello: {error}", "bad-server-hello")
-            return
-        if kind is None:
-            return
-        self.server_reply = None
-        if kind == "server-hello":
-            self.end_hello_watch()
-        else:
-            self.stage = "retry-hello"
-            self.server.set_deadline(self, HANDSHAKE_TIMEOUT)
-            self.check_retry_hello()
-
-    def read_client_during_hello(self):
-        try:
-            data = self.client.recv(16384)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if data:
-            self.inbuf += data
-            if self.stage == "retry-hello":
-                self.check_retry_hello()
-        elif self.stage == "retry-hello":
-            self.sni_denied("the client closed the tunnel before its second ClientHello", "not-tls")
-        else:
-            self.close()
-
-    def check_retry_hello(self):
-        """After a HelloRetryRequest: the client's second ClientHello must name the host too."""
-        found = retry_hello_start(self.inbuf)
-        if found is None:
-            return
-        kind, value = found
-        if kind == "sni" and not self.names_target(value):
-            kind, value = "sni-mismatch", f"TLS server name {value[:255]!r} is not {self.target}"
-        if kind == "sni":
-            try:
-                client_hello_end(self.inbuf[6 if self.inbuf[0] == 0x14 else 0:])
-            except ProtocolError as error:
-                kind, value = "bad-client-hello", f"bad ClientHello: {error}"
-        if kind != "sni":
-            self.sni_denied(f"after a HelloRetryRequest: {value}", kind)
-            return
-        self.end_hello_watch()
-
-    def end_hello_watch(self):
-        """The handshake is past the point where a name can change: relay with splice."""
-        self.server.clear_deadline(self)
-        self.inbuf[:0] = self.upstream_pending
-        self.upstream_pending = b""
-        self.start_relay()
-
-    # -- relay ------------------------------------------------------------------------------
-
-    def start_relay(self):
-        self.server.idle.pop(self, None)
+    def start(self, head, body, to_client, counted_up, counted_down):
+        """Begin with what the handshake already holds: a request `head` and the first `body`
+        bytes for the upstream, `to_client` for the client, and the bytes already relayed."""
         if self.client.family == socket.AF_UNIX:
             # The default 208 KiB unix send buffer cannot take one 256 KiB splice (measured:
             # 547 would-block splices per 2 GiB, none with this). TCP sizes its own buffers.
             self.client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * RELAY_CHUNK)
-        limit = self.request.body_length if self.request.proto == "http" else None
-        self.up = Direction(self.client, self.upstream, limit)
-        self.down = Direction(self.upstream, self.client)
-        self.down.pending = self.client_pending
-        self.client_pending = b""
-        first = self.request.head + bytes(self.inbuf[:limit])
-        self.inbuf = bytearray()
-        if limit is not None:
-            self.up.limit -= len(first) - len(self.request.head)
-            self.up.ended = self.up.limit == 0
-        self.up.pending = first
-        self.up.count = len(first) + self.relayed_up
-        self.down.count = self.relayed_down
-        self.stage = "relay"
-        self.flush(self.up)
+        up, down = self.up, self.down
+        down.pending = to_client
+        if up.limit is not None:
+            up.limit -= len(body)
+            up.ended = up.limit == 0
+        up.pending = head + body
+        up.count = len(up.pending) + counted_up
+        down.count = counted_down
+        self.flush(up)
         if not self.closed:
-            self.flush(self.down)
+            self.flush(down)
         if not self.closed:
             self.update_events()
+
+    def release(self):
+        """The connection closed: give the pipes back (the connection closes the sockets)."""
+        self.closed = True
+        for direction in (self.up, self.down):
+            if direction.pipe is not None:
+                self.server.pipes.give_back(direction.pipe)
+                direction.pipe = None
+
+    # -- events -------------------------------------------------------------------------------
+
+    def on_client(self, events):
+        self.on_ready(self.down, self.up, events)
+
+    def on_upstream(self, events):
+        self.on_ready(self.up, self.down, events)
+
+    def on_ready(self, to_side, from_side, events):
+        """A side's events: write what waits for it, then read it."""
+        if self.closed:
+            return
+        if events & selectors.EVENT_WRITE:
+            self.flush(to_side)
+            if not self.closed:
+                self.update_events()
+        if events & selectors.EVENT_READ and not self.closed:
+            self.read(from_side)
 
     def update_events(self):
         """Read a side only while nothing waits to be written for it; write where bytes wait."""
@@ -1662,23 +1410,26 @@ class Connection:
             upstream_events |= selectors.EVENT_WRITE
         if self.down.waiting():
             client_events |= selectors.EVENT_WRITE
-        self.server.watch(self.client, self, "client", client_events)
-        self.server.watch(self.upstream, self, "upstream", upstream_events)
+        self.server.watch(self.client, client_events, self.on_client)
+        self.server.watch(self.upstream, upstream_events, self.on_upstream)
 
-    def relay_read(self, direction):
+    # -- moving bytes -------------------------------------------------------------------------
+
+    def read(self, direction):
+        """One splice from the source into the pipe, then at once on to the target."""
         want = RELAY_CHUNK if direction.limit is None else min(RELAY_CHUNK, direction.limit)
         if direction.pipe is None:
             try:
                 direction.pipe = self.server.pipes.take()
             except OSError:
-                self.close("out-of-descriptors")
+                self.end(OUT_OF_DESCRIPTORS)
                 return
         try:
             received = os.splice(direction.source.fileno(), direction.pipe[1], want, flags=SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self.close("closed")
+            self.end(CLOSED)
             return
         if received == 0:
             direction.ended = True
@@ -1706,7 +1457,7 @@ class Connection:
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
-            self.close("closed")
+            self.end(CLOSED)
             return None
 
     def flush(self, direction):
@@ -1725,7 +1476,8 @@ class Connection:
             self.pass_end(direction)
 
     def pass_end(self, direction):
-        """The source finished and everything is written: pass the end on, or close if both ended."""
+        """The source finished and everything is written: pass the end on, or end the relay if
+        both directions ended (one request: once the answer ended)."""
         if self.closed:
             return
         if direction.waiting():
@@ -1733,43 +1485,570 @@ class Connection:
             return
         if not direction.shut:
             direction.shut = True
-            http_body_done = self.request.proto == "http" and direction is self.up
-            if not http_body_done:
+            if not (self.one_request and direction is self.up):
                 try:
                     direction.target.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
-        if (self.up.shut and self.down.shut) or (self.request.proto == "http" and self.down.shut):
-            self.close("closed")
+        if (self.up.shut and self.down.shut) or (self.one_request and self.down.shut):
+            self.end(CLOSED)
         else:
             self.update_events()
 
-    # -- events and endings ---------------------------------------------------------------------
 
-    def on_event(self, side, events):
+# ---------------------------------------------------------------------------------------------
+# A client's connection: its handshake says where it wants to go, the policy decides, the
+# lookup and connect find the upstream, a tunnel to a name is checked, then the relay runs.
+
+class Stage:
+    """Where a Connection is, by what it waits for. The first six read the client's request."""
+
+    START = "start"                         # the first byte, which picks the protocol
+    SOCKS5_GREETING = "socks5-greeting"     # the SOCKS5 greeting's list of methods
+    SOCKS5_AUTH = "socks5-auth"             # the RFC 1929 user name and password (--token-env)
+    SOCKS5_REQUEST = "socks5-request"       # the SOCKS5 CONNECT request
+    SOCKS4 = "socks4"                       # a SOCKS4 or SOCKS4a request
+    HTTP = "http"                           # an HTTP request head
+    CONNECTING = "connecting"               # the lookup and the upstream connect (client unread)
+    SNI = "sni"                             # a tunnel's first ClientHello (nothing sent on yet)
+    SERVER_HELLO = "server-hello"           # the server's answer to it, up to its ServerHello
+    RETRY_HELLO = "retry-hello"             # after a HelloRetryRequest: the second ClientHello
+    RELAY = "relay"                         # both directions relayed (Relay)
+    CLOSING = "closing"                     # a final reply being written
+    DRAINING = "draining"                   # reply written: the client's last bytes are dropped
+
+
+# The log's "proto" for a request found malformed in each handshake stage.
+STAGE_PROTOCOLS = {Stage.SOCKS5_GREETING: "socks5", Stage.SOCKS5_AUTH: "socks5",
+                   Stage.SOCKS5_REQUEST: "socks5", Stage.SOCKS4: "socks4a", Stage.HTTP: "http"}
+STAGE_PARSERS = {Stage.SOCKS5_REQUEST: parse_socks5_request, Stage.SOCKS4: parse_socks4_request,
+                 Stage.HTTP: parse_http_request}
+HELLO_STAGES = (Stage.SERVER_HELLO, Stage.RETRY_HELLO)      # TlsCheck reads both sides
+
+
+class Handshake:
+    """A client's first bytes, up to where it wants to go: the first byte picks the protocol,
+    a SOCKS5 client then picks a method (with --token-env the session's password, RFC 1929),
+    and the request (SOCKS5, SOCKS4 or SOCKS4a, or an HTTP head) becomes the connection's
+    Request, which the connection decides on. A client without the session's credential is
+    refused before anything about its destination is looked at."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.authenticated = connection.server.token is None
+
+    def feed(self, data):
+        connection = self.connection
+        connection.inbuf += data
+        try:
+            self.advance()
+        except ProtocolError as error:
+            self.reject_malformed(error)
+
+    def advance(self):
+        """Move through the handshake as far as the bytes received allow."""
+        connection = self.connection
+        if connection.stage == Stage.START:
+            first = connection.inbuf[0]
+            if first == 5:
+                connection.stage = Stage.SOCKS5_GREETING
+            elif first == 4:
+                connection.stage = Stage.SOCKS4
+            elif chr(first).isalpha() and chr(first).isascii():
+                connection.stage = Stage.HTTP
+            else:
+                raise ProtocolError("unknown protocol")
+        if connection.stage == Stage.SOCKS5_GREETING and not self.socks5_greeting():
+            return
+        if connection.stage == Stage.SOCKS5_AUTH and not self.socks5_authenticate():
+            return
+        parser = STAGE_PARSERS.get(connection.stage)
+        if parser is None or not connection.inbuf:
+            return
+        parsed = parser(connection.inbuf)
+        if parsed is not None:
+            connection.request, used = parsed
+            if connection.stage == Stage.HTTP:
+                password = http_proxy_password(connection.inbuf[:used])
+                self.authenticated = connection.server.accepts(password)
+            del connection.inbuf[:used]
+            if not self.authenticated:
+                proto = connection.request.proto
+                self.unauthenticated(proto, refusal(proto, SOCKS5_NOT_ALLOWED, 407, "", ""))
+                return
+            connection.decide()
+
+    def take(self, parse):
+        """The next message, parsed and removed from the buffer, or None until it is whole."""
+        parsed = parse(self.connection.inbuf)
+        if parsed is None:
+            return None
+        value, used = parsed
+        del self.connection.inbuf[:used]
+        return value
+
+    def socks5_greeting(self):
+        """True once the method is picked and answered; no acceptable one ends the connection."""
+        connection = self.connection
+        methods = self.take(parse_socks5_greeting)
+        if methods is None:
+            return False
+        method = (SOCKS5_NO_AUTHENTICATION if connection.server.token is None
+                  else SOCKS5_USERNAME_PASSWORD)
+        if method not in methods:
+            self.unauthenticated("socks5", SOCKS5_NO_ACCEPTABLE_METHODS)
+            return False
+        connection.send_to_client(bytes((5, method)))
+        connection.stage = (Stage.SOCKS5_REQUEST if method == SOCKS5_NO_AUTHENTICATION
+                            else Stage.SOCKS5_AUTH)
+        return True
+
+    def socks5_authenticate(self):
+        """RFC 1929: True once the session's password came; a wrong one ends the connection."""
+        connection = self.connection
+        password = self.take(parse_socks5_userpass)
+        if password is None:
+            return False
+        if not connection.server.accepts(password):
+            self.unauthenticated("socks5", USERPASS_FAILURE)
+            return False
+        self.authenticated = True
+        connection.send_to_client(USERPASS_SUCCESS)
+        connection.stage = Stage.SOCKS5_REQUEST
+        return True
+
+    def reject_malformed(self, error):
+        connection = self.connection
+        stage = connection.stage
+        connection.server.log.decision(connection.id, STAGE_PROTOCOLS.get(stage, "unknown"), "", 0,
+                                       Verdict(False, BAD_REQUEST, str(error)))
+        if stage == Stage.SOCKS5_GREETING:
+            connection.finish_with(SOCKS5_NO_ACCEPTABLE_METHODS)
+        elif stage == Stage.SOCKS5_AUTH:
+            connection.finish_with(USERPASS_FAILURE)
+        elif stage == Stage.SOCKS5_REQUEST:
+            connection.finish_with(socks5_reply(error.socks5))
+        elif stage == Stage.SOCKS4:
+            connection.finish_with(socks4_reply(False))
+        elif stage == Stage.HTTP:
+            connection.finish_with(http_reply(error.http, f"socks_filter: {error}", BAD_REQUEST))
+        else:
+            connection.close()
+
+    def unauthenticated(self, proto, reply):
+        """A client without the session's credential (another local user, in advisory mode)."""
+        connection = self.connection
+        request = connection.request
+        connection.server.log.decision(connection.id, proto, request.host if request else "",
+                                       request.port if request else 0,
+                                       Verdict(False, PROXY_AUTH, "no valid proxy credential"))
+        connection.finish_with(reply)
+
+
+class TlsCheck:
+    """The start of a tunnel to a name, checked before anything else reaches the upstream (see
+    "What a tunnel may carry"): the client's first bytes must be a ClientHello naming the
+    requested host. That hello is sent on and the server's answer read through Python up to its
+    ServerHello; after a HelloRetryRequest the client's second ClientHello must name the host
+    too. Then the connection starts its relay. A tunnel refused here is logged denied only."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.upstream_pending = b""     # the checked ClientHello, on its way
+        self.server_reply = None        # what the server answered it, until its ServerHello
+        self.relayed_up = self.relayed_down = 0     # bytes relayed through Python
+
+    def start(self):
+        """The tunnel is open: wait for the client's ClientHello, the upstream not read."""
+        connection, server = self.connection, self.connection.server
+        connection.stage = Stage.SNI
+        server.mark_idle(connection)
+        server.set_deadline(connection, HANDSHAKE_TIMEOUT)
+        server.unwatch(connection.upstream)
+        server.watch(connection.client, selectors.EVENT_READ, connection.on_client_event)
+        self.check_first_hello()
+
+    def check_first_hello(self):
+        connection = self.connection
+        found = tunnel_start(connection.inbuf)
+        if found is None:
+            return
+        kind, value = found
+        if kind != "sni":
+            self.refuse_start(kind, value)
+            return
+        if not self.names_target(value):
+            self.deny(f"TLS server name {value[:255]!r} is not {connection.target}")
+            return
+        try:
+            end = client_hello_end(connection.inbuf)
+        except ProtocolError as error:
+            self.refuse_start(BAD_CLIENT_HELLO, f"bad ClientHello: {error}")
+            return
+        connection.log_allowed(connection.verdict, "tls")
+        self.watch_server_hello(end)
+
+    def names_target(self, server_name):
+        try:
+            return canonical_name(server_name) == self.connection.target
+        except BadName:
+            return False
+
+    def refuse_start(self, reason, detail):
+        """Not a ClientHello with a server name first: closed, unless audit mode, which lets
+        it through as a raw stream and logs so (--learn then writes a /raw rule)."""
+        connection = self.connection
+        if connection.server.policy.mode != "audit":
+            self.deny(detail, reason)
+            return
+        connection.server.clear_deadline(connection)
+        verdict = connection.verdict if not connection.verdict.enforced else Verdict(
+            True, reason, f"{detail}; a {RAW_SUFFIX} rule would allow it", enforced=False)
+        connection.log_allowed(verdict, "raw")
+        connection.start_relay()
+
+    def deny(self, detail, reason=SNI_MISMATCH):
+        connection = self.connection
+        log = connection.server.log
+        if connection.logged_decision:      # allowed on its first ClientHello: counted denied only
+            log.retract_allowed()
+        log.decision(connection.id, connection.request.proto, connection.target,
+                     connection.request.port, Verdict(False, reason, detail))
+        connection.logged_decision = True
+        connection.close(reason)
+
+    def on_client_eof(self):
+        """Logged, or the summary would not know the tunnel was tried."""
+        self.deny("the client closed the tunnel before a whole ClientHello", NOT_TLS)
+
+    def on_timeout(self):
+        stage = self.connection.stage
+        if stage == Stage.SNI:
+            self.refuse_start(TLS_TIMEOUT, "no complete ClientHello in time")
+        elif stage == Stage.SERVER_HELLO:
+            self.deny("no ServerHello from the server in time", BAD_SERVER_HELLO)
+        else:
+            self.deny("no second ClientHello after a HelloRetryRequest in time", TLS_TIMEOUT)
+
+    # -- after the checked ClientHello: a HelloRetryRequest? --------------------------------
+
+    def watch_server_hello(self, end):
+        """Send the checked ClientHello on and read the server's answer through Python until its
+        first handshake message (server_hello_kind); hold what the client sends meanwhile."""
+        connection = self.connection
+        connection.stage = Stage.SERVER_HELLO
+        connection.server.set_deadline(connection, HANDSHAKE_TIMEOUT)
+        self.upstream_pending = bytes(connection.inbuf[:end])
+        del connection.inbuf[:end]
+        self.server_reply = bytearray()
+        self.flush_upstream_pending()
+        if not connection.closed:
+            self.watch_events()
+
+    def watch_events(self):
+        """The server is read until its ServerHello; the client while what it sent fits a hello."""
+        connection = self.connection
+        upstream = selectors.EVENT_READ if connection.stage == Stage.SERVER_HELLO else 0
+        upstream |= selectors.EVENT_WRITE if self.upstream_pending else 0
+        client = selectors.EVENT_READ if len(connection.inbuf) <= MAX_CLIENT_HELLO + 1024 else 0
+        client |= selectors.EVENT_WRITE if connection.client_pending else 0
+        connection.server.watch(connection.upstream, upstream, connection.on_upstream_event)
+        connection.server.watch(connection.client, client, connection.on_client_event)
+
+    def on_upstream(self, events):
+        if events & selectors.EVENT_WRITE:
+            self.flush_upstream_pending()
+        if events & selectors.EVENT_READ and not self.connection.closed:
+            self.read_server_hello()
+        self.rewatch()
+
+    def on_client(self, events):
+        if events & selectors.EVENT_WRITE:
+            self.connection.flush_client_pending()
+        if events & selectors.EVENT_READ and not self.connection.closed:
+            self.read_client()
+        self.rewatch()
+
+    def rewatch(self):
+        if not self.connection.closed and self.connection.stage in HELLO_STAGES:
+            self.watch_events()
+
+    def flush_upstream_pending(self):
+        sent = self.connection.write(self.connection.upstream.send, self.upstream_pending)
+        if sent:
+            self.upstream_pending = self.upstream_pending[sent:]
+            self.relayed_up += sent
+
+    def read_server_hello(self):
+        connection = self.connection
+        try:
+            data = connection.upstream.recv(RELAY_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:                # the server hung up (after an alert): pass that on
+            self.server_reply = None
+            connection.finish_with(b"")
+            return
+        self.relayed_down += len(data)
+        connection.send_to_client(data)
+        if connection.closed:
+            return
+        self.server_reply += data
+        try:
+            kind = server_hello_kind(self.server_reply)
+        except ProtocolError as error:
+            self.deny(f"bad answer to the ClientHello: {error}", BAD_SERVER_HELLO)
+            return
+        if kind is None:
+            return
+        self.server_reply = None
+        if kind == "server-hello":
+            self.end()
+        else:
+            connection.stage = Stage.RETRY_HELLO
+            connection.server.set_deadline(connection, HANDSHAKE_TIMEOUT)
+            self.check_retry_hello()
+
+    def read_client(self):
+        connection = self.connection
+        try:
+            data = connection.client.recv(16384)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            connection.inbuf += data
+            if connection.stage == Stage.RETRY_HELLO:
+                self.check_retry_hello()
+        elif connection.stage == Stage.RETRY_HELLO:
+            self.deny("the client closed the tunnel before its second ClientHello", NOT_TLS)
+        else:
+            connection.close()
+
+    def check_retry_hello(self):
+        """After a HelloRetryRequest: the client's second ClientHello must name the host too."""
+        inbuf = self.connection.inbuf
+        found = retry_hello_start(inbuf)
+        if found is None:
+            return
+        kind, value = found
+        if kind == "sni" and not self.names_target(value):
+            kind, value = SNI_MISMATCH, (f"TLS server name {value[:255]!r} is not "
+                                         f"{self.connection.target}")
+        if kind == "sni":
+            try:
+                client_hello_end(inbuf[6 if inbuf[0] == 0x14 else 0:])
+            except ProtocolError as error:
+                kind, value = BAD_CLIENT_HELLO, f"bad ClientHello: {error}"
+        if kind != "sni":
+            self.deny(f"after a HelloRetryRequest: {value}", kind)
+            return
+        self.end()
+
+    def end(self):
+        """The handshake is past the point where a name can change: relay with splice."""
+        connection = self.connection
+        connection.server.clear_deadline(connection)
+        connection.inbuf[:0] = self.upstream_pending
+        self.upstream_pending = b""
+        connection.start_relay(self.relayed_up, self.relayed_down)
+
+
+class Dialer:
+    """The upstream connect: the checked addresses tried in the order given, each without
+    blocking, until one accepts (within the connection's CONNECT_TIMEOUT deadline). The
+    connection gets on_upstream_connected() or fail()."""
+
+    def __init__(self, connection, addresses):
+        self.connection, self.candidates = connection, list(addresses)
+
+    def connect_next(self, failure=OTHER_FAILURE):
+        connection = self.connection
+        port = connection.request.port
+        if not self.candidates:
+            connection.fail(failure, f"cannot connect to {connection.log_host()}:{port}")
+            return
+        address = self.candidates.pop(0)
+        connection.address = address
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        try:
+            upstream = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            connection.fail(OTHER_FAILURE, "out of sockets")
+            return
+        upstream.setblocking(False)
+        connection.upstream = upstream
+        code = upstream.connect_ex((str(address), port))
+        if code in (0, errno.EINPROGRESS):
+            connection.server.watch(upstream, selectors.EVENT_WRITE, connection.on_upstream_event)
+        else:
+            connection.drop_upstream()
+            self.connect_next(CONNECT_FAILURES.get(code, OTHER_FAILURE))
+
+    def on_writable(self):
+        """The connect finished: connected, or on to the next address."""
+        connection = self.connection
+        code = connection.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code != 0:
+            connection.drop_upstream()
+            self.connect_next(CONNECT_FAILURES.get(code, OTHER_FAILURE))
+            return
+        connection.on_upstream_connected()
+
+
+class Connection:
+    """One client, from accept to close: its Handshake says where it wants to go, decide()
+    asks the policy, the lookup and connect find the upstream, a TlsCheck checks a tunnel to a
+    name, then a Relay moves the bytes. A refusal or failure is a final reply (finish_with),
+    after which what the client still sends is read and dropped until it closes.
+
+    The selector calls on_client_event and on_upstream_event (the relay registers its own);
+    the server calls on_resolved, on_timeout and close.
+    """
+
+    def __init__(self, server, client, connection_id, refusing=False):
+        self.server, self.client, self.id = server, client, connection_id
+        self.started = time.monotonic()
+        self.inbuf = bytearray()
+        self.stage = Stage.START
+        self.refusing = refusing
+        self.request = None
+        self.upstream = None
+        self.address = None         # the address connected to (or tried last)
+        self.closed = False
+        self.deadline = None
+        self.verdict = self.kind = self.target = None
+        self.raw = False            # a /raw rule allows this name and port: no TLS check
+        self.handshake = Handshake(self)
+        self.dialer = self.tls = self.relay = None
+        self.client_pending = b""
+        self.logged_decision = False
+        self.closed_logged = False
+        self.drained = 0
+
+    # -- decision ---------------------------------------------------------------------------
+
+    def decide(self):
+        request = self.request
+        self.server.mark_busy(self)
+        if self.refusing:
+            self.deny(Verdict(False, TOO_MANY_CONNECTIONS, "the proxy is at its connection limit"),
+                      socks5_code=SOCKS5_GENERAL_FAILURE, http_status=503,
+                      proxy_error=TOO_MANY_CONNECTIONS)
+            return
+        verdict = self.server.policy.check_request(request.host, request.port)
+        if not verdict.allowed:
+            self.deny(verdict)
+            return
+        kind, value = classify_host(request.host)
+        self.verdict = verdict
+        self.kind, self.target = kind, value
+        self.raw = kind == "name" and allows_raw(self.server.policy, value, request.port)
+        self.server.unwatch(self.client)
+        self.stage = Stage.CONNECTING
+        self.server.set_deadline(self, CONNECT_TIMEOUT)
+        if kind == "ip":
+            self.connect([value])
+        else:
+            self.server.resolve(self, value, request.port)
+
+    def deny(self, verdict, address=None, socks5_code=SOCKS5_NOT_ALLOWED, http_status=403,
+             proxy_error="blocked-by-allowlist"):
+        request = self.request
+        self.server.log.decision(self.id, request.proto, request.host, request.port, verdict,
+                                 address=address)
+        self.finish_with(refusal(request.proto, socks5_code, http_status,
+                                 denial_message(request.host, request.port, verdict, address),
+                                 proxy_error))
+
+    def log_allowed(self, verdict, tunnel=None):
+        self.logged_decision = True
+        self.server.log.decision(self.id, self.request.proto, self.log_host(), self.request.port,
+                                 verdict, tunnel=tunnel)
+
+    def log_host(self):
+        return str(self.target) if self.kind == "ip" else self.target
+
+    def wants_sni_check(self):
+        """A tunnel to a name, on any port, unless a /raw rule allows it (see TUNNEL_REFUSALS)."""
+        return (self.server.sni_check and self.kind == "name" and self.request.proto != "http"
+                and not self.raw)
+
+    def on_resolved(self, addresses, error):
+        if self.closed or self.stage != Stage.CONNECTING:
+            return
+        if error is not None or not addresses:
+            self.fail(LOOKUP_FAILURE, f"lookup of {self.target} failed")
+            return
+        verdict, address = self.server.policy.check_resolved(self.target, addresses,
+                                                             self.request.port)
+        if verdict is not None:
+            self.deny(verdict, address)
+            return
+        self.connect(addresses)
+
+    # -- upstream connect -------------------------------------------------------------------
+
+    def connect(self, addresses):
+        """Allowed: log so now, or, for a tunnel whose TLS server name is still to be checked,
+        once it is (a tunnel refused for its name counts as denied only); then connect."""
+        if not self.wants_sni_check():
+            self.log_allowed(self.verdict, "raw" if self.raw else None)
+        self.dialer = Dialer(self, addresses)
+        self.dialer.connect_next()
+
+    def drop_upstream(self):
+        self.server.unwatch(self.upstream)
+        self.upstream.close()
+        self.upstream = None
+
+    def on_upstream_connected(self):
+        self.server.clear_deadline(self)
+        self.upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reply = connected_reply(self.request.proto, self.upstream)
+        if reply:
+            self.send_to_client(reply)
+        if self.wants_sni_check():
+            self.tls = TlsCheck(self)
+            self.tls.start()
+        else:
+            self.start_relay()
+
+    def start_relay(self, relayed_up=0, relayed_down=0):
+        """Hand the sockets to a Relay, with what the handshake holds for either side."""
+        self.server.mark_busy(self)
+        request = self.request
+        limit = request.body_length if request.proto == "http" else None
+        self.relay = Relay(self.server, self.client, self.upstream, self.close, limit)
+        to_client, self.client_pending = self.client_pending, b""
+        body, self.inbuf = bytes(self.inbuf[:limit]), bytearray()
+        self.stage = Stage.RELAY
+        self.handshake = self.dialer = self.tls = None     # done: hundreds of relays may run
+        self.relay.start(request.head, body, to_client, relayed_up, relayed_down)
+
+    # -- events -----------------------------------------------------------------------------
+
+    def on_upstream_event(self, events):
         if self.closed:
             return
-        if self.stage == "relay":
-            if side == "client":
-                if events & selectors.EVENT_WRITE:
-                    self.flush(self.down)
-                    if not self.closed:
-                        self.update_events()
-                if events & selectors.EVENT_READ and not self.closed:
-                    self.relay_read(self.up)
-            else:
-                if events & selectors.EVENT_WRITE:
-                    self.flush(self.up)
-                    if not self.closed:
-                        self.update_events()
-                if events & selectors.EVENT_READ and not self.closed:
-                    self.relay_read(self.down)
+        if self.stage == Stage.RELAY:
+            self.relay.on_upstream(events)
+        elif self.stage in HELLO_STAGES:
+            self.tls.on_upstream(events)
+        else:
+            self.dialer.on_writable()
+
+    def on_client_event(self, events):
+        if self.closed:
+            return
+        if self.stage == Stage.RELAY:
+            self.relay.on_client(events)
             return
         if self.stage in HELLO_STAGES:
-            self.on_hello_event(side, events)
-            return
-        if side == "upstream":
-            self.on_upstream_connected()
+            self.tls.on_client(events)
             return
         if events & selectors.EVENT_WRITE:
             self.flush_client_pending()
@@ -1782,18 +2061,29 @@ class Connection:
         except OSError:
             data = b""
         if not data:
-            if self.stage == "sni":     # logged, or the summary would not know it was tried
-                self.sni_denied("the client closed the tunnel before a whole ClientHello", "not-tls")
+            if self.stage == Stage.SNI:
+                self.tls.on_client_eof()
             self.close()
-        elif self.stage in ("closing", "draining"):
+        elif self.stage in (Stage.CLOSING, Stage.DRAINING):
             self.drained += len(data)
             if self.drained > MAX_DRAIN_BYTES:
                 self.close()
-        elif self.stage == "sni":
+        elif self.stage == Stage.SNI:
             self.inbuf += data
-            self.check_sni()
+            self.tls.check_first_hello()
         else:
-            self.on_client_data(data)
+            self.handshake.feed(data)
+
+    def on_timeout(self):
+        if self.stage == Stage.CONNECTING:
+            self.fail(TIMEOUT_FAILURE, f"no connection to {self.request.host}:{self.request.port} "
+                                       f"within {CONNECT_TIMEOUT:g}s")
+        elif self.stage == Stage.SNI or self.stage in HELLO_STAGES:
+            self.tls.on_timeout()
+        else:
+            self.close()
+
+    # -- replies and endings ----------------------------------------------------------------
 
     def send_to_client(self, data):
         """Small handshake writes; whatever the kernel does not take waits in client_pending."""
@@ -1806,80 +2096,219 @@ class Connection:
             if sent is None:
                 return
             self.client_pending = self.client_pending[sent:]
-        if self.stage == "closing" and not self.client_pending:
+        if self.stage == Stage.CLOSING and not self.client_pending:
             self.linger()
-        elif self.stage not in ("relay", "connecting", *HELLO_STAGES):
+        elif self.stage not in (Stage.RELAY, Stage.CONNECTING, *HELLO_STAGES):
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.client_pending else 0)
-            self.server.watch(self.client, self, "client", events)
+            self.server.watch(self.client, events, self.on_client_event)
 
-    def linger(self):
-        """The final reply is written: end our side, but read (and drop) what the client is
-        still sending until it closes, so that unread bytes do not make the kernel reset the
-        connection before the client has read the reply."""
-        self.stage = "draining"
+    def write(self, operation, *args):
+        """One non-blocking send: the bytes it wrote, 0 when the target is full, or None when
+        the connection failed (and is now closed)."""
         try:
-            self.client.shutdown(socket.SHUT_WR)
+            return operation(*args)
+        except (BlockingIOError, InterruptedError):
+            return 0
         except OSError:
-            self.close()
-            return
-        self.server.watch(self.client, self, "client", selectors.EVENT_READ)
+            self.close(CLOSED)
+            return None
 
     def finish_with(self, reply):
         """Send a final reply, then close once it is written (or the closing deadline passes)."""
-        self.stage = "closing"
-        self.server.idle.pop(self, None)
-        self.server.idle[self] = None
+        self.stage = Stage.CLOSING
+        self.server.mark_idle(self)
         self.server.set_deadline(self, CLOSING_TIMEOUT)
         if self.upstream is not None:
             self.drop_upstream()
         self.send_to_client(reply)
 
+    def linger(self):
+        """The final reply is written: end our side, but read (and drop) what the client is
+        still sending until it closes, so that unread bytes do not make the kernel reset the
+        connection before the client has read the reply."""
+        self.stage = Stage.DRAINING
+        try:
+            self.client.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self.server.watch(self.client, selectors.EVENT_READ, self.on_client_event)
+
     def fail(self, failure, detail):
         reason, socks5_code, http_status = failure
         if not self.logged_decision:
             self.log_allowed(self.verdict)
-        self.server.log_close(self, reason)
+        self.server.log.closed(self, reason)
         self.closed_logged = True
-        self.finish_with(self.refusal(socks5_code, http_status,
-                                      f"socks_filter: {detail} ({reason}).", reason))
+        self.finish_with(refusal(self.request.proto, socks5_code, http_status,
+                                 f"socks_filter: {detail} ({reason}).", reason))
 
-    def on_timeout(self):
-        if self.stage == "connecting":
-            self.fail(CONNECT_TIMED_OUT, f"no connection to {self.request.host}:{self.request.port} "
-                                         f"within {CONNECT_TIMEOUT:g}s")
-        elif self.stage == "sni":
-            self.tunnel_refused("tls-timeout", "no complete ClientHello in time")
-        elif self.stage == "server-hello":
-            self.sni_denied("no ServerHello from the server in time", "bad-server-hello")
-        elif self.stage == "retry-hello":
-            self.sni_denied("no second ClientHello after a HelloRetryRequest in time", "tls-timeout")
-        else:
-            self.close()
-
-    def close(self, reason="closed"):
+    def close(self, reason=CLOSED):
         if self.closed:
             return
         self.closed = True
         if self.logged_decision and not self.closed_logged:
             self.closed_logged = True
-            self.server.log_close(self, reason)
+            self.server.log.closed(self, reason)
         self.server.forget(self)
-        for direction in (self.up, self.down):
-            if direction is not None:
-                if direction.pipe is not None:
-                    self.server.pipes.give_back(direction.pipe)
-                    direction.pipe = None
+        if self.relay is not None:
+            self.relay.release()
         for sock in (self.client, self.upstream):
             if sock is not None:
                 self.server.unwatch(sock)
                 sock.close()
 
 
+# ---------------------------------------------------------------------------------------------
+# The decision log and the counters: one JSON object per decision and per close (--log), a
+# line per decision on stderr (--verbose), and the counts behind the exit summary.
+
+class DecisionLog:
+    """Where decisions and closes are written and counted.
+
+    stats: "allowed", "denied" and "failed" counts, and Counters of the hosts denied and of
+    those audit mode let through although enforce mode would deny them.
+    """
+
+    def __init__(self, mode, verbose=False, stderr=None):
+        self.mode, self.verbose = mode, verbose
+        self.stderr = stderr or sys.stderr
+        self.file = None
+        self.size = 0
+        self.stats = {"allowed": 0, "denied": 0, "failed": 0, "denied_hosts": collections.Counter(),
+                      "audited_hosts": collections.Counter()}
+
+    def open(self, path):
+        try:
+            self.file = open_log(path)
+        except OSError as error:
+            raise OSError(f"cannot open the log: {error}") from None
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def write(self, record):
+        """Append one record; past MAX_LOG_BYTES write a last record saying so and stop, so
+        that a client making endless denied requests cannot fill the disk."""
+        if self.file is None:
+            return
+        line = json.dumps(shell_inert(record), separators=(",", ":")) + "\n"
+        self.size += len(line)
+        if self.size > MAX_LOG_BYTES:
+            line = json.dumps({"ts": record["ts"], "event": "log-full",
+                               "detail": f"log stopped at {MAX_LOG_BYTES} bytes"}) + "\n"
+            self.file.write(line)
+            self.close()
+            return
+        self.file.write(line)
+
+    def count_denied(self, key):
+        self.stats["denied"] += 1
+        _count_host(self.stats["denied_hosts"], key)
+
+    def retract_allowed(self):
+        """A tunnel logged allowed, then refused at its second ClientHello: counted denied only."""
+        self.stats["allowed"] -= 1
+
+    def decision(self, connection_id, proto, host, port, verdict, tunnel=None, address=None):
+        host = display_host(host) if host else host
+        record = {"ts": round(time.time(), 3), "event": "decision", "id": connection_id,
+                  "proto": proto, "host": host, "port": port, "decision": verdict.decision,
+                  "reason": verdict.reason, "detail": verdict.detail, "mode": self.mode}
+        if tunnel:
+            record["tunnel"] = tunnel
+        if address is not None:
+            record["address"] = format_address(address, port)
+        if not verdict.enforced:
+            record["enforced"] = False
+        if verdict.allowed:
+            self.stats["allowed"] += 1
+            if not verdict.enforced:
+                _count_host(self.stats["audited_hosts"], host_port(host, port))
+        else:
+            self.count_denied(host_port(host, port) if host else "(malformed request)")
+        self.write(record)
+        if self.verbose:
+            action = "allow" if verdict.allowed else "DENY"
+            if not verdict.enforced:
+                action = "allow (audit: would deny)"
+            print(f"socks_filter: #{connection_id} {proto} {host_port(host, port)} {action}: "
+                  f"{verdict.reason} ({verdict.detail})", file=self.stderr, flush=True)
+
+    def closed(self, connection, reason):
+        """The close record of a logged connection (its id, request, log_host(), address,
+        relay and started)."""
+        request, relay = connection.request, connection.relay
+        bytes_up, bytes_down = (relay.up.count, relay.down.count) if relay else (0, 0)
+        record = {"ts": round(time.time(), 3), "event": "close", "id": connection.id,
+                  "proto": request.proto, "host": connection.log_host(), "port": request.port,
+                  "decision": "deny" if reason in TUNNEL_REFUSALS else "allow", "reason": reason,
+                  "address": format_address(connection.address, request.port) if connection.address else None,
+                  "bytes_up": bytes_up, "bytes_down": bytes_down,
+                  "duration": round(time.monotonic() - connection.started, 3)}
+        self.write(record)
+        if reason in FAILURE_REASONS:       # allowed, but never connected: counted apart
+            self.stats["allowed"] -= 1
+            self.stats["failed"] += 1
+        if self.verbose and reason != CLOSED:
+            print(f"socks_filter: #{connection.id} {record['host']}:{request.port} failed: {reason}",
+                  file=self.stderr, flush=True)
+
+    def summary(self):
+        """One line: counts, the denied hosts, and in audit mode the hosts enforce would deny."""
+        stats = self.stats
+        text = f"socks_filter: {stats['allowed']} allowed, {stats['denied']} denied"
+        if stats["failed"]:
+            text += f", {stats['failed']} failed to connect"
+        text += _count_list(": ", stats["denied_hosts"])
+        text += _count_list("; audit let through what enforce would deny: ", stats["audited_hosts"])
+        return text
+
+
+def _count_host(counter, key):
+    """Count per host, but remember at most MAX_TRACKED_HOSTS of them: a client inventing a
+    new name per request must not grow the proxy's memory."""
+    if key not in counter and len(counter) >= MAX_TRACKED_HOSTS - 1:
+        key = "(other hosts)"
+    counter[key] += 1
+
+
+def _count_list(prefix, counter, most=20):
+    """ "prefix a (x3), b, and 4 more", or "" for an empty counter."""
+    if not counter:
+        return ""
+    shown = [f"{key} (x{count})" if count > 1 else key for key, count in counter.most_common(most)]
+    more = len(counter) - len(shown)
+    return prefix + ", ".join(shown) + (f", and {more} more" if more > 0 else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The server: one selectors loop, non-blocking sockets, lookups in a small thread pool.
+
 class FilterServer:
     """Accepts clients on its listeners and runs every Connection on one selectors loop.
 
-    start() binds (raising OSError or ValueError with a readable message), serve_forever() runs
-    until shutdown() is called from any thread or a signal handler, then cleans everything up.
+    start() binds (raising OSError or ValueError with a readable message) and returns the
+    addresses; serve_forever() runs until shutdown() is called from any thread or a signal
+    handler, then closes every connection and releases everything. Also for callers: the
+    addresses, connections (id -> open Connection), log (the DecisionLog: summary()) and
+    stats (its counts).
+
+    What a Connection (with its Handshake, Dialer, TlsCheck and Relay) may use, and no more:
+        policy, sni_check, token        what to allow, and whether a password is needed
+        accepts(password)               whether it is the session's
+        log                             decision(), closed(), retract_allowed()
+        pipes                           the PipePool
+        watch(sock, events, handler)    selector registration: handler(events) is called;
+        unwatch(sock)                   no events, or a closed socket
+        set_deadline(connection, seconds)   connection.on_timeout() is called then,
+        clear_deadline(connection)          unless cleared or set again first
+        mark_idle(connection)           its slot may be taken by a newcomer at the limit
+        mark_busy(connection)           its slot is its own (deciding, connecting, relaying)
+        forget(connection)              it closed: the slot is free
+        resolve(connection, name, port) a lookup; connection.on_resolved() gets the answer
     """
 
     def __init__(self, policy, listen, log_path=None, verbose=False,
@@ -1887,10 +2316,10 @@ class FilterServer:
         self.policy = policy
         self.token = token          # bytes: the password every client must send (see above)
         self.listen_specs = list(listen)
-        self.log_path, self.verbose = log_path, verbose
+        self.log_path = log_path
+        self.log = DecisionLog(policy.mode, verbose, stderr)
         self.max_connections = max_connections
         self.sni_check = sni_check
-        self.stderr = stderr or sys.stderr
         self.ids = itertools.count(1)
         self.selector = selectors.DefaultSelector()
         self.listeners = []
@@ -1900,19 +2329,18 @@ class FilterServer:
         self.idle = {}              # clients holding a slot without relaying (in a handshake,
                                     # awaiting a ClientHello, or being refused), oldest first:
                                     # at the connection limit the oldest makes room for a newcomer
-        self.registered = {}
+        self.registered = {}        # socket -> (events, handler) the selector reports
         self.deadlines = []
         self.resolved = collections.deque()
         self.resolver = Resolver(self._resolved)
         self.pipes = PipePool()
-        self.log_file = None
-        self.log_bytes = 0
         self.stopping = False
         self.accept_paused_until = None
-        self.stats = {"allowed": 0, "denied": 0, "failed": 0, "denied_hosts": collections.Counter(),
-                      "audited_hosts": collections.Counter()}
-        self.wake_lock = threading.Lock()
-        self.wake_read = self.wake_write = None
+        self.waker = Waker()
+
+    @property
+    def stats(self):
+        return self.log.stats
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -1920,79 +2348,30 @@ class FilterServer:
         """Open the log and every listener; on any failure release what was opened and raise."""
         try:
             if self.log_path:
-                try:
-                    self.log_file = open_log(self.log_path)
-                except OSError as error:
-                    raise OSError(f"cannot open the log: {error}") from None
+                self.log.open(self.log_path)
             for spec in self.listen_specs:
                 try:
-                    self.listeners.append(self._listen(spec))
+                    if "/" in spec:
+                        listener = listen_unix(spec, self.owned_paths)
+                        self.addresses.append(spec)
+                    else:
+                        listener, address = listen_tcp(spec)
+                        self.addresses.append(address)
                 except OSError as error:
                     raise OSError(f"cannot listen on {spec}: {error.strerror or error}") from None
-            self.wake_read, self.wake_write = os.pipe()
+                self.listeners.append(listener)
+            self.waker.open()
         except Exception:
             self._release()
             raise
-        os.set_blocking(self.wake_read, False)
-        os.set_blocking(self.wake_write, False)
-        self.selector.register(self.wake_read, selectors.EVENT_READ, None)
-        for listener in self.listeners:
-            self.selector.register(listener, selectors.EVENT_READ, "listener")
+        self.selector.register(self.waker.read_fd, selectors.EVENT_READ, self._drain_wake)
+        self._watch_listeners()
         return self.addresses
 
-    def _listen(self, spec):
-        if "/" in spec:
-            return self._listen_unix(spec)
-        host, port = parse_listen_address(spec)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((host, port))
-            listener.listen(1024)
-        except OSError:
-            listener.close()
-            raise
-        listener.setblocking(False)
-        bound_host, bound_port = listener.getsockname()[:2]
-        self.addresses.append(f"[{bound_host}]:{bound_port}" if family == socket.AF_INET6
-                              else f"{bound_host}:{bound_port}")
-        return listener
-
-    def _listen_unix(self, path):
-        if len(os.fsencode(path)) > 107:
-            raise ValueError(f"unix socket path is too long (over 107 bytes): {path}")
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
-            info = None
-        if info is not None:
-            if not stat.S_ISSOCK(info.st_mode):
-                raise ValueError(f"{path} exists and is not a socket; refusing to replace it")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)
-            else:
-                raise ValueError(f"{path} is in use by another running proxy")
-            finally:
-                probe.close()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_mask = os.umask(0o177)
-        try:
-            listener.bind(path)
-        except OSError:
-            listener.close()
-            raise
-        finally:
-            os.umask(old_mask)
-        os.chmod(path, 0o600)
-        self.owned_paths.append((path, os.lstat(path).st_ino))
-        listener.listen(1024)
-        listener.setblocking(False)
-        self.addresses.append(path)
-        return listener
+    def _watch_listeners(self):
+        for listener in self.listeners:
+            self.selector.register(listener, selectors.EVENT_READ,
+                                   functools.partial(self._accept, listener))
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -2000,13 +2379,7 @@ class FilterServer:
         try:
             while not self.stopping:
                 for key, events in self.selector.select(self._next_timeout()):
-                    if key.data is None:
-                        self._drain_wake()
-                    elif key.data == "listener":
-                        self._accept(key.fileobj)
-                    else:
-                        connection, side = key.data
-                        connection.on_event(side, events)
+                    key.data(events)
                 self._run_deadlines()
         finally:
             self._cleanup()
@@ -2015,27 +2388,15 @@ class FilterServer:
         """Ask serve_forever() to stop; safe from other threads and from signal handlers
         (which is why it takes no lock: the handler may interrupt a holder of it)."""
         self.stopping = True
-        self._write_wake()
+        self.waker.wake()
 
-    def _write_wake(self):
-        fd = self.wake_write
-        if fd is not None:
-            try:
-                os.write(fd, b"x")
-            except OSError:
-                pass
-
-    def _drain_wake(self):
-        try:
-            while os.read(self.wake_read, 4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+    def _drain_wake(self, events):
+        self.waker.drain()
         while self.resolved:
             connection, addresses, error = self.resolved.popleft()
             connection.on_resolved(addresses, error)
 
-    def _accept(self, listener):
+    def _accept(self, listener, events):
         for _ in range(64):
             try:
                 client, _ = listener.accept()
@@ -2050,14 +2411,15 @@ class FilterServer:
             active = len(self.connections)
             if active >= self.max_connections + OVERFLOW_CONNECTIONS:
                 client.close()
-                self._count_denied("(connection limit)")
+                self.log.count_denied("(connection limit)")
                 continue
             client.setblocking(False)
-            connection = Connection(self, client, refusing=active >= self.max_connections)
+            connection = Connection(self, client, next(self.ids),
+                                    refusing=active >= self.max_connections)
             self.connections[connection.id] = connection
             self.idle[connection] = None
             self.set_deadline(connection, HANDSHAKE_TIMEOUT)
-            self.watch(client, connection, "client", selectors.EVENT_READ)
+            self.watch(client, selectors.EVENT_READ, connection.on_client_event)
 
     def _pause_accepting(self):
         for listener in self.listeners:
@@ -2077,14 +2439,15 @@ class FilterServer:
         now = time.monotonic()
         if self.accept_paused_until is not None and now >= self.accept_paused_until:
             self.accept_paused_until = None
-            for listener in self.listeners:
-                self.selector.register(listener, selectors.EVENT_READ, "listener")
+            self._watch_listeners()
         while self.deadlines and self.deadlines[0][0] <= now:
             deadline, connection_id = heapq.heappop(self.deadlines)
             connection = self.connections.get(connection_id)
             if connection is not None and connection.deadline == deadline:
                 connection.deadline = None
                 connection.on_timeout()
+
+    # -- what connections use ---------------------------------------------------------------
 
     def set_deadline(self, connection, seconds):
         connection.deadline = time.monotonic() + seconds
@@ -2093,23 +2456,32 @@ class FilterServer:
     def clear_deadline(self, connection):
         connection.deadline = None
 
-    def watch(self, sock, connection, side, events):
-        """Register, modify or unregister `sock` so the selector reports exactly `events`."""
+    def watch(self, sock, events, handler):
+        """Register, modify or unregister `sock` so that the selector reports exactly `events`,
+        to handler(events)."""
         current = self.registered.get(sock)
-        if current == events:
+        if current is not None and current[0] == events and current[1] == handler:
             return
         if not events:
             self.unwatch(sock)
         elif current is None:
-            self.selector.register(sock, events, (connection, side))
-            self.registered[sock] = events
+            self.selector.register(sock, events, handler)
+            self.registered[sock] = (events, handler)
         else:
-            self.selector.modify(sock, events, (connection, side))
-            self.registered[sock] = events
+            self.selector.modify(sock, events, handler)
+            self.registered[sock] = (events, handler)
 
     def unwatch(self, sock):
         if self.registered.pop(sock, None) is not None:
             self.selector.unregister(sock)
+
+    def mark_idle(self, connection):
+        """The newest of the idle: at the limit the oldest idle connection makes room."""
+        self.idle.pop(connection, None)
+        self.idle[connection] = None
+
+    def mark_busy(self, connection):
+        self.idle.pop(connection, None)
 
     def forget(self, connection):
         self.connections.pop(connection.id, None)
@@ -2119,94 +2491,12 @@ class FilterServer:
         self.resolver.submit(connection, name, port)
 
     def accepts(self, password):
-        """Whether `password` is the session's; always true without one."""
-        if self.token is None:
-            return True
-        import hmac     # here: it loads OpenSSL (~3 ms), and only --token-env needs it (issue 15)
-        return password is not None and hmac.compare_digest(password, self.token)
+        return password_matches(self.token, password)
 
     def _resolved(self, connection, addresses, error):
         """Called on a resolver thread: hand the answer to the loop and wake it."""
         self.resolved.append((connection, addresses, error))
-        with self.wake_lock:
-            self._write_wake()
-
-    # -- logging ----------------------------------------------------------------------------
-
-    def _write_log(self, record):
-        """Append one record; past MAX_LOG_BYTES write a last record saying so and stop, so
-        that a client making endless denied requests cannot fill the disk."""
-        if self.log_file is None:
-            return
-        line = json.dumps(shell_inert(record), separators=(",", ":")) + "\n"
-        self.log_bytes += len(line)
-        if self.log_bytes > MAX_LOG_BYTES:
-            line = json.dumps({"ts": record["ts"], "event": "log-full",
-                               "detail": f"log stopped at {MAX_LOG_BYTES} bytes"}) + "\n"
-            self.log_file.write(line)
-            self.log_file.close()
-            self.log_file = None
-            return
-        self.log_file.write(line)
-
-    def _count_denied(self, key):
-        self.stats["denied"] += 1
-        _count_host(self.stats["denied_hosts"], key)
-
-    def log_decision(self, connection, proto, host, port, verdict, tunnel=None, address=None):
-        host = display_host(host) if host else host
-        record = {"ts": round(time.time(), 3), "event": "decision", "id": connection.id,
-                  "proto": proto, "host": host, "port": port, "decision": verdict.decision,
-                  "reason": verdict.reason, "detail": verdict.detail, "mode": self.policy.mode}
-        if tunnel:
-            record["tunnel"] = tunnel
-        if address is not None:
-            record["address"] = format_address(address, port)
-        if not verdict.enforced:
-            record["enforced"] = False
-        if verdict.allowed:
-            self.stats["allowed"] += 1
-            if not verdict.enforced:
-                _count_host(self.stats["audited_hosts"], host_port(host, port))
-        else:
-            self._count_denied(host_port(host, port) if host else "(malformed request)")
-        self._write_log(record)
-        if self.verbose:
-            action = "allow" if verdict.allowed else "DENY"
-            if not verdict.enforced:
-                action = "allow (audit: would deny)"
-            print(f"socks_filter: #{connection.id} {proto} {host_port(host, port)} {action}: "
-                  f"{verdict.reason} ({verdict.detail})", file=self.stderr, flush=True)
-
-    def log_close(self, connection, reason):
-        request = connection.request
-        up, down = connection.up, connection.down
-        record = {"ts": round(time.time(), 3), "event": "close", "id": connection.id,
-                  "proto": request.proto, "host": connection.log_host(), "port": request.port,
-                  "decision": "deny" if reason in TUNNEL_REFUSALS else "allow", "reason": reason,
-                  "address": format_address(connection.address, request.port) if connection.address else None,
-                  "bytes_up": up.count if up else 0, "bytes_down": down.count if down else 0,
-                  "duration": round(time.monotonic() - connection.started, 3)}
-        self._write_log(record)
-        if reason in FAILURE_REASONS:       # allowed, but never connected: counted apart
-            self.stats["allowed"] -= 1
-            self.stats["failed"] += 1
-        if self.verbose and reason != "closed":
-            print(f"socks_filter: #{connection.id} {record['host']}:{request.port} failed: {reason}",
-                  file=self.stderr, flush=True)
-
-    def log_note(self, connection, text):
-        if self.verbose:
-            print(f"socks_filter: #{connection.id} {text}", file=self.stderr, flush=True)
-
-    def summary(self):
-        """One line: counts, the denied hosts, and in audit mode the hosts enforce would deny."""
-        text = f"socks_filter: {self.stats['allowed']} allowed, {self.stats['denied']} denied"
-        if self.stats["failed"]:
-            text += f", {self.stats['failed']} failed to connect"
-        text += _count_list(": ", self.stats["denied_hosts"])
-        text += _count_list("; audit let through what enforce would deny: ", self.stats["audited_hosts"])
-        return text
+        self.waker.wake_from_thread()
 
     # -- cleanup ----------------------------------------------------------------------------
 
@@ -2224,7 +2514,7 @@ class FilterServer:
 
     def _cleanup(self):
         for connection in list(self.connections.values()):
-            connection.close("proxy-stopped")
+            connection.close(PROXY_STOPPED)
         self._release()
 
     def _release(self):
@@ -2232,31 +2522,49 @@ class FilterServer:
         self.pipes.close()
         self.resolver.stop()
         self.selector.close()
-        if self.log_file is not None:
-            self.log_file.close()
-            self.log_file = None
-        with self.wake_lock:
-            fds, self.wake_read, self.wake_write = (self.wake_read, self.wake_write), None, None
+        self.log.close()
+        self.waker.close()
+
+
+class Waker:
+    """A pipe that wakes the selector loop: from the resolver threads, which hold the lock
+    while they write so that close() never lets them write to a number reused by another
+    file, and from signal handlers, which must not take it (they may interrupt a holder)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.read_fd = self.write_fd = None
+
+    def open(self):
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+
+    def wake(self):
+        fd = self.write_fd
+        if fd is not None:
+            try:
+                os.write(fd, b"x")
+            except OSError:
+                pass
+
+    def wake_from_thread(self):
+        with self.lock:
+            self.wake()
+
+    def drain(self):
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def close(self):
+        with self.lock:
+            fds, self.read_fd, self.write_fd = (self.read_fd, self.write_fd), None, None
         for fd in fds:
             if fd is not None:
                 os.close(fd)
-
-
-def _count_host(counter, key):
-    """Count per host, but remember at most MAX_TRACKED_HOSTS of them: a client inventing a
-    new name per request must not grow the proxy's memory."""
-    if key not in counter and len(counter) >= MAX_TRACKED_HOSTS - 1:
-        key = "(other hosts)"
-    counter[key] += 1
-
-
-def _count_list(prefix, counter, most=20):
-    """ "prefix a (x3), b, and 4 more", or "" for an empty counter."""
-    if not counter:
-        return ""
-    shown = [f"{key} (x{count})" if count > 1 else key for key, count in counter.most_common(most)]
-    more = len(counter) - len(shown)
-    return prefix + ", ".join(shown) + (f", and {more} more" if more > 0 else "")
 
 
 class Resolver:
@@ -2321,6 +2629,63 @@ def parse_listen_address(text):
     except ValueError:
         raise ValueError(f"listen address {text!r}: host must be an IP address") from None
     return host, int(port)
+
+
+def listen_tcp(spec):
+    """A listening non-blocking TCP socket on "HOST:PORT", and the address it got (port 0
+    picks a free one)."""
+    host, port = parse_listen_address(spec)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(1024)
+    except OSError:
+        listener.close()
+        raise
+    listener.setblocking(False)
+    bound_host, bound_port = listener.getsockname()[:2]
+    return listener, (f"[{bound_host}]:{bound_port}" if family == socket.AF_INET6
+                      else f"{bound_host}:{bound_port}")
+
+
+def listen_unix(path, owned_paths):
+    """A listening non-blocking unix socket at `path`, mode 600. An existing file there is
+    replaced only when it is a socket nobody answers on; (path, inode) goes to owned_paths as
+    soon as the socket exists, so that it is removed at exit (if it is still ours)."""
+    if len(os.fsencode(path)) > 107:
+        raise ValueError(f"unix socket path is too long (over 107 bytes): {path}")
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        info = None
+    if info is not None:
+        if not stat.S_ISSOCK(info.st_mode):
+            raise ValueError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+        else:
+            raise ValueError(f"{path} is in use by another running proxy")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_mask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    except OSError:
+        listener.close()
+        raise
+    finally:
+        os.umask(old_mask)
+    os.chmod(path, 0o600)
+    owned_paths.append((path, os.lstat(path).st_ino))
+    listener.listen(1024)
+    listener.setblocking(False)
+    return listener
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2512,14 +2877,14 @@ def main(argv=None):
         print(f"{name}: error: cannot write the ready line: {error}", file=sys.stderr)
         return 1
     server.serve_forever()
-    print(server.summary(), file=sys.stderr, flush=True)
+    print(server.log.summary(), file=sys.stderr, flush=True)
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
-# Started before its arguments are known (issue 15): a parent starts the interpreter, which
-# imports this module while the parent is still deciding the arguments.
-# ---------------------------------------------------------------------------------------------
+# Started before its arguments are known: a parent starts the interpreter, which imports this
+# module while the parent is still deciding the arguments, so that the two overlap and the
+# proxy is ready sooner.
 
 def main_from_stdin():
     """main() with its arguments read from stdin up to EOF, NUL-separated, the first being
