@@ -2213,7 +2213,8 @@ def preset_rules(names):
 
 
 def rules_module():
-    """socks_filter, for its pure rule and name functions (never its SOCKS parsing)."""
+    """socks_filter, for its pure rule and name functions and its table of log reasons (never
+    its SOCKS parsing)."""
     try:
         import socks_filter
     except ImportError:
@@ -3377,40 +3378,21 @@ def flow_back(profile, items, seeded, home, private, project):
 # Network summary and --learn: what the proxy's log tells at the session's end
 # ---------------------------------------------------------------------------------------------
 
-REASONS = {
-    "not-in-allowlist": "not in allow list",
-    "denied-by-rule": "denied by rule",
-    "private-address": "private address",
-    "platform-endpoint": "cloud platform endpoint",
-    "ip-literal-not-allowed": "IP address without an IP rule",
-    "sni-mismatch": "TLS name differs from the requested host",
-    "bad-name": "malformed name",
-    "bad-port": "bad port",
-    "too-many-connections": "too many connections",
-    "bad-request": "malformed request",
-    # A tunnel to a name that did not open with a ClientHello naming that host (socks_filter).
-    "no-sni": "TLS without a server name",
-    "not-tls": "not TLS",
-    "bad-client-hello": "malformed TLS ClientHello",
-    "tls-timeout": "no TLS ClientHello in time",
-    "tls-alert-first": "TLS alert before the ClientHello",
-    "tls-change-cipher-spec-first": "TLS change-cipher-spec before the ClientHello",
-    "tls-heartbeat-first": "TLS heartbeat before the ClientHello",
-    "tls-data-first": "TLS application data before the ClientHello",
-    "bad-server-hello": "no valid TLS ServerHello from the server in time",
-    "proxy-auth": "no session credential",
-    # Allowed, but the connection did not happen.
-    "lookup-failed": "DNS lookup failed",
-    "connect-refused": "connection refused",
-    "unreachable": "unreachable",
-    "connect-timeout": "connect timed out",
-    "connect-failed": "connect failed",
-}
-
-# Reasons an --allow-domain HOST:PORT would cure.
-ALLOWABLE = {"not-in-allowlist", "ip-literal-not-allowed"}
-
 SUMMARY_HOSTS = 10
+
+
+def reason_text(word):
+    """A log reason in a few words for people (the proxy's REASONS), or the word itself."""
+    return rules_module().REASONS.get(word, (printable(word), False))[0]
+
+
+def fixable(word, host):
+    """Whether an allow rule for the refused destination cures `word`: for a private address
+    only a rule naming that address does, which the story suggests only for an IP (for a
+    name it is the user's call, --allow-private or that address's rule)."""
+    rules = rules_module()
+    return rules.REASONS.get(word, ("", False))[1] and (
+        word != rules.PRIVATE_ADDRESS or is_ip(host))
 
 
 def read_records(lines):
@@ -3441,7 +3423,7 @@ class Blocked:
 
     @property
     def why(self):
-        text = ", ".join(REASONS.get(r, printable(r)) for r in self.reasons)
+        text = ", ".join(reason_text(r) for r in self.reasons)
         return text + (": allow only if you mean it" if is_private_ip(self.host) else "")
 
     @property
@@ -3450,8 +3432,7 @@ class Blocked:
         address (a private one is flagged in `why`: allow it only if you mean it); a name
         that resolved to a private address is allowed only by --allow-private, which is
         the user's call and never suggested."""
-        if any(r in ALLOWABLE for r in self.reasons) or (
-                "private-address" in self.reasons and is_ip(self.host)):
+        if any(fixable(r, self.host) for r in self.reasons):
             return allow_option(self.host, self.port)
         return fix_option(self)
 
@@ -3472,7 +3453,7 @@ def network_story(records):
         reason = str(record.get("reason", ""))
         if reason not in entry.reasons:
             entry.reasons.append(reason)
-        if reason == "private-address" and record.get("address"):
+        if reason == rules_module().PRIVATE_ADDRESS and record.get("address"):
             entry.address = printable(record["address"])
     return allowed, sorted(blocked.values(), key=lambda b: (-b.count, b.host, b.port))
 
@@ -3515,23 +3496,18 @@ def summarize(tool, lines, width=None, expected=()):
                         failed=failed, quiet=quiet, refused=refused)
 
 
-# Reasons a tunnel to a name was closed that a :PORT/raw rule cures (a client that is not
-# TLS, or that waits for the server to speak first); the others look like attacks.
-RAW_CURES = {"not-tls", "tls-timeout", "no-sni"}
-
-
 def fix_option(blocked):
     """The fix for a blocked name that an --allow-domain NAME:PORT would not cure: an IP rule
     for the private address it resolved to (or, for a private-use one, --allow-private), or
     a /raw rule."""
     if is_ip(blocked.host):
         return ""
-    if "private-address" in blocked.reasons and blocked.address:
-        rules = rules_module()
+    rules = rules_module()
+    if rules.PRIVATE_ADDRESS in blocked.reasons and blocked.address:
         ip = rules.parse_ip_spelling(blocked.address.rpartition(":")[0].strip("[]"))
         also = " or --allow-private" if ip and rules.address_class(ip) == "private-use" else ""
         return f"--allow-domain {shlex.quote(blocked.address)} (only if you mean it){also}"
-    if blocked.reasons and set(blocked.reasons) <= RAW_CURES:
+    if blocked.reasons and set(blocked.reasons) <= rules.RAW_CURES:
         return allow_option(blocked.host, blocked.port) + "/raw"
     return ""
 
@@ -3548,7 +3524,7 @@ class Failed:
     def text(self):
         times = f" x{self.count}" if self.count > 1 else ""
         return (host_port(self.host, self.port) + times + " (" +
-                ", ".join(REASONS.get(r, printable(r)) for r in self.reasons) + ")")
+                ", ".join(reason_text(r) for r in self.reasons) + ")")
 
 
 def failed_connections(records):
@@ -3570,11 +3546,11 @@ def failed_connections(records):
 def set_apart(blocked, expected):
     """(blocked to list, [Blocked] the profile expects, connections refused for lacking the
     session's proxy credential): the last two are summed up, not listed as problems."""
-    listed, quiet, refused = [], [], 0
+    listed, quiet, refused, rules = [], [], 0, rules_module()
     for entry in blocked:
-        if entry.reasons == ["proxy-auth"]:
+        if entry.reasons == [rules.PROXY_AUTH]:
             refused += entry.count
-        elif entry.reasons == ["not-in-allowlist"] and \
+        elif entry.reasons == [rules.NOT_IN_ALLOWLIST] and \
                 host_port(entry.host, entry.port) in expected:
             quiet.append(entry)
         else:

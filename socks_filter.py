@@ -209,6 +209,9 @@ OUT_OF_DESCRIPTORS = _reason("out-of-descriptors", "the proxy ran out of file de
 TUNNEL_REFUSALS = frozenset((SNI_MISMATCH, NO_SNI, NOT_TLS, BAD_CLIENT_HELLO, TLS_TIMEOUT,
                              BAD_SERVER_HELLO, TLS_ALERT_FIRST, TLS_CHANGE_CIPHER_SPEC_FIRST,
                              TLS_HEARTBEAT_FIRST, TLS_DATA_FIRST))
+# Tunnel refusals that a rule ending in /raw cures (a client that is not TLS, or that waits
+# for the server to speak first); the others look like attacks.
+RAW_CURES = frozenset((NOT_TLS, TLS_TIMEOUT, NO_SNI))
 # Allowed, but never connected: logged allowed, then closed with one of these, counted apart.
 FAILURE_REASONS = frozenset((LOOKUP_FAILED, CONNECT_REFUSED, UNREACHABLE, CONNECT_TIMED_OUT,
                              CONNECT_FAILED))
@@ -746,11 +749,13 @@ class Policy:
 
 
 # ---------------------------------------------------------------------------------------------
-# What a tunnel may carry. A name rule is a rule for that name's TLS service: a tunnel to it
-# (CONNECT, SOCKS) must open with a TLS ClientHello naming that very host, on every port, since
-# shared CDNs route by SNI or Host on many ports. Anything else needs a rule ending in /raw,
-# which must name its port. An IP rule names one address (nothing to compare a server name
-# with) and carries whatever that address serves on the rule's ports.
+# What a tunnel may carry
+#
+# A name rule is a rule for that name's TLS service: a tunnel to it (CONNECT, SOCKS) must open
+# with a TLS ClientHello naming that very host, on every port, since shared CDNs route by SNI
+# or Host on many ports. Anything else needs a rule ending in /raw, which must name its port.
+# An IP rule names one address (nothing to compare a server name with) and carries whatever
+# that address serves on the rule's ports.
 
 RAW_SUFFIX = "/raw"
 # The log reason for each TLS record type that is not a handshake, sent first. Some TLS servers
@@ -797,9 +802,11 @@ def tunnel_start(data):
 
 
 # ---------------------------------------------------------------------------------------------
-# A TLS 1.3 HelloRetryRequest. A server that takes none of the key shares a ClientHello offers
-# answers with a HelloRetryRequest (a ServerHello with a fixed random), and the client sends a
-# second ClientHello on the same connection; servers read the name in that one too (OpenSSL's
+# A TLS 1.3 HelloRetryRequest
+#
+# A server that takes none of the key shares a ClientHello offers answers with a
+# HelloRetryRequest (a ServerHello with a fixed random), and the client sends a second
+# ClientHello on the same connection; servers read the name in that one too (OpenSSL's
 # servername callback runs again, and a front end may route by it). So once the checked hello
 # is relayed the proxy reads the server's answer itself until its first handshake message shows
 # what it is; after a HelloRetryRequest the client's next hello must name the same host.
@@ -863,12 +870,13 @@ def client_hello_end(data):
 
 
 # ---------------------------------------------------------------------------------------------
-# Proxy credentials. A proxy reached through a TCP port on the host's loopback (bw-claude's
-# --share-net mode) is reachable by every local user; with --token-env the proxy serves only
-# clients that send the session's secret as the password of the proxy URL (any user name):
-# HTTP Proxy-Authorization Basic, SOCKS5 username/password (RFC 1929). SOCKS4 carries no
-# password and is refused. The secret comes in an environment variable, never on the command
-# line, where `ps` would show it.
+# Proxy credentials
+#
+# A proxy reached through a TCP port on the host's loopback (bw-claude's --share-net mode) is
+# reachable by every local user; with --token-env the proxy serves only clients that send the
+# session's secret as the password of the proxy URL (any user name): HTTP Proxy-Authorization
+# Basic, SOCKS5 username/password (RFC 1929). SOCKS4 carries no password and is refused. The
+# secret comes in an environment variable, never on the command line, where `ps` would show it.
 
 def parse_socks5_userpass(data):
     """Return (password bytes, bytes used) from an RFC 1929 sub-negotiation."""

@@ -63,7 +63,7 @@ class TunnelStartTest(unittest.TestCase):
         for reason, data in cases.items():
             with self.subTest(reason=reason):
                 self.assertEqual(socks_filter.tunnel_start(data)[0], reason)
-                self.assertIn(reason, bw_lib.REASONS)
+                self.assertIn(reason, socks_filter.REASONS)
                 self.assertIn(reason, socks_filter.TUNNEL_REFUSALS)
         self.assertEqual(socks_filter.tunnel_start(ALERT[:1])[0], "tls-alert-first")
         # a handshake record, then an alert before the hello is complete

@@ -5,7 +5,6 @@ import os
 import struct
 import unittest
 
-import bw_lib
 import socks_filter
 from tests.proxy_harness import CCS, HRR_RANDOM, key_share_hello, server_hello
 
@@ -76,7 +75,7 @@ class HelloRetryParsingTest(unittest.TestCase):
 
     def test_the_reason_is_known(self):
         self.assertIn("bad-server-hello", socks_filter.TUNNEL_REFUSALS)
-        self.assertIn("bad-server-hello", bw_lib.REASONS)
+        self.assertIn("bad-server-hello", socks_filter.REASONS)
 
     def test_client_hello_end(self):
         hello = key_share_hello(b"loop.example.com", pieces=3)

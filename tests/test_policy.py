@@ -467,12 +467,14 @@ class AllowPrivateTest(unittest.TestCase):
         self.assertIn("NAT64 form of private-use", lan.detail)
         self.assertIn("--allow-private", lan.detail)
 
-    def test_bw_lib_knows_every_reason(self):
+    def test_every_reason_has_words_for_people(self):
         import bw_lib
         for reason in ("private-address", "platform-endpoint", "denied-by-rule",
                        "ip-literal-not-allowed", "not-in-allowlist", "bad-name", "bad-port"):
             with self.subTest(reason=reason):
-                self.assertIn(reason, bw_lib.REASONS)
+                text, _ = socks_filter.REASONS[reason]
+                self.assertEqual(bw_lib.reason_text(reason), text)
+                self.assertNotEqual(text, reason)
 
 
 class BroadDenyRuleTest(unittest.TestCase):
