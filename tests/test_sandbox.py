@@ -229,7 +229,7 @@ class ProcessTest(SandboxCase):
 
 
 class LifecycleTest(SandboxCase):
-    """Signals, Ctrl-C and Ctrl-\ under a terminal, SIGKILL: nothing is left behind."""
+    """Signals, Ctrl-C and Ctrl-\\ under a terminal, SIGKILL: nothing is left behind."""
 
     @classmethod
     def setUpClass(cls):
