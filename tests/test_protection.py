@@ -768,7 +768,8 @@ class WrapperPlacesTest(SessionCase):
         self.assertNotIn("ran", result.stdout)
         self.assertEqual(os.listdir(elsewhere), [])
         os.unlink(self.base)
-        os.mkdir(self.base, 0o755)
+        os.mkdir(self.base)
+        os.chmod(self.base, 0o755)     # whatever the umask
         result = self.bw(script="echo ran")
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertIn("mode 0700", result.stderr)
