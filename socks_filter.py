@@ -1341,6 +1341,29 @@ class PipePool:
         self.spare = []
 
 
+def try_read(sock, size):
+    """What one non-blocking recv got: None when nothing is there yet, b"" at the end or on an
+    error (the peer is gone either way)."""
+    try:
+        return sock.recv(size)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
+def try_write(end, operation, *args, **options):
+    """One non-blocking send or splice: the bytes it wrote, 0 when the target is full, or None
+    when it failed: end(CLOSED) has then closed the connection."""
+    try:
+        return operation(*args, **options)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except OSError:
+        end(CLOSED)
+        return None
+
+
 class Relay:
     """Both directions of one connection: `up` (client to upstream) and `down`. A side is read
     only while nothing read from it waits to be written; the end of one direction is passed on
@@ -1448,7 +1471,8 @@ class Relay:
         if direction.limit is not None:
             direction.limit -= received
             direction.ended = direction.limit == 0
-        sent = self.write(os.splice, direction.pipe[0], direction.target.fileno(), received, flags=SPLICE_FLAGS)
+        sent = try_write(self.end, os.splice, direction.pipe[0], direction.target.fileno(),
+                         received, flags=SPLICE_FLAGS)
         if sent is None:
             return
         direction.in_pipe -= sent
@@ -1457,26 +1481,15 @@ class Relay:
         elif direction.ended:
             self.pass_end(direction)
 
-    def write(self, operation, *args, **options):
-        """One non-blocking send or splice: the bytes it wrote, 0 when the target is full, or
-        None when the connection failed (and is now closed)."""
-        try:
-            return operation(*args, **options)
-        except (BlockingIOError, InterruptedError):
-            return 0
-        except OSError:
-            self.end(CLOSED)
-            return None
-
     def flush(self, direction):
         if direction.pending:
-            sent = self.write(direction.target.send, direction.pending)
+            sent = try_write(self.end, direction.target.send, direction.pending)
             if sent is None:
                 return
             direction.pending = direction.pending[sent:]
         if not direction.pending and direction.in_pipe:
-            sent = self.write(os.splice, direction.pipe[0], direction.target.fileno(), direction.in_pipe,
-                              flags=SPLICE_FLAGS)
+            sent = try_write(self.end, os.splice, direction.pipe[0], direction.target.fileno(),
+                             direction.in_pipe, flags=SPLICE_FLAGS)
             if sent is None:
                 return
             direction.in_pipe -= sent
@@ -1595,6 +1608,12 @@ class Handshake:
         del self.connection.inbuf[:used]
         return value
 
+    def answer(self, reply, stage):
+        """A handshake step is done: its reply sent, the next stage set (True)."""
+        self.connection.send_to_client(reply)
+        self.connection.stage = stage
+        return True
+
     def socks5_greeting(self):
         """True once the method is picked and answered; no acceptable one ends the connection."""
         connection = self.connection
@@ -1606,10 +1625,8 @@ class Handshake:
         if method not in methods:
             self.unauthenticated("socks5", SOCKS5_NO_ACCEPTABLE_METHODS)
             return False
-        connection.send_to_client(bytes((5, method)))
-        connection.stage = (Stage.SOCKS5_REQUEST if method == SOCKS5_NO_AUTHENTICATION
-                            else Stage.SOCKS5_AUTH)
-        return True
+        return self.answer(bytes((5, method)), Stage.SOCKS5_REQUEST
+                           if method == SOCKS5_NO_AUTHENTICATION else Stage.SOCKS5_AUTH)
 
     def socks5_authenticate(self):
         """RFC 1929: True once the session's password came; a wrong one ends the connection."""
@@ -1621,9 +1638,7 @@ class Handshake:
             self.unauthenticated("socks5", USERPASS_FAILURE)
             return False
         self.authenticated = True
-        connection.send_to_client(USERPASS_SUCCESS)
-        connection.stage = Stage.SOCKS5_REQUEST
-        return True
+        return self.answer(USERPASS_SUCCESS, Stage.SOCKS5_REQUEST)
 
     def reject_malformed(self, error):
         connection = self.connection
@@ -1782,19 +1797,17 @@ class TlsCheck:
             self.watch_events()
 
     def flush_upstream_pending(self):
-        sent = self.connection.write(self.connection.upstream.send, self.upstream_pending)
+        sent = try_write(self.connection.close, self.connection.upstream.send,
+                         self.upstream_pending)
         if sent:
             self.upstream_pending = self.upstream_pending[sent:]
             self.relayed_up += sent
 
     def read_server_hello(self):
         connection = self.connection
-        try:
-            data = connection.upstream.recv(RELAY_CHUNK)
-        except (BlockingIOError, InterruptedError):
+        data = try_read(connection.upstream, RELAY_CHUNK)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:                # the server hung up (after an alert): pass that on
             self.server_reply = None
             connection.finish_with(b"")
@@ -1821,12 +1834,9 @@ class TlsCheck:
 
     def read_client(self):
         connection = self.connection
-        try:
-            data = connection.client.recv(16384)
-        except (BlockingIOError, InterruptedError):
+        data = try_read(connection.client, 16384)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             connection.inbuf += data
             if connection.stage == Stage.RETRY_HELLO:
@@ -2062,12 +2072,9 @@ class Connection:
             self.flush_client_pending()
             if self.closed or not events & selectors.EVENT_READ:
                 return
-        try:
-            data = self.client.recv(4096)
-        except (BlockingIOError, InterruptedError):
+        data = try_read(self.client, 4096)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             if self.stage == Stage.SNI:
                 self.tls.on_client_eof()
@@ -2100,7 +2107,7 @@ class Connection:
 
     def flush_client_pending(self):
         if self.client_pending:
-            sent = self.write(self.client.send, self.client_pending)
+            sent = try_write(self.close, self.client.send, self.client_pending)
             if sent is None:
                 return
             self.client_pending = self.client_pending[sent:]
@@ -2109,17 +2116,6 @@ class Connection:
         elif self.stage not in (Stage.RELAY, Stage.CONNECTING, *HELLO_STAGES):
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.client_pending else 0)
             self.server.watch(self.client, events, self.on_client_event)
-
-    def write(self, operation, *args):
-        """One non-blocking send: the bytes it wrote, 0 when the target is full, or None when
-        the connection failed (and is now closed)."""
-        try:
-            return operation(*args)
-        except (BlockingIOError, InterruptedError):
-            return 0
-        except OSError:
-            self.close(CLOSED)
-            return None
 
     def finish_with(self, reply):
         """Send a final reply, then close once it is written (or the closing deadline passes)."""

@@ -400,17 +400,15 @@ WRAPPER = ("import resource, sys, socks_filter\n"
 
 
 def read_line(fd, seconds=WAIT):
-    """Read one line from a pipe, bounded in time; b"" at EOF."""
-    data = b""
-    deadline = time.monotonic() + seconds
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+    """One line from a pipe, read byte by byte (what follows it stays in the pipe), bounded in
+    time; b"" at EOF."""
+    data, deadline = b"", time.monotonic() + seconds
+    while not data.endswith(b"\n") and select.select(
+            [fd], [], [], max(0, deadline - time.monotonic()))[0]:
+        byte = os.read(fd, 1)
+        if not byte:
             break
-        chunk = os.read(fd, 1)
-        if not chunk:
-            break
-        data += chunk
+        data += byte
     return data
 
 
