@@ -452,7 +452,7 @@ class Profile:
     install_hint: str
     state_dirs: tuple       # home-relative: the CLI's state, private to each session
     allow: tuple            # default allow list for --filter-network
-    env_names: tuple        # host variables passed through (fnmatch patterns)
+    env_names: tuple        # host variables passed through: names, or prefixes ending in "*"
     env: tuple = ()         # (name, value) set inside
     cli_args: tuple = ()    # put before the user's arguments
     helpers: tuple = ()     # other programs the CLI needs visible (found on PATH)
@@ -2541,15 +2541,22 @@ def plan_outputs(opts, roots):
 def build_env(profile, environ, home, pass_env=(), assignments=(), defaults=()):
     """The sandbox's environment: allow list, profile defaults, `defaults` (inside_env),
     --pass-env, --env."""
-    patterns = ENV_NAMES + profile.env_names
+    names, prefixes = env_allow_list(ENV_NAMES + profile.env_names)
     env = {name: value for name, value in environ.items()
-           if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+           if name in names or name.startswith(prefixes)}
     env["HOME"] = home
     env.update(profile.env)
     env.update(defaults)
     env.update((name, environ[name]) for name in pass_env if name in environ)
     env.update(a.partition("=")[::2] for a in assignments)
     return env
+
+
+def env_allow_list(patterns):
+    """(names, prefixes) of variable patterns, each a name or a prefix ending in "*": a set
+    and a startswith() away from a decision, without compiling a pattern at every start."""
+    return ({p for p in patterns if not p.endswith("*")},
+            tuple(p[:-1] for p in patterns if p.endswith("*")))
 
 
 def inside_env(filter_network, cache=SANDBOX_CACHE):

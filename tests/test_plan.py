@@ -334,6 +334,17 @@ class EnvTest(Fixture):
         for hidden in ("AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN", "UNSET"):
             self.assertNotIn(hidden, env)
 
+    def test_variable_patterns_are_names_or_prefixes(self):
+        # build_env reads a "*" only at the end: anything else would be taken literally.
+        for profile in (CLAUDE, GEMINI):
+            for pattern in bw_lib.ENV_NAMES + profile.env_names:
+                with self.subTest(pattern=pattern):
+                    self.assertRegex(pattern, r"\A[A-Za-z_][A-Za-z0-9_]*\*?\Z")
+        self.environ.update({"LC_": "empty suffix", "XLC_ALL": "x", "LC_ALL": "C"})
+        env = bw_lib.build_env(CLAUDE, self.environ, self.home)
+        self.assertEqual((env.get("LC_"), env.get("LC_ALL")), ("empty suffix", "C"))
+        self.assertNotIn("XLC_ALL", env)
+
     def test_profiles_pass_only_their_own_keys(self):
         self.environ["GEMINI_API_KEY"] = "g"
         self.assertNotIn("GEMINI_API_KEY", bw_lib.build_env(CLAUDE, self.environ, self.home))
