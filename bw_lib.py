@@ -4397,6 +4397,37 @@ def sweep_sessions(environ, tool):
         sweep_stale(base, tool)
 
 
+class StateCopy:
+    """The session's own copy of the CLI's state, in its home (see the "CLI state" section):
+    load() seeds it from the host's, save() sends back what FLOWS_BACK accepts and returns a
+    line for each refusal."""
+
+    def __init__(self, plan, private):
+        self.plan, self.private = plan, private
+        self.items = plan.state     # State items, the CLI's project id filled in by load()
+        self.seeded = {}            # State path: what was copied in (seed_state)
+        self.read_only = []         # home-relative: the seeded "ro" copies, bound read-only
+
+    def load(self):
+        plan, private = self.plan, self.private
+        bound = {src for option, src, _ in plan.mounts if option == "--bind"}
+        for relative in plan.profile.state_dirs:
+            os.makedirs(os.path.join(private, relative), 0o700, exist_ok=True)
+            if os.path.join(plan.home, relative) in bound:    # --allow-config-writes
+                os.makedirs(os.path.join(plan.home, relative), 0o700, exist_ok=True)
+        project_id = host_project_id(plan.profile, self.items, plan.home, plan.project)
+        if project_id is not None:
+            self.items = with_project_id(self.items, project_id)
+        self.seeded = seed_state([i for i in self.items if PROJECT_ID not in i.path],
+                                 plan.home, private, plan.project)
+        self.read_only = [i.path for i in self.items if i.seed == "ro"
+                          and os.path.lexists(os.path.join(private, i.path))]
+
+    def save(self):
+        return flow_back(self.plan.profile, self.items, self.seeded, self.plan.home,
+                         self.private, self.plan.project)
+
+
 class SessionDirs:
     """A session's private directories (the home and caches on disk, the proxy socket's
     under the runtime directory), each locked while the session lives so that a later
@@ -4406,10 +4437,7 @@ class SessionDirs:
 
     def __init__(self, plan):
         self.plan, self.environ, self.tool = plan, plan.environ, plan.profile.tool
-        self.dir = self.socket_dir = self.protection = None
-        self.state = plan.state      # State items, the CLI's project id filled in
-        self.seeded = {}             # State path: what was copied in (seed_state)
-        self.read_only_state = []    # home-relative: the seeded "ro" copies
+        self.dir = self.socket_dir = self.protection = self.state = None
 
     def __enter__(self):
         self.dir, self.lock_fd = make_private_dir(session_dirs_base(self.environ, self.tool),
@@ -4417,6 +4445,7 @@ class SessionDirs:
         try:
             os.mkdir(os.path.join(self.dir, SESSION_HOME), 0o700)
             os.mkdir(os.path.join(self.dir, SESSION_CACHE), 0o700)
+            self.state = StateCopy(self.plan, os.path.join(self.dir, SESSION_HOME))
             if self.plan.filter:
                 self.socket_dir, self.socket_lock = make_private_dir(
                     private_base(self.environ), self.tool)
@@ -4437,7 +4466,8 @@ class SessionDirs:
             finally:
                 say_git_check(self.dir, self.tool)
             try:
-                self.save_state()
+                for line in self.state.save():
+                    say(f"{self.tool}: {line}")
             except (OSError, ValueError, RecursionError) as error:
                 say(f"{self.tool}: could not save {self.plan.profile.name}'s state: "
                     f"{printable(error)}")
@@ -4452,36 +4482,13 @@ class SessionDirs:
     def prepare(self):
         """What the sandbox starts from: its copy of the CLI's state, the snapshot of git
         metadata checked at the end, the protected paths held (placeholders, descriptors)."""
-        self.load_state()
+        self.state.load()
         CLOCK.mark("state")
         take_git_snapshot(self.plan.git_roots, self.dir, git_session_bases(self.environ))
         CLOCK.mark("git snapshot")
         self.protection = Protection(self.plan, private_base(self.environ))
         self.protection.hold()
         CLOCK.mark("protection")
-
-    def load_state(self):
-        """The session's own copy of the CLI's state (see the "CLI state" section)."""
-        private = os.path.join(self.dir, SESSION_HOME)
-        bound = {src for option, src, _ in self.plan.mounts if option == "--bind"}
-        for relative in self.plan.profile.state_dirs:
-            os.makedirs(os.path.join(private, relative), 0o700, exist_ok=True)
-            if os.path.join(self.plan.home, relative) in bound:    # --allow-config-writes
-                os.makedirs(os.path.join(self.plan.home, relative), 0o700, exist_ok=True)
-        project_id = host_project_id(self.plan.profile, self.state, self.plan.home,
-                                     self.plan.project)
-        if project_id is not None:
-            self.state = with_project_id(self.state, project_id)
-        self.seeded = seed_state([i for i in self.state if PROJECT_ID not in i.path],
-                                 self.plan.home, private, self.plan.project)
-        self.read_only_state = [i.path for i in self.state if i.seed == "ro"
-                                and os.path.lexists(os.path.join(private, i.path))]
-
-    def save_state(self):
-        """Send back what may flow back (FLOWS_BACK), nothing else; one line for each refusal."""
-        for line in flow_back(self.plan.profile, self.state, self.seeded, self.plan.home,
-                              os.path.join(self.dir, SESSION_HOME), self.plan.project):
-            say(f"{self.tool}: {line}")
 
     def roots(self):
         """The writable roots the session protects something in, as (mounted, real) pairs."""
@@ -4660,7 +4667,7 @@ def run_sandbox(plan, dirs, proxy):
     seccomp_fd = filter_fd(plan.seccomp)
     mount_fds = dirs.mount_fds()
     args = build_bwrap_args(plan, dirs.dir, write_fd, seccomp_fd, socket_dir=dirs.socket_dir,
-                            mount_fds=mount_fds, read_only_state=dirs.read_only_state,
+                            mount_fds=mount_fds, read_only_state=dirs.state.read_only,
                             mounts=dirs.mounts())
     if plan.verbose:
         say(format_env_command(plan.env, args))
