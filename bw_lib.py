@@ -1073,9 +1073,10 @@ def refuse_misspelt(profile, parser, unknown):
 # Host facts: programs, their install trees and what the host's tools can do
 # ---------------------------------------------------------------------------------------------
 
-# The host's programs the wrapper runs: what needs each, and its package (Debian, Fedora).
+# The host's programs the wrapper runs: the option that needs each (None: every session),
+# and its package (Debian, Fedora).
 TOOLS = {
-    "bwrap": ("every session", "bubblewrap"),
+    "bwrap": (None, "bubblewrap"),
     "socat": ("--filter-network", "socat"),
 }
 OWN_FILES = (FILTER_SCRIPT, BRIDGE_SCRIPT)  # the wrapper's files that must lie beside bw_lib.py
@@ -1123,11 +1124,13 @@ def keep_beside(path):
 def check_tools(plan, host):
     """Refuse, before anything starts, a session whose programs or files are missing."""
     for tool, (needed_by, _) in TOOLS.items():
-        if getattr(host, tool) is None and (tool == "bwrap" or plan.filter):
-            needs = "" if tool == "bwrap" else f" ({needed_by} needs it)"
+        if getattr(host, tool) is None and (needed_by is None or plan.filter):
+            needs = f" ({needed_by} needs it)" if needed_by else ""
             raise Failure(f"{tool} not found{needs}; install it, {install_hint(tool)}", 127)
-    for path in host.missing_files if plan.filter else ():
+    if plan.filter and host.missing_files:
+        path = host.missing_files[0]
         raise Failure(f"{path} is missing; {keep_beside(path)}")
+
 
 def find_program(name, search_path, skip=()):
     """Like shutil.which, but never returns one of `skip` (our own entry scripts)."""
@@ -3447,7 +3450,7 @@ class Blocked:
 def network_story(records):
     """(connections allowed, [Blocked], most first): what the session summary tells.
     A destination is counted once per host:port, whatever the reasons."""
-    allowed, blocked = 0, {}
+    allowed, blocked, private = 0, {}, rules_module().PRIVATE_ADDRESS
     for record in records:
         if record.get("event") != "decision":
             continue
@@ -3460,7 +3463,7 @@ def network_story(records):
         reason = str(record.get("reason", ""))
         if reason not in entry.reasons:
             entry.reasons.append(reason)
-        if reason == rules_module().PRIVATE_ADDRESS and record.get("address"):
+        if reason == private and record.get("address"):
             entry.address = printable(record["address"])
     return allowed, sorted(blocked.values(), key=lambda b: (-b.count, b.host, b.port))
 
