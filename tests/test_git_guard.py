@@ -137,6 +137,9 @@ class IndexParserTest(unittest.TestCase):
         good = index_of(self.repo)
         rng = random.Random(11)
         cases = [b"", b"DIRC", good[:40], good[:-1], b"XXXX" + good[4:]]
+        for data in cases:
+            with self.subTest(size=len(data)), self.assertRaises(ValueError):
+                bw_lib.parse_index(data)
         for _ in range(300):
             data = bytearray(good)
             for _ in range(rng.randint(1, 4)):
