@@ -1478,7 +1478,8 @@ def could_be_made(path, error):
 def open_dir_beneath(root, parts, create=False):
     """A descriptor of the directory root/parts..., each part opened with O_NOFOLLOW (a link
     is refused); missing parts (and root) are made (0700) when `create`.  None when that
-    fails."""
+    fails.  open_beneath's walk is the same, but yields O_PATH descriptors (which cannot be
+    listed or read) and stops the session at a link; here a link only means "not there"."""
     if create:
         with contextlib.suppress(OSError):
             os.mkdir(root, 0o700)
