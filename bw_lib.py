@@ -557,6 +557,17 @@ def hidden_paths(profile):
                                 *(f for p in others for f in top_state_files(p))]))
 
 
+def host_config():
+    """Home-relative paths of every CLI's settings and state on the host: its state
+    directories and files, what its State items name there, and the places it reads
+    settings, hooks and commands from (its project_config, read in the home too)."""
+    paths = []
+    for p in PROFILES.values():
+        paths += [*p.state_dirs, *top_state_files(p), *(i.path for i in p.state),
+                  *(c.rstrip("/") for c in p.project_config)]
+    return [path for path in dict.fromkeys(paths) if "{" not in path]
+
+
 def top_state_files(profile):
     """The profile's State paths that are not inside one of its state directories
     (~/.claude.json)."""
@@ -944,12 +955,16 @@ def resolve_options(opts, given):
             raise Failure(f"--pass-env {name!r}: not a variable name", 2)
 
 
-def config_path(environ, tool, name):
-    """~/.config/TOOL/NAME, honouring XDG_CONFIG_HOME."""
+def config_dir(environ, tool):
+    """~/.config/TOOL, honouring XDG_CONFIG_HOME."""
     base = environ.get("XDG_CONFIG_HOME", "")
     if not os.path.isabs(base):         # relative: ignored, as the XDG spec says
         base = os.path.join(environ.get("HOME", ""), ".config")
-    return os.path.join(base, tool, name)
+    return os.path.join(base, tool)
+
+
+def config_path(environ, tool, name):
+    return os.path.join(config_dir(environ, tool), name)
 
 
 def expand_home(token, home):
@@ -1595,8 +1610,10 @@ def secret_masks(home, mounts, exists=os.path.lexists, isdir=os.path.isdir, hidd
 
 
 def refuse_path(flag, path, home, hidden=SECRETS):
-    """Refuse a project or extra bind (`path`, canonical) that would expose the home or a
-    secret, the home compared as given and as its real path ($HOME may be a link)."""
+    """Refuse a project or extra bind (`path`, canonical) that would expose the home, a
+    secret or the CLIs' own settings and state on the host (host_config(): a dotfiles
+    repository they link into counts too), the home compared as given and as its real
+    path ($HOME may be a link)."""
     homes = list(dict.fromkeys([home, os.path.realpath(home)]))
     if any(is_within(h, path) for h in homes):
         raise Failure(f"{flag} {path}: that is your home directory or above it; "
@@ -1607,6 +1624,15 @@ def refuse_path(flag, path, home, hidden=SECRETS):
                                            and is_within(path, os.path.realpath(secret))):
                 raise Failure(f"{flag} {path}: secrets (~/{relative}) are never shown in the "
                               "sandbox")
+    # A secret below `path` is hidden by a mount (secret_masks); the CLIs' settings and state
+    # are refused there too: a file missing now could be made, and a writable one rewritten.
+    for relative in host_config():
+        for place in (os.path.join(h, relative) for h in homes):
+            real = os.path.realpath(place) if os.path.lexists(place) else None
+            if is_within(path, place) or (real and (is_within(path, real)
+                                                     or is_within(real, path))):
+                raise Failure(f"{flag} {path}: the CLIs' settings and state (~/{relative}) run "
+                              "code on the host and are never shown in the sandbox")
 
 
 def socket_masks(shown, home, hidden):
@@ -1634,29 +1660,31 @@ def writable_roots(project, home, profile, extra=()):
     return [(p, os.path.realpath(p)) for p in dict.fromkeys(paths)]
 
 
-def wrapper_files():
+def wrapper_files(bwrap=None):
     """What runs on the host when the wrapper does: its directory (with the bytecode cache),
-    each of its files and the interpreter, every one with the links that lead to it."""
-    files = [__file__, FILTER_SCRIPT, BRIDGE_SCRIPT, sys.argv[0], sys.executable]
+    each of its files, the interpreter and its standard library, and bwrap, every one with
+    the links that lead to it."""
+    files = [__file__, FILTER_SCRIPT, BRIDGE_SCRIPT, sys.argv[0], sys.executable,
+             os.path.dirname(os.__file__), bwrap]
     return [os.path.abspath(p) for f in files if f for p in symlink_chain(os.path.abspath(f))]
 
 
-def refuse_wrapper_inside(roots):
+def refuse_wrapper_inside(roots, bwrap=None):
     """Nothing that runs on the host when the wrapper does (wrapper_files) may lie where the
     sandbox can write, nor may a writable root lie inside the wrapper's directory: a session
     could change the code that runs on the host the next time (a project's activated venv
     holds the python3 the entry scripts start with)."""
     for mounted, real in roots:
         for base in dict.fromkeys((mounted, real)):
-            inside = next((p for p in wrapper_files() if is_within(p, base)), None)
+            inside = next((p for p in wrapper_files(bwrap) if is_within(p, base)), None)
             if inside is None and is_within(base, HERE):
                 inside = HERE
             if inside is not None:
                 raise Failure(f"{inside} runs on the host with this wrapper, and the sandbox "
                               f"could write there ({base}): a session could change it for "
                               "the next one; keep bw-claude, bw_lib.py, socks_filter.py, "
-                              "socat_bridge.sh and the python3 that runs them elsewhere (e.g. "
-                              "~/bin, /usr/bin/python3)")
+                              "socat_bridge.sh, the python3 that runs them and bwrap elsewhere "
+                              "(e.g. ~/bin, /usr/bin)")
 
 
 def check_chain(chain, roots):
@@ -2201,10 +2229,17 @@ def wrapper_place_refusal(path, place, tool, environ):
 
 def refuse_wrapper_place(flag, path, environ):
     """Refuse --dir, --allow-ro or --allow-rw `path` (canonical) that shows a wrapper
-    place."""
+    place, and a writable one that shows a tool's configuration directory: every later
+    start reads its defaults file and allow list (reading them is harmless)."""
     for place, own, tool in wrapper_places(environ):
         if place_shown(path, place, own):
             raise Failure(f"{flag} {wrapper_place_refusal(path, place, tool, environ)}")
+    for tool in (p.tool for p in PROFILES.values()):
+        place = os.path.realpath(config_dir(environ, tool))
+        if flag != "--allow-ro" and place_shown(path, place, None):
+            raise Failure(f"{flag} {path}: {tool} reads its options and allow list there "
+                          f"({place}) at every start, so a session could loosen the next "
+                          "one; choose a directory neither inside nor above it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2386,7 +2421,7 @@ def make_plan(profile, opts, environ, skip=(), host=None):
     mounts, rw_extra = plan_shown(profile, opts, home, project, environ)
     sockets, walked = plan_sockets(profile, home, mounts)
     roots = writable_roots(project, home, profile, rw_extra)
-    mounts += plan_programs(programs, roots, home)
+    mounts += plan_programs(programs, roots, home, host.bwrap)
     mounts.append(("--bind", project, project))
     mounts += secret_masks(home, mounts, hidden=hidden_paths(profile))
     mounts += session_masks(environ, mounts, create=not opts.dry_run)
@@ -2482,10 +2517,10 @@ def plan_sockets(profile, home, mounts):
                         home, hidden_paths(profile))
 
 
-def plan_programs(programs, roots, home):
+def plan_programs(programs, roots, home, bwrap):
     """Read-only mounts of the programs' install trees; refused when one of them, or the
-    wrapper itself, lies where the sandbox can write."""
-    refuse_wrapper_inside(roots)
+    wrapper itself (with bwrap), lies where the sandbox can write."""
+    refuse_wrapper_inside(roots, bwrap)
     mounts = []
     for program in programs:
         check_chain(symlink_chain(program), roots)

@@ -507,6 +507,17 @@ class PlacesTest(unittest.TestCase):
         self.assertEqual(bw_lib.place_shown(f"{place}/project", place, None), "inside")
         self.assertIsNone(bw_lib.place_shown(f"{self.root}/runner", place, own))
 
+    def test_what_runs_on_the_host_is_never_writable_inside(self):
+        # The interpreter's standard library runs with the wrapper (an agent's line appended
+        # to shlex.py would run at the next start), and so does bwrap.
+        stdlib = os.path.dirname(os.__file__)
+        bwrap = os.path.join(self.root, "bin", "bwrap")
+        for root, refused in ((stdlib, stdlib), (os.path.join(self.root, "bin"), bwrap)):
+            with self.subTest(root=root), self.assertRaises(bw_lib.Failure) as caught:
+                bw_lib.refuse_wrapper_inside([(root, root)], bwrap)
+            self.assertIn(f"{refused} runs on the host", str(caught.exception))
+        bw_lib.refuse_wrapper_inside([(os.path.join(self.root, "project"),) * 2], bwrap)
+
 
 class ProtectionPlanTest(unittest.TestCase):
     def plan(self, existing, dirs=()):

@@ -802,5 +802,62 @@ class WrapperPlacesTest(SessionCase):
 
 
 
+
+class HostConfigTest(SessionCase):
+    """What every later start on the host reads or runs is never writable inside, whatever
+    link leads there: the wrapper's defaults file and allow list, the CLIs' own settings and
+    state (a dotfiles repository they link into), and bwrap itself."""
+
+    PREFIX = "bw-host-config-"
+
+    def test_the_configuration_directory_is_not_writable_inside(self):
+        config = os.path.join(self.home, ".config")
+        options = write_file(os.path.join(config, "bw-claude", "options"), "--verbose\n")
+        loosen = f"echo --allow-config-writes >> {options}; echo ran"
+        for argv in (["--allow-rw", config], ["--dir", config],
+                     ["--allow-rw", os.path.dirname(options)]):
+            result = self.shell(loosen, *argv)
+            self.assert_refused(result, "reads its options and allow list")
+            self.assertEqual(read_text(options), "--verbose\n")
+        # Through a dotfiles repository that ~/.config links into.
+        dotfiles = os.path.join(self.root, "dotfiles")
+        os.mkdir(dotfiles)
+        os.rename(config, os.path.join(dotfiles, "config"))
+        os.symlink(os.path.join(dotfiles, "config"), config)
+        result = self.shell(loosen, "--allow-rw", dotfiles)
+        self.assert_refused(result, "reads its options and allow list")
+        self.assertEqual(read_text(options), "--verbose\n")
+        # Reading it is harmless.
+        real = os.path.realpath(options)
+        self.assertIn("--verbose", self.shell(f"cat {real}", "--allow-ro", config,
+                                              code=0).stdout)
+
+    def test_the_clis_settings_in_a_dotfiles_repository_are_not_shown(self):
+        dotfiles = os.path.join(self.root, "dotfiles")
+        settings = write_file(os.path.join(dotfiles, "claude", "settings.json"), "{}\n")
+        hook = (f"echo '{{\"hooks\": {{\"SessionStart\": []}}}}' > {settings}; echo ran")
+        shutil.rmtree(os.path.join(self.home, ".claude"), ignore_errors=True)
+        os.symlink(os.path.dirname(settings), os.path.join(self.home, ".claude"))
+        result = self.shell(hook, "--allow-rw", dotfiles)
+        self.assert_refused(result, "settings and state (~", "~/.claude")
+        self.assertEqual(read_text(settings), "{}\n")
+        # One file linked there is enough.
+        os.unlink(os.path.join(self.home, ".claude"))
+        os.mkdir(os.path.join(self.home, ".claude"))
+        os.symlink(settings, os.path.join(self.home, ".claude", "settings.json"))
+        for argv in (["--allow-rw", dotfiles], ["--dir", dotfiles]):
+            result = self.shell(hook, *argv)
+            self.assert_refused(result, "settings and state (~", "~/.claude/settings.json")
+            self.assertEqual(read_text(settings), "{}\n")
+
+    def test_a_bwrap_the_sandbox_could_write_is_never_run(self):
+        planted = write_file(os.path.join(self.project, "bin", "bwrap"),
+                             f"#!/bin/sh\ntouch {self.root}/ran-on-the-host\nexec /usr/bin/bwrap \"$@\"\n",
+                             0o755)
+        env = {**self.env, "PATH": f"{os.path.dirname(planted)}:{self.env['PATH']}"}
+        result = self.shell("echo ran", env=env)
+        self.assert_refused(result, planted, "runs on the host")
+        self.assertFalse(os.path.exists(os.path.join(self.root, "ran-on-the-host")))
+
 if __name__ == "__main__":
     unittest.main()
