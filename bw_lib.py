@@ -198,25 +198,37 @@ __all__ = ["Wrapper", "plan_session", "SessionDirs", "FilterProxy", "run_sandbox
 
 import time
 STARTED = time.perf_counter()   # the start-up timings (StartupClock) count the imports from here
-import argparse
-import collections
-import contextlib
+import errno
 import fcntl
-import fnmatch
-import glob
-import json
+import marshal
 import os
-import re
 import select
-import shlex
-import shutil
-import signal
 import stat
 import struct
-import subprocess
 import sys
-import tempfile
 import termios
+try:                # signal's own C module: signal.py only wraps it in enums (enum: ~2.5 ms)
+    import _signal as signal
+except ImportError:
+    import signal
+
+
+class Lazy:
+    """A standard module imported at its first use (an attribute read), so that a start
+    that never needs it does not pay for it: importing these costs ~20 ms, twice what a
+    session's whole planning takes."""
+
+    def __init__(self, name):
+        self._name, self._module = name, None
+
+    def __getattr__(self, attr):
+        if self._module is None:
+            self._module = __import__(self._name)
+        return getattr(self._module, attr)
+
+
+argparse, fnmatch, glob, json, shlex, shutil, subprocess, tempfile = map(
+    Lazy, ["argparse", "fnmatch", "glob", "json", "shlex", "shutil", "subprocess", "tempfile"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +246,8 @@ SESSION_CACHE = "cache"         # package caches, at SANDBOX_CACHE inside
 PROXY_SOCKET = "proxy.sock"
 PROXY_LOG = "proxy.log"         # the proxy's decisions, unless --proxy-log names a file
 PROXY_ERRORS = "proxy.err"      # what the proxy wrote on stderr
-GIT_SNAPSHOT = "git-snapshot.json"  # the git guard's snapshot of the session's start
+GIT_SNAPSHOT = "git-snapshot"       # the git guard's snapshot of the session's start (marshal)
+GIT_SNAPSHOT_JSON = "git-snapshot.json"     # the same, left by a version before marshal
 
 # Where the proxy socket and the bridge script appear inside the sandbox.
 SANDBOX_RUN = "/run/bw"
@@ -284,9 +297,23 @@ def write_out(text, stream=None):
     stream.buffer.flush()
 
 
+class suppress:
+    """contextlib.suppress without importing contextlib (collections and functools: ~2 ms
+    of every start): the block's exceptions of these kinds end it quietly."""
+
+    def __init__(self, *kinds):
+        self.kinds = kinds
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        return kind is not None and issubclass(kind, self.kinds)
+
+
 def say(text):
     """A line on stderr, which may be a terminal that is gone (SIGHUP)."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
+    with suppress(OSError, ValueError, AttributeError):
         write_out(text, sys.stderr)
 
 
@@ -370,7 +397,13 @@ SLUG = "{slug}"             # in a State path: this project's directory name in 
 PROJECT_ID = "{id}"         # in a State path: the CLI's short id for this project, the
                             # directory in Profile.project_ids whose PROJECT_ROOT names it
 PROJECT_ROOT = ".project_root"
-PROJECT_ID_NAME = re.compile(r"[a-z0-9-]{1,100}")
+LOWER_DIGITS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+LETTERS_DIGITS = LOWER_DIGITS | frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")   # ASCII only
+
+
+def is_project_id(name):
+    """Whether `name` can be a CLI's short project id: 1-100 of [a-z0-9-]."""
+    return 0 < len(name) <= 100 and set(name) <= LOWER_DIGITS | {"-"}
 GEMINI_IDS = ".gemini/tmp"
 
 # What of ~/.claude.json goes back: the state Claude keeps across runs (counters, onboarding
@@ -1114,10 +1147,10 @@ class Host:
 def probe_host(environ):
     """The Host facts, from the wrapper's environment's PATH."""
     search_path = environ.get("PATH", os.defpath)
-    bwrap = shutil.which("bwrap", path=search_path)
-    env_program = shutil.which("env", path="/usr/bin:/bin")
+    bwrap = find_program("bwrap", search_path)
+    env_program = find_program("env", "/usr/bin:/bin")
     return Host(search_path=search_path, bwrap=bwrap,
-                socat=shutil.which("socat", path=search_path),
+                socat=find_program("socat", search_path),
                 env_program=env_program if env_program and env_resets_signals(env_program)
                 else None,
                 disable_userns=bool(bwrap) and bwrap_supports(bwrap, "--disable-userns"),
@@ -1266,6 +1299,23 @@ def node_honours(version, since):
 # ---------------------------------------------------------------------------------------------
 # Filesystem helpers and walks: bounded, and never following a link the sandbox planted
 # ---------------------------------------------------------------------------------------------
+
+# Python's own C modules for the hashes the wrapper checks (transcripts, git indexes):
+# hashlib loads OpenSSL first, ~5 ms of a start.  (module, function) by Python version.
+HASHES = {"sha1": (("_sha1", "sha1"),),
+          "sha256": (("_sha2", "sha256"), ("_sha256", "sha256"))}
+
+
+def hash_of(name, data):
+    """The digest of `data` by the hash `name` (sha1, sha256)."""
+    for module, function in HASHES[name]:
+        try:
+            return getattr(__import__(module), function)(data).digest()
+        except ImportError:
+            continue
+    import hashlib
+    return hashlib.new(name, data).digest()
+
 
 def stat_or_none(path, follow=True):
     try:
@@ -1436,7 +1486,7 @@ def private_subdir(base, name):
     """base/name, a directory of this user only (made 0700 if missing); refused if it is a
     link, someone else's or open to others."""
     path = os.path.join(base, name)
-    with contextlib.suppress(FileExistsError):
+    with suppress(FileExistsError):
         os.mkdir(path, 0o700)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     info = os.fstat(fd)
@@ -1457,7 +1507,7 @@ def remove_tree(path):
         if failed in tried:
             return
         tried.add(failed)
-        with contextlib.suppress(OSError):
+        with suppress(OSError):
             parent = os.path.dirname(failed)
             if is_within(parent, path):
                 os.chmod(parent, 0o700)
@@ -1467,7 +1517,7 @@ def remove_tree(path):
             else:
                 function(failed)
 
-    with contextlib.suppress(OSError):
+    with suppress(OSError):
         shutil.rmtree(path, onerror=retry)
     if os.path.lexists(path):       # a directory emptied late by a retry
         shutil.rmtree(path, ignore_errors=True)
@@ -1477,7 +1527,6 @@ def could_be_made(path, error):
     """Whether the sandbox could create `path` although we failed to: not when the
     filesystem is read-only, the parent is not a directory (it is pinned), or the nearest
     existing directory is someone else's and not writable (no chmod can open it)."""
-    import errno
     if error.errno in (errno.EROFS, errno.ENOTDIR):
         return False
     parent = os.path.dirname(path.rstrip("/"))
@@ -1496,7 +1545,7 @@ def open_dir_beneath(root, parts, create=False):
     fails.  open_beneath's walk is the same, but yields O_PATH descriptors (which cannot be
     listed or read) and stops the session at a link; here a link only means "not there"."""
     if create:
-        with contextlib.suppress(OSError):
+        with suppress(OSError):
             os.mkdir(root, 0o700)
     try:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -1505,7 +1554,7 @@ def open_dir_beneath(root, parts, create=False):
     for part in parts:
         try:
             if create:
-                with contextlib.suppress(FileExistsError):
+                with suppress(FileExistsError):
                     os.mkdir(part, 0o700, dir_fd=fd)
             inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
         except OSError:
@@ -1732,8 +1781,22 @@ def not_writable(plan, root, path, error):
             "run with --allow-config-writes to go without that protection")
 
 
+def glob_paths(base, pattern):
+    """What the PROTECTED_GLOBS `pattern` (a relative path with one "*", in its last part)
+    names below `base`, sorted; `base` is taken as it is, [ and * in it included."""
+    parent, _, name = pattern.rpartition("/")
+    head, _, tail = name.partition("*")
+    directory = os.path.join(base, parent)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(os.path.join(directory, n) for n in names
+                  if len(n) >= len(head) + len(tail) and n.startswith(head) and n.endswith(tail))
+
+
 def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexists,
-               isdir=None, glob=glob.glob):
+               isdir=None, glob=None):
     """What keeps PROTECTED_* read-only: (mounts, placeholders to create first).
 
     PROTECTED_PROJECT applies to the project and to each of `extra` (the --allow-rw
@@ -1742,6 +1805,7 @@ def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexi
     point cannot be renamed, so `mv .git x` cannot carry the protection away).
     """
     isdir = isdir or is_real_dir     # a link to a directory is a link (bind_checked refuses it)
+    glob = glob or glob_paths
     bases = list(dict.fromkeys([project, *extra]))
     wanted = []
     for base in bases + [n for n in nested if n not in bases]:
@@ -1753,7 +1817,7 @@ def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexi
     for base in bases:
         for pattern in PROTECTED_GLOBS:
             wanted += [(base, os.path.relpath(p, base))
-                       for p in sorted(glob(os.path.join(base, pattern)))]
+                       for p in glob(base, pattern)]
     mounts, placeholders, pins = [], [], []
     for base, relative in dict.fromkeys(wanted):
         path = os.path.join(base, relative.rstrip("/"))
@@ -1774,6 +1838,8 @@ def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexi
 
 
 LOCKS_DIR = "bw-locks.{uid}"        # under private_base(): one per user, shared by the tools
+LOCK_FILE = ".lock"                 # NAME.lock: held by every session of the root NAME
+LIST_FILE = ".list"                 # NAME.list: the root, then its placeholders, NUL-separated
 
 LOCK_SECONDS = 10                   # bound on waiting for another session's start or end
 FD_OPTIONS = {"--ro-bind": "--ro-bind-fd", "--bind": "--bind-fd"}
@@ -1820,7 +1886,7 @@ def make_placeholder(root, relative, is_dir):
 def remove_placeholder(root, relative):
     """Remove a placeholder still as it was made (an empty directory, or the exact content);
     anything else the sandbox put there stays, and no link is followed."""
-    with contextlib.suppress(OSError, Failure):
+    with suppress(OSError, Failure):
         fd, name = parent_beneath(root, relative)
         try:
             info = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -1867,33 +1933,33 @@ class RootLock:
 
     def listed(self):
         """The placeholders listed for this root, from the list file (ours, in LOCKS_DIR)."""
-        return [p for p in self.read_list().get("placeholders", ()) if isinstance(p, str)]
+        return self.read_list()[1:]
 
     def read_list(self):
-        """The root's list file, {} unless it is a regular file of ours holding an object.
-        LOCKS_DIR is never shown in the sandbox (refuse_wrapper_place); this is one more
-        line should anything else have written there."""
-        with contextlib.suppress(OSError, ValueError, RecursionError, TypeError):
-            fd = os.open(self.name + ".json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+        """The root's list file as [root, placeholder...], [] unless it is a regular file
+        of ours.  LOCKS_DIR is never shown in the sandbox (refuse_wrapper_place); this is
+        one more line should anything else have written there."""
+        with suppress(OSError):
+            fd = os.open(self.name + LIST_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
                          dir_fd=self.locks_fd)
-            with os.fdopen(fd) as f:
+            with os.fdopen(fd, "rb") as f:
                 info = os.fstat(fd)
                 if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
-                    found = json.load(f)
-                    return found if isinstance(found, dict) else {}
-        return {}
+                    data = f.read(STATE_FILE_LIMIT)
+                    return [os.fsdecode(p) for p in data.split(b"\0")] if data else []
+        return []
 
     @classmethod
     def sweep(cls, locks_fd):
         """Clean every root whose sessions all ended without cleaning (SIGKILL), wherever
         the session starting now runs."""
         names = {e.rpartition(".")[0] for e in os.listdir(locks_fd)
-                 if e.endswith((".json", ".lock"))}
+                 if e.endswith((LIST_FILE, LOCK_FILE))}
         for name in sorted(names):
             lock = cls(locks_fd, "", name)
-            lock.root = str(lock.read_list().get("root", ""))
-            with contextlib.suppress(OSError):
-                lock.fd = os.open(name + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600,
+            lock.root = (lock.read_list() or [""])[0]
+            with suppress(OSError):
+                lock.fd = os.open(name + LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600,
                                   dir_fd=locks_fd)
                 lock.leave()
 
@@ -1901,7 +1967,7 @@ class RootLock:
         """Hold the root shared; when no other session holds it, first remove what sessions
         killed with SIGKILL left.  (A failed conversion to exclusive would drop a lock
         already held, so the exclusive try comes first.)"""
-        self.fd = os.open(self.name + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600,
+        self.fd = os.open(self.name + LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600,
                           dir_fd=self.locks_fd)
         self.clear_if_alone()
         if not flock_until(self.fd, fcntl.LOCK_SH):
@@ -1913,10 +1979,10 @@ class RootLock:
         if not relatives:
             return
         names = [*self.listed(), *relatives]
-        fd = os.open(self.name + ".json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+        fd = os.open(self.name + LIST_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
                      0o600, dir_fd=self.locks_fd)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"root": self.root, "placeholders": names}, f)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"\0".join(map(os.fsencode, [self.root, *names])))
 
     def clear_if_alone(self):
         """clear() when the lock can be taken exclusively (no other session holds the root);
@@ -1935,8 +2001,8 @@ class RootLock:
         if root_identity(self.root) == self.name and os.path.realpath(self.root) == self.root:
             for relative in sorted(set(self.listed()), key=lambda p: -p.count("/")):
                 remove_placeholder(self.root, relative)
-        with contextlib.suppress(OSError):
-            os.unlink(self.name + ".json", dir_fd=self.locks_fd)
+        with suppress(OSError):
+            os.unlink(self.name + LIST_FILE, dir_fd=self.locks_fd)
 
     def leave(self):
         """The session is over: the last one out removes the placeholders and the files."""
@@ -1944,8 +2010,8 @@ class RootLock:
             return
         # A failed conversion drops the shared lock: nothing of ours needs it any more.
         if self.clear_if_alone():
-            with contextlib.suppress(OSError):
-                os.unlink(self.name + ".lock", dir_fd=self.locks_fd)
+            with suppress(OSError):
+                os.unlink(self.name + LOCK_FILE, dir_fd=self.locks_fd)
         os.close(self.fd)
         self.fd = None
 
@@ -1986,7 +2052,7 @@ class Protection:
                 os.close(fd)
                 raise Failure(f"{self.locks_path} stayed locked for more than {LOCK_SECONDS} "
                               "s; try again")
-            with contextlib.suppress(FileNotFoundError):
+            with suppress(FileNotFoundError):
                 if os.stat(self.locks_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
                     self.locks_fd = fd
                     return
@@ -2064,7 +2130,7 @@ class Protection:
 
     def close_fds(self):
         for fd in self.fds.values():
-            with contextlib.suppress(OSError):
+            with suppress(OSError):
                 os.close(fd)
         self.fds = {}
 
@@ -2077,10 +2143,10 @@ class Protection:
         # Our lock files keep the directory from being removed: it is the one at its name.
         flock_until(self.locks_fd, fcntl.LOCK_EX)
         for lock in self.locks:
-            with contextlib.suppress(OSError):
+            with suppress(OSError):
                 lock.leave()
         self.locks = []
-        with contextlib.suppress(OSError):
+        with suppress(OSError):
             os.rmdir(self.locks_path)
         os.close(self.locks_fd)
         self.locks_fd = None
@@ -2105,8 +2171,11 @@ def placeholder_content(path):
 # Paths are compared canonical (realpath), since any of them may be reached through a link.
 
 def private_base(environ):
-    runtime = environ.get("XDG_RUNTIME_DIR", "")
-    return runtime if os.path.isabs(runtime) and os.path.isdir(runtime) else tempfile.gettempdir()
+    """$XDG_RUNTIME_DIR, else the temporary directory ($TMPDIR, /tmp)."""
+    for base in (environ.get("XDG_RUNTIME_DIR", ""), environ.get("TMPDIR", ""), "/tmp"):
+        if os.path.isabs(base) and os.path.isdir(base):
+            return base
+    return "/tmp"
 
 
 def make_private_dir(base, tool):
@@ -2115,7 +2184,13 @@ def make_private_dir(base, tool):
     It is made under a hidden name and renamed once locked, so sweep_stale never sees
     it unlocked.  Returns (path, fd holding the lock).
     """
-    hidden = tempfile.mkdtemp(prefix=f".{tool}.", dir=base)
+    for _ in range(100):
+        hidden = os.path.join(base, f".{tool}.{os.urandom(4).hex()}")
+        with suppress(FileExistsError):
+            os.mkdir(hidden, 0o700)
+            break
+    else:
+        raise FileExistsError(f"no free name for a session directory in {base}")
     fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     path = os.path.join(base, os.path.basename(hidden)[1:])
@@ -2139,7 +2214,7 @@ def checked_session_base(environ, tool, create=True):
     home): sessions then live in the runtime directory, as the socket does."""
     path = session_base(environ, tool)
     if create:
-        with contextlib.suppress(OSError):
+        with suppress(OSError):
             os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
         try:
             os.mkdir(path, 0o700)
@@ -2820,14 +2895,28 @@ STATE_COPY_ENTRIES = 10000   # files and directories copied for one State item, 
 STATE_COPY_DEPTH = 8
 SESSION_BACK_LIMIT = STATE_FILE_LIMIT   # bytes one session may add to transcripts and history
 SLUG_LIMIT = 200             # Claude shortens longer names with a hash: not carried then
-TRANSCRIPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.jsonl")
-INSTALLATION_ID = re.compile(rb"[A-Za-z0-9-]{1,64}\n?")
+TRANSCRIPT_SUFFIX = ".jsonl"
+
+
+def is_transcript_name(name):
+    """Whether `name` is a transcript's: a letter or digit, up to 200 more of [A-Za-z0-9_.-],
+    then .jsonl."""
+    stem = name[:-len(TRANSCRIPT_SUFFIX)]
+    return name.endswith(TRANSCRIPT_SUFFIX) and 0 < len(stem) <= 201 and \
+        stem[0] in LETTERS_DIGITS and set(stem) <= LETTERS_DIGITS | set("_.-")
+
+
+def is_installation_id(data):
+    """Whether `data` (bytes) is an installation id: 1-64 of [A-Za-z0-9-], then maybe a
+    newline."""
+    text = data.removesuffix(b"\n").decode("ascii", "replace")
+    return 0 < len(text) <= 64 and set(text) <= LETTERS_DIGITS | {"-"}
 
 
 def project_slug(project):
     """Claude's name for a project under ~/.claude/projects: every character other than
     an ASCII letter or digit becomes "-"."""
-    return re.sub(r"[^A-Za-z0-9]", "-", project)
+    return "".join(c if c in LETTERS_DIGITS else "-" for c in project)
 
 
 def state_items(profile, project, bind_state=False):
@@ -2933,16 +3022,15 @@ def copy_entry(src_fd, name, dest, budget, level=0):
 
 def transcript_bases(private_dir):
     """{file name: (size, sha256)} of the transcripts seeded into a "lines" directory."""
-    import hashlib      # here, not at every start: loading OpenSSL costs ~3 ms
     bases = {}
     fd = open_dir_beneath(private_dir, [])
     if fd is None:
         return bases
     try:
         for name in os.listdir(fd):
-            data = read_at(fd, name) if TRANSCRIPT_NAME.fullmatch(name) else None
+            data = read_at(fd, name) if is_transcript_name(name) else None
             if data is not None:
-                bases[name] = (len(data), hashlib.sha256(data).digest())
+                bases[name] = (len(data), hash_of("sha256", data))
     finally:
         os.close(fd)
     return bases
@@ -2956,7 +3044,7 @@ def find_project_id(root, parts, project, limit=STATE_COPY_ENTRIES):
         return None
     try:
         for name in sorted(os.listdir(fd))[:limit]:
-            if not PROJECT_ID_NAME.fullmatch(name):
+            if not is_project_id(name):
                 continue
             inner = open_dir_beneath(f"/proc/self/fd/{fd}", [name])
             if inner is None:
@@ -3252,9 +3340,8 @@ def lines_update(base, ours, theirs):
     lines, `theirs` the host's file now (None when absent).  Only lines appended to what
     the session was given go back, after what the host has now; a rewritten transcript
     is refused (ValueError)."""
-    import hashlib
-    size, digest = base or (0, hashlib.sha256(b"").digest())
-    if hashlib.sha256(ours[:size]).digest() != digest:
+    size, digest = base or (0, hash_of("sha256", b""))
+    if hash_of("sha256", ours[:size]) != digest:
         raise ValueError("the session rewrote it instead of appending")
     new = ours[size:]
     if not new:
@@ -3294,7 +3381,7 @@ def write_place(place, data, mode=0o600):
                 f.write(data)
             os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
         except BaseException:
-            with contextlib.suppress(OSError):
+            with suppress(OSError):
                 os.unlink(tmp, dir_fd=fd)
             raise
     finally:
@@ -3330,7 +3417,7 @@ def back_lines(item, bases, home, private, project, budget=None):
     if fd is None:
         return
     try:
-        names = sorted(n for n in os.listdir(fd) if TRANSCRIPT_NAME.fullmatch(n))
+        names = sorted(n for n in os.listdir(fd) if is_transcript_name(n))
         ours = {n: read_at(fd, n) for n in names}
     finally:
         os.close(fd)
@@ -3387,7 +3474,7 @@ def back_id(item, base, home, private, project, budget=None):
     ours = read_place(private_place(private, item.path))
     if ours is None or ours == base:
         return
-    if not INSTALLATION_ID.fullmatch(ours):
+    if not is_installation_id(ours):
         raise ValueError("not an id")
     write_place(host_place(home, item.path), ours)
 
@@ -3766,9 +3853,8 @@ def read_varint(data, pos):
 def index_hash_size(data):
     """The hash size of an index (20: SHA-1, 32: SHA-256) told by its trailing checksum;
     None when neither matches (index.skipHash writes zeros)."""
-    import hashlib
     for size, name in ((20, "sha1"), (32, "sha256")):
-        if len(data) > 12 + size and hashlib.new(name, data[:-size]).digest() == data[-size:]:
+        if len(data) > 12 + size and hash_of(name, data[:-size]) == data[-size:]:
             return size
     return None
 
@@ -3907,11 +3993,10 @@ def walk_git_entries(roots, limit=None, seconds=None, clock=time.monotonic):
     """find_git_entries: (found, whether the walk was cut short, [unreadable directories])."""
     limit = GIT_CHECK_ENTRIES if limit is None else limit
     deadline = clock() + (GIT_CHECK_SECONDS if seconds is None else seconds)
-    found, seen, queue, unreadable = {}, 0, collections.deque(roots), []
-    while queue:
+    found, seen, queue, unreadable = {}, 0, list(roots), []
+    for path in queue:          # breadth first: the loop reads what it appends
         if seen > limit or clock() > deadline:
             return found, True, unreadable
-        path = queue.popleft()
         listing = list_dir(path)
         if listing is None:
             if (git_entry(path) or [None])[0] == "dir":     # gone: nothing to enter
@@ -4229,17 +4314,23 @@ def sweep_stale_git(bases):
             continue
         try:
             say_git_check(path, tool, killed=True)
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(path, GIT_SNAPSHOT))
+            for name in (GIT_SNAPSHOT, GIT_SNAPSHOT_JSON):
+                with suppress(OSError):
+                    os.unlink(os.path.join(path, name))
         finally:
             os.close(fd)
 
 
 def read_git_snapshot(private_dir):
+    """The snapshot take_git_snapshot wrote: marshal data (json would cost ~6 ms of imports
+    at every start and end), in the session's own directory, which the sandbox never sees;
+    or the JSON one a session of an earlier version left when killed."""
     data = read_git_file(os.path.join(private_dir, GIT_SNAPSHOT), GIT_INDEX_MAX)
+    legacy = None if data else read_git_file(os.path.join(private_dir, GIT_SNAPSHOT_JSON),
+                                             GIT_INDEX_MAX)
     try:
-        snapshot = json.loads(data) if data else None
-    except ValueError:
+        snapshot = marshal.loads(data) if data else json.loads(legacy) if legacy else None
+    except (ValueError, EOFError, TypeError, RecursionError):
         return None
     return snapshot if isinstance(snapshot, dict) and "entries" in snapshot else None
 
@@ -4259,8 +4350,8 @@ def take_git_snapshot(roots, private_dir, bases=()):
         snapshot = narrowed(snapshot, other)
     fd = os.open(os.path.join(private_dir, GIT_SNAPSHOT),
                  os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(snapshot, f)
+    with os.fdopen(fd, "wb") as f:
+        marshal.dump(snapshot, f)
 
 
 def format_git_report(tool, done, failed, problems, snapshot, killed=False):
@@ -4284,8 +4375,8 @@ def format_git_report(tool, done, failed, problems, snapshot, killed=False):
             for _, _, renames in done:
                 lines.append("  " + " && ".join(f"mv -T {shlex.quote(new)} {shlex.quote(old)}"
                                                  for old, new in reversed(renames)))
-    roots = " ".join(shlex.quote(root) for root in snapshot["roots"])
     for problem in problems:
+        roots = " ".join(shlex.quote(root) for root in snapshot["roots"])
         lines.append(f"WARNING: {problem}: before running git there, look at what the session "
                      f"made: find {roots} -name .git -newerct @{snapshot['since'] // 10**9 - 1}")
     return "\n".join(head + printable(line) for line in lines)
@@ -4354,14 +4445,93 @@ class StartupClock:
 CLOCK = StartupClock(STARTED)
 
 
+# Programs are started with os.posix_spawn: subprocess costs ~10 ms of imports at every
+# start (signal's enums, threading, selectors, locale and re).
+class Child:
+    """A program spawn() started: what the wrapper needs of subprocess.Popen."""
+
+    def __init__(self, pid):
+        self.pid, self.returncode = pid, None     # returncode < 0: the signal that ended it
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, seconds=None):
+        """Its exit status; TimeoutError after `seconds` (None: no bound)."""
+        if seconds is None and self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while self.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"process {self.pid} still runs after {seconds} s")
+            exited(self.pid, left)
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.returncode is None:
+            with suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+def exited(pid, seconds):
+    """Wait up to `seconds` for `pid` to exit (to be reaped by the caller), through a pidfd
+    (Linux 5.3), else a few milliseconds at a time."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        time.sleep(min(seconds, 0.002))
+        return
+    try:
+        select.select([fd], [], [], seconds)
+    finally:
+        os.close(fd)
+
+
+def spawn(argv, env, pass_fds=(), stdin=None, quiet=False, new_session=False):
+    """Start argv[0] (an absolute path) as a Child with descriptors 0-2 (`stdin` as 0 when
+    given; 1 and 2 on /dev/null when `quiet`) and `pass_fds`, no other: an inheritable
+    descriptor the wrapper was started with is closed in the child (subprocess's
+    close_fds).  Signals as subprocess leaves them: SIGPIPE and SIGXFSZ default."""
+    actions = [] if stdin is None else [(os.POSIX_SPAWN_DUP2, stdin, 0)]
+    if quiet:
+        actions += [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, 1, 2)]
+    try:
+        open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        open_fds = range(3, os.sysconf("SC_OPEN_MAX"))
+    for fd in open_fds:
+        if fd > 2 and fd not in pass_fds:
+            with suppress(OSError):
+                if os.get_inheritable(fd):
+                    actions.append((os.POSIX_SPAWN_CLOSE, fd))
+    for fd in pass_fds:
+        os.set_inheritable(fd, True)
+    try:
+        return Child(os.posix_spawn(argv[0], argv, env, file_actions=actions,
+                                    setsid=new_session,
+                                    setsigdef=(signal.SIGPIPE, signal.SIGXFSZ)))
+    finally:
+        for fd in pass_fds:
+            os.set_inheritable(fd, False)
+
+
 def stop(process, sig=signal.SIGTERM):
-    """Signal a child and reap it, bounded; SIGKILL if it lingers."""
+    """Signal a Child and reap it, bounded; SIGKILL if it lingers."""
     if process is None or process.poll() is not None:
         return
     process.send_signal(sig)
     try:
         process.wait(STOP_SECONDS)
-    except subprocess.TimeoutExpired:
+    except TimeoutError:
         process.kill()
         process.wait()
 
@@ -4558,31 +4728,34 @@ class ProxyInterpreter:
 
     def __init__(self, env):
         read_fd, write_fd = os.pipe()
+        args_read, args_write = os.pipe()
         try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", PROXY_MAIN, FILTER_SCRIPT],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                pass_fds=(write_fd,), start_new_session=True, env=env)
+            self.process = spawn([sys.executable, "-I", "-S", "-c", PROXY_MAIN, FILTER_SCRIPT],
+                                 env, pass_fds=(write_fd,), stdin=args_read, quiet=True,
+                                 new_session=True)
         except BaseException:
             os.close(read_fd)
+            os.close(args_write)
             raise
         finally:
             os.close(write_fd)
+            os.close(args_read)
+        self.stdin = os.fdopen(args_write, "wb")
         self.ready_fd, self.ready_number = read_fd, write_fd
 
     def hand(self, args, err_path):
         """Its arguments (and the file for its stderr); a proxy that died already is found
         by the wait for its ready line."""
         try:
-            self.process.stdin.write(b"\0".join(map(os.fsencode, [err_path, *args])))
-            self.process.stdin.close()
+            self.stdin.write(b"\0".join(map(os.fsencode, [err_path, *args])))
+            self.stdin.close()
         except BrokenPipeError:
             pass
 
     def stop(self):
-        if not self.process.stdin.closed:
-            with contextlib.suppress(BrokenPipeError):
-                self.process.stdin.close()
+        if not self.stdin.closed:
+            with suppress(BrokenPipeError):
+                self.stdin.close()
         if self.ready_fd is not None:
             os.close(self.ready_fd)
             self.ready_fd = None
@@ -4687,7 +4860,7 @@ class FilterProxy:
                     f.write(text)
                 os.replace(tmp, target)
             except BaseException:
-                with contextlib.suppress(OSError):
+                with suppress(OSError):
                     os.unlink(tmp)
                 raise
         except OSError as error:
@@ -4723,8 +4896,7 @@ def run_sandbox(plan, dirs, proxy):
     bwrap = None
     try:
         try:
-            bwrap = subprocess.Popen(args, env=plan.env,
-                                     pass_fds=(write_fd, seccomp_fd, *mount_fds.values()))
+            bwrap = spawn(args, plan.env, pass_fds=(write_fd, seccomp_fd, *mount_fds.values()))
         finally:
             os.close(write_fd)
             os.close(seccomp_fd)
@@ -4815,7 +4987,7 @@ def run_briefly(args, seconds, env=None, pass_fds=()):
     try:
         output = process.communicate(timeout=seconds)[0]
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(OSError):
+        with suppress(OSError):
             os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         return None, f"no answer within {seconds} s"
@@ -4840,7 +5012,7 @@ USERNS_SYSCTLS = ("kernel.apparmor_restrict_unprivileged_userns",
 def read_sysctls(names):
     values = {}
     for name in names:
-        with contextlib.suppress(OSError):
+        with suppress(OSError):
             with open("/proc/sys/" + name.replace(".", "/")) as f:
                 values[name] = f.read().strip()
     return values
@@ -5131,14 +5303,16 @@ class Wrapper:
     def __init__(self, name, quick_exit=False):
         self.profile = PROFILES[name]
         self.status = 0
-        self.stack = contextlib.ExitStack()
+        self.undo = []          # what leaving undoes, the last first
         self.quick_exit = quick_exit
 
     def __enter__(self):
         standard_streams_open()
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, raise_terminated)
-        self.stack.enter_context(terminal_kept(sys.stdin))
+        modes = terminal_modes(sys.stdin)
+        if modes is not None:
+            self.undo.append(lambda: restore_terminal(*modes))
         return self
 
     def plan(self, argv):
@@ -5148,7 +5322,7 @@ class Wrapper:
         early = None
         if early_flags(argv).filter_network:
             early = ProxyInterpreter(dict(os.environ))
-            self.stack.callback(early.stop)
+            self.undo.append(early.stop)
         plan = plan_session(self.profile, argv, skip=(os.path.realpath(sys.argv[0]),))
         if early and plan.filter and not plan.proxy_token:
             plan.early_proxy = early
@@ -5157,7 +5331,7 @@ class Wrapper:
         return plan
 
     def __exit__(self, kind, error, traceback):
-        self.stack.close()
+        undo_all(self.undo)
         if isinstance(error, SystemExit):       # argparse's --help
             return False
         if error is not None:
@@ -5169,20 +5343,23 @@ class Wrapper:
 TERMINAL_SIGNALS = (signal.SIGTTOU, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
-@contextlib.contextmanager
-def terminal_kept(stream):
-    """Restore the terminal's modes on every way out: a CLI killed with the wrapper (SIGTERM,
-    timeout) leaves it raw and without echo."""
+def terminal_modes(stream):
+    """(fd, modes) of the terminal `stream` is, to restore on every way out (a CLI killed
+    with the wrapper leaves it raw and without echo); None when it is no terminal."""
     try:
         fd = stream.fileno()
-        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+        return (fd, termios.tcgetattr(fd)) if os.isatty(fd) else None
     except (OSError, ValueError, AttributeError, termios.error):
-        saved = None
-    try:
-        yield
-    finally:
-        if saved is not None:
-            restore_terminal(fd, saved)
+        return None
+
+
+def undo_all(steps):
+    """Call each of `steps`, the last first, every one even when one raises."""
+    if steps:
+        try:
+            steps[-1]()
+        finally:
+            undo_all(steps[:-1])
 
 
 def restore_terminal(fd, saved):
@@ -5210,7 +5387,7 @@ def flushed(tool, status):
     except (OSError, ValueError) as error:
         say(f"{tool}: error: cannot write the output: {printable(error)}")
         status = status or 1
-    with contextlib.suppress(OSError, ValueError, AttributeError):
+    with suppress(OSError, ValueError, AttributeError):
         sys.stderr.flush()
     return status
 

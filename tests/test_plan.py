@@ -520,13 +520,29 @@ class PlacesTest(unittest.TestCase):
 
 
 class ProtectionPlanTest(unittest.TestCase):
+    def test_globs_name_what_glob_would_and_take_the_base_literally(self):
+        for pattern in bw_lib.PROTECTED_GLOBS:
+            name = pattern.rpartition("/")[2]
+            self.assertEqual((name.count("*"), sum(pattern.count(c) for c in "?[]")), (1, 0))
+        with tempfile.TemporaryDirectory() as tmp:
+            base = os.path.join(tmp, "p[1]*")
+            os.makedirs(os.path.join(base, ".claude", "settings.x.json", "inner"))
+            for name in ("settings.json", "settingsjson", "settings.json.bak", ".settings.json",
+                         "my-settings.json", "settings.local.json"):
+                open(os.path.join(base, ".claude", name), "w").close()
+            found = bw_lib.glob_paths(base, ".claude/settings*.json")
+            self.assertEqual([os.path.basename(p) for p in found],
+                             ["settings.json", "settings.local.json", "settings.x.json"])
+            self.assertEqual(bw_lib.glob_paths(os.path.join(tmp, "none"), ".claude/s*.json"), [])
+
     def plan(self, existing, dirs=()):
         existing = set(existing) | set(dirs)
         return bw_lib.protection(
             "/p", "/h", ["/p", "/h/.claude"], exists=existing.__contains__,
             isdir=set(dirs).__contains__,
-            glob=lambda pattern: sorted(e for e in existing if pattern == "/p/.claude/settings*.json"
-                                        and e.startswith("/p/.claude/settings")))
+            glob=lambda base, pattern: sorted(
+                e for e in existing if (base, pattern) == ("/p", ".claude/settings*.json")
+                and e.startswith("/p/.claude/settings")))
 
     def test_existing_paths_are_read_only_and_their_parents_pinned(self):
         mounts, placeholders = self.plan(
@@ -561,7 +577,7 @@ class ProtectionPlanTest(unittest.TestCase):
         existing = {"/p/.git", "/r/.git", "/r/.git/config"}
         mounts, placeholders = bw_lib.protection(
             "/p", "/h", ["/p", "/r", "/h/.claude"], extra=["/r"], exists=existing.__contains__,
-            isdir={"/r/.git"}.__contains__, glob=lambda pattern: [])
+            isdir={"/r/.git"}.__contains__, glob=lambda base, pattern: [])
         # A worktree's or submodule's .git file is read-only itself, and nothing below it.
         self.assertIn(("--ro-bind", "/p/.git", "/p/.git"), mounts)
         self.assertFalse([p for p in placeholders if p.startswith("/p/.git/")])
@@ -908,11 +924,20 @@ class LastResortTest(unittest.TestCase):
 
 
 class TerminalKeptTest(unittest.TestCase):
-    def test_without_a_terminal_nothing_is_touched(self):
-        with bw_lib.terminal_kept(io.StringIO()):
-            pass
-        with open(os.devnull) as devnull, bw_lib.terminal_kept(devnull):
-            pass
+    def test_without_a_terminal_nothing_is_kept(self):
+        self.assertIsNone(bw_lib.terminal_modes(io.StringIO()))
+        with open(os.devnull) as devnull:
+            self.assertIsNone(bw_lib.terminal_modes(devnull))
+
+    def test_every_step_is_undone_even_when_one_fails(self):
+        done = []
+
+        def fail():
+            done.append("fail")
+            raise OSError("x")
+        with self.assertRaises(OSError):
+            bw_lib.undo_all([lambda: done.append(1), fail, lambda: done.append(3)])
+        self.assertEqual(done, [3, "fail", 1])
 
 
 

@@ -719,8 +719,8 @@ class WrapperPlacesTest(SessionCase):
         settings = write_file(os.path.join(victim, ".claude", "settings.json"), "{}\n", 0o644)
         locks = os.path.join(tmp, bw_lib.LOCKS_DIR.format(uid=os.geteuid()))
         forge = (f"name=$(printf '%x-%x' $(stat -c '%d %i' {victim})); "
-                 f"printf '%s' '{{\"root\": \"{victim}\", \"placeholders\": "
-                 f"[\".claude/settings.json\"]}}' > {locks}/$name.json && echo ran")
+                 f"printf '%s\\0%s' {victim} .claude/settings.json > {locks}/$name.list "
+                 "&& echo ran")
         for argv in (["--allow-rw", tmp], ["--allow-ro", tmp], ["--dir", tmp]):
             result = self.shell(forge, *argv, env=env)
             self.assert_refused(result, "proxy sockets and locks", "XDG_RUNTIME_DIR")
