@@ -1498,29 +1498,69 @@ def private_subdir(base, name):
 
 
 def remove_tree(path):
-    """rmtree that also removes what the sandbox made unwritable (chmod 500 on a directory):
-    on a failure the directory concerned is made 0700 and the removal tried again, once
-    for each path."""
-    tried = set()
+    """Remove the directory `path` and everything in it, never following a link, also what
+    the sandbox made unreadable or unwritable (a directory is made 0700 before it is
+    emptied); what cannot be removed stays.  Depth first, with a descriptor for each level
+    as shutil.rmtree, but without its imports (fnmatch and re, bz2, lzma: ~7 ms) and
+    without recursion (a tree of any depth is no RecursionError)."""
+    parent, name = os.path.split(path.rstrip("/"))
+    try:
+        top = os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    levels = [(top, [name], None)]      # (directory, names in it left to remove, its name)
+    try:
+        while levels:
+            fd, names, own = levels[-1]
+            if names:
+                entry = names.pop()
+                inner = unlink_or_open(fd, entry)
+                if inner is not None:
+                    levels.append((inner, safe_listdir(inner), entry))
+                continue
+            levels.pop()
+            if own is not None:
+                os.close(fd)
+                with suppress(OSError):
+                    os.rmdir(own, dir_fd=levels[-1][0])
+    finally:
+        for fd, _, own in levels:
+            if own is not None:
+                os.close(fd)
+        os.close(top)
 
-    def retry(function, failed, _info):
-        if failed in tried:
-            return
-        tried.add(failed)
+
+def unlink_or_open(dir_fd, name):
+    """Unlink `name` in dir_fd; when it is a directory, a descriptor to empty it with (made
+    0700 first), else None."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return None
+    except IsADirectoryError:
+        pass
+    except OSError:
+        return None
+    try:
+        path_fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        via = f"/proc/self/fd/{path_fd}"
         with suppress(OSError):
-            parent = os.path.dirname(failed)
-            if is_within(parent, path):
-                os.chmod(parent, 0o700)
-            if os.path.isdir(failed) and not os.path.islink(failed):
-                os.chmod(failed, 0o700)
-                shutil.rmtree(failed, onerror=retry)
-            else:
-                function(failed)
+            if stat.S_IMODE(os.stat(via).st_mode) & 0o700 != 0o700:
+                os.chmod(via, 0o700)
+        return os.open(via, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    finally:
+        os.close(path_fd)
 
-    with suppress(OSError):
-        shutil.rmtree(path, onerror=retry)
-    if os.path.lexists(path):       # a directory emptied late by a retry
-        shutil.rmtree(path, ignore_errors=True)
+
+def safe_listdir(fd):
+    try:
+        return os.listdir(fd)
+    except OSError:
+        return []
 
 
 def could_be_made(path, error):

@@ -2,11 +2,15 @@
 isolated (python3 -I -S through their own shebang); the proxy's interpreter started before the
 plan never listens without its arguments, never follows a link for its stderr file and never
 outlives a session that failed; --verbose says where start-up time went; the records that
-replace dataclasses keep their contracts; the quick exit keeps the status and the output."""
+replace dataclasses keep their contracts; the quick exit keeps the status and the output;
+what replaces subprocess, shutil.rmtree, hashlib and json on the start path does what they
+did; a start imports none of the modules it no longer needs."""
 
+import json
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import unittest
@@ -76,7 +80,7 @@ class EarlyProxyTest(Session):
     def test_without_its_arguments_it_exits_and_never_listens(self):
         early = self.interpreter()
         fd = early.ready_fd
-        early.process.stdin.close()            # the wrapper gave up (or died)
+        early.stdin.close()                    # the wrapper gave up (or died)
         self.assertTrue(wait_for(lambda: early.process.poll() is not None))
         self.assertEqual(early.process.returncode, 0)
         self.assertEqual(os.read(fd, 100), b"")  # no ready line: it never listened
@@ -200,6 +204,128 @@ class RecordsTest(unittest.TestCase):
             bw_lib.Plan(None, "/h", "/p", [], {}, home="/again")
         with self.assertRaises(TypeError):
             bw_lib.Plan(None, "/h", "/p", [], {}, no_such_field=1)
+
+
+class SpawnTest(unittest.TestCase):
+    """spawn() in place of subprocess.Popen: only the descriptors asked for reach the
+    program (an inheritable one the wrapper was started with would otherwise reach the
+    sandbox), SIGPIPE is back to its default, waits are bounded."""
+
+    def test_only_the_descriptors_asked_for_are_passed(self):
+        inherited = os.open("/", os.O_RDONLY | os.O_DIRECTORY)     # a host directory
+        os.set_inheritable(inherited, True)
+        passed = os.open(os.devnull, os.O_RDONLY)
+        read_end, write_end = os.pipe()
+        try:
+            script = (f"for fd in {inherited} {passed}; do if [ -e /proc/self/fd/$fd ]; "
+                      f"then echo $fd open; else echo $fd closed; fi; done >&{write_end}")
+            child = bw_lib.spawn(["/bin/sh", "-c", script], dict(os.environ),
+                                 pass_fds=(write_end, passed))
+            os.close(write_end)
+            self.assertEqual(child.wait(30), 0)
+            with os.fdopen(read_end) as f:
+                said = f.read().splitlines()
+            self.assertEqual(said, [f"{inherited} closed", f"{passed} open"])
+            self.assertFalse(os.get_inheritable(passed))      # as it was, in the wrapper
+        finally:
+            os.close(inherited)
+            os.close(passed)
+
+    def test_sigpipe_is_the_default_again_and_a_new_session_on_request(self):
+        child = bw_lib.spawn(["/bin/sh", "-c", "kill -PIPE $$; exit 3"], dict(os.environ))
+        self.assertEqual(child.wait(30), -13)      # SIGPIPE killed it: not ignored
+        read_end, write_end = os.pipe()
+        child = bw_lib.spawn(["/bin/sh", "-c", f"cut -d' ' -f6 /proc/$$/stat >&{write_end}"],
+                             dict(os.environ), pass_fds=(write_end,), new_session=True)
+        os.close(write_end)
+        self.assertEqual(child.wait(30), 0)
+        with os.fdopen(read_end) as f:
+            self.assertEqual(int(f.read()), child.pid)     # its own session's leader
+
+    def test_stop_is_bounded_and_kills_what_lingers(self):
+        child = bw_lib.spawn(["/bin/sh", "-c", "trap '' TERM; sleep 30"], dict(os.environ))
+        time.sleep(0.2)
+        started = time.monotonic()
+        bw_lib.stop(child, bw_lib.signal.SIGTERM)
+        self.assertEqual(child.returncode, -9)
+        self.assertLess(time.monotonic() - started, bw_lib.STOP_SECONDS + 5)
+        with self.assertRaises(TimeoutError):
+            bw_lib.spawn(["/bin/sleep", "5"], dict(os.environ)).wait(0.1)
+
+
+class RemoveTreeTest(unittest.TestCase):
+    """remove_tree in place of shutil.rmtree, on what a sandbox leaves in its home."""
+
+    def test_links_are_removed_never_followed_and_locked_directories_emptied(self):
+        root = temporary_root(self, "bw-rmtree-")
+        victim = write_file(os.path.join(root, "victim", "keep"), "mine\n", 0o644)
+        tree = os.path.join(root, "session")
+        write_file(os.path.join(tree, "home", "a", "b", "file"), "x", 0o644)
+        os.symlink(os.path.dirname(victim), os.path.join(tree, "home", "a", "out"))
+        os.symlink(victim, os.path.join(tree, "home", "file-out"))
+        write_file(os.path.join(tree, "home", "locked", "inner", "x"), "x", 0o644)
+        os.chmod(os.path.join(tree, "home", "locked", "inner"), 0)
+        os.chmod(os.path.join(tree, "home", "locked"), 0o500)
+        deep = os.open(os.path.join(tree, "home"), os.O_RDONLY)
+        for _ in range(3000):           # deeper than Python's recursion limit
+            os.mkdir("d", dir_fd=deep)
+            inner = os.open("d", os.O_RDONLY, dir_fd=deep)
+            os.close(deep)
+            deep = inner
+        os.close(deep)
+        open_before = len(os.listdir("/proc/self/fd"))
+        bw_lib.remove_tree(tree)
+        self.assertFalse(os.path.lexists(tree))
+        with open(victim) as f:
+            self.assertEqual(f.read(), "mine\n")
+        self.assertEqual(len(os.listdir("/proc/self/fd")), open_before)
+        bw_lib.remove_tree(tree)        # gone: nothing to do, no error
+
+
+class LeanStartTest(Session):
+    """A session's start and end import none of the standard modules it no longer needs
+    (each costs milliseconds of every start); hashes and records without them are right."""
+
+    NOT_IMPORTED = ("subprocess", "shutil", "tempfile", "json", "hashlib", "contextlib",
+                    "collections", "glob", "fnmatch", "enum", "signal", "shlex", "argparse",
+                    "gettext", "textwrap", "difflib")
+
+    def test_a_session_imports_none_of_them(self):
+        driver = (
+            "import sys; sys.path.insert(0, sys.argv[1]); import bw_lib\n"
+            "sys.argv[0] = sys.argv[2]\n"
+            "try:\n"
+            "    with bw_lib.Wrapper('claude') as session:\n"
+            "        plan = session.plan(['--shell', '--', '-c', 'true'])\n"
+            "        with bw_lib.SessionDirs(plan) as dirs, bw_lib.FilterProxy(plan, dirs) as p:\n"
+            "            session.status = bw_lib.run_sandbox(plan, dirs, p)\n"
+            "finally:\n"
+            "    print(' '.join(sorted(sys.modules)), file=sys.stderr)\n")
+        result = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", driver, self.scripts,
+             os.path.join(self.scripts, "bw-claude")], cwd=self.project, env=self.env,
+            capture_output=True, text=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        loaded = set(result.stderr.split())
+        self.assertIn("bw_lib", loaded)
+        self.assertEqual(sorted(loaded & set(self.NOT_IMPORTED)), [])
+
+    def test_hashes_without_hashlib_are_hashlib_s(self):
+        import hashlib
+        for data in (b"", b"abc" * 1000):
+            self.assertEqual(bw_lib.hash_of("sha1", data), hashlib.sha1(data).digest())
+            self.assertEqual(bw_lib.hash_of("sha256", data), hashlib.sha256(data).digest())
+
+    def test_a_json_snapshot_left_by_an_earlier_version_is_still_read(self):
+        private = temporary_root(self, "bw-snap-")
+        snapshot = {"roots": [self.project], "since": 1, "complete": True, "cut": False,
+                    "entries": {}}
+        write_file(os.path.join(private, bw_lib.GIT_SNAPSHOT_JSON), json.dumps(snapshot), 0o600)
+        self.assertEqual(bw_lib.read_git_snapshot(private), snapshot)
+        bw_lib.take_git_snapshot([self.project], os.path.join(private, "new") if
+                                 os.mkdir(os.path.join(private, "new")) is None else None)
+        self.assertEqual(bw_lib.read_git_snapshot(os.path.join(private, "new"))["roots"],
+                         [self.project])
 
 
 class QuickExitTest(Session):
