@@ -5,6 +5,7 @@ life and end, its home on disk, errors, the defaults file and --doctor.  Upstrea
 the host's loopback only."""
 
 import fcntl
+import hashlib
 import os
 import shutil
 import signal
@@ -56,6 +57,24 @@ class FilesystemTest(SandboxCase):
         with open(os.path.join(self.home, ".local/bin/mytool")) as f:
             self.assertNotIn("x\n", f.read())
         self.assert_clean()
+
+    def test_etc_files_are_the_hosts_read_only_and_only_those_listed(self):
+        # /etc's files are copied in (bwrap --file), not bound: the same bytes, unwritable,
+        # and nothing of /etc that ETC_ENTRIES does not name.
+        shown = [p for p in ("/etc/passwd", "/etc/hosts", "/etc/os-release")
+                 if os.path.isfile(p) and os.access(p, os.R_OK)]
+        script = "; ".join(f"sha256sum {p}; echo x >> {p} 2>/dev/null && echo WROTE {p}"
+                           for p in shown)
+        script += "; ls /etc/shadow /etc/ssh 2>/dev/null; true"
+        result = self.check(self.bw(script=script))
+        for path in shown:
+            with open(path, "rb") as f:
+                self.assertIn(f"{hashlib.sha256(f.read()).hexdigest()}  {path}", result.stdout)
+            self.assertNotIn(f"WROTE {path}", result.stdout)
+        self.assertNotIn("/etc/shadow", result.stdout)
+        self.assertNotIn("/etc/ssh", result.stdout)
+        with open("/etc/passwd", "rb") as f:
+            self.assertNotIn(b"\nx\n", f.read())      # the host's is untouched
 
     def test_secrets_are_invisible(self):
         script = ("for p in ~/.ssh ~/.ssh/id_rsa ~/.aws ~/.config/gh/hosts.yml ~/notes.txt; do "
