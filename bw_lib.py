@@ -4483,23 +4483,31 @@ def check_git(private_dir, tool, killed=False):
 # ---------------------------------------------------------------------------------------------
 
 # Start-up timings: where the time before bwrap goes, said with --verbose just before bwrap
-# starts.  A mark is a clock read; nothing is said without --verbose.
+# starts, and where the time after it went (the end), said last.  A mark is a clock read;
+# nothing is said without --verbose.
 class StartupClock:
     """Phases of the start-up, each the time since the previous mark; the first counts from
-    STARTED (this module's first line: the interpreter's own start is not seen here)."""
+    STARTED (this module's first line: the interpreter's own start is not seen here).
+    ended() starts the phases of the end, from when bwrap exited."""
 
     def __init__(self, started):
         self.last = started
         self.phases = []
+        self.ending = False
 
     def mark(self, phase):
         now = time.perf_counter()
         self.phases.append((phase, now - self.last))
         self.last = now
 
+    def ended(self):
+        self.last, self.phases, self.ending = time.perf_counter(), [], True
+
     def line(self, tool):
         parts = ", ".join(f"{phase} {seconds * 1000:.1f} ms" for phase, seconds in self.phases)
         total = sum(seconds for _, seconds in self.phases) * 1000
+        if self.ending:
+            return f"{tool}: end: {parts}; {total:.0f} ms in all after bwrap"
         return f"{tool}: start-up: {parts}; {total:.0f} ms in all, then bwrap"
 
 CLOCK = StartupClock(STARTED)
@@ -4732,20 +4740,24 @@ class SessionDirs:
                 # First, and whatever happens next: a placeholder left behind would stay.
                 if self.protection is not None:
                     self.protection.release()
+                    CLOCK.mark("placeholders")
             finally:
                 say_git_check(self.dir, self.tool)
+                CLOCK.mark("git check")
             try:
                 for line in self.state.save():
                     say(f"{self.tool}: {line}")
             except (OSError, ValueError, RecursionError) as error:
                 say(f"{self.tool}: could not save {self.plan.profile.name}'s state: "
                     f"{printable(error)}")
+            CLOCK.mark("state")
         finally:
             remove_tree(self.dir)
             os.close(self.lock_fd)
             if self.socket_dir:
                 remove_tree(self.socket_dir)
                 os.close(self.socket_lock)
+            CLOCK.mark("directories")
         return False
 
     def prepare(self):
@@ -4970,6 +4982,7 @@ def run_sandbox(plan, dirs, proxy):
                 signal.signal(sig, signal.SIG_IGN)
         with os.fdopen(read_fd, "rb") as status_pipe:
             code = bwrap.wait()
+            CLOCK.ended()
             set_up = bwrap_ran(status_pipe.read())
     finally:
         ignore_signals()
@@ -5368,6 +5381,7 @@ class Wrapper:
         self.profile = PROFILES[name]
         self.status = 0
         self.undo = []          # what leaving undoes, the last first
+        self.verbose = False
         self.quick_exit = quick_exit
 
     def __enter__(self):
@@ -5388,6 +5402,7 @@ class Wrapper:
             early = ProxyInterpreter(dict(os.environ))
             self.undo.append(early.stop)
         plan = plan_session(self.profile, argv, skip=(os.path.realpath(sys.argv[0]),))
+        self.verbose = plan.verbose
         if early and plan.filter and not plan.proxy_token:
             plan.early_proxy = early
         elif early:
@@ -5396,6 +5411,8 @@ class Wrapper:
 
     def __exit__(self, kind, error, traceback):
         undo_all(self.undo)
+        if self.verbose and CLOCK.ending:
+            say(CLOCK.line(self.profile.tool))
         if isinstance(error, SystemExit):       # argparse's --help
             return False
         if error is not None:

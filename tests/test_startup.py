@@ -160,12 +160,20 @@ class VerboseTimingsTest(Session):
                       "protection", "bwrap arguments"):
             self.assertRegex(lines[0], rf"\b{phase} [0-9.]+ ms")
         self.assertRegex(lines[0], r"; [0-9]+ ms in all, then bwrap$")
+        ends = [l for l in result.stderr.splitlines() if l.startswith("bw-claude: end: ")]
+        self.assertEqual(len(ends), 1, result.stderr)
+        for phase in ("placeholders", "git check", "state", "directories"):
+            self.assertRegex(ends[0], rf"\b{phase} [0-9.]+ ms")
+        self.assertRegex(ends[0], r"; [0-9]+ ms in all after bwrap$")
+        self.assertGreater(result.stderr.index("bw-claude: end: "),
+                           result.stderr.index("bw-claude: start-up: "))
 
     def test_without_verbose_nothing_is_said(self):
         require_tools("bwrap")
         result = self.run_script("--shell", "--", "-c", "true")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertNotIn("start-up", result.stderr)
+        self.assertNotIn("end:", result.stderr)
 
     def test_the_clock_adds_up_its_phases(self):
         clock = bw_lib.StartupClock(time.perf_counter())
