@@ -2956,6 +2956,9 @@ STATE_COPY_DEPTH = 8
 SESSION_BACK_LIMIT = STATE_FILE_LIMIT   # bytes one session may add to transcripts and history
 SLUG_LIMIT = 200             # Claude shortens longer names with a hash: not carried then
 TRANSCRIPT_SUFFIX = ".jsonl"
+# The characters every JSON writer leaves as they are in a string (printable ASCII but " and
+# \; a writer may still escape one, e.g. "\/": such a line is then not taken as this project's).
+JSON_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7f)) - {'"', "\\"}
 
 
 def is_transcript_name(name):
@@ -3080,20 +3083,22 @@ def copy_entry(src_fd, name, dest, budget, level=0):
             os.close(fd)
 
 
-def transcript_bases(private_dir):
-    """{file name: (size, sha256)} of the transcripts seeded into a "lines" directory."""
-    bases = {}
+def transcript_sizes(private_dir):
+    """{file name: size} of the transcripts seeded into a "lines" directory: what the
+    session may only append to (lines_update compares those bytes with the host's)."""
+    sizes = {}
     fd = open_dir_beneath(private_dir, [])
     if fd is None:
-        return bases
+        return sizes
     try:
         for name in os.listdir(fd):
-            data = read_at(fd, name) if is_transcript_name(name) else None
-            if data is not None:
-                bases[name] = (len(data), hash_of("sha256", data))
+            if is_transcript_name(name):
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISREG(info.st_mode):
+                    sizes[name] = info.st_size
     finally:
         os.close(fd)
-    return bases
+    return sizes
 
 
 def find_project_id(root, parts, project, limit=STATE_COPY_ENTRIES):
@@ -3179,16 +3184,23 @@ def host_entry_exists(root, parts):
 
 def project_lines(data, project):
     """The lines of a shared JSONL file (~/.claude/history.jsonl) that belong to `project`
-    (their "project" names it); the others are other projects' and stay outside."""
-    return b"".join(line for line in (data or b"").splitlines(keepends=True)
-                    if line.endswith(b"\n") and isinstance(parse_json(line), dict)
-                    and parse_json(line).get("project") == project)
+    (their "project" names it); the others are other projects' and stay outside.  Only
+    lines holding the project as JSON writes it are parsed (JSON_PLAIN: thousands of lines
+    of other projects are not)."""
+    needle = f'"{project}"'.encode() if set(project) <= JSON_PLAIN else None
+    lines = []
+    for line in (data or b"").splitlines(keepends=True):
+        if line.endswith(b"\n") and (needle is None or needle in line):
+            record = parse_json(line)
+            if isinstance(record, dict) and record.get("project") == project:
+                lines.append(line)
+    return b"".join(lines)
 
 
 def seed_state(items, home, private, project=None):
     """Copy the host's State items that are seeded into the session's home `private`.
     Returns what each item that flows back started from: the bytes of a file (None when
-    the host had none), or the transcript_bases of a "lines" directory."""
+    the host had none), or the transcript_sizes of a "lines" directory."""
     seeded = {}
     for item in items:
         dest = os.path.join(private, item.path)
@@ -3207,7 +3219,7 @@ def seed_state(items, home, private, project=None):
                 finally:
                     os.close(fd)
         if item.back == "lines":
-            seeded[item.path] = transcript_bases(dest)
+            seeded[item.path] = transcript_sizes(dest)
         elif item.back:
             seeded[item.path] = read_place(private_place(private, item.path))
     return seeded
@@ -3394,23 +3406,24 @@ def complete_lines(data):
     return data[:end]
 
 
-def lines_update(base, ours, theirs):
-    """The new content of a host transcript, or None to leave it alone.  `base` is what
-    the session was seeded with ((size, sha256) or None), `ours` the session's complete
-    lines, `theirs` the host's file now (None when absent).  Only lines appended to what
-    the session was given go back, after what the host has now; a rewritten transcript
-    is refused (ValueError)."""
-    size, digest = base or (0, hash_of("sha256", b""))
-    if hash_of("sha256", ours[:size]) != digest:
-        raise ValueError("the session rewrote it instead of appending")
-    new = ours[size:]
+def lines_update(size, ours, theirs):
+    """The new content of a host transcript, or None to leave it alone.  `size` is how much
+    the session was seeded with (None: nothing), `ours` the session's file, `theirs` the
+    host's file now (None when absent).  Only the complete lines appended to what the
+    session was given go back, each a JSON object, after what the host has now; a
+    transcript whose first `size` bytes are not the host's (rewritten in the session, or on
+    the host meanwhile) is refused (ValueError).  The lines given are compared as bytes,
+    not parsed again."""
+    start = size or 0
+    if len(ours) < start or (theirs is not None and theirs[:start] != ours[:start]):
+        raise ValueError("it was rewritten instead of appended to (in the session, or on "
+                         "the host meanwhile)")
+    new = complete_lines(ours[start:])
+    if new is None:
+        raise ValueError("what the session added is not JSON lines")
     if not new:
         return None
-    if theirs is None:
-        return ours if base is None else new
-    if theirs[:size] != ours[:size]:
-        raise ValueError("it changed on the host meanwhile")
-    return theirs + new
+    return new if theirs is None else theirs + new
 
 
 def write_place(place, data, mode=0o600):
@@ -3483,16 +3496,16 @@ def back_lines(item, bases, home, private, project, budget=None):
         os.close(fd)
     problems = []
     for name, data in ours.items():
-        lines = complete_lines(data) if data is not None else None
-        if lines is None:
-            problems.append(f"{name}: not a regular file of JSON lines")
+        if data is None:
+            problems.append(f"{name}: not a regular file")
             continue
         place = host_place(home, f"{item.path}/{name}")
         try:
-            base = (bases or {}).get(name)
-            update = lines_update(base, lines, host_read(place))
+            size = (bases or {}).get(name)
+            theirs = host_read(place)
+            update = lines_update(size, data, theirs)
             if update is not None:
-                spend(budget, len(lines) - (base or (0,))[0])
+                spend(budget, len(update) - len(theirs or b""))
                 write_place(place, update)
         except ValueError as error:
             problems.append(f"{name}: {error}")
@@ -3507,10 +3520,10 @@ def back_mine(item, base, home, private, project, budget=None):
     ours = read_place(private_place(private, item.path))
     if ours is None:
         return
-    lines, base = complete_lines(ours), base or b""
-    if lines is None or not lines.startswith(base):
+    base = base or b""
+    new = complete_lines(ours[len(base):]) if ours.startswith(base) else None
+    if new is None:
         raise ValueError("not lines appended to what the session was given")
-    new = lines[len(base):]
     if project_lines(new, project) != new:
         raise ValueError("a line of another project, or not a JSON object")
     if not new:
