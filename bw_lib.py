@@ -3382,7 +3382,9 @@ def plain(value):
 def keys_update(base, ours, keys, project, only_plain=False):
     """What a "keys" (or, with only_plain, "secret") item sends back: `base` with only
     the changes `ours` made to `keys`, or None.  A secret whose changed values are not all
-    plain is refused whole (ValueError)."""
+    plain is refused whole (ValueError).  Unchanged bytes are no change (and not parsed)."""
+    if ours == base:
+        return None
     changed = guarded_changes(base, ours, keys, project)
     if changed is None or not only_plain:
         return changed

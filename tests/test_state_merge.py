@@ -61,5 +61,61 @@ class StateMergeTest(unittest.TestCase):
 
 
 
+class LinesTest(unittest.TestCase):
+    """What a session may send back of the JSONL files (history, transcripts), read the way
+    the fast path reads them: history lines parsed only when they hold the project, the
+    seeded part of a transcript compared as bytes, only appended lines parsed."""
+
+    PROJECT = "/home/u/app"
+
+    def line(self, **record):
+        return (json.dumps(record) + "\n").encode()
+
+    def test_only_this_projects_lines_however_the_path_appears_elsewhere(self):
+        mine = self.line(display="x", project=self.PROJECT)
+        other = self.line(display=f'cd "{self.PROJECT}"', project="/home/u/other")
+        nested = self.line(display="y", meta={"project": self.PROJECT})
+        escaped = b'{"project": "\\/home\\/u\\/app"}\n'      # the same path, "\/" escaped
+        partial = json.dumps({"project": self.PROJECT}).encode()   # no newline yet
+        data = mine + other + nested + escaped + b"not json " + self.PROJECT.encode() + b"\n"
+        self.assertEqual(bw_lib.project_lines(data + partial, self.PROJECT), mine)
+        self.assertEqual(json.loads(escaped)["project"], self.PROJECT)
+
+    def test_a_project_json_would_escape_is_found_by_parsing_every_line(self):
+        for project in ('/home/u/"quoted"', "/home/u/caf\u00e9", "/home/u/back\\slash"):
+            mine = self.line(project=project)
+            ascii_escaped = (json.dumps({"project": project}, ensure_ascii=True) + "\n").encode()
+            other = self.line(project="/elsewhere")
+            self.assertEqual(bw_lib.project_lines(other + mine + ascii_escaped, project),
+                             mine + ascii_escaped)
+
+    def test_transcripts_take_only_complete_appended_lines(self):
+        seeded = b'{"n": 1}\n'
+        ours = seeded + b'{"n": 2}\n{"n": 3'
+        self.assertEqual(bw_lib.lines_update(len(seeded), ours, seeded), seeded + b'{"n": 2}\n')
+        self.assertEqual(bw_lib.lines_update(len(seeded), ours, None), b'{"n": 2}\n')
+        self.assertEqual(bw_lib.lines_update(None, b'{"a": 1}\n', None), b'{"a": 1}\n')
+        self.assertIsNone(bw_lib.lines_update(len(seeded), seeded, seeded))
+        later = seeded + b'{"host": 1}\n'      # the host appended meanwhile: ours go after
+        self.assertEqual(bw_lib.lines_update(len(seeded), ours, later),
+                         later + b'{"n": 2}\n')
+
+    def test_transcripts_rewritten_or_not_json_are_refused(self):
+        seeded = b'{"n": 1}\n'
+        for ours, theirs in ((b'{"n": 9}\n{"n": 2}\n', seeded),     # rewritten, same length
+                             (b'{"n"', seeded),                    # cut short
+                             (seeded + b'{"n": 2}\n', b'{"x": 1}\n'),  # host rewrote it
+                             (seeded + b'echo $(id)\n', seeded),   # not JSON
+                             (seeded + b'[1]\n', seeded)):         # not an object
+            with self.assertRaises(ValueError, msg=ours):
+                bw_lib.lines_update(len(seeded), ours, theirs)
+
+    def test_unchanged_state_is_no_change(self):
+        data = b'{"numStartups": 3}'
+        self.assertIsNone(bw_lib.keys_update(data, data, ("numStartups",), self.PROJECT))
+        self.assertIsNotNone(bw_lib.keys_update(data, b'{"numStartups": 4}', ("numStartups",),
+                                                self.PROJECT))
+
+
 if __name__ == "__main__":
     unittest.main()
