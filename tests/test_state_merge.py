@@ -3,6 +3,7 @@ atomically and read without following links."""
 
 import json
 import os
+import random
 import stat
 import unittest
 
@@ -60,6 +61,30 @@ class StateMergeTest(unittest.TestCase):
         self.assertEqual(bw_lib.parse_json(b'{"a": 1.5e3}'), {"a": 1500.0})
 
 
+
+class ParseJsonTest(unittest.TestCase):
+    """parse_json reads with json's C scanner without importing json: it must take and
+    refuse exactly what json.loads with the strict rules takes and refuses."""
+
+    def reference(self, data):
+        try:
+            return json.loads(data, parse_constant=bw_lib.not_json,
+                              parse_float=bw_lib.finite_float)
+        except (ValueError, RecursionError):
+            return None
+
+    def test_it_agrees_with_json_loads(self):
+        rnd = random.Random(15)
+        pieces = ['{', '}', '[', ']', '"', ':', ',', ' ', '\n', '\t', '1', '-0', '2.5e3',
+                  '1e999', 'NaN', 'Infinity', 'true', 'null', '"a"', '"\\u00e9"', '"\\ud800"',
+                  '\\', 'x', '\ufeff', '\x00', '"\x01"', '{"k": 1}', '[1, 2]', '\u00e9']
+        cases = [b"", b" ", b"{}", b"[]", b"\xef\xbb\xbf{}", b"\xff{}", b'{"a":1} {}',
+                 b"[" * 5000 + b"]" * 5000, '{"a": 1}'.encode("utf-16")]
+        for _ in range(3000):
+            text = "".join(rnd.choice(pieces) for _ in range(rnd.randint(1, 12)))
+            cases.append(text.encode("utf-8", "surrogatepass"))
+        for data in cases:
+            self.assertEqual(bw_lib.parse_json(data), self.reference(data), data[:80])
 
 class LinesTest(unittest.TestCase):
     """What a session may send back of the JSONL files (history, transcripts), read the way
