@@ -3187,14 +3187,11 @@ def project_lines(data, project):
     (their "project" names it); the others are other projects' and stay outside.  Only
     lines holding the project as JSON writes it are parsed (JSON_PLAIN: thousands of lines
     of other projects are not)."""
-    needle = f'"{project}"'.encode() if set(project) <= JSON_PLAIN else None
-    lines = []
-    for line in (data or b"").splitlines(keepends=True):
-        if line.endswith(b"\n") and (needle is None or needle in line):
-            record = parse_json(line)
-            if isinstance(record, dict) and record.get("project") == project:
-                lines.append(line)
-    return b"".join(lines)
+    needle = f'"{project}"'.encode() if set(project) <= JSON_PLAIN else b""
+    lines = [line for line in (data or b"").splitlines(keepends=True) if needle in line]
+    return b"".join(line for line in lines if line.endswith(b"\n") and
+                    isinstance(record := parse_json(line), dict) and
+                    record.get("project") == project)
 
 
 def seed_state(items, home, private, project=None):
