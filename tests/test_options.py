@@ -85,14 +85,16 @@ class FastParseTest(unittest.TestCase):
 
     def test_edge_cases(self):
         cases = (
-            [], ["--dir", "x"], ["--dir=x"], ["--dir=x=y"], ["--dir", "a b"], ["--dir", "x", "--dir", "y"],
+            [], ["--dir", "x"], ["--dir=x"], ["--dir=x=y"], ["--dir", "a b"],
+            ["--dir", "x", "--dir", "y"],
             ["-v"], ["--verbose", "--no-verbose"], ["-v", "--no-verbose", "-v"],
             ["--filter-network", "--no-filter-network", "--filter-network"],
             ["--no-network", "--unshare-net"], ["--share-net", "--no-network"],
             ["--allow-ro", "/a", "--allow-ro=/b", "--allow-rw", "/c"],
             ["--model", "opus", "-p", "hi", "--resume"], ["word", "--foo=bar", "-1", "-", ""],
             ["--foo bar", "--filter", "--verb", "--=x", "-=", "-p=x"],
-            ["--skip-permissions", "--no-skip-permissions"], ["--learn", "out", "--proxy-log", "l"],
+            ["--skip-permissions", "--no-skip-permissions"],
+            ["--learn", "out", "--proxy-log", "l"],
             ["--env", "A=b", "--pass-env", "A", "--host-port", "80:81", "--allow-preset", "npm"],
             # Declined: argparse decides.
             ["-h"], ["--help"], ["-vh"], ["-vv"], ["-vx"], ["-v=x"], ["-hv"], ["--help=x"],
