@@ -950,13 +950,14 @@ def build_parser(profile):
         adding = parser.add_argument_group(group.title, group.description) if group.title \
             else parser
         for option in group.options:
-            for flags, settings in arguments(option, argparse.SUPPRESS, SetAll):
+            for flags, settings in argparse_calls(option, argparse.SUPPRESS, SetAll):
                 adding.add_argument(*flags, **settings)
     return parser
 
 
-def arguments(option, suppress, set_all):
-    """An Option as argparse's add_argument calls: [(flags, keyword arguments)]."""
+def argparse_calls(option, suppress, set_all):
+    """An Option as argparse's add_argument calls: [(flags, keyword arguments)]; a switch is
+    two, its `off` flag hidden from --help, which says "(undo: OFF)" instead."""
     kind, name = option.kind, destination(option)
     if kind == "help":
         return [(option.flags, dict(action="help", default=suppress, help=option.help))]
