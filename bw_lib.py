@@ -227,8 +227,8 @@ class Lazy:
         return getattr(self._module, attr)
 
 
-argparse, fnmatch, glob, json, shlex, shutil, subprocess, tempfile = map(
-    Lazy, ["argparse", "fnmatch", "glob", "json", "shlex", "shutil", "subprocess", "tempfile"])
+fnmatch, glob, json, shlex, shutil, subprocess, tempfile = map(
+    Lazy, ["fnmatch", "glob", "json", "shlex", "shutil", "subprocess", "tempfile"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,47 +751,298 @@ NODE_HTTP_PROXY = ((22, 21), (24, 5))
 # ---------------------------------------------------------------------------------------------
 # Options: the command line and the defaults file
 # ---------------------------------------------------------------------------------------------
+# The options are data (option_table, an Option each).  fast_parse reads the common tokens
+# from that table; the tokens it declines (--help, whatever argparse would refuse, a few rare
+# spellings) go to argparse, whose parser is built from the same table (build_parser), so the
+# two cannot disagree about what options exist.  argparse (with re, enum and gettext: ~10 ms
+# of every start) is imported only then.
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise Failure(f"{message} (see --help)", 2)
+@dataclass(frozen=True)
+class Option:
+    """One option of the wrapper's: its flags and what it does (`kind`):
+         store        takes a value: --dir PATH or --dir=PATH
+         append       takes a value, repeatable: the values accumulate
+         store_true   True once given, else False
+         switch       True, or False by its `off` flag: the last one given wins, so a
+                      command-line option can undo one from the defaults file; else None
+         set_all      sets each (destination, value) of `sets` (--no-network)
+         help         prints --help and exits (argparse does)
+    Its destination is its first long flag's name (--allow-ro: opts.allow_ro)."""
+    flags: tuple
+    kind: str
+    metavar: str = None
+    off: str = None
+    sets: tuple = ()
+    help: str = ""
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps option names whole when wrapping help (--no-filter-network, not --no-filter-)."""
-
-    def _split_lines(self, text, width):
-        import textwrap     # only --help needs it: not imported at every start
-        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
-
-
-class SetAll(argparse.Action):
-    """An option that sets several destinations at once (--no-network)."""
-
-    def __init__(self, option_strings, dest, values, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, **kwargs)
-        self.values = values
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        for name, value in self.values.items():
-            setattr(namespace, name, value)
+@dataclass(frozen=True)
+class OptionGroup:
+    """A heading of --help, with its options in order; no title: argparse's own "options:"."""
+    title: str
+    description: str
+    options: tuple
 
 
-def add_switch(group, on, off, help, short=()):
-    """A boolean option and its negation; the last one given wins, so a command-line option
-    can undo one from the defaults file.  None means neither was given."""
-    dest = on[2:].replace("-", "_")
-    group.add_argument(*short, on, dest=dest, action="store_const", const=True, default=None,
-                       help=f"{help} (undo: {off})")
-    group.add_argument(off, dest=dest, action="store_const", const=False, help=argparse.SUPPRESS)
+def option_table(profile):
+    """Every option of the wrapper's, in --help's order; their help names the profile's CLI."""
+    return (OptionGroup(None, None, (
+                Option(("-h", "--help"), "help", help="show this help message and exit"),)),
+            sandbox_options(profile), network_options(profile), diagnostic_options(profile))
+
+
+def sandbox_options(profile):
+    tool, cli = profile.tool, profile.name
+    skip = (Option(("--no-skip-permissions",), "switch", off="--skip-permissions",
+                   help=f"do not pass {' '.join(profile.cli_args)} to {cli}"),)
+    return OptionGroup("sandbox", f"what {cli} sees; e.g. {tool} --dir ~/src/app --allow-ro "
+                                  "~/src/shared-lib", (
+        Option(("--dir",), "store", metavar="PATH",
+               help="project directory, writable inside (default: the current directory)"),
+        Option(("--allow-ro",), "append", metavar="PATH",
+               help="also show PATH read-only (repeatable; must exist)"),
+        Option(("--allow-rw",), "append", metavar="PATH",
+               help="also show PATH read-write (repeatable; must exist)"),
+        Option(("--full-home-access",), "switch", off="--no-full-home-access",
+               help="show the whole home read-only (secrets stay hidden)"),
+        Option(("--pass-env",), "append", metavar="VAR",
+               help="pass this host variable in (repeatable)"),
+        Option(("--env",), "append", metavar="VAR=VALUE",
+               help="set a variable inside, over any other (repeatable)"),
+        Option(("--shell",), "store_true",
+               help=f"run a shell instead of {cli}; arguments after -- go to it, "
+                    "e.g. --shell -- -c 'cmd'"),
+        Option(("--allow-config-writes",), "switch", off="--no-allow-config-writes",
+               help="let the sandbox change .git/hooks, .git/config, .claude/settings*.json, "
+                    ".mcp.json and the like, and the CLI's own state (~/.claude) directly, and "
+                    "keep the repositories it makes (risk: code the agent writes there runs "
+                    "later, outside the sandbox)"),
+        *(skip if profile.cli_args else ())))
+
+
+def network_options(profile):
+    tool, cli = profile.tool, profile.name
+    return OptionGroup("network", f"e.g. {tool} --filter-network --allow-preset github "
+                                  "--allow-preset npm", (
+        Option(("--no-network",), "set_all",
+               sets=(("unshare_net", True), ("filter_network", False)),
+               help="no network at all (an empty network namespace); "
+                    "--unshare-net --no-filter-network"),
+        Option(("--unshare-net",), "switch", off="--share-net",
+               help="an empty network namespace (the default with --filter-network); "
+                    "--filter-network --share-net is advisory: programs that ignore the proxy "
+                    "variables reach the network directly, and the proxy asks every client for "
+                    "a per-session credential, so other local users cannot use it"),
+        Option(("--filter-network",), "switch", off="--no-filter-network",
+               help=f"network only through a filtering proxy that allows the {cli} API and your "
+                    "allow list; implies --unshare-net, so nothing else gets out"),
+        Option(("--allow-domain",), "append", metavar="RULE",
+               help="allow a destination: example.com, *.example.com, 1.2.3.4, 10.0.0.0/8, "
+                    "[::1], each with optional :PORT; a name carries only TLS for that name "
+                    "unless the rule ends in :PORT/raw (ssh, plain HTTP, a database: "
+                    "github.com:22/raw) (repeatable)"),
+        Option(("--host-port",), "append", metavar="PORT[:HOSTPORT]",
+               help="make the host's 127.0.0.1:HOSTPORT (default PORT) appear at 127.0.0.1:PORT "
+                    "inside, through the proxy, which logs it (repeatable; needs --unshare-net)"),
+        Option(("--allow-file",), "append", metavar="FILE",
+               help="read allow rules from FILE, one a line (repeatable)"),
+        Option(("--allow-preset",), "append", metavar="NAME",
+               help="allow a ready-made list: " + ", ".join(PRESETS) +
+                    " (repeatable; see --list-presets)"),
+        Option(("--learn",), "store", metavar="FILE",
+               help="open network (private addresses excepted) through the proxy, and at exit "
+                    "write the destinations used to FILE, ready for --allow-file; implies "
+                    "--filter-network --unshare-net"),
+        Option(("--allow-private",), "switch", off="--no-allow-private",
+               help="DANGEROUS: let allowed names reach private-use addresses (10/8, 172.16/12, "
+                    "192.168/16, fc00::/7: your LAN); with --learn, learn them too.  Loopback, "
+                    "link-local and CGNAT still need an IP rule (--allow-domain 10.0.0.5:8080 is "
+                    "the narrow way), cloud metadata endpoints a rule for exactly their address"),
+        Option(("--proxy-log",), "store", metavar="FILE",
+               help="keep the proxy's JSON log (one object per decision and close) in FILE")))
+
+
+def diagnostic_options(profile):
+    tool = profile.tool
+    return OptionGroup("diagnostics", f"e.g. {tool} --doctor", (
+        Option(("--doctor",), "store_true",
+               help="check bwrap, user namespaces, socat, the CLI, the seccomp filter and the "
+                    "allow lists, saying how to fix what fails"),
+        Option(("--list-presets",), "store_true",
+               help="print the --allow-preset lists, in allow-file format"),
+        Option(("--no-defaults",), "store_true", help=f"ignore ~/.config/{tool}/options"),
+        Option(("-v", "--verbose"), "switch", off="--no-verbose",
+               help="print the configuration, the full commands and where start-up time went "
+                    "(per phase) to stderr"),
+        Option(("--dry-run",), "store_true",
+               help="print the commands that would run, shell-quoted, and exit")))
+
+
+def destination(option):
+    """Where an option's value goes: its first long flag's name (--allow-ro: allow_ro)."""
+    return next(flag for flag in option.flags if flag.startswith("--"))[2:].replace("-", "_")
+
+
+OPTION_FLAGS = {}   # option_flags' answer, by profile
+
+
+def option_flags(profile):
+    """Every flag of the profile's options, a switch's `off` too, in the table's order: (its
+    Option, its destination, the value it sets when it takes none).  Made once a profile
+    (~0.2 ms), as every start reads it two or three times."""
+    flags = OPTION_FLAGS.get(profile)
+    if flags is None:
+        flags = OPTION_FLAGS[profile] = {}
+        for group in option_table(profile):
+            for option in group.options:
+                dest = destination(option)
+                flags.update({flag: (option, dest, True) for flag in option.flags})
+                if option.off:
+                    flags[option.off] = (option, dest, False)
+    return flags
+
+
+class Options:
+    """The parsed options, one attribute a destination (opts.allow_ro...), and opts.args, the
+    CLI's: what argparse.Namespace would be, without argparse (which fills one too)."""
+
+    def __eq__(self, other):
+        return vars(self) == vars(other) if isinstance(other, Options) else NotImplemented
+
+    def __repr__(self):
+        return "Options(" + ", ".join(f"{k}={v!r}" for k, v in vars(self).items()) + ")"
+
+
+def option_defaults(flags):
+    """What argparse sets before parsing: each destination's default, in the table's order."""
+    opts = Options()
+    for option, dest, _ in flags.values():
+        if hasattr(opts, dest):
+            continue
+        if option.kind in ("store", "switch"):
+            setattr(opts, dest, None)
+        elif option.kind == "append":
+            setattr(opts, dest, [])
+        elif option.kind == "store_true":
+            setattr(opts, dest, False)
+    return opts
+
+
+def fast_parse(flags, tokens):
+    """argparse's parse_known_args (allow_abbrev=False) over `flags` (option_flags), for the
+    tokens whose reading it is sure of: (Options, the tokens that are not ours, in order), or
+    None to hand the whole job to argparse.  It declines -h and --help; "--"; a single-dash
+    token that starts with a short flag of ours without being one (-vv, -vh, -v=x: argparse
+    reads combined flags); a value given to an option that takes none (--shell=x); a missing,
+    empty or dash-led value (--dir -x: whether that is an option is argparse's call).  Any
+    other token not ours goes to the CLI, as argparse leaves it: words, -p, -1, --unknown."""
+    shorts = tuple(flag for flag in flags if not flag.startswith("--"))
+    opts, unknown, at = option_defaults(flags), [], 0
+    while at < len(tokens):
+        token, at = tokens[at], at + 1
+        name, eq, value = token.partition("=") if token.startswith("--") else (token, "", "")
+        if name not in flags:
+            if token == "--" or token.startswith(shorts):
+                return None
+            unknown.append(token)
+            continue
+        option, dest, on = flags[name]
+        if option.kind in ("store", "append"):
+            if not eq:
+                if at == len(tokens):
+                    return None
+                value, at = tokens[at], at + 1
+            if not value or value.startswith("-"):
+                return None
+            if option.kind == "append":
+                getattr(opts, dest).append(value)
+            else:
+                setattr(opts, dest, value)
+        elif eq or option.kind == "help":
+            return None
+        else:
+            for dest, value in option.sets or ((dest, on),):
+                setattr(opts, dest, value)
+    return opts, unknown
+
+
+def parse_known(profile, tokens):
+    """(Options, the tokens that are not ours, in order), exactly as argparse's
+    parse_known_args gives them (its errors and --help included): fast_parse's reading, or
+    argparse's when fast_parse declines."""
+    return fast_parse(option_flags(profile), tokens) or \
+        build_parser(profile).parse_known_args(tokens, Options())
 
 
 def build_parser(profile):
+    """argparse's parser, built from option_table: it prints --help and reads what fast_parse
+    declines."""
+    argparse, Parser, HelpFormatter, SetAll = argparse_classes()
+    parser = Parser(prog=profile.tool, allow_abbrev=False, add_help=False,
+                    formatter_class=HelpFormatter, **help_texts(profile))
+    for group in option_table(profile):
+        adding = parser.add_argument_group(group.title, group.description) if group.title \
+            else parser
+        for option in group.options:
+            for flags, settings in argparse_calls(option, argparse.SUPPRESS, SetAll):
+                adding.add_argument(*flags, **settings)
+    return parser
+
+
+def argparse_calls(option, suppress, set_all):
+    """An Option as argparse's add_argument calls: [(flags, keyword arguments)]; a switch is
+    two, its `off` flag hidden from --help, which says "(undo: OFF)" instead."""
+    kind, name = option.kind, destination(option)
+    if kind == "help":
+        return [(option.flags, dict(action="help", default=suppress, help=option.help))]
+    if kind == "set_all":
+        return [(option.flags, dict(action=set_all, dest=suppress, values=dict(option.sets),
+                                    help=option.help))]
+    if kind == "switch":
+        return [(option.flags, dict(dest=name, action="store_const", const=True, default=None,
+                                    help=f"{option.help} (undo: {option.off})")),
+                ((option.off,), dict(dest=name, action="store_const", const=False, help=suppress))]
+    if kind == "store_true":
+        return [(option.flags, dict(dest=name, action=kind, help=option.help))]
+    return [(option.flags, dict(dest=name, action=kind, metavar=option.metavar, help=option.help,
+                                **({"default": []} if kind == "append" else {})))]
+
+
+def argparse_classes():
+    """argparse, and this wrapper's Parser, HelpFormatter and SetAll action over it: made when
+    build_parser first needs them, never at start."""
+    import argparse     # here: only --help and what fast_parse declines pay for it
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise Failure(f"{message} (see --help)", 2)
+
+    class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+        """Keeps option names whole when wrapping help (--no-filter-network, not --no-filter-)."""
+
+        def _split_lines(self, text, width):
+            import textwrap     # only --help needs it: not imported at every start
+            return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    class SetAll(argparse.Action):
+        """An option that sets several destinations at once (--no-network)."""
+
+        def __init__(self, option_strings, dest, values, **kwargs):
+            super().__init__(option_strings, dest, nargs=0, **kwargs)
+            self.values = values
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            for name, value in self.values.items():
+                setattr(namespace, name, value)
+
+    return argparse, Parser, HelpFormatter, SetAll
+
+
+def help_texts(profile):
+    """--help's usage line, its text before the options and its examples after."""
     tool, cli = profile.tool, profile.name
-    parser = Parser(
-        prog=tool, allow_abbrev=False,
+    return dict(
         usage=f"{tool} [options] [--] [{cli} arguments]",
-        formatter_class=HelpFormatter,
         description=f"Run {cli} in a bubblewrap sandbox: read-only system, an empty home with only "
                     f"{cli}'s state,\nthe project directory writable, secrets (~/.ssh, ~/.aws, ...) "
                     "never visible.\nOptions this wrapper does not know, and everything after --, "
@@ -812,99 +1063,6 @@ def build_parser(profile):
                f"  {'':{len(tool) + 26}}  e.g. a line: --filter-network\n"
                f"  ~/.config/{tool}/allowed-domains  allow rules, one a line, # comments\n"
                f"  (both under $XDG_CONFIG_HOME instead of ~/.config when it is set)")
-    for add_options in (add_sandbox_options, add_network_options, add_diagnostic_options):
-        add_options(parser, profile)
-    return parser
-
-
-def add_sandbox_options(parser, profile):
-    tool, cli = profile.tool, profile.name
-    sandbox = parser.add_argument_group(
-        "sandbox", f"what {cli} sees; e.g. {tool} --dir ~/src/app --allow-ro ~/src/shared-lib")
-    sandbox.add_argument("--dir", metavar="PATH",
-                         help="project directory, writable inside (default: the current directory)")
-    sandbox.add_argument("--allow-ro", metavar="PATH", action="append", default=[],
-                         help="also show PATH read-only (repeatable; must exist)")
-    sandbox.add_argument("--allow-rw", metavar="PATH", action="append", default=[],
-                         help="also show PATH read-write (repeatable; must exist)")
-    add_switch(sandbox, "--full-home-access", "--no-full-home-access",
-               "show the whole home read-only (secrets stay hidden)")
-    sandbox.add_argument("--pass-env", metavar="VAR", action="append", default=[],
-                         help="pass this host variable in (repeatable)")
-    sandbox.add_argument("--env", metavar="VAR=VALUE", action="append", default=[],
-                         help="set a variable inside, over any other (repeatable)")
-    sandbox.add_argument("--shell", action="store_true",
-                         help=f"run a shell instead of {cli}; arguments after -- go to it, "
-                              "e.g. --shell -- -c 'cmd'")
-    add_switch(sandbox, "--allow-config-writes", "--no-allow-config-writes",
-               "let the sandbox change .git/hooks, .git/config, .claude/settings*.json, "
-               ".mcp.json and the like, and the CLI's own state (~/.claude) directly, and "
-               "keep the repositories it makes (risk: code the agent writes there runs "
-               "later, outside the sandbox)")
-    if profile.cli_args:
-        add_switch(sandbox, "--no-skip-permissions", "--skip-permissions",
-                   f"do not pass {' '.join(profile.cli_args)} to {cli}")
-
-
-def add_network_options(parser, profile):
-    tool, cli = profile.tool, profile.name
-    network = parser.add_argument_group(
-        "network", f"e.g. {tool} --filter-network --allow-preset github --allow-preset npm")
-    network.add_argument("--no-network", action=SetAll, dest=argparse.SUPPRESS,
-                         values={"unshare_net": True, "filter_network": False},
-                         help="no network at all (an empty network namespace); "
-                              "--unshare-net --no-filter-network")
-    add_switch(network, "--unshare-net", "--share-net",
-               "an empty network namespace (the default with --filter-network); "
-               "--filter-network --share-net is advisory: programs that ignore the proxy "
-               "variables reach the network directly, and the proxy asks every client for a "
-               "per-session credential, so other local users cannot use it")
-    add_switch(network, "--filter-network", "--no-filter-network",
-               f"network only through a filtering proxy that allows the {cli} API and your "
-               "allow list; implies --unshare-net, so nothing else gets out")
-    network.add_argument("--allow-domain", metavar="RULE", action="append", default=[],
-                         help="allow a destination: example.com, *.example.com, 1.2.3.4, "
-                              "10.0.0.0/8, [::1], each with optional :PORT; a name carries "
-                              "only TLS for that name unless the rule ends in :PORT/raw "
-                              "(ssh, plain HTTP, a database: github.com:22/raw) (repeatable)")
-    network.add_argument("--host-port", metavar="PORT[:HOSTPORT]", action="append", default=[],
-                         help="make the host's 127.0.0.1:HOSTPORT (default PORT) appear at "
-                              "127.0.0.1:PORT inside, through the proxy, which logs it "
-                              "(repeatable; needs --unshare-net)")
-    network.add_argument("--allow-file", metavar="FILE", action="append", default=[],
-                         help="read allow rules from FILE, one a line (repeatable)")
-    network.add_argument("--allow-preset", metavar="NAME", action="append", default=[],
-                         help="allow a ready-made list: " + ", ".join(PRESETS) +
-                              " (repeatable; see --list-presets)")
-    network.add_argument("--learn", metavar="FILE",
-                         help="open network (private addresses excepted) through the proxy, "
-                              "and at exit write the destinations used to FILE, ready for "
-                              "--allow-file; implies --filter-network --unshare-net")
-    add_switch(network, "--allow-private", "--no-allow-private",
-               "DANGEROUS: let allowed names reach private-use addresses (10/8, 172.16/12, "
-               "192.168/16, fc00::/7: your LAN); with --learn, learn them too.  Loopback, "
-               "link-local and CGNAT still need an IP rule (--allow-domain 10.0.0.5:8080 is the "
-               "narrow way), cloud metadata endpoints a rule for exactly their address")
-    network.add_argument("--proxy-log", metavar="FILE",
-                         help="keep the proxy's JSON log (one object per decision and close) "
-                              "in FILE")
-
-
-def add_diagnostic_options(parser, profile):
-    tool = profile.tool
-    diagnostics = parser.add_argument_group("diagnostics", f"e.g. {tool} --doctor")
-    diagnostics.add_argument("--doctor", action="store_true",
-                             help="check bwrap, user namespaces, socat, the CLI, the seccomp "
-                                  "filter and the allow lists, saying how to fix what fails")
-    diagnostics.add_argument("--list-presets", action="store_true",
-                             help="print the --allow-preset lists, in allow-file format")
-    diagnostics.add_argument("--no-defaults", action="store_true",
-                             help=f"ignore ~/.config/{tool}/options")
-    add_switch(diagnostics, "--verbose", "--no-verbose",
-               "print the configuration, the full commands and where start-up time "
-               "went (per phase) to stderr", short=("-v",))
-    diagnostics.add_argument("--dry-run", action="store_true",
-                             help="print the commands that would run, shell-quoted, and exit")
 
 
 # Options that do something once and so have no place in the defaults file.
@@ -949,10 +1107,9 @@ def parse_args(profile, argv, defaults=()):
     """Our options before the first "--"; everything we do not know goes to the CLI.
     `defaults` (from the defaults file) are read first, so the command line wins."""
     ours, after = split_argv(argv)
-    parser = build_parser(profile)
-    given, unknown = parser.parse_known_args(ours)
-    refuse_misspelt(profile, parser, unknown)
-    opts = parser.parse_known_args([*defaults, *ours])[0] if defaults else given
+    given, unknown = parse_known(profile, ours)
+    refuse_misspelt(profile, unknown)
+    opts = parse_known(profile, [*defaults, *ours])[0] if defaults else given
     opts.args = unknown + after
     resolve_options(opts, given)
     return opts
@@ -1011,7 +1168,7 @@ def expand_home(token, home):
 def parse_defaults(profile, text, path, home):
     """The defaults file's options: each line shlex-split, '#' comments.  Every line must be
     complete options of ours, so a typo is an error here rather than an argument to the CLI."""
-    parser, tokens = build_parser(profile), []
+    tokens = []
     for number, line in enumerate(text.splitlines(), start=1):
         if "\0" in line:
             raise Failure(f"{path}:{number}: a NUL character; the file must be text", 2)
@@ -1024,7 +1181,7 @@ def parse_defaults(profile, text, path, home):
                 raise Failure(f"{path}:{number}: {word.split('=')[0]} does not belong in the "
                               "defaults file (give it on the command line)", 2)
         try:
-            unknown = parser.parse_known_args(words)[1]
+            unknown = parse_known(profile, words)[1]
         except Failure as error:
             raise Failure(f"{path}:{number}: {error}", 2) from None
         if unknown:
@@ -1105,9 +1262,9 @@ def misspelt_option(token, ours, cli_options=()):
     return difflib.get_close_matches(name, ours, n=1, cutoff=0.8)
 
 
-def refuse_misspelt(profile, parser, unknown):
+def refuse_misspelt(profile, unknown):
     """Refuse, before anything starts, an unknown option that looks like one of ours."""
-    ours = sorted(o for o in parser._option_string_actions if o.startswith("--"))
+    ours = sorted(flag for flag in option_flags(profile) if flag.startswith("--"))
     for token in unknown:
         close = misspelt_option(token, ours, profile.cli_options)
         if close:
