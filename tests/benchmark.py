@@ -754,11 +754,22 @@ def fake_cli_env(workdir):
 
 
 def time_command(cmd, env, runs, timeout=60):
-    """Median wall seconds of `runs` runs of cmd, which must succeed."""
+    """Median wall seconds of `runs` runs of cmd, which must succeed.  A bwrap `--file PATH
+    DEST` gets PATH opened afresh for each run (bwrap reads its descriptor to the end)."""
     times = []
     for _ in range(runs):
+        fds, run = [], list(cmd)
+        for i, word in enumerate(cmd[:-2]):
+            if word == "--file" and not cmd[i + 1].isdigit():
+                fds.append(os.open(cmd[i + 1], os.O_RDONLY))
+                run[i + 1] = str(fds[-1])
         start = time.perf_counter()
-        out = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        try:
+            out = subprocess.run(run, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                                 timeout=timeout, pass_fds=fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
         times.append(time.perf_counter() - start)
         if out.returncode != 0:
             raise BenchError(f"exit {out.returncode}: {shlex.join(cmd)}: {out.stderr.decode(errors='replace')[-400:]}")
@@ -785,6 +796,9 @@ def bare_bwrap_command(base, env):
                 break
             if args[i] in ("--seccomp", "--json-status-fd"):
                 i += 2
+            elif args[i] == "--file":                   # copied from a descriptor: its path
+                cmd += ["--file", args[i + 2], args[i + 2]]
+                i += 3
             elif args[i] in ("--bind-fd", "--ro-bind-fd"):    # bound from a checked descriptor
                 if os.path.exists(args[i + 2]):
                     cmd += [args[i].removesuffix("-fd"), args[i + 2], args[i + 2]]
