@@ -753,6 +753,36 @@ def fake_cli_env(workdir):
     return env
 
 
+def used_home(home, project):
+    """Fill `home` with the CLI state of someone who uses Claude Code daily, in a small way:
+    ~/.claude.json with 40 projects, a prompt history of 3,000 lines (one in ten of this
+    project), five transcripts of this project (1 MB), settings and credentials."""
+    claude = os.path.join(home, ".claude")
+    slug = "".join(c if c.isascii() and c.isalnum() else "-" for c in project)
+    os.makedirs(os.path.join(claude, "projects", slug), exist_ok=True)
+    others = [f"/home/user/src/project{i}" for i in range(40)]
+    state = {"numStartups": 120, "userID": "0" * 64, "cachedChangelog": "c" * 20000,
+             "tipsHistory": {f"tip{i}": i for i in range(50)},
+             "projects": {p: {"allowedTools": [], "lastCost": 0.5} for p in others + [project]}}
+    files = {os.path.join(home, ".claude.json"): json.dumps(state, indent=2),
+             os.path.join(claude, "settings.json"): json.dumps({"model": "opus"}),
+             os.path.join(claude, ".credentials.json"): json.dumps(
+                 {"claudeAiOauth": {"accessToken": "a" * 100, "refreshToken": "r" * 100}}),
+             os.path.join(claude, "history.jsonl"): "".join(
+                 json.dumps({"display": "make the tests pass " * 4, "pastedContents": {},
+                             "timestamp": 1700000000000 + i,
+                             "project": project if i % 10 == 0 else others[i % 40]}) + "\n"
+                 for i in range(3000))}
+    for n in range(5):
+        files[os.path.join(claude, "projects", slug, f"{n:08x}-0000-4000-8000-000000000000.jsonl")] = \
+            "".join(json.dumps({"type": "assistant", "uuid": str(i), "message": {"content": "x" * 500}})
+                    + "\n" for i in range(400))
+    for path, text in files.items():
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o600)
+
+
 def time_command(cmd, env, runs, timeout=60):
     """Median wall seconds of `runs` runs of cmd, which must succeed.  A bwrap `--file PATH
     DEST` gets PATH opened afresh for each run (bwrap reads its descriptor to the end)."""
@@ -818,6 +848,7 @@ STARTUP_COMMANDS = [  # key, label, bw-claude's arguments (None: python3 -c pass
     ("shell_ms", "bw-claude --shell -- -c true", ["--shell", "--", "-c", "true"]),
     ("shell_unshare_ms", "  ... --unshare-net", ["--shell", "--unshare-net", "--", "-c", "true"]),
     ("shell_filter_ms", "  ... --filter-network", ["--shell", "--filter-network", "--", "-c", "true"]),
+    ("shell_used_ms", "  ... in a used home (used_home)", ["--shell", "--", "-c", "true"]),
 ]
 
 
@@ -838,12 +869,15 @@ def measure_startup(env, runs):
             commands[key] = [BW_CLAUDE, *args] if args else [python, "-c", "pass"]
         commands["bwrap_bare_ms"] = bare_bwrap_command(commands["shell_ms"], env)
         result["bwrap_command"] = shlex.join(commands["bwrap_bare_ms"])
+        envs = {key: env for key in commands}
+        envs["shell_used_ms"] = {**env, "HOME": env["HOME"] + "-used"}
+        used_home(envs["shell_used_ms"]["HOME"], os.getcwd())
         times = {key: [] for key in commands}
-        for cmd in commands.values():             # creates the fake home's state, warms caches
-            time_command(cmd, env, 1)
+        for key, cmd in commands.items():         # creates the fake home's state, warms caches
+            time_command(cmd, envs[key], 1)
         for _ in range(runs):
             for key, cmd in commands.items():
-                times[key].append(time_command(cmd, env, 1) * 1000)
+                times[key].append(time_command(cmd, envs[key], 1) * 1000)
     except (BenchError, subprocess.TimeoutExpired, OSError) as exc:
         return {"skipped": str(exc), **result}
     result.update((key, statistics.median(values)) for key, values in times.items())
