@@ -5554,6 +5554,7 @@ def plan_session(profile, argv, environ=None, skip=()):
         if defaults:
             say(f"{tool}: defaults: {shlex.join(defaults)}")
         say(describe(plan))
+        CLOCK.mark("what -v says")     # its own cost (shlex and re): a start without -v has none
     if plan.dry_run:
         private_dir = session_base(environ, tool) + "/" + tool + ".XXXXXXXX"
         socket_dir = os.path.join(private_base(environ), tool + ".XXXXXXXX")
