@@ -1995,11 +1995,13 @@ def glob_paths(base, pattern):
 
 
 def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexists,
-               isdir=None, glob=None):
+               isdir=None, glob=None, whole=()):
     """What keeps PROTECTED_* read-only: (mounts, placeholders to create first).
 
     PROTECTED_PROJECT applies to the project and to each of `extra` (the --allow-rw
-    directories); its .git entries to each of `nested` (repositories below them).  Each protected path is bound read-only onto itself; the directories
+    directories); its .git entries to each of `nested` (repositories below them).  Of
+    `whole` (other CLIs' config directories), one that is missing is held read-only whole:
+    one placeholder instead of one for it and one for each protected path in it.  Each protected path is bound read-only onto itself; the directories
     between it and its writable root are bound onto themselves, which pins them (a mount
     point cannot be renamed, so `mv .git x` cannot carry the protection away).
     """
@@ -2017,6 +2019,10 @@ def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexi
         for pattern in PROTECTED_GLOBS:
             wanted += [(base, os.path.relpath(p, base))
                        for p in glob(base, pattern)]
+        for top in whole:
+            if not exists(os.path.join(base, top)):
+                wanted = [w for w in wanted if not (w[0] == base and w[1].startswith(top + "/"))]
+                wanted.append((base, top + "/"))
     mounts, placeholders, pins = [], [], []
     for base, relative in dict.fromkeys(wanted):
         path = os.path.join(base, relative.rstrip("/"))
@@ -2703,8 +2709,8 @@ def make_plan(profile, opts, environ, skip=(), host=None):
     mounts += sockets
     placeholders, beneath = [], {}
     if not opts.allow_config_writes:
-        mounts, placeholders, beneath, whole = plan_protection(project, home, mounts, rw_extra,
-                                                               roots)
+        mounts, placeholders, beneath, whole = plan_protection(profile, project, home, mounts,
+                                                               rw_extra, roots)
         walked = walked and whole
     allow, allow_files, file_rules = plan_allow(profile, opts, environ, home, mounts)
     learn, proxy_log = plan_outputs(opts, roots)
@@ -2804,13 +2810,21 @@ def plan_programs(programs, roots, home, bwrap):
     return mounts
 
 
-def plan_protection(project, home, mounts, rw_extra, roots):
+def config_dirs(profile):
+    """The project directories that hold `profile`'s config (.claude, .gemini)."""
+    return {path.split("/")[0] for path in profile.project_config if "/" in path}
+
+
+def plan_protection(profile, project, home, mounts, rw_extra, roots):
     """(mounts, placeholders, beneath, walk complete): the protected paths bound read-only
-    (placeholders for the missing ones), then every bind below a writable root turned into
-    a bind of what was checked (bind_checked)."""
+    (placeholders for the missing ones; the other CLIs' missing config directories held
+    whole: the session's CLI has nothing to write there), then every bind below a
+    writable root turned into a bind of what was checked (bind_checked)."""
     rw_roots = [dest for option, _, dest in mounts if option == "--bind"]
     nested, whole = nested_repositories([project, *rw_extra])
-    protected, placeholders = protection(project, home, rw_roots, rw_extra, nested)
+    others = set().union(*(config_dirs(p) for p in PROFILES.values() if p is not profile))
+    protected, placeholders = protection(project, home, rw_roots, rw_extra, nested,
+                                         whole=sorted(others - config_dirs(profile)))
     mounts, beneath = bind_checked(mounts + protected, roots, placeholders)
     return mounts, placeholders, beneath, whole
 

@@ -573,6 +573,22 @@ class ProtectionPlanTest(unittest.TestCase):
         # The CLI's state is the session's own copy (tests/test_state.py): nothing in it.
         self.assertFalse([m for m in mounts if m[2].startswith("/h/")])
 
+    def test_another_clis_missing_config_directory_is_held_whole(self):
+        mounts, placeholders = bw_lib.protection(
+            "/p", "/h", ["/p", "/r", "/h/.claude"], extra=["/r"], whole=[".gemini"],
+            exists={"/r/.gemini"}.__contains__, isdir={"/r/.gemini"}.__contains__,
+            glob=lambda base, pattern: [])
+        self.assertIn(("--ro-bind", "/p/.gemini", "/p/.gemini"), mounts)
+        self.assertIn("/p/.gemini/", placeholders)
+        self.assertFalse([p for p in placeholders if p.startswith("/p/.gemini/") and
+                          p != "/p/.gemini/"])
+        self.assertIn("/p/.claude/settings.json", placeholders)     # its own: path by path
+        # Where it exists, each protected path in it is held as before.
+        self.assertIn(("--bind", "/r/.gemini", "/r/.gemini"), mounts)
+        self.assertIn("/r/.gemini/settings.json", placeholders)
+        self.assertEqual(bw_lib.config_dirs(bw_lib.PROFILES["claude"]), {".claude"})
+        self.assertEqual(bw_lib.config_dirs(bw_lib.PROFILES["gemini"]), {".gemini"})
+
     def test_git_file_and_allow_rw_directories_are_protected(self):
         existing = {"/p/.git", "/r/.git", "/r/.git/config"}
         mounts, placeholders = bw_lib.protection(

@@ -21,7 +21,7 @@ import threading
 import unittest
 
 import bw_lib
-from tests.sandbox_harness import (BW_CLAUDE, FAKE_CLI, SessionCase, install_copy,
+from tests.sandbox_harness import (BW_CLAUDE, BW_GEMINI, FAKE_CLI, SessionCase, install_copy,
                                    missing, one_line, read_text, require_tools, run_in_pty,
                                    wait_for, write_file)
 
@@ -247,6 +247,17 @@ class ProjectConfigTest(SessionCase):
         for name in ("hook", "git-config", "mcp", "claude-settings"):
             self.assertIn(f"WORKED {name}", result.stdout)
         self.assertTrue(os.path.exists(os.path.join(self.project, ".mcp.json")))
+
+    def test_the_other_clis_missing_config_directory_cannot_be_filled(self):
+        # A Claude session has nothing to write in .gemini (and a Gemini one in .claude):
+        # missing, it is held whole, so not even an instructions file can be planted there
+        # for the other CLI, run later on the host.
+        for tool, other in ((BW_CLAUDE, ".gemini"), (BW_GEMINI, ".claude")):
+            with self.subTest(tool=os.path.basename(tool)):
+                result = self.shell(f"mkdir -p {other}/x; echo evil > {other}/NOTES.md; "
+                                    f"ls -A {other}; echo ran", tool=tool)
+                self.assertIn("ran", result.stdout, result.stderr)
+                self.assertFalse(os.path.lexists(os.path.join(self.project, other)))
 
     def test_placeholders_are_gone_after_the_session(self):
         result = self.bw(script="ls -A; ls -A .claude")
