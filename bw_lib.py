@@ -2758,12 +2758,17 @@ def depth(mount):
     return mount[2].rstrip("/").count("/")
 
 
+HANDED_LISTENER = 0     # the proxy's listening socket, in the proxy (see ProxyInterpreter.hand)
+
+
 def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
     # -I -S: the proxy needs only the standard library; skipping site-packages and the
     # user's PYTHON* variables saves start-up time and keeps it what this file says.
     # (ProxyInterpreter runs the same, from the bytecode cache, with args[4:] on stdin.)
+    # The wrapper binds the socket and hands it over (FilterProxy), so bwrap need not wait.
     args = [sys.executable, "-I", "-S", FILTER_SCRIPT,
-            "--listen", os.path.join(socket_dir or private_dir, PROXY_SOCKET)]
+            "--listen", os.path.join(socket_dir or private_dir, PROXY_SOCKET),
+            "--listen-fd", str(HANDED_LISTENER)]
     for rule in plan.allow + plan.allow_file_rules:
         args += ["--allow", rule]
     if plan.allow_private:
@@ -4723,43 +4728,71 @@ class SessionDirs:
 PROXY_MAIN = ("import os, sys; sys.path.append(os.path.dirname(sys.argv.pop(1))); "
               "import socks_filter; sys.exit(socks_filter.main_from_stdin())")
 
+LISTEN_BACKLOG = 1024       # connections that wait for the proxy (as socks_filter's own)
+
+
+def proxy_listener(path):
+    """The proxy's unix socket, bound at `path` (mode 600) and listening, for the proxy to
+    serve (FilterProxy hands it over): connections made before the proxy serves wait in
+    its backlog.  _socket (socket's C module): socket.py's enums cost ~2 ms at a start."""
+    import _socket
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    old_mask = os.umask(0o177)
+    try:
+        listener.bind(path)
+        os.chmod(path, 0o600)
+        listener.listen(LISTEN_BACKLOG)
+    except OSError as error:
+        listener.close()
+        raise Failure(f"cannot make the filtering proxy's socket {path}: "
+                      f"{error.strerror or error}") from None
+    finally:
+        os.umask(old_mask)
+    return listener
+
 
 class ProxyInterpreter:
-    """socks_filter.py's interpreter, waiting for its arguments (hand) with the write end of
-    its ready pipe already open (ready_number in the child).  Without them (stdin closed:
-    stop, or the wrapper's end) it exits at once, never having listened.  In a session of
-    its own: the terminal's Ctrl-C is for the CLI."""
+    """socks_filter.py's interpreter, waiting for its arguments (hand) on a unix socket
+    (stdin) with the write end of its ready pipe already open (ready_number in the child).
+    Without them (stdin closed: stop, or the wrapper's end) it exits at once, never having
+    listened.  In a session of its own: the terminal's Ctrl-C is for the CLI."""
 
     def __init__(self, env):
+        import _socket
         read_fd, write_fd = os.pipe()
-        args_read, args_write = os.pipe()
+        mine, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             self.process = spawn([sys.executable, "-I", "-S", "-c", PROXY_MAIN, FILTER_SCRIPT],
-                                 env, pass_fds=(write_fd,), stdin=args_read, quiet=True,
+                                 env, pass_fds=(write_fd,), stdin=theirs.fileno(), quiet=True,
                                  new_session=True)
         except BaseException:
             os.close(read_fd)
-            os.close(args_write)
+            mine.close()
             raise
         finally:
             os.close(write_fd)
-            os.close(args_read)
-        self.stdin = os.fdopen(args_write, "wb")
+            theirs.close()
+        self.stdin = mine
         self.ready_fd, self.ready_number = read_fd, write_fd
 
-    def hand(self, args, err_path):
-        """Its arguments (and the file for its stderr); a proxy that died already is found
-        by the wait for its ready line."""
+    def hand(self, args, err_path, listener=None):
+        """Its arguments (and the file for its stderr), and the descriptor `listener` (its
+        listening socket, which becomes its descriptor HANDED_LISTENER) with them; a proxy
+        that died already is found by the wait for its ready line."""
+        import _socket
+        data = b"\0".join(map(os.fsencode, [err_path, *args]))
         try:
-            self.stdin.write(b"\0".join(map(os.fsencode, [err_path, *args])))
-            self.stdin.close()
-        except BrokenPipeError:
+            if listener is not None:
+                rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("i", listener))]
+                data = data[self.stdin.sendmsg([data], rights):]
+            self.stdin.sendall(data)
+        except OSError:             # it died (EPIPE, ECONNRESET): its ready line tells
             pass
+        finally:
+            self.stdin.close()
 
     def stop(self):
-        if not self.stdin.closed:
-            with suppress(BrokenPipeError):
-                self.stdin.close()
+        self.stdin.close()
         if self.ready_fd is not None:
             os.close(self.ready_fd)
             self.ready_fd = None
@@ -4768,60 +4801,124 @@ class ProxyInterpreter:
 
 class FilterProxy:
     """socks_filter.py as a subprocess, for a session with --filter-network (a session
-    without it gets one that does nothing).  Entering hands its arguments to its interpreter
-    (a ProxyInterpreter: the one Wrapper.plan started before the plan, or a new one), in a
-    session of its own (the terminal's Ctrl-C is for the CLI); wait_ready() blocks, bounded,
-    until it listens, and run_sandbox calls it just before bwrap, so the proxy's start-up
-    overlaps the planning and the session's preparation.  Leaving stops it on every path and reports: the network summary
-    from its log, and the --learn file (unless the sandbox never got going)."""
+    without it gets one that does nothing).  Entering binds the proxy's socket and hands it,
+    with the proxy's arguments, to its interpreter (a ProxyInterpreter: the one Wrapper.plan
+    started before the plan, or a new one), in a session of its own (the terminal's Ctrl-C
+    is for the CLI); the wrapper keeps no copy of the socket, so a proxy that dies takes it
+    along and the sandbox's connections are refused (never let through).  bwrap starts
+    without waiting for the proxy (connections wait in the socket's backlog meanwhile);
+    wait(bwrap) watches for its ready line while the sandbox runs, and a proxy that fails,
+    or says nothing within PROXY_READY_SECONDS, ends the session with a Failure.  Leaving
+    stops it on every path and reports: the network summary from its log, and the --learn
+    file (unless the sandbox never got going)."""
 
     def __init__(self, plan, dirs):
         self.plan, self.dirs, self.tool = plan, dirs, plan.profile.tool
         self.process = self.ready_fd = None
         self.ready = False
+        self.said, self.deadline = b"", None
 
     def __enter__(self):
         if not self.plan.filter:
             return self
         interpreter = self.plan.early_proxy or ProxyInterpreter(proxy_env(self.plan))
-        self.process = interpreter.process
-        self.ready_fd, interpreter.ready_fd = interpreter.ready_fd, None
         args = build_proxy_args(self.plan, self.dirs.dir, interpreter.ready_number,
                                 socket_dir=self.dirs.socket_dir)
         if self.plan.verbose:
             say(shlex.join(args))
-        interpreter.hand(args[4:], self.path(PROXY_ERRORS))
+        try:
+            listener = proxy_listener(args[args.index("--listen") + 1])
+        except BaseException:
+            interpreter.stop()
+            raise
+        self.process = interpreter.process
+        self.ready_fd, interpreter.ready_fd = interpreter.ready_fd, None
+        try:
+            interpreter.hand(args[4:], self.path(PROXY_ERRORS), listener.fileno())
+        finally:
+            listener.close()        # the proxy's copy is the only one
+        self.deadline = time.monotonic() + PROXY_READY_SECONDS
         CLOCK.mark("proxy started")
         return self
 
-    def wait_ready(self):
-        """Wait (bounded) for the proxy's ready line; no sandbox starts without it."""
+    def announce(self):
+        """The lines said before the sandbox starts: the options that open the network."""
         if self.process is None:
             return
-        try:
-            line = read_ready(self.ready_fd, PROXY_READY_SECONDS)
-        finally:
-            os.close(self.ready_fd)
-            self.ready_fd = None
-        if not line.startswith("ready"):
-            status = self.process.poll()
-            why = last_line(self.path(PROXY_ERRORS)) or (
-                f"it exited with status {status}" if status is not None else
-                f"no ready line within {PROXY_READY_SECONDS} s")
-            raise Failure(f"the filtering proxy did not start: {why}")
-        self.ready = True
-        CLOCK.mark("proxy ready")
         for line in network_warnings(self.plan):
             say(f"{self.tool}: {line}")
         if not self.plan.unshare_net:
             say(f"{self.tool}: --filter-network --share-net is advisory: programs that "
                 "ignore HTTP(S)_PROXY reach the network directly")
 
-    def __exit__(self, kind, error, traceback):
-        ignore_signals()
+    def wait(self, bwrap):
+        """bwrap's exit status; meanwhile the proxy's ready line is awaited (bounded): a
+        proxy that fails to start raises Failure (run_sandbox then stops bwrap)."""
+        pidfd = None
+        if self.ready_fd is not None:
+            with suppress(AttributeError, OSError):
+                pidfd = os.pidfd_open(bwrap.pid)
+        try:
+            while self.ready_fd is not None and bwrap.poll() is None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise Failure(self.not_started())
+                watched = [self.ready_fd] + ([pidfd] if pidfd is not None else [])
+                if self.ready_fd in select.select(watched, [], [], left if pidfd is not None
+                                                  else min(left, 0.002))[0]:
+                    self.read_ready()
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+        return bwrap.wait()
+
+    def read_ready(self):
+        """Read what the proxy says on its ready pipe; at its ready line, it serves."""
+        chunk = os.read(self.ready_fd, 4096)
+        self.said += chunk
+        if b"\n" in self.said or not chunk:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+            if not self.said.startswith(b"ready"):
+                raise Failure(self.not_started())
+            self.ready = True
+
+    def not_started(self):
+        """Why the proxy is not serving, as the session's error."""
         if self.ready_fd is not None:
             os.close(self.ready_fd)
+            self.ready_fd = None
+        status = self.process.poll()
+        why = last_line(self.path(PROXY_ERRORS)) or (
+            f"it exited with status {status}" if status is not None else
+            f"no ready line within {PROXY_READY_SECONDS} s")
+        return f"the filtering proxy did not start: {why}; the sandbox had no network"
+
+    def finish_start(self):
+        """The sandbox ended before the proxy said ready: wait for it (bounded), so that a
+        failure is told and the summary is whole; a message if it did not start."""
+        try:
+            while self.ready_fd is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0 or not select.select([self.ready_fd], [], [], left)[0]:
+                    return f"{self.tool}: {self.not_started()}"
+                self.read_ready()
+        except Failure as failure:
+            return f"{self.tool}: {failure}"
+        return None
+
+    def __exit__(self, kind, error, traceback):
+        ignore_signals()
+        late = None
+        if self.ready_fd is not None:
+            if error is None and self.deadline is not None:
+                late = self.finish_start()
+            if self.ready_fd is not None:
+                os.close(self.ready_fd)
+                self.ready_fd = None
         stop(self.process)
+        if late:
+            say(late)
         if self.ready:
             say(self.summary())
             if self.plan.learn and (error is None or isinstance(error, Terminated)):
@@ -4875,10 +4972,10 @@ class FilterProxy:
 
 
 def run_sandbox(plan, dirs, proxy):
-    """Prepare the session's directories (while the proxy starts), wait for the proxy, run
-    bwrap until the CLI exits: the CLI's exit status."""
+    """Prepare the session's directories (while the proxy starts), run bwrap until the CLI
+    exits (the proxy's start watched meanwhile: FilterProxy.wait): the CLI's exit status."""
     dirs.prepare()
-    proxy.wait_ready()
+    proxy.announce()
     read_fd, write_fd = os.pipe()
     seccomp_fd = filter_fd(plan.seccomp)
     mount_fds = dirs.mount_fds()
@@ -4909,7 +5006,7 @@ def run_sandbox(plan, dirs, proxy):
             for sig in keyboard:
                 signal.signal(sig, signal.SIG_IGN)
         with os.fdopen(read_fd, "rb") as status_pipe:
-            code = bwrap.wait()
+            code = proxy.wait(bwrap)
             set_up = bwrap_ran(status_pipe.read())
     finally:
         ignore_signals()

@@ -2323,10 +2323,13 @@ class FilterServer:
     """
 
     def __init__(self, policy, listen, log_path=None, verbose=False,
-                 max_connections=DEFAULT_MAX_CONNECTIONS, sni_check=True, stderr=None, token=None):
+                 max_connections=DEFAULT_MAX_CONNECTIONS, sni_check=True, stderr=None, token=None,
+                 handed=None):
         self.policy = policy
         self.token = token          # bytes: the password every client must send (see above)
         self.listen_specs = list(listen)
+        self.handed = dict(handed or {})    # unix path -> a socket the caller bound and made
+                                            # listen there (--listen-fd): served, never unlinked
         self.log_path = log_path
         self.log = DecisionLog(policy.mode, verbose, stderr)
         self.max_connections = max_connections
@@ -2362,7 +2365,11 @@ class FilterServer:
                 self.log.open(self.log_path)
             for spec in self.listen_specs:
                 try:
-                    if "/" in spec:
+                    if spec in self.handed:
+                        listener = self.handed.pop(spec)
+                        listener.setblocking(False)
+                        self.addresses.append(spec)
+                    elif "/" in spec:
                         listener = listen_unix(spec, self.owned_paths)
                         self.addresses.append(spec)
                     else:
@@ -2512,9 +2519,9 @@ class FilterServer:
     # -- cleanup ----------------------------------------------------------------------------
 
     def _close_listeners(self):
-        for listener in self.listeners:
+        for listener in [*self.listeners, *self.handed.values()]:
             listener.close()
-        self.listeners = []
+        self.listeners, self.handed = [], {}
         for path, inode in self.owned_paths:
             try:
                 if os.lstat(path).st_ino == inode:
@@ -2699,6 +2706,27 @@ def listen_unix(path, owned_paths):
     return listener
 
 
+def handed_listener(fd, specs):
+    """{path: socket} for --listen-fd FD: the socket on FD must be a unix stream socket
+    listening on one of the --listen paths (`specs`); raise UsageError otherwise, having
+    closed nothing but what it made.  The caller bound it and removes its path."""
+    try:
+        listener = socket.socket(fileno=os.dup(fd))
+    except OSError as error:
+        raise UsageError(f"--listen-fd {fd}: not a socket ({error.strerror or error})") from None
+    try:
+        listening = (listener.family == socket.AF_UNIX and listener.type == socket.SOCK_STREAM
+                     and listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        path = listener.getsockname() if listening else None
+    except OSError:
+        listening, path = False, None
+    if not listening or path not in specs or "/" not in path:
+        listener.close()
+        raise UsageError(f"--listen-fd {fd} is not a unix socket listening on a --listen path")
+    os.close(fd)
+    return {path: listener}
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 
@@ -2729,6 +2757,10 @@ def build_parser():
                         help="audit: let through what passes the name and address checks and "
                              "log what enforce would decide (default: enforce)")
     parser.add_argument("--log", metavar="FILE", help="append one JSON object per decision and close")
+    parser.add_argument("--listen-fd", type=int, metavar="FD",
+                        help="serve the unix socket on this file descriptor, which the caller "
+                             "bound to one of the --listen paths and made listen, rather than "
+                             "binding that path (the caller removes it)")
     parser.add_argument("--ready-fd", type=int, metavar="FD",
                         help="write 'ready ADDR...' to this file descriptor once listening")
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
@@ -2862,6 +2894,7 @@ def main(argv=None):
                 parse_listen_address(spec)
         policy = policy_from_args(args)
         token = token_from_env(args.token_env)
+        handed = {} if args.listen_fd is None else handed_listener(args.listen_fd, args.listen)
     except (RuleError, UsageError, ValueError) as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         return 2
@@ -2871,7 +2904,8 @@ def main(argv=None):
         print(f"{name}: the open-file limit allows {max_connections} connections, not "
               f"{args.max_connections}", file=sys.stderr)
     server = FilterServer(policy, args.listen, log_path=args.log, verbose=args.verbose,
-                          max_connections=max_connections, sni_check=args.sni_check, token=token)
+                          max_connections=max_connections, sni_check=args.sni_check, token=token,
+                          handed=handed)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: server.shutdown())
     try:
@@ -2899,21 +2933,65 @@ def main(argv=None):
 def main_from_stdin():
     """main() with its arguments read from stdin up to EOF, NUL-separated, the first being
     the file stderr goes to (created, never through a link); then the process exits (it
-    does not return).  An empty stdin (the parent gave up): exit at once, never listening."""
-    items = sys.stdin.buffer.read().split(b"\0")
+    does not return).  An empty stdin (the parent gave up): exit at once, never listening.
+    stdin may be a unix socket: a descriptor sent with the arguments (SCM_RIGHTS; bw_lib
+    sends the proxy's listening socket) becomes descriptor 0 once they are read, so the
+    arguments name it as --listen-fd 0."""
+    data, fds = read_arguments(0)
+    items = data.split(b"\0")
     if items == [b""]:
+        for fd in fds:
+            os.close(fd)
         return 0
     err = os.open(items[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                   0o600)
     os.dup2(err, 2)
     os.close(err)
-    code = main([os.fsdecode(item) for item in items[1:]])
+    if len(fds) > 1:
+        print(f"socks_filter.py: error: {len(fds)} descriptors came with the arguments, not one",
+              file=sys.stderr)
+        code = 2
+    else:
+        for fd in fds:
+            os.dup2(fd, 0, inheritable=False)
+            os.close(fd)
+        code = main([os.fsdecode(item) for item in items[1:]])
     # Once served, the process ends without the interpreter's teardown (~8 ms of freeing
     # modules and threads): the parent waits for this exit before its summary.  Everything
     # is closed by now (the log in FilterServer._release); the standard streams are flushed.
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
+
+
+MAX_DESCRIPTORS_HANDED = 4
+
+
+def read_arguments(fd):
+    """(everything read from fd up to EOF, [descriptors that came with it]): fd is a pipe or
+    a unix socket (which may carry descriptors, SCM_RIGHTS, received close-on-exec).  A
+    message whose descriptors did not all fit is refused (OSError), those that did closed."""
+    try:
+        channel = socket.socket(fileno=os.dup(fd))
+    except OSError:                 # not a socket (ENOTSOCK): a pipe or a file
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(), []
+    chunks, fds = [], []
+    space = socket.CMSG_SPACE(MAX_DESCRIPTORS_HANDED * struct.calcsize("i"))
+    with channel:
+        while True:
+            chunk, ancillary, flags, _ = channel.recvmsg(1 << 16, space, socket.MSG_CMSG_CLOEXEC)
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    usable = len(payload) - len(payload) % struct.calcsize("i")
+                    fds += struct.unpack(f"{usable // struct.calcsize('i')}i", payload[:usable])
+            if flags & socket.MSG_CTRUNC:
+                for handed in fds:
+                    os.close(handed)
+                raise OSError("more descriptors came with the arguments than it takes")
+            if not chunk:
+                return b"".join(chunks), fds
+            chunks.append(chunk)
 
 
 if __name__ == "__main__":
