@@ -81,6 +81,10 @@ Files that run code later, outside the sandbox
 --filter-network
   A private directory (mode 0700, under $XDG_RUNTIME_DIR when set) holds only the unix
   socket of socks_filter.py, started for this session with the profile's allow list.
+  The wrapper binds the socket and hands it to the proxy, keeping no copy: the sandbox
+  starts without waiting for the proxy (connections wait in the socket's backlog), a
+  proxy that dies takes the socket along (connections refused, never let through), and
+  one that fails to start (or says nothing for PROXY_READY_SECONDS) ends the session.
   The socket is bound into the sandbox, and socat_bridge.sh, the sandbox's first
   process, forwards 127.0.0.1:PORT (a port the kernel picks) to it, sets
   HTTP(S)_PROXY, ALL_PROXY and NO_PROXY, then execs the CLI.  --filter-network implies
