@@ -4899,8 +4899,9 @@ class FilterProxy:
         return f"the filtering proxy did not start: {why}; the sandbox had no network"
 
     def finish_start(self):
-        """The sandbox ended before the proxy said ready: wait for it (bounded), so that a
-        failure is told and the summary is whole; a message if it did not start."""
+        """The session ends (the CLI exited, a signal, an error) before the proxy said
+        ready: wait for it (bounded), so that a failure is told and the summary is whole;
+        a message if it did not start."""
         try:
             while self.ready_fd is not None:
                 left = self.deadline - time.monotonic()
@@ -4915,7 +4916,7 @@ class FilterProxy:
         ignore_signals()
         late = None
         if self.ready_fd is not None:
-            if error is None and self.deadline is not None:
+            if self.deadline is not None:       # handed its arguments: it is starting
                 late = self.finish_start()
             if self.ready_fd is not None:
                 os.close(self.ready_fd)
