@@ -397,6 +397,34 @@ class ProxyLifeTest(SessionCase):
         self.assertIn("cannot open the log", result.stderr)
         self.assert_clean()
 
+    def slow_proxy(self):
+        """An allow file the proxy takes about a second to read (argparse is quadratic in
+        the number of options; the wrapper reads the file in ~30 ms before bwrap): the
+        sandbox is up well before the proxy serves."""
+        path = os.path.join(self.root, "many-rules")
+        with open(path, "w") as f:
+            f.writelines(f"h{i}.example.com:443\n" for i in range(7000))
+        return ["--no-defaults", "--filter-network", "--allow-file", path]
+
+    def test_a_session_that_ends_before_the_proxy_serves_still_says_its_summary(self):
+        result = self.shell("echo first", *self.slow_proxy(), code=0)
+        self.assertIn("first", result.stdout)
+        self.assertIn("0 allowed, 0 blocked", result.stderr)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            with self.subTest(signal=sig):
+                marker = os.path.join(self.project, "up")
+                session = self.popen(*self.slow_proxy(), "--shell", "--", "-c",
+                                     ": > up; sleep 60")
+                try:
+                    self.assertTrue(wait_for(lambda: os.path.exists(marker), 30))
+                    session.send_signal(sig)
+                finally:
+                    out, err = session.communicate(timeout=60)
+                os.remove(marker)
+                self.assertEqual(session.returncode, 128 + sig, err)
+                self.assertIn("0 allowed, 0 blocked", err)
+                self.assert_clean()
+
     def test_a_handed_socket_dies_with_a_proxy_that_fails(self):
         """A connection waiting in the backlog of the socket the wrapper bound and handed
         over is dropped when the proxy fails, and the next one is refused."""
