@@ -4780,11 +4780,12 @@ class ProxyInterpreter:
         self.ready_fd, self.ready_number = read_fd, write_fd
 
     def hand(self, args, err_path, listener=None):
-        """Its arguments (and the file for its stderr), and the descriptor `listener` (its
-        listening socket, which becomes its descriptor HANDED_LISTENER) with them; a proxy
-        that died already is found by the wait for its ready line."""
+        """Its arguments (and the file for its stderr), each ended by a NUL (a proxy given
+        fewer, cut short, refuses them), and the descriptor `listener` (its listening
+        socket, which becomes its descriptor HANDED_LISTENER) with them; a proxy that died
+        already is found by the wait for its ready line."""
         import _socket
-        data = b"\0".join(map(os.fsencode, [err_path, *args]))
+        data = b"".join(os.fsencode(item) + b"\0" for item in [err_path, *args])
         try:
             if listener is not None:
                 rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("i", listener))]

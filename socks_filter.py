@@ -2934,19 +2934,24 @@ def main(argv=None, parser=None):
 # proxy is ready sooner.
 
 def main_from_stdin():
-    """main() with its arguments read from stdin up to EOF, NUL-separated, the first being
-    the file stderr goes to (created, never through a link); then the process exits (it
-    does not return).  An empty stdin (the parent gave up): exit at once, never listening.
+    """main() with its arguments read from stdin up to EOF, each ended by a NUL, the first
+    being the file stderr goes to (created, never through a link); then the process exits
+    (it does not return).  An empty stdin (the parent gave up): exit at once, never
+    listening; one that does not end in a NUL (cut short: the parent was interrupted
+    while writing, and a rule cut short is another rule) is refused.
     stdin may be a unix socket: a descriptor sent with the arguments (SCM_RIGHTS; bw_lib
     sends the proxy's listening socket) becomes descriptor 0 once they are read, so the
     arguments name it as --listen-fd 0."""
     parser = warm_up()
     data, fds = read_arguments(0)
-    items = data.split(b"\0")
-    if items == [b""]:
+    items = data.split(b"\0")[:-1]
+    if not data.endswith(b"\0"):
         for fd in fds:
             os.close(fd)
-        return 0
+        if data:
+            print("socks_filter.py: error: the arguments on stdin were cut short",
+                  file=sys.stderr)
+        return 2 if data else 0
     err = os.open(items[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                   0o600)
     os.dup2(err, 2)

@@ -464,6 +464,22 @@ class ProxyLifeTest(SessionCase):
                     with self.assertRaises(ConnectionRefusedError):
                         late.connect(path)
 
+    def test_arguments_cut_short_are_refused(self):
+        """A rule cut short is another rule (api.example.com -> api.example.co): the proxy
+        takes its arguments only whole, each ended by a NUL as hand() sends them."""
+        private = tempfile.mkdtemp(dir=self.root)
+        path, err = os.path.join(private, "proxy.sock"), os.path.join(private, "proxy.err")
+        early = bw_lib.ProxyInterpreter(dict(os.environ))
+        self.addCleanup(early.stop)
+        early.stdin.sendall(b"\0".join(os.fsencode(item) for item in (
+            err, "--listen", path, "--ready-fd", str(early.ready_number),
+            "--allow", "api.example.com:443")))
+        early.stdin.close()
+        self.assertEqual(bw_lib.read_ready(early.ready_fd, 20), "")
+        self.assertTrue(wait_for(lambda: early.process.poll() is not None))
+        self.assertEqual(early.process.returncode, 2)
+        self.assertFalse(os.path.lexists(path), "it listened")
+
     def test_a_proxy_that_dies_leaves_the_sandbox_without_network(self):
         script = (f'echo "before=$({BLOCKED})"; : > proxy-answered; i=0; '
                   'while [ ! -e proxy-killed ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; '
