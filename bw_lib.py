@@ -81,6 +81,10 @@ Files that run code later, outside the sandbox
 --filter-network
   A private directory (mode 0700, under $XDG_RUNTIME_DIR when set) holds only the unix
   socket of socks_filter.py, started for this session with the profile's allow list.
+  The wrapper binds the socket and hands it to the proxy, keeping no copy: the sandbox
+  starts without waiting for the proxy (connections wait in the socket's backlog), a
+  proxy that dies takes the socket along (connections refused, never let through), and
+  one that fails to start (or says nothing for PROXY_READY_SECONDS) ends the session.
   The socket is bound into the sandbox, and socat_bridge.sh, the sandbox's first
   process, forwards 127.0.0.1:PORT (a port the kernel picks) to it, sets
   HTTP(S)_PROXY, ALL_PROXY and NO_PROXY, then execs the CLI.  --filter-network implies
@@ -2570,6 +2574,8 @@ def host_port_rule(port):
 def loopback_hints(allow):
     """For each rule naming the sandbox's own 127.0.0.1 or ::1 (inside --unshare-net, where
     NO_PROXY keeps them away from the proxy anyway): a hint pointing at --host-port."""
+    if not allow:
+        return []
     rules, hints = rules_module(), []
     for text in allow:
         try:
@@ -2841,13 +2847,15 @@ def plan_allow(profile, opts, environ, home, mounts):
         if opts.filter_network:
             file_rules += allow_file_rules(path, writable)
         allow_files.append(os.path.abspath(path))
-    allow = list(profile.allow) + preset_rules(opts.allow_preset) + opts.allow_domain
-    allow += [host_port_rule(host) for _, host in opts.host_port]
-    if opts.filter_network:
-        problems = rule_problems(allow)[1]
+    given = opts.allow_domain + [host_port_rule(host) for _, host in opts.host_port]
+    # The profile's and the presets' rules are constants, checked by the tests (and by the
+    # proxy at its start); checking only what was given keeps socks_filter's imports (~10 ms)
+    # out of a start that has no rules of its own.
+    if opts.filter_network and given:
+        problems = rule_problems(given)[1]
         if problems:
             raise Failure(f"bad allow rule: {problems[0]}", 2)
-    return allow, allow_files, file_rules
+    return list(profile.allow) + preset_rules(opts.allow_preset) + given, allow_files, file_rules
 
 
 def plan_outputs(opts, roots):
@@ -2985,12 +2993,17 @@ def depth(mount):
     return mount[2].rstrip("/").count("/")
 
 
+HANDED_LISTENER = 0     # the proxy's listening socket, in the proxy (see ProxyInterpreter.hand)
+
+
 def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
     # -I -S: the proxy needs only the standard library; skipping site-packages and the
     # user's PYTHON* variables saves start-up time and keeps it what this file says.
     # (ProxyInterpreter runs the same, from the bytecode cache, with args[4:] on stdin.)
+    # The wrapper binds the socket and hands it over (FilterProxy), so bwrap need not wait.
     args = [sys.executable, "-I", "-S", FILTER_SCRIPT,
-            "--listen", os.path.join(socket_dir or private_dir, PROXY_SOCKET)]
+            "--listen", os.path.join(socket_dir or private_dir, PROXY_SOCKET),
+            "--listen-fd", str(HANDED_LISTENER)]
     for rule in plan.allow + plan.allow_file_rules:
         args += ["--allow", rule]
     if plan.allow_private:
@@ -5003,43 +5016,72 @@ class SessionDirs:
 PROXY_MAIN = ("import os, sys; sys.path.append(os.path.dirname(sys.argv.pop(1))); "
               "import socks_filter; sys.exit(socks_filter.main_from_stdin())")
 
+LISTEN_BACKLOG = 1024       # connections that wait for the proxy (as socks_filter's own)
+
+
+def proxy_listener(path):
+    """The proxy's unix socket, bound at `path` (mode 600) and listening, for the proxy to
+    serve (FilterProxy hands it over): connections made before the proxy serves wait in
+    its backlog.  _socket (socket's C module): socket.py's enums cost ~2 ms at a start."""
+    import _socket
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    old_mask = os.umask(0o177)
+    try:
+        listener.bind(path)
+        os.chmod(path, 0o600)
+        listener.listen(LISTEN_BACKLOG)
+    except OSError as error:
+        listener.close()
+        raise Failure(f"cannot make the filtering proxy's socket {path}: "
+                      f"{error.strerror or error}") from None
+    finally:
+        os.umask(old_mask)
+    return listener
+
 
 class ProxyInterpreter:
-    """socks_filter.py's interpreter, waiting for its arguments (hand) with the write end of
-    its ready pipe already open (ready_number in the child).  Without them (stdin closed:
-    stop, or the wrapper's end) it exits at once, never having listened.  In a session of
-    its own: the terminal's Ctrl-C is for the CLI."""
+    """socks_filter.py's interpreter, waiting for its arguments (hand) on a unix socket
+    (stdin) with the write end of its ready pipe already open (ready_number in the child).
+    Without them (stdin closed: stop, or the wrapper's end) it exits at once, never having
+    listened.  In a session of its own: the terminal's Ctrl-C is for the CLI."""
 
     def __init__(self, env):
+        import _socket
         read_fd, write_fd = os.pipe()
-        args_read, args_write = os.pipe()
+        mine, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             self.process = spawn([sys.executable, "-I", "-S", "-c", PROXY_MAIN, FILTER_SCRIPT],
-                                 env, pass_fds=(write_fd,), stdin=args_read, quiet=True,
+                                 env, pass_fds=(write_fd,), stdin=theirs.fileno(), quiet=True,
                                  new_session=True)
         except BaseException:
             os.close(read_fd)
-            os.close(args_write)
+            mine.close()
             raise
         finally:
             os.close(write_fd)
-            os.close(args_read)
-        self.stdin = os.fdopen(args_write, "wb")
+            theirs.close()
+        self.stdin = mine
         self.ready_fd, self.ready_number = read_fd, write_fd
 
-    def hand(self, args, err_path):
-        """Its arguments (and the file for its stderr); a proxy that died already is found
-        by the wait for its ready line."""
+    def hand(self, args, err_path, listener=None):
+        """Its arguments (and the file for its stderr), each ended by a NUL (a proxy given
+        fewer, cut short, refuses them), and the descriptor `listener` (its listening
+        socket, which becomes its descriptor HANDED_LISTENER) with them; a proxy that died
+        already is found by the wait for its ready line."""
+        import _socket
+        data = b"".join(os.fsencode(item) + b"\0" for item in [err_path, *args])
         try:
-            self.stdin.write(b"\0".join(map(os.fsencode, [err_path, *args])))
-            self.stdin.close()
-        except BrokenPipeError:
+            if listener is not None:
+                rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("i", listener))]
+                data = data[self.stdin.sendmsg([data], rights):]
+            self.stdin.sendall(data)
+        except OSError:             # it died (EPIPE, ECONNRESET): its ready line tells
             pass
+        finally:
+            self.stdin.close()
 
     def stop(self):
-        if not self.stdin.closed:
-            with suppress(BrokenPipeError):
-                self.stdin.close()
+        self.stdin.close()
         if self.ready_fd is not None:
             os.close(self.ready_fd)
             self.ready_fd = None
@@ -5048,60 +5090,125 @@ class ProxyInterpreter:
 
 class FilterProxy:
     """socks_filter.py as a subprocess, for a session with --filter-network (a session
-    without it gets one that does nothing).  Entering hands its arguments to its interpreter
-    (a ProxyInterpreter: the one Wrapper.plan started before the plan, or a new one), in a
-    session of its own (the terminal's Ctrl-C is for the CLI); wait_ready() blocks, bounded,
-    until it listens, and run_sandbox calls it just before bwrap, so the proxy's start-up
-    overlaps the planning and the session's preparation.  Leaving stops it on every path and reports: the network summary
-    from its log, and the --learn file (unless the sandbox never got going)."""
+    without it gets one that does nothing).  Entering binds the proxy's socket and hands it,
+    with the proxy's arguments, to its interpreter (a ProxyInterpreter: the one Wrapper.plan
+    started before the plan, or a new one), in a session of its own (the terminal's Ctrl-C
+    is for the CLI); the wrapper keeps no copy of the socket, so a proxy that dies takes it
+    along and the sandbox's connections are refused (never let through).  bwrap starts
+    without waiting for the proxy (connections wait in the socket's backlog meanwhile);
+    wait(bwrap) watches for its ready line while the sandbox runs, and a proxy that fails,
+    or says nothing within PROXY_READY_SECONDS, ends the session with a Failure.  Leaving
+    stops it on every path and reports: the network summary from its log, and the --learn
+    file (unless the sandbox never got going)."""
 
     def __init__(self, plan, dirs):
         self.plan, self.dirs, self.tool = plan, dirs, plan.profile.tool
         self.process = self.ready_fd = None
         self.ready = False
+        self.said, self.deadline = b"", None
 
     def __enter__(self):
         if not self.plan.filter:
             return self
         interpreter = self.plan.early_proxy or ProxyInterpreter(proxy_env(self.plan))
-        self.process = interpreter.process
-        self.ready_fd, interpreter.ready_fd = interpreter.ready_fd, None
         args = build_proxy_args(self.plan, self.dirs.dir, interpreter.ready_number,
                                 socket_dir=self.dirs.socket_dir)
         if self.plan.verbose:
             say(shlex.join(args))
-        interpreter.hand(args[4:], self.path(PROXY_ERRORS))
+        try:
+            listener = proxy_listener(args[args.index("--listen") + 1])
+        except BaseException:
+            interpreter.stop()
+            raise
+        self.process = interpreter.process
+        self.ready_fd, interpreter.ready_fd = interpreter.ready_fd, None
+        try:
+            interpreter.hand(args[4:], self.path(PROXY_ERRORS), listener.fileno())
+        finally:
+            listener.close()        # the proxy's copy is the only one
+        self.deadline = time.monotonic() + PROXY_READY_SECONDS
         CLOCK.mark("proxy started")
         return self
 
-    def wait_ready(self):
-        """Wait (bounded) for the proxy's ready line; no sandbox starts without it."""
+    def announce(self):
+        """The lines said before the sandbox starts: the options that open the network."""
         if self.process is None:
             return
-        try:
-            line = read_ready(self.ready_fd, PROXY_READY_SECONDS)
-        finally:
-            os.close(self.ready_fd)
-            self.ready_fd = None
-        if not line.startswith("ready"):
-            status = self.process.poll()
-            why = last_line(self.path(PROXY_ERRORS)) or (
-                f"it exited with status {status}" if status is not None else
-                f"no ready line within {PROXY_READY_SECONDS} s")
-            raise Failure(f"the filtering proxy did not start: {why}")
-        self.ready = True
-        CLOCK.mark("proxy ready")
         for line in network_warnings(self.plan):
             say(f"{self.tool}: {line}")
         if not self.plan.unshare_net:
             say(f"{self.tool}: --filter-network --share-net is advisory: programs that "
                 "ignore HTTP(S)_PROXY reach the network directly")
 
-    def __exit__(self, kind, error, traceback):
-        ignore_signals()
+    def wait(self, bwrap):
+        """bwrap's exit status; meanwhile the proxy's ready line is awaited (bounded): a
+        proxy that fails to start raises Failure (run_sandbox then stops bwrap)."""
+        pidfd = None
+        if self.ready_fd is not None:
+            with suppress(AttributeError, OSError):
+                pidfd = os.pidfd_open(bwrap.pid)
+        try:
+            while self.ready_fd is not None and bwrap.poll() is None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise Failure(self.not_started())
+                watched = [self.ready_fd] + ([pidfd] if pidfd is not None else [])
+                if self.ready_fd in select.select(watched, [], [], left if pidfd is not None
+                                                  else min(left, 0.002))[0]:
+                    self.read_ready()
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+        return bwrap.wait()
+
+    def read_ready(self):
+        """Read what the proxy says on its ready pipe; at its ready line, it serves."""
+        chunk = os.read(self.ready_fd, 4096)
+        self.said += chunk
+        if b"\n" in self.said or not chunk:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+            if not self.said.startswith(b"ready"):
+                raise Failure(self.not_started())
+            self.ready = True
+
+    def not_started(self):
+        """Why the proxy is not serving, as the session's error."""
         if self.ready_fd is not None:
             os.close(self.ready_fd)
+            self.ready_fd = None
+        status = self.process.poll()
+        why = last_line(self.path(PROXY_ERRORS)) or (
+            f"it exited with status {status}" if status is not None else
+            f"no ready line within {PROXY_READY_SECONDS} s")
+        return f"the filtering proxy did not start: {why}; the sandbox had no network"
+
+    def finish_start(self):
+        """The session ends (the CLI exited, a signal, an error) before the proxy said
+        ready: wait for it (bounded), so that a failure is told and the summary is whole;
+        a message if it did not start."""
+        try:
+            while self.ready_fd is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0 or not select.select([self.ready_fd], [], [], left)[0]:
+                    return f"{self.tool}: {self.not_started()}"
+                self.read_ready()
+        except Failure as failure:
+            return f"{self.tool}: {failure}"
+        return None
+
+    def __exit__(self, kind, error, traceback):
+        ignore_signals()
+        late = None
+        if self.ready_fd is not None:
+            if self.deadline is not None:       # handed its arguments: it is starting
+                late = self.finish_start()
+            if self.ready_fd is not None:
+                os.close(self.ready_fd)
+                self.ready_fd = None
         stop(self.process)
+        if late:
+            say(late)
         if self.ready:
             say(self.summary())
             if self.plan.learn and (error is None or isinstance(error, Terminated)):
@@ -5117,8 +5224,12 @@ class FilterProxy:
     def summary(self):
         try:
             with open_text(self.log_path()) as f:
-                text = summarize(self.tool, f, terminal_width(sys.stderr),
-                                 self.plan.profile.expected_blocked)
+                lines = f.readlines()
+            # A log without a record (a session that used no network) is summed up without
+            # summarize's imports (socks_filter's tables, json: ~5 ms on the way out).
+            width = terminal_width(sys.stderr)
+            text = (summarize(self.tool, lines, width, self.plan.profile.expected_blocked)
+                    if any(map(str.strip, lines)) else format_story(self.tool, 0, [], width))
         except OSError:
             text = f"{self.tool}: network: no proxy log"
         if self.process.returncode not in (0, -signal.SIGTERM):
@@ -5155,10 +5266,10 @@ class FilterProxy:
 
 
 def run_sandbox(plan, dirs, proxy):
-    """Prepare the session's directories (while the proxy starts), wait for the proxy, run
-    bwrap until the CLI exits: the CLI's exit status."""
+    """Prepare the session's directories (while the proxy starts), run bwrap until the CLI
+    exits (the proxy's start watched meanwhile: FilterProxy.wait): the CLI's exit status."""
     dirs.prepare()
-    proxy.wait_ready()
+    proxy.announce()
     read_fd, write_fd = os.pipe()
     seccomp_fd = filter_fd(plan.seccomp)
     mount_fds = dirs.mount_fds()
@@ -5193,7 +5304,7 @@ def run_sandbox(plan, dirs, proxy):
             for sig in keyboard:
                 signal.signal(sig, signal.SIG_IGN)
         with os.fdopen(read_fd, "rb") as status_pipe:
-            code = bwrap.wait()
+            code = proxy.wait(bwrap)
             CLOCK.ended()
             set_up = bwrap_ran(status_pipe.read())
     finally:

@@ -109,30 +109,40 @@ LIMITS
     ignores the proxy variables is stopped only by the sandbox having no network of its own.
 """
 
-import argparse
-import base64
-import binascii
 import collections
 import errno
 import fcntl
 import functools
-import heapq
 import ipaddress
 import itertools
-import json
 import os
-import queue
 import re
-import resource
-import selectors
-import signal
-import socket
 import stat
 import struct
 import sys
-import termios
-import threading
 import time
+
+
+class Lazy:
+    """A standard module imported at its first use (an attribute read): the rule functions
+    (bw_lib imports this module for them) and the proxy's start need none of these, and
+    importing them all costs ~10 ms."""
+
+    def __init__(self, name):
+        self._name, self._module = name, None
+
+    def __getattr__(self, attr):
+        return getattr(self._load(), attr)
+
+    def _load(self):
+        if self._module is None:
+            self._module = __import__(self._name)
+        return self._module
+
+
+argparse, base64, binascii, heapq, json, queue, resource, selectors, signal, socket, termios, \
+    threading = map(Lazy, ["argparse", "base64", "binascii", "heapq", "json", "queue", "resource",
+                           "selectors", "signal", "socket", "termios", "threading"])
 
 HANDSHAKE_TIMEOUT = 10.0      # seconds a client may take to say where it wants to go
 CONNECT_TIMEOUT = 10.0        # seconds for the lookup and the upstream connect together
@@ -2316,10 +2326,13 @@ class FilterServer:
     """
 
     def __init__(self, policy, listen, log_path=None, verbose=False,
-                 max_connections=DEFAULT_MAX_CONNECTIONS, sni_check=True, stderr=None, token=None):
+                 max_connections=DEFAULT_MAX_CONNECTIONS, sni_check=True, stderr=None, token=None,
+                 handed=None):
         self.policy = policy
         self.token = token          # bytes: the password every client must send (see above)
         self.listen_specs = list(listen)
+        self.handed = dict(handed or {})    # unix path -> a socket the caller bound and made
+                                            # listen there (--listen-fd): served, never unlinked
         self.log_path = log_path
         self.log = DecisionLog(policy.mode, verbose, stderr)
         self.max_connections = max_connections
@@ -2355,7 +2368,11 @@ class FilterServer:
                 self.log.open(self.log_path)
             for spec in self.listen_specs:
                 try:
-                    if "/" in spec:
+                    if spec in self.handed:
+                        listener = self.handed.pop(spec)
+                        listener.setblocking(False)
+                        self.addresses.append(spec)
+                    elif "/" in spec:
                         listener = listen_unix(spec, self.owned_paths)
                         self.addresses.append(spec)
                     else:
@@ -2505,9 +2522,9 @@ class FilterServer:
     # -- cleanup ----------------------------------------------------------------------------
 
     def _close_listeners(self):
-        for listener in self.listeners:
+        for listener in [*self.listeners, *self.handed.values()]:
             listener.close()
-        self.listeners = []
+        self.listeners, self.handed = [], {}
         for path, inode in self.owned_paths:
             try:
                 if os.lstat(path).st_ino == inode:
@@ -2692,11 +2709,32 @@ def listen_unix(path, owned_paths):
     return listener
 
 
+def handed_listener(fd, specs):
+    """{path: socket} for --listen-fd FD: the socket on FD must be a unix stream socket
+    listening on one of the --listen paths (`specs`); raise UsageError otherwise, having
+    closed nothing but what it made.  The caller bound it and removes its path."""
+    try:
+        listener = socket.socket(fileno=os.dup(fd))
+    except OSError as error:
+        raise UsageError(f"--listen-fd {fd}: not a socket ({error.strerror or error})") from None
+    try:
+        listening = (listener.family == socket.AF_UNIX and listener.type == socket.SOCK_STREAM
+                     and listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        path = listener.getsockname() if listening else None
+    except OSError:
+        listening, path = False, None
+    if not listening or path not in specs or "/" not in path:
+        listener.close()
+        raise UsageError(f"--listen-fd {fd} is not a unix socket listening on a --listen path")
+    os.close(fd)
+    return {path: listener}
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 
 def build_parser():
-    parser = OneLineParser(
+    parser = argparse.ArgumentParser(
         prog="socks_filter.py",
         description="A filtering SOCKS5/SOCKS4a/HTTP proxy that lets connections through only to "
                     "allowed destinations. See the module docstring for the full manual.",
@@ -2722,6 +2760,10 @@ def build_parser():
                         help="audit: let through what passes the name and address checks and "
                              "log what enforce would decide (default: enforce)")
     parser.add_argument("--log", metavar="FILE", help="append one JSON object per decision and close")
+    parser.add_argument("--listen-fd", type=int, metavar="FD",
+                        help="serve the unix socket on this file descriptor, which the caller "
+                             "bound to one of the --listen paths and made listen, rather than "
+                             "binding that path (the caller removes it)")
     parser.add_argument("--ready-fd", type=int, metavar="FD",
                         help="write 'ready ADDR...' to this file descriptor once listening")
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
@@ -2734,6 +2776,7 @@ def build_parser():
                              "environment variable VAR (HTTP Basic, SOCKS5 RFC 1929; SOCKS4 is "
                              "refused)")
     parser.add_argument("--verbose", action="store_true", help="a human line per decision on stderr")
+    parser.error = functools.partial(one_line_error, parser)
     return parser
 
 
@@ -2741,11 +2784,9 @@ class UsageError(Exception):
     """A command-line value argparse cannot check by itself."""
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Reports a bad argument in one line, not the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+def one_line_error(parser, message):
+    """argparse's error(), in one line rather than the usage block."""
+    parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
 
 
 def own_addresses():
@@ -2839,8 +2880,8 @@ def announce_ready(addresses, ready_fd):
         os.close(ready_fd)
 
 
-def main(argv=None):
-    parser = build_parser()
+def main(argv=None, parser=None):
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     name = parser.prog
     try:
@@ -2856,6 +2897,7 @@ def main(argv=None):
                 parse_listen_address(spec)
         policy = policy_from_args(args)
         token = token_from_env(args.token_env)
+        handed = {} if args.listen_fd is None else handed_listener(args.listen_fd, args.listen)
     except (RuleError, UsageError, ValueError) as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         return 2
@@ -2865,7 +2907,8 @@ def main(argv=None):
         print(f"{name}: the open-file limit allows {max_connections} connections, not "
               f"{args.max_connections}", file=sys.stderr)
     server = FilterServer(policy, args.listen, log_path=args.log, verbose=args.verbose,
-                          max_connections=max_connections, sni_check=args.sni_check, token=token)
+                          max_connections=max_connections, sni_check=args.sni_check, token=token,
+                          handed=handed)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: server.shutdown())
     try:
@@ -2891,17 +2934,87 @@ def main(argv=None):
 # proxy is ready sooner.
 
 def main_from_stdin():
-    """main() with its arguments read from stdin up to EOF, NUL-separated, the first being
-    the file stderr goes to (created, never through a link).  An empty stdin (the parent
-    gave up): exit at once, never listening."""
-    items = sys.stdin.buffer.read().split(b"\0")
-    if items == [b""]:
-        return 0
+    """main() with its arguments read from stdin up to EOF, each ended by a NUL, the first
+    being the file stderr goes to (created, never through a link); then the process exits
+    (it does not return).  An empty stdin (the parent gave up): exit at once, never
+    listening; one that does not end in a NUL (cut short: the parent was interrupted
+    while writing, and a rule cut short is another rule) is refused.
+    stdin may be a unix socket: a descriptor sent with the arguments (SCM_RIGHTS; bw_lib
+    sends the proxy's listening socket) becomes descriptor 0 once they are read, so the
+    arguments name it as --listen-fd 0."""
+    parser = warm_up()
+    data, fds = read_arguments(0)
+    items = data.split(b"\0")[:-1]
+    if not data.endswith(b"\0"):
+        for fd in fds:
+            os.close(fd)
+        if data:
+            print("socks_filter.py: error: the arguments on stdin were cut short",
+                  file=sys.stderr)
+        return 2 if data else 0
     err = os.open(items[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                   0o600)
     os.dup2(err, 2)
     os.close(err)
-    return main([os.fsdecode(item) for item in items[1:]])
+    if len(fds) > 1:
+        print(f"socks_filter.py: error: {len(fds)} descriptors came with the arguments, not one",
+              file=sys.stderr)
+        code = 2
+    else:
+        for fd in fds:
+            os.dup2(fd, 0, inheritable=False)
+            os.close(fd)
+        code = main([os.fsdecode(item) for item in items[1:]], parser)
+    # Once served, the process ends without the interpreter's teardown (~8 ms of freeing
+    # modules and threads): the parent waits for this exit before its summary.  Everything
+    # is closed by now (the log in FilterServer._release); the standard streams are flushed.
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
+def warm_up():
+    """Import what serving needs and what main() uses once (argparse, ctypes), and build
+    the parser (argparse's translations and patterns: ~4 ms), before the arguments come:
+    the parent is still deciding them, so this time is spent in parallel with its planning
+    rather than between its handing them over and the ready line.  Returns the parser."""
+    for module in (argparse, base64, binascii, heapq, json, queue, resource, selectors, signal,
+                   socket, termios, threading):
+        module._load()
+    __import__("ctypes")    # exit_with_parent
+    parser = build_parser()
+    parser.parse_args(["--listen", "/warm-up"])     # compiles argparse's patterns
+    return parser
+
+
+MAX_DESCRIPTORS_HANDED = 4
+
+
+def read_arguments(fd):
+    """(everything read from fd up to EOF, [descriptors that came with it]): fd is a pipe or
+    a unix socket (which may carry descriptors, SCM_RIGHTS, received close-on-exec).  A
+    message whose descriptors did not all fit is refused (OSError), those that did closed."""
+    try:
+        channel = socket.socket(fileno=os.dup(fd))
+    except OSError:                 # not a socket (ENOTSOCK): a pipe or a file
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(), []
+    chunks, fds = [], []
+    space = socket.CMSG_SPACE(MAX_DESCRIPTORS_HANDED * struct.calcsize("i"))
+    with channel:
+        while True:
+            chunk, ancillary, flags, _ = channel.recvmsg(1 << 16, space, socket.MSG_CMSG_CLOEXEC)
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    usable = len(payload) - len(payload) % struct.calcsize("i")
+                    fds += struct.unpack(f"{usable // struct.calcsize('i')}i", payload[:usable])
+            if flags & socket.MSG_CTRUNC:
+                for handed in fds:
+                    os.close(handed)
+                raise OSError("more descriptors came with the arguments than it takes")
+            if not chunk:
+                return b"".join(chunks), fds
+            chunks.append(chunk)
 
 
 if __name__ == "__main__":

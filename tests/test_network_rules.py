@@ -3,6 +3,10 @@ profile rules name their ports), what may open a tunnel to a name (alert, CCS, h
 data, no SNI), and proxy credentials (HTTP Basic, RFC 1929)."""
 
 import base64
+import os
+import subprocess
+import sys
+import tempfile
 import unittest
 
 import bw_lib
@@ -92,6 +96,59 @@ class CredentialTest(unittest.TestCase):
         with self.assertRaises(socks_filter.ProtocolError):
             socks_filter.parse_socks5_userpass(b"\x05\x02bw")
 
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+# A plan's rule checks in a fresh interpreter: whether socks_filter was imported, and the
+# first line of a refusal.
+PLAN_ALLOW = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import bw_lib
+profile = bw_lib.PROFILES["claude"]
+opts = bw_lib.parse_args(profile, sys.argv[3:])
+try:
+    bw_lib.plan_allow(profile, opts, {"HOME": sys.argv[2]}, sys.argv[2], [])
+except bw_lib.Failure as failure:
+    print("refused:", failure)
+print("socks_filter imported:", "socks_filter" in sys.modules)
+"""
+
+
+class PlanRuleCheckTest(unittest.TestCase):
+    def plan_allow(self, *argv):
+        home = tempfile.mkdtemp(prefix="bw-rules-")
+        self.addCleanup(os.rmdir, home)
+        result = subprocess.run([sys.executable, "-I", "-S", "-c", PLAN_ALLOW,
+                                 os.path.dirname(os.path.abspath(bw_lib.__file__)), home, *argv],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout
+
+    def test_only_the_rules_given_are_checked_at_the_start(self):
+        """The profile's and the presets' rules are constants (checked by the tests above and
+        by PresetTest, and again by the proxy at its start): a start without rules of its own
+        does not import socks_filter (~10 ms); a rule given is checked, a bad one refused."""
+        self.assertIn("socks_filter imported: False",
+                      self.plan_allow("--filter-network", "--allow-preset", "npm"))
+        given = self.plan_allow("--filter-network", "--allow-domain", "x.example:443")
+        self.assertIn("socks_filter imported: True", given)
+        self.assertNotIn("refused", given)
+        for bad in (["--allow-domain", "*"], ["--allow-domain", "*.com"]):
+            with self.subTest(bad=bad):
+                self.assertIn("refused: bad allow rule: --allow-domain",
+                              self.plan_allow("--filter-network", *bad))
+
+    def test_a_log_without_records_is_summed_up_as_summarize_would(self):
+        for profile in bw_lib.PROFILES.values():
+            for width in (None, 20, 200):
+                with self.subTest(profile=profile.name, width=width):
+                    self.assertEqual(bw_lib.format_story(profile.tool, 0, [], width),
+                                     bw_lib.summarize(profile.tool, ["\n"], width,
+                                                      profile.expected_blocked))
 
 
 if __name__ == "__main__":

@@ -9,13 +9,19 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 import unittest
 
+import bw_lib
+
 from tests.sandbox_harness import (ALERT, BODY, BW_CLAUDE, NAME, SSH_BANNER, PinnedCase,
-                                   SessionCase, http_server, loopback, one_line, tunnel,
-                                   wait_for)
+                                   SessionCase, http_server, loopback, one_line, read_text,
+                                   tunnel, wait_for)
 from tests.proxy_harness import built_client_hello, client_hello
 
 
@@ -334,6 +340,166 @@ class AdvisoryBridgeTest(PinnedCase):
         self.assertIn("BW_PROXY_TOKEN=<hidden>", runs[0].stdout)
         self.assertEqual(runs[0].stdout, runs[1].stdout)
 
+
+
+BLOCKED = ("curl -sS -m 5 --noproxy '' -o /dev/null -w '%{http_code}' -x \"$HTTPS_PROXY\" "
+           "http://blocked.example/")      # refused by the proxy before any lookup: 403
+
+
+def children(pid):
+    """The pids whose parent is `pid` (from /proc)."""
+    found = []
+    for child in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if int(f.read().rpartition(")")[2].split()[1]) == pid:
+                    found.append(int(child))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def command_line(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class ProxyLifeTest(SessionCase):
+    """bwrap starts without waiting for the proxy: the wrapper binds the proxy's socket and
+    hands it over.  The CLI still starts only once the bridge listens (its connections wait
+    for the proxy); a proxy that fails to start ends the session; one that dies takes its
+    socket along, so the sandbox has no network, never an open one."""
+
+    PREFIX = "bw-proxy-life-"
+    TOOLS = ("socat", "curl")
+
+    def test_the_cli_starts_only_once_the_bridge_listens(self):
+        for _ in range(3):
+            result = self.shell(f'echo "first=$({BLOCKED})"', "--no-defaults", "--filter-network",
+                                code=0)
+            self.assertIn("first=403", result.stdout, result.stderr)
+            self.assertIn("0 allowed, 1 blocked", result.stderr)
+        self.assert_clean()
+
+    def test_a_proxy_that_fails_to_start_ends_the_session(self):
+        log = os.path.join(self.root, "no-such-directory", "proxy.jsonl")
+        script = f'echo "first=$({BLOCKED})"; sleep 30; echo ran'
+        started = time.monotonic()
+        result = self.shell(script, "--no-defaults", "--filter-network", "--proxy-log", log)
+        self.assertLess(time.monotonic() - started, 25, "the session was not ended")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertNotIn("ran", result.stdout)
+        self.assertNotIn("first=403", result.stdout)    # nothing answered, let alone let through
+        self.assertIn("the filtering proxy did not start", result.stderr)
+        self.assertIn("cannot open the log", result.stderr)
+        self.assert_clean()
+
+    def slow_proxy(self):
+        """An allow file the proxy takes about a second to read (argparse is quadratic in
+        the number of options; the wrapper reads the file in ~30 ms before bwrap): the
+        sandbox is up well before the proxy serves."""
+        path = os.path.join(self.root, "many-rules")
+        with open(path, "w") as f:
+            f.writelines(f"h{i}.example.com:443\n" for i in range(7000))
+        return ["--no-defaults", "--filter-network", "--allow-file", path]
+
+    def test_a_session_that_ends_before_the_proxy_serves_still_says_its_summary(self):
+        result = self.shell("echo first", *self.slow_proxy(), code=0)
+        self.assertIn("first", result.stdout)
+        self.assertIn("0 allowed, 0 blocked", result.stderr)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            with self.subTest(signal=sig):
+                marker = os.path.join(self.project, "up")
+                session = self.popen(*self.slow_proxy(), "--shell", "--", "-c",
+                                     ": > up; sleep 60")
+                try:
+                    self.assertTrue(wait_for(lambda: os.path.exists(marker), 30))
+                    session.send_signal(sig)
+                finally:
+                    out, err = session.communicate(timeout=60)
+                os.remove(marker)
+                self.assertEqual(session.returncode, 128 + sig, err)
+                self.assertIn("0 allowed, 0 blocked", err)
+                self.assert_clean()
+
+    def test_a_handed_socket_dies_with_a_proxy_that_fails(self):
+        """A connection waiting in the backlog of the socket the wrapper bound and handed
+        over is dropped when the proxy fails, and the next one is refused."""
+        for failing in (False, True):
+            with self.subTest(failing=failing):
+                private = tempfile.mkdtemp(dir=self.root)
+                path, err = os.path.join(private, "proxy.sock"), os.path.join(private, "proxy.err")
+                early = bw_lib.ProxyInterpreter(dict(os.environ))
+                self.addCleanup(early.stop)
+                listener = bw_lib.proxy_listener(path)
+                self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+                waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.addCleanup(waiting.close)
+                waiting.settimeout(20)
+                waiting.connect(path)
+                waiting.sendall(b"\x05\x01\x00")      # a SOCKS5 greeting
+                log = os.path.join(private, "no-such-directory" if failing else "", "proxy.jsonl")
+                early.hand(["--listen", path, "--listen-fd", str(bw_lib.HANDED_LISTENER),
+                            "--log", log, "--ready-fd", str(early.ready_number)],
+                           err, listener.fileno())
+                listener.close()
+                line = bw_lib.read_ready(early.ready_fd, 20)
+                if not failing:
+                    self.assertEqual(line, "ready " + path)
+                    self.assertEqual(waiting.recv(2), b"\x05\x00")
+                    early.stop()
+                else:
+                    self.assertEqual(line, "")
+                    self.assertTrue(wait_for(lambda: early.process.poll() is not None))
+                    self.assertEqual(early.process.returncode, 2)
+                    self.assertIn("cannot open the log", read_text(err))
+                    try:
+                        self.assertEqual(waiting.recv(2), b"")
+                    except ConnectionResetError:
+                        pass
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
+                    with self.assertRaises(ConnectionRefusedError):
+                        late.connect(path)
+
+    def test_arguments_cut_short_are_refused(self):
+        """A rule cut short is another rule (api.example.com -> api.example.co): the proxy
+        takes its arguments only whole, each ended by a NUL as hand() sends them."""
+        private = tempfile.mkdtemp(dir=self.root)
+        path, err = os.path.join(private, "proxy.sock"), os.path.join(private, "proxy.err")
+        early = bw_lib.ProxyInterpreter(dict(os.environ))
+        self.addCleanup(early.stop)
+        early.stdin.sendall(b"\0".join(os.fsencode(item) for item in (
+            err, "--listen", path, "--ready-fd", str(early.ready_number),
+            "--allow", "api.example.com:443")))
+        early.stdin.close()
+        self.assertEqual(bw_lib.read_ready(early.ready_fd, 20), "")
+        self.assertTrue(wait_for(lambda: early.process.poll() is not None))
+        self.assertEqual(early.process.returncode, 2)
+        self.assertFalse(os.path.lexists(path), "it listened")
+
+    def test_a_proxy_that_dies_leaves_the_sandbox_without_network(self):
+        script = (f'echo "before=$({BLOCKED})"; : > proxy-answered; i=0; '
+                  'while [ ! -e proxy-killed ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; '
+                  f'echo "after=$({BLOCKED})"')
+        session = self.popen("--no-defaults", "--filter-network", "--shell", "--", "-c", script)
+        try:
+            self.assertTrue(wait_for(lambda: os.path.exists(
+                os.path.join(self.project, "proxy-answered")), 30), "the session never got going")
+            proxies = [pid for pid in children(session.pid) if "socks_filter" in command_line(pid)]
+            self.assertEqual(len(proxies), 1, proxies)
+            os.kill(proxies[0], signal.SIGKILL)
+        finally:
+            with open(os.path.join(self.project, "proxy-killed"), "w"):
+                pass
+            out, err = session.communicate(timeout=60)
+        self.assertEqual(session.returncode, 0, err)
+        self.assertIn("before=403", out)
+        self.assertIn("after=000", out)
+        self.assertIn("the proxy exited with status -9", err)
+        self.assert_clean()
 
 
 if __name__ == "__main__":

@@ -923,6 +923,75 @@ class CommandTest(ProxyTestCase):
         self.assertFalse(os.path.lexists(path))
 
 
+class ListenFdTest(ProxyTestCase):
+    """--listen-fd: a socket the caller bound and made listen (bw_lib hands the proxy its
+    socket so that bwrap need not wait): served as it is, refused unless it is a listening
+    unix stream socket on a --listen path, its path left to the caller."""
+
+    def bound(self, name="proxy.sock", listening=True):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        path = os.path.join(self.tmp, name)
+        sock.bind(path)
+        if listening:
+            sock.listen(16)
+        return sock, path
+
+    def start(self, fd, *args):
+        ready_read, ready_write = os.pipe()
+        proc = subprocess.Popen([sys.executable, SCRIPT, *args, "--listen-fd", str(fd),
+                                 "--ready-fd", str(ready_write)], pass_fds=(fd, ready_write),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        os.close(ready_write)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait(WAIT)))
+        return proc, ready_read
+
+    def test_a_handed_socket_is_served_and_its_path_left_to_the_caller(self):
+        sock, path = self.bound()
+        early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)   # waits in the backlog
+        self.addCleanup(early.close)
+        early.settimeout(WAIT)
+        early.connect(path)
+        early.sendall(GREETING)
+        proc, ready_read = self.start(sock.fileno(), "--listen", path, "--allow", "127.0.0.1")
+        sock.close()
+        with os.fdopen(ready_read, "rb") as ready:
+            self.assertEqual(ready.readline(), b"ready " + os.fsencode(path) + b"\n")
+        self.assertEqual(recv_exact(early, 2), b"\x05\x00")
+        proc.terminate()
+        _, err = proc.communicate(timeout=WAIT)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertTrue(stat.S_ISSOCK(os.lstat(path).st_mode), "the caller's path was removed")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
+            late.settimeout(WAIT)
+            with self.assertRaises(ConnectionRefusedError):   # gone with the proxy
+                late.connect(path)
+
+    def test_anything_but_a_listening_socket_on_a_listen_path_is_refused(self):
+        other, other_path = self.bound("other.sock")
+        idle, idle_path = self.bound("idle.sock", listening=False)
+        pipe_read, pipe_write = os.pipe()
+        self.addCleanup(os.close, pipe_read)
+        self.addCleanup(os.close, pipe_write)
+        path = os.path.join(self.tmp, "proxy.sock")
+        for what, fd, listen in (("a pipe", pipe_read, path),
+                                 ("a socket on another path", other.fileno(), path),
+                                 ("a socket that does not listen", idle.fileno(), idle_path)):
+            with self.subTest(what):
+                proc, ready_read = self.start(fd, "--listen", listen)
+                _, err = proc.communicate(timeout=WAIT)
+                with os.fdopen(ready_read, "rb") as ready:
+                    self.assertEqual(ready.read(), b"", "it said ready")
+                self.assertEqual(proc.returncode, 2, err)
+                self.assertIn("--listen-fd", err)
+                self.assertEqual(len(err.splitlines()), 1, err)
+                self.assertFalse(os.path.lexists(path))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:   # still the caller's
+            probe.settimeout(WAIT)
+            probe.connect(other_path)
+
+
 def process_alive(pid):
     """True while `pid` runs (a zombie waiting for its new parent counts as gone)."""
     try:
