@@ -1463,21 +1463,20 @@ def node_honours(version, since):
 # Filesystem helpers and walks: bounded, and never following a link the sandbox planted
 # ---------------------------------------------------------------------------------------------
 
-# Python's own C modules for the hashes the wrapper checks (transcripts, git indexes):
-# hashlib loads OpenSSL first, ~5 ms of a start.  (module, function) by Python version.
-HASHES = {"sha1": (("_sha1", "sha1"),),
-          "sha256": (("_sha2", "sha256"), ("_sha256", "sha256"))}
+# Python's own C modules for the hashes the wrapper checks (git indexes): hashlib loads
+# OpenSSL first, ~5 ms.  Only the module this Python has is imported: a missing one would be
+# looked for along all of sys.path, written to by the sandbox when not run isolated.
+HASHES = {"sha1": "_sha1", "sha256": "_sha2" if sys.version_info >= (3, 12) else "_sha256"}
 
 
 def hash_of(name, data):
     """The digest of `data` by the hash `name` (sha1, sha256)."""
-    for module, function in HASHES[name]:
-        try:
-            return getattr(__import__(module), function)(data).digest()
-        except ImportError:
-            continue
-    import hashlib
-    return hashlib.new(name, data).digest()
+    try:
+        module = __import__(HASHES[name])
+    except ImportError:         # a Python built without it
+        import hashlib
+        return hashlib.new(name, data).digest()
+    return getattr(module, name)(data).digest()
 
 
 def stat_or_none(path, follow=True):
@@ -1660,12 +1659,16 @@ def private_subdir(base, name):
     return fd
 
 
+REMOVE_DEPTH = 64       # the descriptors remove_tree holds at most
+
+
 def remove_tree(path):
     """Remove the directory `path` and everything in it, never following a link, also what
     the sandbox made unreadable or unwritable (a directory is made 0700 before it is
     emptied); what cannot be removed stays.  Depth first, with a descriptor for each level
-    as shutil.rmtree, but without its imports (fnmatch and re, bz2, lzma: ~7 ms) and
-    without recursion (a tree of any depth is no RecursionError)."""
+    as shutil.rmtree, but without its imports (fnmatch and re, bz2, lzma: ~7 ms), without
+    recursion, and at most REMOVE_DEPTH levels down: a directory deeper is first moved up
+    to the top (a tree of any depth is neither a RecursionError nor out of descriptors)."""
     parent, name = os.path.split(path.rstrip("/"))
     try:
         top = os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY)
@@ -1678,7 +1681,13 @@ def remove_tree(path):
             if names:
                 entry = names.pop()
                 inner = unlink_or_open(fd, entry)
-                if inner is not None:
+                if inner is not None and len(levels) > REMOVE_DEPTH:
+                    os.close(inner)
+                    moved = f".bw-deep.{os.urandom(4).hex()}"
+                    with suppress(OSError):
+                        os.rename(entry, moved, src_dir_fd=fd, dst_dir_fd=levels[1][0])
+                        levels[1][1].append(moved)
+                elif inner is not None:
                     levels.append((inner, safe_listdir(inner), entry))
                 continue
             levels.pop()
@@ -2049,6 +2058,7 @@ def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexi
 LOCKS_DIR = "bw-locks.{uid}"        # under private_base(): one per user, shared by the tools
 LOCK_FILE = ".lock"                 # NAME.lock: held by every session of the root NAME
 LIST_FILE = ".list"                 # NAME.list: the root, then its placeholders, NUL-separated
+JSON_LIST_FILE = ".json"            # NAME.json: the same as JSON, left by an earlier version
 
 LOCK_SECONDS = 10                   # bound on waiting for another session's start or end
 FD_OPTIONS = {"--ro-bind": "--ro-bind-fd", "--bind": "--bind-fd"}
@@ -2146,24 +2156,33 @@ class RootLock:
 
     def read_list(self):
         """The root's list file as [root, placeholder...], [] unless it is a regular file
-        of ours.  LOCKS_DIR is never shown in the sandbox (refuse_wrapper_place); this is
-        one more line should anything else have written there."""
+        of ours (or the JSON one a session of an earlier version left when killed).
+        LOCKS_DIR is never shown in the sandbox (refuse_wrapper_place); this is one more
+        line should anything else have written there."""
+        data = self.read_own(LIST_FILE)
+        if data:
+            return [os.fsdecode(p) for p in data.split(b"\0")]
+        found = parse_json(self.read_own(JSON_LIST_FILE) or b"")
+        if not isinstance(found, dict) or not isinstance(found.get("root"), str):
+            return []
+        return [found["root"], *(p for p in found.get("placeholders", ()) if isinstance(p, str))]
+
+    def read_own(self, suffix):
         with suppress(OSError):
-            fd = os.open(self.name + LIST_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+            fd = os.open(self.name + suffix, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
                          dir_fd=self.locks_fd)
             with os.fdopen(fd, "rb") as f:
                 info = os.fstat(fd)
                 if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
-                    data = f.read(STATE_FILE_LIMIT)
-                    return [os.fsdecode(p) for p in data.split(b"\0")] if data else []
-        return []
+                    return f.read(STATE_FILE_LIMIT)
+        return None
 
     @classmethod
     def sweep(cls, locks_fd):
         """Clean every root whose sessions all ended without cleaning (SIGKILL), wherever
         the session starting now runs."""
         names = {e.rpartition(".")[0] for e in os.listdir(locks_fd)
-                 if e.endswith((LIST_FILE, LOCK_FILE))}
+                 if e.endswith((LIST_FILE, JSON_LIST_FILE, LOCK_FILE))}
         for name in sorted(names):
             lock = cls(locks_fd, "", name)
             lock.root = (lock.read_list() or [""])[0]
@@ -2210,8 +2229,9 @@ class RootLock:
         if root_identity(self.root) == self.name and os.path.realpath(self.root) == self.root:
             for relative in sorted(set(self.listed()), key=lambda p: -p.count("/")):
                 remove_placeholder(self.root, relative)
-        with suppress(OSError):
-            os.unlink(self.name + LIST_FILE, dir_fd=self.locks_fd)
+        for suffix in (LIST_FILE, JSON_LIST_FILE):
+            with suppress(OSError):
+                os.unlink(self.name + suffix, dir_fd=self.locks_fd)
 
     def leave(self):
         """The session is over: the last one out removes the placeholders and the files."""
@@ -2380,11 +2400,32 @@ def placeholder_content(path):
 # Paths are compared canonical (realpath), since any of them may be reached through a link.
 
 def private_base(environ):
-    """$XDG_RUNTIME_DIR, else the temporary directory ($TMPDIR, /tmp)."""
-    for base in (environ.get("XDG_RUNTIME_DIR", ""), environ.get("TMPDIR", ""), "/tmp"):
-        if os.path.isabs(base) and os.path.isdir(base):
+    """$XDG_RUNTIME_DIR, else the temporary directory: the first of $TMPDIR, /tmp, /var/tmp
+    that is a directory we can make something in (as tempfile.gettempdir chooses)."""
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime) and os.path.isdir(runtime):
+        return runtime
+    for base in (environ.get("TMPDIR", ""), "/tmp", "/var/tmp"):
+        if os.path.isabs(base) and can_make_in(base):
             return base
     return "/tmp"
+
+
+MAKEABLE = {}     # can_make_in's answers: asked often, tried once a process
+
+
+def can_make_in(directory):
+    """Whether a file can be made in `directory` (tried, as access() answers yes to root)."""
+    if directory not in MAKEABLE:
+        probe = os.path.join(directory, f".bw-probe.{os.urandom(4).hex()}")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                             0o600))
+            MAKEABLE[directory] = True
+            os.unlink(probe)
+        except OSError:
+            MAKEABLE.setdefault(directory, False)
+    return MAKEABLE[directory]
 
 
 def make_private_dir(base, tool):
@@ -3463,13 +3504,19 @@ def key_paths(trees, segments, prefix=()):
 def parse_json(data):
     """JSON written by the sandbox, or None when it is not strict JSON (or too deep to
     parse).  Python reads NaN, Infinity and 1e999 and would write them back, and the CLIs'
-    own parsers then take the whole file for corrupt (Claude replaces it with defaults)."""
+    own parsers then take the whole file for corrupt (Claude replaces it with defaults).
+    Only UTF-8 without a byte order mark, as the CLIs read it (json.loads also takes UTF-16
+    and a mark)."""
     try:
-        if isinstance(data, bytes) and (data[:3] == b"\xef\xbb\xbf" or b"\0" in data[:4]):
-            return json.loads(data, parse_constant=not_json, parse_float=finite_float)
         text = data.decode("utf-8", "surrogatepass") if isinstance(data, bytes) else data
+        if text.startswith("\ufeff"):    # a byte order mark: the CLIs' JSON.parse refuses it
+            return None
         start = len(text) - len(text.lstrip(JSON_SPACE))
-        value, end = json_scanner()(text, start)
+        try:
+            value, end = json_scanner()(text, start)
+        except SystemError:     # how the scanner fails before json.decoder, which names its
+            value, end = json.loads(text, parse_constant=not_json,     # errors, is imported
+                                    parse_float=finite_float), len(text)
         return None if text[end:].strip(JSON_SPACE) else value
     except (StopIteration, ValueError, RecursionError):
         return None
@@ -3610,9 +3657,10 @@ def keys_update(base, ours, keys, project, only_plain=False):
 
 def complete_lines(data):
     """The complete lines of a JSONL file written by the sandbox, if every one is a JSON
-    object (a partial last line, still being written, is left out); else None."""
+    object (a partial last line, still being written, is left out); else None.  Lines end
+    at "\\n" only, as the CLIs read them (a "\\r" inside one is not an end)."""
     end = data.rfind(b"\n") + 1
-    for line in data[:end].splitlines():
+    for line in data[:end].split(b"\n"):
         if line.strip() and not isinstance(parse_json(line), dict):
             return None
     return data[:end]
@@ -3630,9 +3678,11 @@ def lines_update(size, ours, theirs):
     if len(ours) < start or (theirs is not None and theirs[:start] != ours[:start]):
         raise ValueError("it was rewritten instead of appended to (in the session, or on "
                          "the host meanwhile)")
-    new = complete_lines(ours[start:])
-    if new is None:
+    cut = ours.rfind(b"\n", 0, start) + 1      # a line the session completed: checked whole
+    lines = complete_lines(ours[cut:])
+    if lines is None:
         raise ValueError("what the session added is not JSON lines")
+    new = lines[start - cut:]
     if not new:
         return None
     return new if theirs is None else theirs + new
@@ -4792,7 +4842,8 @@ def spawn(argv, env, pass_fds=(), stdin=None, quiet=False, new_session=False):
     """Start argv[0] (an absolute path) as a Child with descriptors 0-2 (`stdin` as 0 when
     given; 1 and 2 on /dev/null when `quiet`) and `pass_fds`, no other: an inheritable
     descriptor the wrapper was started with is closed in the child (subprocess's
-    close_fds).  Signals as subprocess leaves them: SIGPIPE and SIGXFSZ default."""
+    close_fds).  Signals as subprocess leaves them, SIGPIPE and SIGXFSZ default, and SIGCHLD
+    too (ignored, it would leave bwrap waiting for children the kernel reaped)."""
     actions = [] if stdin is None else [(os.POSIX_SPAWN_DUP2, stdin, 0)]
     if quiet:
         actions += [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
@@ -4811,7 +4862,7 @@ def spawn(argv, env, pass_fds=(), stdin=None, quiet=False, new_session=False):
     try:
         return Child(os.posix_spawn(argv[0], argv, env, file_actions=actions,
                                     setsid=new_session,
-                                    setsigdef=(signal.SIGPIPE, signal.SIGXFSZ)))
+                                    setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD)))
     finally:
         for fd in pass_fds:
             os.set_inheritable(fd, False)
@@ -5710,6 +5761,7 @@ class Wrapper:
 
     def __enter__(self):
         standard_streams_open()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # ignored, children would not be waited
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, raise_terminated)
         modes = terminal_modes(sys.stdin)

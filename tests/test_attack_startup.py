@@ -13,7 +13,7 @@ import sys
 import unittest
 
 import bw_lib
-from tests.sandbox_harness import (BW_CLAUDE, SessionCase, processes_mentioning, read_text,
+from tests.sandbox_harness import (SessionCase, processes_mentioning, read_text,
                                    require_tools, wait_for, write_file)
 
 
@@ -190,7 +190,7 @@ class LegacyLockListTest(SessionCase):
         self.check(self.bw("--shell", "--", "-c", "true", cwd=other))
         self.assertEqual(sorted(os.listdir(self.project)), [],
                          "the killed session's placeholders stayed in the project")
-        self.assertFalse(os.path.lexists(locks), os.listdir(locks))
+        self.assertFalse(os.path.lexists(locks), locks)
 
 
 class EndOfSessionImportsTest(SessionCase):

@@ -4,11 +4,13 @@ atomically and read without following links."""
 import json
 import os
 import random
+import subprocess
+import sys
 import stat
 import unittest
 
 import bw_lib
-from tests.sandbox_harness import temporary_root, write_file
+from tests.sandbox_harness import REPO, temporary_root, write_file
 
 
 class StateMergeTest(unittest.TestCase):
@@ -64,11 +66,16 @@ class StateMergeTest(unittest.TestCase):
 
 class ParseJsonTest(unittest.TestCase):
     """parse_json reads with json's C scanner without importing json: it must take and
-    refuse exactly what json.loads with the strict rules takes and refuses."""
+    refuse exactly what json.loads with the strict rules takes and refuses in UTF-8."""
 
     def reference(self, data):
+        """json.loads, strict, on UTF-8 only (no byte order mark, no UTF-16): what the
+        CLIs' JSON.parse of a file read as UTF-8 takes."""
         try:
-            return json.loads(data, parse_constant=bw_lib.not_json,
+            text = data.decode("utf-8", "surrogatepass")
+            if text.startswith("\ufeff"):
+                return None
+            return json.loads(text, parse_constant=bw_lib.not_json,
                               parse_float=bw_lib.finite_float)
         except (ValueError, RecursionError):
             return None
@@ -85,6 +92,19 @@ class ParseJsonTest(unittest.TestCase):
             cases.append(text.encode("utf-8", "surrogatepass"))
         for data in cases:
             self.assertEqual(bw_lib.parse_json(data), self.reference(data), data[:80])
+
+    def test_it_fails_cleanly_before_json_is_imported(self):
+        # The C scanner names its errors from json.decoder; before anything imported that, it
+        # fails with SystemError, which parse_json must turn into the same answer.
+        for data in (b'{"a": "abc', b'{"a": 1', b'[1,', b'{"a": "\\x"}', b'"\x01"',
+                     b'{"a" 1}', b'{"a": NaN}', b'{"a": 1}'):
+            code = ("import sys; sys.path.insert(0, sys.argv[1]); import bw_lib; "
+                    "print(repr(bw_lib.parse_json(bytes.fromhex(sys.argv[2]))), "
+                    "'json' in sys.modules)")
+            result = subprocess.run([sys.executable, "-I", "-S", "-c", code, REPO, data.hex()],
+                                    capture_output=True, text=True, timeout=60)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(result.stdout.rsplit(" ", 1)[0], repr(self.reference(data)), data)
 
 class LinesTest(unittest.TestCase):
     """What a session may send back of the JSONL files (history, transcripts), read the way
@@ -134,6 +154,17 @@ class LinesTest(unittest.TestCase):
                              (seeded + b'[1]\n', seeded)):         # not an object
             with self.assertRaises(ValueError, msg=ours):
                 bw_lib.lines_update(len(seeded), ours, theirs)
+
+    def test_a_line_the_host_left_open_is_checked_whole(self):
+        partial = b'{"type": "user", "message": "abc'
+        with self.assertRaises(ValueError):
+            bw_lib.lines_update(len(partial), partial + b'{}\n', partial)
+        self.assertEqual(bw_lib.lines_update(len(partial), partial + b'"}\n', partial),
+                         partial + b'"}\n')
+        with self.assertRaises(ValueError):     # a line ends at "\n" only
+            bw_lib.lines_update(0, b'{"a": 1}\r{"b": 2}\n', None)
+        with self.assertRaises(ValueError):     # UTF-8 only, no byte order mark
+            bw_lib.lines_update(0, b'\xef\xbb\xbf{"a": 1}\n', None)
 
     def test_unchanged_state_is_no_change(self):
         data = b'{"numStartups": 3}'
