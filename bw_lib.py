@@ -2014,9 +2014,10 @@ def protection(project, home, rw_roots, extra=(), nested=(), exists=os.path.lexi
     PROTECTED_PROJECT applies to the project and to each of `extra` (the --allow-rw
     directories); its .git entries to each of `nested` (repositories below them).  Of
     `whole` (other CLIs' config directories), one that is missing is held read-only whole:
-    one placeholder instead of one for it and one for each protected path in it.  Each protected path is bound read-only onto itself; the directories
-    between it and its writable root are bound onto themselves, which pins them (a mount
-    point cannot be renamed, so `mv .git x` cannot carry the protection away).
+    one placeholder instead of one for it and one for each protected path in it.  Each
+    protected path is bound read-only onto itself; the directories between it and its
+    writable root are bound onto themselves, which pins them (a mount point cannot be
+    renamed, so `mv .git x` cannot carry the protection away).
     """
     isdir = isdir or is_real_dir     # a link to a directory is a link (bind_checked refuses it)
     glob = glob or glob_paths
