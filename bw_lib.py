@@ -5265,6 +5265,8 @@ class FilterProxy:
             say(self.summary())
             if self.plan.learn and (error is None or isinstance(error, Terminated)):
                 say(self.write_learned())
+        if self.process is not None:
+            CLOCK.mark("proxy stopped, summary")
         return False
 
     def path(self, name):
