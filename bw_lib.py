@@ -5183,9 +5183,14 @@ class FilterProxy:
         return self
 
     def announce(self):
-        """The lines said before the sandbox starts: the options that open the network."""
+        """The lines said before the sandbox starts: the options that open the network.  A
+        --proxy-log file, which may lie where the sandbox writes, is opened by the proxy
+        before the sandbox starts (checked then, and never swapped for a link meanwhile):
+        its ready line is awaited first."""
         if self.process is None:
             return
+        if self.plan.proxy_log:
+            self.await_ready()
         for line in network_warnings(self.plan):
             say(f"{self.tool}: {line}")
         if not self.plan.unshare_net:
@@ -5240,14 +5245,18 @@ class FilterProxy:
         ready: wait for it (bounded), so that a failure is told and the summary is whole;
         a message if it did not start."""
         try:
-            while self.ready_fd is not None:
-                left = self.deadline - time.monotonic()
-                if left <= 0 or not select.select([self.ready_fd], [], [], left)[0]:
-                    return f"{self.tool}: {self.not_started()}"
-                self.read_ready()
+            self.await_ready()
         except Failure as failure:
             return f"{self.tool}: {failure}"
         return None
+
+    def await_ready(self):
+        """Wait (bounded) for the proxy's ready line; Failure if it does not come."""
+        while self.ready_fd is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0 or not select.select([self.ready_fd], [], [], left)[0]:
+                raise Failure(self.not_started())
+            self.read_ready()
 
     def __exit__(self, kind, error, traceback):
         ignore_signals()

@@ -644,6 +644,20 @@ class HostWrittenFilesTest(ContainmentCase):
         self.assertIn("--proxy-log", result.stderr)
         self.assertIn("symbolic link", result.stderr)
 
+    def test_the_proxy_log_is_open_before_the_sandbox_runs(self):
+        # The proxy starts while the sandbox does; a --proxy-log where the sandbox writes
+        # must be open before its first command can swap a directory on the way for a link.
+        logs = os.path.join(self.project, "logs")
+        os.mkdir(logs)
+        for attempt in range(3):
+            result = self.shell(f"rm -rf logs && ln -s {self.home} logs && echo swapped",
+                                "--filter-network", "--unshare-net", "--proxy-log",
+                                os.path.join(logs, "proxy.jsonl"))
+            self.assertIn("swapped", result.stdout, result.stderr)
+            self.assertFalse(os.path.lexists(os.path.join(self.home, "proxy.jsonl")))
+            os.unlink(logs)
+            os.mkdir(logs)
+
     def test_names_in_the_log_are_no_shell_code(self):
         log = os.path.join(self.root, "proxy.jsonl")
         marker = os.path.join(self.root, "ran")
