@@ -176,7 +176,7 @@ class LegacyLockListTest(SessionCase):
         lists = [n for n in os.listdir(locks) if n.endswith(bw_lib.LIST_FILE)]
         self.assertEqual(len(lists), 1, os.listdir(locks))
         process.kill()
-        process.wait(30)
+        process.communicate(timeout=30)     # reaped, its pipes closed
         self.assertTrue(wait_for(lambda: not processes_mentioning("sleep 60")))
         # What the earlier version left: the same list as JSON.
         with open(os.path.join(locks, lists[0]), "rb") as f:
