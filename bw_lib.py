@@ -3754,7 +3754,7 @@ def back_lines(item, bases, home, private, project, budget=None):
         return
     try:
         names = sorted(n for n in os.listdir(fd) if is_transcript_name(n))
-        ours = {n: read_at(fd, n) for n in names}
+        ours = {n: read_at(fd, n) for n in names if not unchanged_size(fd, n, bases)}
     finally:
         os.close(fd)
     problems = []
@@ -3774,6 +3774,16 @@ def back_lines(item, bases, home, private, project, budget=None):
             problems.append(f"{name}: {error}")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def unchanged_size(dir_fd, name, sizes):
+    """Whether the regular file `name` is as long as it was seeded (sizes): nothing was
+    appended, so nothing can go back (and neither it nor the host's copy is read)."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == (sizes or {}).get(name)
 
 
 def back_mine(item, base, home, private, project, budget=None):

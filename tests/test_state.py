@@ -395,6 +395,16 @@ class AllowedDataFlowsBack(StateCase):
                                                 f".claude/projects/{self.slug}/a.jsonl"])
         self.assertIn("not saved", result.stderr)
 
+    def test_a_transcript_rewritten_to_its_own_length_stays_as_the_host_has_it(self):
+        # Nothing appended: neither file is read at the end, and nothing goes back.
+        first = '{"type": "user", "n": 1}\n'
+        self.write_home(f".claude/projects/{self.slug}/a.jsonl", first, 0o600)
+        result = self.shell(f"cd ~/.claude/projects/{self.slug} && "
+                            "printf '%s\\n' '{\"type\": \"forg\", \"n\": 9}' > a.jsonl && "
+                            "wc -c < a.jsonl")
+        self.assertEqual(result.stdout.strip(), str(len(first)), result.stderr)
+        self.assertEqual(self.read_home(f".claude/projects/{self.slug}/a.jsonl"), first)
+
     def test_a_directory_named_like_a_transcript_stops_only_itself(self):
         result = self.shell(f"mkdir -p ~/.claude/projects/{self.slug}/d.jsonl && "
                          f"echo '{{\"ok\": 1}}' > ~/.claude/projects/{self.slug}/ok.jsonl && "
