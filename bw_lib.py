@@ -3428,10 +3428,12 @@ def seed_state(items, home, private, project=None):
     for item in items:
         dest = os.path.join(private, item.path)
         if item.seed == "mine":
+            lines = project_lines(read_place(host_place(home, item.path)), project)
             os.makedirs(os.path.dirname(dest), 0o700, exist_ok=True)
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(project_lines(read_place(host_place(home, item.path)), project))
+            if lines:           # none: the CLI makes the file when it writes one
+                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(lines)
         elif item.seed:
             root, parts, name = host_place(home, item.path)
             fd = open_dir_beneath(root, parts)
