@@ -3291,11 +3291,7 @@ def copy_entry(src_fd, name, dest, budget, level=0):
     except OSError:
         return
     if stat.S_ISREG(info.st_mode):
-        data = read_at(src_fd, name)
-        if data is not None:
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+        copy_file(src_fd, name, dest)
     elif stat.S_ISDIR(info.st_mode) and level < STATE_COPY_DEPTH:
         try:
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=src_fd)
@@ -3307,6 +3303,35 @@ def copy_entry(src_fd, name, dest, budget, level=0):
                 copy_entry(fd, entry, os.path.join(dest, entry), budget, level + 1)
         finally:
             os.close(fd)
+
+
+def copy_file(src_fd, name, dest, limit=STATE_FILE_LIMIT):
+    """Copy the regular file src_fd/name (never through a link; none over `limit`) to the
+    new file dest, as long as it was when opened, in the kernel (copy_file_range: a
+    project's transcripts are copied at every start) or else by reading it."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=src_fd)
+    except OSError:
+        return
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return
+        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            left = info.st_size
+            while left > 0:
+                try:
+                    copied = os.copy_file_range(fd, out, left)
+                except (AttributeError, OSError):   # older kernel, another filesystem
+                    copied = os.write(out, os.read(fd, min(left, 1 << 20)))
+                if copied == 0:                     # shorter than it was: done
+                    break
+                left -= copied
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
 
 
 def transcript_sizes(private_dir):
