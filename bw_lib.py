@@ -876,8 +876,8 @@ def diagnostic_options(profile):
                help="print the --allow-preset lists, in allow-file format"),
         Option(("--no-defaults",), "store_true", help=f"ignore ~/.config/{tool}/options"),
         Option(("-v", "--verbose"), "switch", off="--no-verbose",
-               help="print the configuration, the full commands and where start-up time went "
-                    "(per phase) to stderr"),
+               help="print the configuration, the full commands and where the time went before "
+                    "and after the session (per phase) to stderr"),
         Option(("--dry-run",), "store_true",
                help="print the commands that would run, shell-quoted, and exit")))
 
