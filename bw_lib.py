@@ -5278,14 +5278,25 @@ class FilterProxy:
         return f"the filtering proxy did not start: {why}; the sandbox had no network"
 
     def finish_start(self):
-        """The session ends (the CLI exited, a signal, an error) before the proxy said
-        ready: wait for it (bounded), so that a failure is told and the summary is whole;
-        a message if it did not start."""
+        """The session ends (the CLI exited, a signal, an error) before the wrapper read the
+        proxy's ready line: read what it said by now, without waiting for more (a proxy
+        still starting has served nothing, so there is nothing to sum up, and waiting would
+        make every short session as long as the proxy's start), unless a --learn file or
+        --proxy-log is asked for: those are written as in any session.  A message if it
+        failed, or had not started."""
         try:
-            self.await_ready()
+            if self.plan.learn or self.plan.proxy_log:
+                self.await_ready()
+            while self.ready_fd is not None and select.select([self.ready_fd], [], [], 0)[0]:
+                self.read_ready()
         except Failure as failure:
             return f"{self.tool}: {failure}"
-        return None
+        if self.ready_fd is None:
+            return None
+        if self.process.poll() not in (None, 0):
+            return f"{self.tool}: {self.not_started()}"
+        return (f"{self.tool}: network: 0 allowed, 0 blocked (the session ended before the "
+                "proxy served: nothing went out)")
 
     def await_ready(self):
         """Wait (bounded) for the proxy's ready line; Failure if it does not come."""

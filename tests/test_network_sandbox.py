@@ -425,6 +425,18 @@ class ProxyLifeTest(SessionCase):
                 self.assertIn("0 allowed, 0 blocked", err)
                 self.assert_clean()
 
+    def test_a_short_session_does_not_wait_for_the_proxy_but_learn_does(self):
+        # A session over before the proxy served says so and stops it (nothing went out);
+        # with --learn the proxy's start is awaited, so the file is written as always.
+        result = self.shell("echo first", *self.slow_proxy(), code=0)
+        self.assertIn("the session ended before the proxy served", result.stderr)
+        self.assert_clean()
+        learned = os.path.join(self.root, "learned")
+        result = self.shell("echo second", "--no-defaults", "--learn", learned, code=0)
+        self.assertNotIn("the session ended before the proxy served", result.stderr)
+        self.assertTrue(os.path.isfile(learned), result.stderr)
+        self.assert_clean()
+
     def test_a_handed_socket_dies_with_a_proxy_that_fails(self):
         """A connection waiting in the backlog of the socket the wrapper bound and handed
         over is dropped when the proxy fails, and the next one is refused."""
