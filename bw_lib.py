@@ -4881,7 +4881,8 @@ def spawn(argv, env, pass_fds=(), stdin=None, quiet=False, new_session=False):
     given; 1 and 2 on /dev/null when `quiet`) and `pass_fds`, no other: an inheritable
     descriptor the wrapper was started with is closed in the child (subprocess's
     close_fds).  Signals as subprocess leaves them, SIGPIPE and SIGXFSZ default, and SIGCHLD
-    too (ignored, it would leave bwrap waiting for children the kernel reaped)."""
+    too (ignored, it would leave bwrap waiting for children the kernel reaped); none
+    blocked (run_sandbox blocks some while it spawns)."""
     actions = [] if stdin is None else [(os.POSIX_SPAWN_DUP2, stdin, 0)]
     if quiet:
         actions += [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
@@ -4899,7 +4900,7 @@ def spawn(argv, env, pass_fds=(), stdin=None, quiet=False, new_session=False):
         os.set_inheritable(fd, True)
     try:
         return Child(os.posix_spawn(argv[0], argv, env, file_actions=actions,
-                                    setsid=new_session,
+                                    setsid=new_session, setsigmask=(),
                                     setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD)))
     finally:
         for fd in pass_fds:
@@ -5401,6 +5402,10 @@ def run_sandbox(plan, dirs, proxy):
         for sig in keyboard:
             signal.signal(sig, signal.SIG_IGN)
     bwrap = None
+    # A signal now would unwind before bwrap's pid is kept, and leave its sandbox running:
+    # it waits until then.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGHUP,
+                                                     signal.SIGQUIT, signal.SIGINT))
     try:
         try:
             bwrap = spawn(args, plan.env, pass_fds=(write_fd, seccomp_fd, *mount_fds.values(),
@@ -5414,13 +5419,16 @@ def run_sandbox(plan, dirs, proxy):
                 dirs.protection.close_fds()
             for sig in keyboard:
                 signal.signal(sig, signal.SIG_IGN)
-        with os.fdopen(read_fd, "rb") as status_pipe:
-            code = proxy.wait(bwrap)
-            CLOCK.ended()
-            set_up = bwrap_ran(status_pipe.read())
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)    # last: a held signal ends it
+        code = proxy.wait(bwrap)
+        CLOCK.ended()
+        set_up = bwrap_ran(read_status(read_fd, bwrap))
     finally:
         ignore_signals()
-        stop(bwrap)
+        try:
+            stop_sandbox(bwrap, read_fd)
+        finally:
+            os.close(read_fd)
     if not set_up:
         raise Failure("bwrap could not set up the sandbox (its message is above); if it is "
                       "about permissions or the uid map, check that unprivileged user "
@@ -5429,6 +5437,52 @@ def run_sandbox(plan, dirs, proxy):
                       "kernel.apparmor_restrict_unprivileged_userns or an AppArmor profile "
                       "for bwrap)", code or 1)
     return 128 - code if code < 0 else code
+
+
+def read_status(fd, bwrap, seconds=None, until=None):
+    """What bwrap wrote on its status pipe (JSON lines): all of it once it exited, or, with
+    `until`, as soon as that is in it (at most `seconds`, while bwrap runs)."""
+    data = b""
+    deadline = None if seconds is None else time.monotonic() + seconds
+    while until is None or until not in data:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and (left <= 0 or bwrap.poll() is not None):
+            break
+        if not select.select([fd], [], [], left)[0]:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def stop_sandbox(bwrap, status_fd):
+    """End a bwrap that still runs (an error or a signal cut the session short), leaving no
+    sandbox behind: SIGKILL the sandbox's first process, whose pid bwrap writes on its
+    status pipe right after making it (pid 1 of the sandbox's pid namespace: everything
+    inside dies with it), then wait for bwrap, which exits once its child is gone.  A bwrap
+    signalled instead could leave a child not yet tied to it by --die-with-parent, running
+    on after the session's checks and clean-up."""
+    if bwrap is None or bwrap.poll() is not None:
+        return
+    info = parse_json(read_status(status_fd, bwrap, STOP_SECONDS, until=b"\n").split(b"\n")[0])
+    child = info.get("child-pid") if isinstance(info, dict) else None
+    if isinstance(child, int) and child > 1 and parent_of(child) == bwrap.pid:
+        with suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        with suppress(TimeoutError):
+            bwrap.wait(STOP_SECONDS)
+    stop(bwrap)
+
+
+def parent_of(pid):
+    """The parent's pid of process `pid` (from /proc), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def ignore_signals():
