@@ -3047,7 +3047,7 @@ def build_proxy_args(plan, private_dir, ready_fd, socket_dir=None):
             "--listen", os.path.join(socket_dir or private_dir, PROXY_SOCKET),
             "--listen-fd", str(HANDED_LISTENER)]
     for rule in plan.allow + plan.allow_file_rules:
-        args += ["--allow", rule]
+        args.append(f"--allow={rule}")    # = : a rule may start with "-"
     if plan.allow_private:
         args.append("--allow-private")
     if plan.learn:

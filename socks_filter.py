@@ -359,6 +359,8 @@ def canonical_name(text):
         raise BadName("empty label")
     if any(len(label) > 63 for label in labels):
         raise BadName("label longer than 63 bytes")
+    if any(label.startswith("-") or label.endswith("-") for label in labels):
+        raise BadName("a label starts or ends with '-'")   # not a host name (RFC 1123)
     if NUMERIC_LABEL_RE.match(labels[-1]):
         raise BadName("numeric, but not a valid IP address")
     return name.lower()

@@ -64,7 +64,8 @@ class CanonicalNameTest(unittest.TestCase):
         bad = ["", ".", "example.com..", "a..b.com", ".example.com", "localhost\x00.example.com",
                "example.com\n", "exa mple.com", "ex%ample.com", "exämple.com", "example.com/x",
                "user@example.com", "example.com:443", "*.example.com", "a" * 64 + ".com",
-               ("a" * 62 + ".") * 4 + "com", "example.123", "256.1.1.1", "08.1.1.1"]
+               ("a" * 62 + ".") * 4 + "com", "example.123", "256.1.1.1", "08.1.1.1",
+               "-x.example.com", "x-.example.com", "a.-b.example.com"]
         for text in bad:
             with self.subTest(text=text):
                 with self.assertRaises(BadName):
