@@ -5154,12 +5154,13 @@ class ProxyInterpreter:
         self.ready_fd, self.ready_number = read_fd, write_fd
 
     def hand(self, args, err_path, listener=None):
-        """Its arguments (and the file for its stderr), each ended by a NUL (a proxy given
-        fewer, cut short, refuses them), and the descriptor `listener` (its listening
-        socket, which becomes its descriptor HANDED_LISTENER) with them; a proxy that died
-        already is found by the wait for its ready line."""
+        """Its arguments (and the file for its stderr), after their count and each ended by
+        a NUL (a proxy given fewer, cut short, refuses them), and the descriptor `listener`
+        (its listening socket, which becomes its descriptor HANDED_LISTENER) with them; a
+        proxy that died already is found by the wait for its ready line."""
         import _socket
-        data = b"".join(os.fsencode(item) + b"\0" for item in [err_path, *args])
+        items = [os.fsencode(item) for item in [err_path, *args]]
+        data = b"".join(item + b"\0" for item in [str(len(items)).encode(), *items])
         try:
             if listener is not None:
                 rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("i", listener))]

@@ -2840,9 +2840,10 @@ def token_from_env(name):
     return os.fsencode(value)
 
 
-def exit_with_parent():
-    """Ask the kernel to send SIGTERM when the parent dies; exit now if it already has."""
-    parent = os.getppid()
+def exit_with_parent(parent=None):
+    """Ask the kernel to send SIGTERM when the parent dies; exit now if it already has
+    (`parent`: the pid it had at start, when that was before this was asked)."""
+    parent = parent or os.getppid()
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -2882,7 +2883,8 @@ def announce_ready(addresses, ready_fd):
         os.close(ready_fd)
 
 
-def main(argv=None, parser=None):
+def main(argv=None, parser=None, parent=None):
+    """The daemon; `parent`: the process it dies with (by default, its parent now)."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     name = parser.prog
@@ -2903,7 +2905,7 @@ def main(argv=None, parser=None):
     except (RuleError, UsageError, ValueError) as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         return 2
-    exit_with_parent()
+    exit_with_parent(parent)
     max_connections = affordable_connections(args.max_connections, raise_fd_limit())
     if max_connections < args.max_connections and args.verbose:
         print(f"{name}: the open-file limit allows {max_connections} connections, not "
@@ -2936,18 +2938,20 @@ def main(argv=None, parser=None):
 # proxy is ready sooner.
 
 def main_from_stdin():
-    """main() with its arguments read from stdin up to EOF, each ended by a NUL, the first
-    being the file stderr goes to (created, never through a link); then the process exits
-    (it does not return).  An empty stdin (the parent gave up): exit at once, never
-    listening; one that does not end in a NUL (cut short: the parent was interrupted
-    while writing, and a rule cut short is another rule) is refused.
+    """main() with its arguments read from stdin up to EOF: their count, then each, all
+    ended by a NUL, the first being the file stderr goes to (created, never through a
+    link); then the process exits (it does not return).  An empty stdin (the parent gave
+    up): exit at once, never listening; fewer than counted, or one not ended (cut short:
+    the parent was interrupted while writing, and a list or a rule cut short is another)
+    is refused.
     stdin may be a unix socket: a descriptor sent with the arguments (SCM_RIGHTS; bw_lib
     sends the proxy's listening socket) becomes descriptor 0 once they are read, so the
     arguments name it as --listen-fd 0."""
+    parent = os.getppid()           # the wrapper, before warm_up gives it time to die
     parser = warm_up()
     data, fds = read_arguments(0)
-    items = data.split(b"\0")[:-1]
-    if not data.endswith(b"\0"):
+    count, *items = data.split(b"\0")[:-1] or [b""]
+    if not (data.endswith(b"\0") and count.isdigit() and int(count) == len(items) > 0):
         for fd in fds:
             os.close(fd)
         if data:
@@ -2966,7 +2970,7 @@ def main_from_stdin():
         for fd in fds:
             os.dup2(fd, 0, inheritable=False)
             os.close(fd)
-        code = main([os.fsdecode(item) for item in items[1:]], parser)
+        code = main([os.fsdecode(item) for item in items[1:]], parser, parent)
     # Once served, the process ends without the interpreter's teardown (~8 ms of freeing
     # modules and threads): the parent waits for this exit before its summary.  Everything
     # is closed by now (the log in FilterServer._release); the standard streams are flushed.
