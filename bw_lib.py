@@ -2402,14 +2402,25 @@ def placeholder_content(path):
 
 def private_base(environ):
     """$XDG_RUNTIME_DIR, else the temporary directory: the first of $TMPDIR, /tmp, /var/tmp
-    that is a directory we can make something in (as tempfile.gettempdir chooses)."""
+    that is a directory we can make something in (as tempfile.gettempdir chooses); each
+    only if no one else can move what is made in it (owned_base)."""
     runtime = environ.get("XDG_RUNTIME_DIR", "")
-    if os.path.isabs(runtime) and os.path.isdir(runtime):
+    if os.path.isabs(runtime) and owned_base(runtime):
         return runtime
     for base in (environ.get("TMPDIR", ""), "/tmp", "/var/tmp"):
-        if os.path.isabs(base) and can_make_in(base):
+        if os.path.isabs(base) and owned_base(base) and can_make_in(base):
             return base
     return "/tmp"
+
+
+def owned_base(path):
+    """Whether `path` is a directory of ours or root's that no one else may change, or a
+    sticky one (/tmp): where another user cannot rename a session's directory away and put
+    one of theirs, with a socket of theirs, in its place."""
+    info = stat_or_none(path)
+    return (info is not None and stat.S_ISDIR(info.st_mode)
+            and info.st_uid in (os.geteuid(), 0)
+            and (not info.st_mode & 0o022 or bool(info.st_mode & stat.S_ISVTX)))
 
 
 MAKEABLE = {}     # can_make_in's answers: asked often, tried once a process
@@ -2442,7 +2453,7 @@ def make_private_dir(base, tool):
             break
     else:
         raise FileExistsError(f"no free name for a session directory in {base}")
-    fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     path = os.path.join(base, os.path.basename(hidden)[1:])
     os.rename(hidden, path)
@@ -2907,6 +2918,11 @@ def plan_outputs(opts, roots):
         problem = given and host_file_problem(os.path.abspath(given), roots)
         if problem:
             raise Failure(f"{flag} {given}: will not write there: {problem}")
+    where = opts.proxy_log and root_of(os.path.abspath(opts.proxy_log), roots)
+    if where:
+        raise Failure(f"--proxy-log {opts.proxy_log}: the sandbox can write there "
+                      f"({where[0]}), and the summary and --learn read the log back; put it "
+                      "outside the project and the --allow-rw directories")
     if learn and (os.path.isdir(learn) or not os.access(os.path.dirname(learn), os.W_OK)):
         raise Failure(f"--learn {opts.learn}: cannot write a file there")
     return learn, os.path.abspath(opts.proxy_log) if opts.proxy_log else None
@@ -5117,8 +5133,7 @@ def proxy_listener(path):
     listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     old_mask = os.umask(0o177)
     try:
-        listener.bind(path)
-        os.chmod(path, 0o600)
+        listener.bind(path)         # made 0600 by the umask (a chmod would follow a link)
         listener.listen(LISTEN_BACKLOG)
     except OSError as error:
         listener.close()
@@ -5222,14 +5237,9 @@ class FilterProxy:
         return self
 
     def announce(self):
-        """The lines said before the sandbox starts: the options that open the network.  A
-        --proxy-log file, which may lie where the sandbox writes, is opened by the proxy
-        before the sandbox starts (checked then, and never swapped for a link meanwhile):
-        its ready line is awaited first."""
+        """The lines said before the sandbox starts: the options that open the network."""
         if self.process is None:
             return
-        if self.plan.proxy_log:
-            self.await_ready()
         for line in network_warnings(self.plan):
             say(f"{self.tool}: {line}")
         if not self.plan.unshare_net:

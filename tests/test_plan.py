@@ -706,8 +706,8 @@ class BwrapArgsTest(Fixture):
         self.assertEqual(args[4:6], ["--listen", "/PRIV/proxy.sock"])
         pairs = list(zip(args, args[1:]))
         for rule in (*CLAUDE.allow, "127.0.0.1:8080"):
-            self.assertIn(("--allow", rule), pairs)
-        self.assertIn(("--allow", "x.example"), pairs)     # the file's rules, read once
+            self.assertIn(f"--allow={rule}", args)
+        self.assertIn("--allow=x.example", args)            # the file's rules, read once
         self.assertIn(("--log", "/PRIV/proxy.log"), pairs)
         self.assertEqual(args[-2:], ["--ready-fd", "5"])
         for telemetry in ("sentry.io", "statsig.anthropic.com", "play.googleapis.com"):

@@ -632,31 +632,23 @@ class HostWrittenFilesTest(ContainmentCase):
 
     TOOLS = ("socat",)
 
-    def test_a_proxy_log_turned_into_a_link_is_not_written_through(self):
-        log = os.path.join(self.project, "proxy.jsonl")
-        self.check(self.shell("rm -f proxy.jsonl; ln -s ../home/.bashrc proxy.jsonl",
-                              "--filter-network", "--unshare-net", "--proxy-log", log))
-        result = self.shell("echo SESSION-RAN; " + connect_script("$(echo PWNED)"),
-                            "--filter-network", "--unshare-net", "--proxy-log", log)
-        self.assertEqual(read_text(os.path.join(self.home, ".bashrc")), BASHRC)
-        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
-        self.assertNotIn("SESSION-RAN", result.stdout)
-        self.assertIn("--proxy-log", result.stderr)
-        self.assertIn("symbolic link", result.stderr)
-
-    def test_the_proxy_log_is_open_before_the_sandbox_runs(self):
-        # The proxy starts while the sandbox does; a --proxy-log where the sandbox writes
-        # must be open before its first command can swap a directory on the way for a link.
+    def test_a_proxy_log_the_sandbox_can_write_is_refused(self):
+        # The summary and --learn read the log back: one in the project would say what the
+        # agent wrote there (an allow rule learned for it), or be swapped for a link (to
+        # ~/.bashrc, or a directory on its way) before the proxy, starting alongside the
+        # sandbox, opens it.
         logs = os.path.join(self.project, "logs")
         os.mkdir(logs)
-        for attempt in range(3):
-            result = self.shell(f"rm -rf logs && ln -s {self.home} logs && echo swapped",
-                                "--filter-network", "--unshare-net", "--proxy-log",
-                                os.path.join(logs, "proxy.jsonl"))
-            self.assertIn("swapped", result.stdout, result.stderr)
-            self.assertFalse(os.path.lexists(os.path.join(self.home, "proxy.jsonl")))
-            os.unlink(logs)
-            os.mkdir(logs)
+        os.symlink(os.path.join(self.home, ".bashrc"), os.path.join(self.project, "proxy.jsonl"))
+        for log in (os.path.join(self.project, "proxy.jsonl"), os.path.join(logs, "p.jsonl")):
+            result = self.shell("echo SESSION-RAN; rm -rf logs; ln -s ~ logs",
+                                "--filter-network", "--unshare-net", "--proxy-log", log)
+            self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+            self.assertNotIn("SESSION-RAN", result.stdout)
+            self.assertIn("--proxy-log", result.stderr)
+            self.assertEqual(read_text(os.path.join(self.home, ".bashrc")), BASHRC)
+            self.assertFalse(os.path.lexists(os.path.join(self.home, "p.jsonl")))
+            self.assertTrue(os.path.isdir(logs))
 
     def test_names_in_the_log_are_no_shell_code(self):
         log = os.path.join(self.root, "proxy.jsonl")
