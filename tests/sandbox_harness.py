@@ -168,6 +168,28 @@ def pid_namespace_members(namespace):
     return members
 
 
+def children(pid):
+    """The pids whose parent is `pid` (from /proc)."""
+    found = []
+    for child in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if int(f.read().rpartition(")")[2].split()[1]) == pid:
+                    found.append(int(child))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def command_line(pid):
+    """Process `pid`'s command line, its arguments joined by spaces ("" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def processes_mentioning(text):
     """Pids whose command line contains `text` (read from /proc, this user's view)."""
     found = []

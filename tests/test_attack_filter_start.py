@@ -23,9 +23,9 @@ import time
 import unittest
 
 import bw_lib
-from tests.sandbox_harness import (RecordingUpstream, SessionCase, decisions,
-                                   processes_mentioning, read_log, read_text, wait_for,
-                                   write_file)
+from tests.sandbox_harness import (RecordingUpstream, SessionCase, children, command_line,
+                                   decisions, processes_mentioning, read_log, read_text,
+                                   wait_for, write_file)
 
 OTHER_PYTHON = "/usr/bin/python3"     # one another user can run (sys.executable may be
                                       # under /root, e.g. pyenv)
@@ -47,26 +47,6 @@ def other_user():
 def as_other(argv):
     name, uid, gid = other_user()
     return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *argv]
-
-
-def children(pid):
-    found = []
-    for child in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{child}/stat") as f:
-                if int(f.read().rpartition(")")[2].split()[1]) == pid:
-                    found.append(int(child))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
-def command_line(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def alive(pid):

@@ -20,8 +20,8 @@ import unittest
 import bw_lib
 
 from tests.sandbox_harness import (ALERT, BODY, BW_CLAUDE, NAME, SSH_BANNER, PinnedCase,
-                                   SessionCase, http_server, loopback, one_line, read_text,
-                                   tunnel, wait_for)
+                                   SessionCase, children, command_line, http_server, loopback,
+                                   one_line, read_text, tunnel, wait_for)
 from tests.proxy_harness import built_client_hello, client_hello
 
 
@@ -341,30 +341,8 @@ class AdvisoryBridgeTest(PinnedCase):
         self.assertEqual(runs[0].stdout, runs[1].stdout)
 
 
-
 BLOCKED = ("curl -sS -m 5 --noproxy '' -o /dev/null -w '%{http_code}' -x \"$HTTPS_PROXY\" "
            "http://blocked.example/")      # refused by the proxy before any lookup: 403
-
-
-def children(pid):
-    """The pids whose parent is `pid` (from /proc)."""
-    found = []
-    for child in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{child}/stat") as f:
-                if int(f.read().rpartition(")")[2].split()[1]) == pid:
-                    found.append(int(child))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
-def command_line(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 class ProxyLifeTest(SessionCase):
