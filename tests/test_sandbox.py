@@ -468,7 +468,7 @@ class DefaultsAndDoctorTest(LoopbackUpstreams, SessionCase):
         self.assertNotIn("network:", result.stderr)
 
         dry = self.check(self.bw("--dry-run")).stdout
-        self.assertIn(f"--allow {self.one}", dry)
+        self.assertIn(f"--allow={self.one}", dry)
         self.assertIn("--unshare-net", dry)
         dry = self.check(self.bw("--dry-run", "--no-defaults")).stdout
         self.assertNotIn("socks_filter", dry)
