@@ -231,8 +231,8 @@ class Lazy:
         return getattr(self._module, attr)
 
 
-fnmatch, glob, json, shlex, shutil, subprocess, tempfile = map(
-    Lazy, ["fnmatch", "glob", "json", "shlex", "shutil", "subprocess", "tempfile"])
+fnmatch, glob, json, shlex, subprocess, tempfile = map(
+    Lazy, ["fnmatch", "glob", "json", "shlex", "subprocess", "tempfile"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -993,19 +993,19 @@ def build_parser(profile):
     return parser
 
 
-def argparse_calls(option, suppress, set_all):
+def argparse_calls(option, hidden, set_all):
     """An Option as argparse's add_argument calls: [(flags, keyword arguments)]; a switch is
     two, its `off` flag hidden from --help, which says "(undo: OFF)" instead."""
     kind, name = option.kind, destination(option)
     if kind == "help":
-        return [(option.flags, dict(action="help", default=suppress, help=option.help))]
+        return [(option.flags, dict(action="help", default=hidden, help=option.help))]
     if kind == "set_all":
-        return [(option.flags, dict(action=set_all, dest=suppress, values=dict(option.sets),
+        return [(option.flags, dict(action=set_all, dest=hidden, values=dict(option.sets),
                                     help=option.help))]
     if kind == "switch":
         return [(option.flags, dict(dest=name, action="store_const", const=True, default=None,
                                     help=f"{option.help} (undo: {option.off})")),
-                ((option.off,), dict(dest=name, action="store_const", const=False, help=suppress))]
+                ((option.off,), dict(dest=name, action="store_const", const=False, help=hidden))]
     if kind == "store_true":
         return [(option.flags, dict(dest=name, action=kind, help=option.help))]
     return [(option.flags, dict(dest=name, action=kind, metavar=option.metavar, help=option.help,
@@ -1311,6 +1311,7 @@ def probe_host(environ):
     search_path = environ.get("PATH", os.defpath)
     bwrap = find_program("bwrap", search_path)
     env_program = find_program("env", "/usr/bin:/bin")
+    etc = {f"/etc/{e}": stat_or_none(f"/etc/{e}") for e in ETC_ENTRIES}
     return Host(search_path=search_path, bwrap=bwrap,
                 socat=find_program("socat", search_path),
                 env_program=env_program if env_program and env_resets_signals(env_program)
@@ -1319,8 +1320,9 @@ def probe_host(environ):
                 missing_files=tuple(p for p in OWN_FILES if not os.path.isfile(p)),
                 system=[(d, os.readlink(d) if os.path.islink(d) else None)
                         for d in SYSTEM_DIRS if os.path.lexists(d)],
-                etc=[f"/etc/{e}" for e in ETC_ENTRIES if os.path.exists(f"/etc/{e}")],
-                etc_files=tuple(f"/etc/{e}" for e in ETC_ENTRIES if os.path.isfile(f"/etc/{e}")))
+                etc=[path for path, info in etc.items() if info],
+                etc_files=tuple(path for path, info in etc.items()
+                                if info and stat.S_ISREG(info.st_mode)))
 
 
 def install_hint(tool):
@@ -3803,7 +3805,8 @@ def back_lines(item, bases, home, private, project, budget=None):
     problems = []
     for name, data in ours.items():
         if data is None:
-            problems.append(f"{name}: not a regular file")
+            problems.append(f"{name}: not a regular file of at most "
+                            f"{STATE_FILE_LIMIT >> 20} MiB")
             continue
         place = host_place(home, f"{item.path}/{name}")
         try:
@@ -4764,8 +4767,8 @@ def format_git_report(tool, done, failed, problems, snapshot, killed=False):
             for _, _, renames in done:
                 lines.append("  " + " && ".join(f"mv -T {shlex.quote(new)} {shlex.quote(old)}"
                                                  for old, new in reversed(renames)))
+    roots = " ".join(shlex.quote(root) for root in snapshot["roots"]) if problems else ""
     for problem in problems:
-        roots = " ".join(shlex.quote(root) for root in snapshot["roots"])
         lines.append(f"WARNING: {problem}: before running git there, look at what the session "
                      f"made: find {roots} -name .git -newerct @{snapshot['since'] // 10**9 - 1}")
     return "\n".join(head + printable(line) for line in lines)
@@ -4933,20 +4936,6 @@ def stop(process, sig=signal.SIGTERM):
     except TimeoutError:
         process.kill()
         process.wait()
-
-
-def read_ready(fd, seconds):
-    """The proxy's ready line, or what it wrote before closing or the time running out."""
-    data, deadline = b"", time.monotonic() + seconds
-    while b"\n" not in data:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            break
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode(errors="replace").strip()
 
 
 def last_line(path):
@@ -5433,7 +5422,7 @@ def run_sandbox(plan, dirs, proxy):
             signal.pthread_sigmask(signal.SIG_SETMASK, held)    # last: a held signal ends it
         code = proxy.wait(bwrap)
         CLOCK.ended()
-        set_up = bwrap_ran(read_status(read_fd, bwrap))
+        set_up = bwrap_ran(read_until(read_fd))
     finally:
         ignore_signals()
         try:
@@ -5450,14 +5439,14 @@ def run_sandbox(plan, dirs, proxy):
     return 128 - code if code < 0 else code
 
 
-def read_status(fd, bwrap, seconds=None, until=None):
-    """What bwrap wrote on its status pipe (JSON lines): all of it once it exited, or, with
-    `until`, as soon as that is in it (at most `seconds`, while bwrap runs)."""
+def read_until(fd, seconds=None, until=None, child=None):
+    """What comes on `fd`: all of it, to its end, or with `until` as soon as that is in it;
+    for at most `seconds` (None: no bound), and while `child` (a Child) runs."""
     data = b""
     deadline = None if seconds is None else time.monotonic() + seconds
     while until is None or until not in data:
         left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and (left <= 0 or bwrap.poll() is not None):
+        if (left is not None and left <= 0) or (child is not None and child.poll() is not None):
             break
         if not select.select([fd], [], [], left)[0]:
             continue
@@ -5477,7 +5466,7 @@ def stop_sandbox(bwrap, status_fd):
     on after the session's checks and clean-up."""
     if bwrap is None or bwrap.poll() is not None:
         return
-    info = parse_json(read_status(status_fd, bwrap, STOP_SECONDS, until=b"\n").split(b"\n")[0])
+    info = parse_json(read_until(status_fd, STOP_SECONDS, b"\n", bwrap).split(b"\n")[0])
     child = info.get("child-pid") if isinstance(info, dict) else None
     if isinstance(child, int) and child > 1 and parent_of(child) == bwrap.pid:
         with suppress(ProcessLookupError):

@@ -436,7 +436,7 @@ class ProxyLifeTest(SessionCase):
                             "--log", log, "--ready-fd", str(early.ready_number)],
                            err, listener.fileno())
                 listener.close()
-                line = bw_lib.read_ready(early.ready_fd, 20)
+                line = bw_lib.read_until(early.ready_fd, 20, b"\n").decode().strip()
                 if not failing:
                     self.assertEqual(line, "ready " + path)
                     self.assertEqual(waiting.recv(2), b"\x05\x00")
@@ -465,7 +465,7 @@ class ProxyLifeTest(SessionCase):
             err, "--listen", path, "--ready-fd", str(early.ready_number),
             "--allow", "api.example.com:443")))
         early.stdin.close()
-        self.assertEqual(bw_lib.read_ready(early.ready_fd, 20), "")
+        self.assertEqual(bw_lib.read_until(early.ready_fd, 20, b"\n").decode().strip(), "")
         self.assertTrue(wait_for(lambda: early.process.poll() is not None))
         self.assertEqual(early.process.returncode, 2)
         self.assertFalse(os.path.lexists(path), "it listened")

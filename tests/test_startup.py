@@ -100,7 +100,7 @@ class EarlyProxyTest(Session):
         early.hand(["--listen", sock, "--allow", "example.com:443",
                     "--log", os.path.join(private, "proxy.log"),
                     "--ready-fd", str(early.ready_number)], err)
-        line = bw_lib.read_ready(early.ready_fd, 20)
+        line = bw_lib.read_until(early.ready_fd, 20, b"\n").decode().strip()
         self.assertEqual(line, "ready " + sock)
         with socket.socket(socket.AF_UNIX) as client:
             client.settimeout(5)
@@ -120,7 +120,7 @@ class EarlyProxyTest(Session):
         sock = os.path.join(private, "proxy.sock")
         early.hand(["--listen", sock, "--bogus-option-to-make-it-write-an-error",
                     "--ready-fd", str(early.ready_number)], err)
-        self.assertEqual(bw_lib.read_ready(early.ready_fd, 20), "")
+        self.assertEqual(bw_lib.read_until(early.ready_fd, 20, b"\n").decode().strip(), "")
         self.assertTrue(wait_for(lambda: early.process.poll() is not None))
         self.assertNotEqual(early.process.returncode, 0)
         with open(victim) as f:
