@@ -2940,10 +2940,10 @@ def main(argv=None, parser=None, parent=None):
 def main_from_stdin():
     """main() with its arguments read from stdin up to EOF: their count, then each, all
     ended by a NUL, the first being the file stderr goes to (created, never through a
-    link); then the process exits (it does not return).  An empty stdin (the parent gave
-    up): exit at once, never listening; fewer than counted, or one not ended (cut short:
-    the parent was interrupted while writing, and a list or a rule cut short is another)
-    is refused.
+    link); once main() has run, the process exits there (os._exit).  An empty stdin (the
+    parent gave up): 0 at once, never listening; fewer than counted, or one not ended (cut
+    short: the parent was interrupted while writing, and a list or a rule cut short is
+    another): refused, 2.
     stdin may be a unix socket: a descriptor sent with the arguments (SCM_RIGHTS; bw_lib
     sends the proxy's listening socket) becomes descriptor 0 once they are read, so the
     arguments name it as --listen-fd 0."""
