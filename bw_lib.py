@@ -2920,7 +2920,9 @@ def plan_outputs(opts, roots):
         problem = given and host_file_problem(os.path.abspath(given), roots)
         if problem:
             raise Failure(f"{flag} {given}: will not write there: {problem}")
-    where = opts.proxy_log and root_of(os.path.abspath(opts.proxy_log), roots)
+    log = opts.proxy_log and os.path.abspath(opts.proxy_log)
+    where = log and root_of(os.path.join(os.path.realpath(os.path.dirname(log)),
+                                         os.path.basename(log)), roots)
     if where:
         raise Failure(f"--proxy-log {opts.proxy_log}: the sandbox can write there "
                       f"({where[0]}), and the summary and --learn read the log back; put it "
@@ -3704,10 +3706,11 @@ def keys_update(base, ours, keys, project, only_plain=False):
 def complete_lines(data):
     """The complete lines of a JSONL file written by the sandbox, if every one is a JSON
     object (a partial last line, still being written, is left out); else None.  Lines end
-    at "\\n" only, as the CLIs read them (a "\\r" inside one is not an end)."""
+    at "\\n" only, as the CLIs read them (a "\\r" inside one is not an end); an empty line
+    is left as it is, one of blanks is no JSON."""
     end = data.rfind(b"\n") + 1
     for line in data[:end].split(b"\n"):
-        if line.strip() and not isinstance(parse_json(line), dict):
+        if line and not isinstance(parse_json(line), dict):
             return None
     return data[:end]
 
@@ -3718,8 +3721,8 @@ def lines_update(size, ours, theirs):
     host's file now (None when absent).  Only the complete lines appended to what the
     session was given go back, each a JSON object, after what the host has now; a
     transcript whose first `size` bytes are not the host's (rewritten in the session, or on
-    the host meanwhile) is refused (ValueError).  The lines given are compared as bytes,
-    not parsed again."""
+    the host meanwhile) is refused (ValueError), as is one whose lines would join a line
+    the host left unfinished.  The lines given are compared as bytes, not parsed again."""
     start = size or 0
     if len(ours) < start or (theirs is not None and theirs[:start] != ours[:start]):
         raise ValueError("it was rewritten instead of appended to (in the session, or on "
@@ -3731,6 +3734,11 @@ def lines_update(size, ours, theirs):
     new = lines[start - cut:]
     if not new:
         return None
+    grown = theirs is not None and len(theirs) > start
+    if (grown and not theirs.endswith(b"\n")) or (cut < start and (theirs is None or grown)):
+        # Its lines would be glued to a line the host left unfinished, or finish one the
+        # host no longer has as the session was given it.
+        raise ValueError("a line is unfinished on the host")
     return new if theirs is None else theirs + new
 
 
@@ -5946,6 +5954,10 @@ def restore_terminal(fd, saved):
 
 
 def raise_terminated(signum, frame):
+    """The first of SIGTERM, SIGHUP, SIGQUIT ends the session; the others are ignored from
+    here on, or a second one (a session scope's SIGTERM then SIGHUP) would cut short the
+    clean-up the first began, before bwrap is stopped."""
+    ignore_signals()
     raise Terminated(signum)
 
 

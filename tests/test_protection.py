@@ -18,12 +18,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 
 import bw_lib
 from tests.sandbox_harness import (BW_CLAUDE, BW_GEMINI, FAKE_CLI, SessionCase, install_copy,
-                                   missing, one_line, read_text, require_tools, run_in_pty,
-                                   wait_for, write_file)
+                                   missing, one_line, processes_mentioning, read_text,
+                                   require_tools, run_in_pty, wait_for, write_file)
 
 SECRET = "-----BEGIN FAKE ED25519 KEY----- 7f3c9e"
 BASHRC = "# the user's bashrc\n"
@@ -258,6 +259,25 @@ class ProjectConfigTest(SessionCase):
                                     f"ls -A {other}; echo ran", tool=tool)
                 self.assertIn("ran", result.stdout, result.stderr)
                 self.assertFalse(os.path.lexists(os.path.join(self.project, other)))
+
+    def test_two_signals_at_once_still_stop_the_sandbox_before_the_clean_up(self):
+        # A session scope ends with SIGTERM then SIGHUP: the second must not cut short the
+        # clean-up the first began, or the placeholders go while the agent still runs.
+        planted = os.path.join(self.project, ".claude", "settings.local.json")
+        started = os.path.join(self.project, "started")
+        script = (": > started; while :; do mkdir -p .claude 2>/dev/null; "
+                  "echo '{\"hooks\": {}}' > .claude/settings.local.json 2>/dev/null "
+                  "&& break; done; sleep 30")
+        for signals in ((signal.SIGTERM, signal.SIGHUP), (signal.SIGHUP, signal.SIGTERM)):
+            session = self.popen("--", script)
+            self.assertTrue(wait_for(lambda: os.path.exists(started), 30))
+            for sig in signals:
+                session.send_signal(sig)
+            session.communicate(timeout=60)
+            os.remove(started)
+            time.sleep(0.5)                 # what a sandbox left running would write by now
+            self.assertFalse(os.path.lexists(planted), signals)
+            self.assertEqual(processes_mentioning(self.project), [])
 
     def test_placeholders_are_gone_after_the_session(self):
         result = self.bw(script="ls -A; ls -A .claude")
@@ -640,7 +660,10 @@ class HostWrittenFilesTest(ContainmentCase):
         logs = os.path.join(self.project, "logs")
         os.mkdir(logs)
         os.symlink(os.path.join(self.home, ".bashrc"), os.path.join(self.project, "proxy.jsonl"))
-        for log in (os.path.join(self.project, "proxy.jsonl"), os.path.join(logs, "p.jsonl")):
+        through = os.path.join(self.root, "to-project")      # a link of the user's own
+        os.symlink(self.project, through)
+        for log in (os.path.join(self.project, "proxy.jsonl"), os.path.join(logs, "p.jsonl"),
+                    os.path.join(through, "q.jsonl")):
             result = self.shell("echo SESSION-RAN; rm -rf logs; ln -s ~ logs",
                                 "--filter-network", "--unshare-net", "--proxy-log", log)
             self.assertEqual(result.returncode, 1, result.stdout + result.stderr)

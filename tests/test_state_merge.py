@@ -166,6 +166,21 @@ class LinesTest(unittest.TestCase):
         with self.assertRaises(ValueError):     # UTF-8 only, no byte order mark
             bw_lib.lines_update(0, b'\xef\xbb\xbf{"a": 1}\n', None)
 
+    def test_lines_are_never_glued_to_a_line_the_host_left_unfinished(self):
+        seeded, added = b'{"a": 1}\n', b'{"evil": 1}\n'
+        with self.assertRaises(ValueError):     # the host's copy grew by a partial line
+            bw_lib.lines_update(len(seeded), seeded + added, seeded + b'{"host": "par')
+        partial = b'{"a": 1}\n{"b": "x'
+        ours = partial + b'y"}\n{"c": 3}\n'
+        for theirs in (None, partial + b'ZZ"}\n'):    # deleted, or finished on the host
+            with self.assertRaises(ValueError):
+                bw_lib.lines_update(len(partial), ours, theirs)
+        for blank in (b"   \n", b"\x0b\x0c\n", b"\r\n"):
+            with self.assertRaises(ValueError):     # a line of blanks is no JSON
+                bw_lib.lines_update(len(seeded), seeded + blank, seeded)
+        self.assertEqual(bw_lib.lines_update(len(seeded), seeded + b"\n" + added, seeded),
+                         seeded + b"\n" + added)    # an empty line stays as it was
+
     def test_unchanged_state_is_no_change(self):
         data = b'{"numStartups": 3}'
         self.assertIsNone(bw_lib.keys_update(data, data, ("numStartups",), self.PROJECT))
