@@ -5111,13 +5111,20 @@ class SessionDirs:
         return self.protection.mounts() if self.protection else self.plan.mounts
 
 
-# The proxy's interpreter is started early: Python and socks_filter's imports take ~25 ms,
-# spent while the wrapper plans and prepares rather than after.
+# The proxy's interpreter is started early (Python's own start, ~10 ms, is spent while the
+# wrapper plans), then waits, its parent's pid noted first, until its arguments come on stdin
+# (FilterProxy.hand) before it imports anything: the rest of its start, ~40 ms of CPU, would
+# compete with the sandbox's start on a machine of two CPUs.
 # socks_filter.py (the argument after the code) imported, from its bytecode cache (a script is
 # compiled at every start), its directory LAST on sys.path so that nothing next to it can
 # stand in for a standard module; its arguments come on stdin (main_from_stdin).
-PROXY_MAIN = ("import os, sys; sys.path.append(os.path.dirname(sys.argv.pop(1))); "
-              "import socks_filter; sys.exit(socks_filter.main_from_stdin())")
+PROXY_MAIN = ("import os, sys, select; parent = os.getppid(); select.select([0], [], []); "
+              "sys.path.append(os.path.dirname(sys.argv.pop(1))); "
+              "import socks_filter; sys.exit(socks_filter.main_from_stdin(parent))")
+
+# A session that runs this long (from bwrap's start) gets its proxy started even before a
+# connection waits for it: the CLIs connect later than that, and find it serving.
+PROXY_HAND_SECONDS = 0.1
 
 LISTEN_BACKLOG = 1024       # connections that wait for the proxy (as socks_filter's own)
 
@@ -5184,29 +5191,31 @@ class ProxyInterpreter:
             self.stdin.close()
 
     def stop(self):
+        stop(self.process)          # first: it would start its imports at the end of stdin
         self.stdin.close()
         if self.ready_fd is not None:
             os.close(self.ready_fd)
             self.ready_fd = None
-        stop(self.process)
 
 
 class FilterProxy:
     """socks_filter.py as a subprocess, for a session with --filter-network (a session
-    without it gets one that does nothing).  Entering binds the proxy's socket and hands it,
-    with the proxy's arguments, to its interpreter (a ProxyInterpreter: the one Wrapper.plan
-    started before the plan, or a new one), in a session of its own (the terminal's Ctrl-C
-    is for the CLI); the wrapper keeps no copy of the socket, so a proxy that dies takes it
-    along and the sandbox's connections are refused (never let through).  bwrap starts
-    without waiting for the proxy (connections wait in the socket's backlog meanwhile);
-    wait(bwrap) watches for its ready line while the sandbox runs, and a proxy that fails,
-    or says nothing within PROXY_READY_SECONDS, ends the session with a Failure.  Leaving
-    stops it on every path and reports: the network summary from its log, and the --learn
-    file (unless the sandbox never got going)."""
+    without it gets one that does nothing).  Entering binds the proxy's socket; hand() gives
+    it, with the proxy's arguments, to its interpreter (a ProxyInterpreter: the one
+    Wrapper.plan started before the plan, or a new one, in a session of its own: the
+    terminal's Ctrl-C is for the CLI), which only then does the rest of its start.  The
+    wrapper keeps no copy of the socket once handed, so a proxy that dies takes it along
+    and the sandbox's connections are refused (never let through).  bwrap starts without
+    waiting for the proxy (connections wait in the socket's backlog meanwhile); wait(bwrap)
+    hands the socket over when a connection waits in it or PROXY_HAND_SECONDS after bwrap
+    started (with --learn or --proxy-log at once), watches for the ready line, and a proxy
+    that fails, or says nothing within PROXY_READY_SECONDS of the hand, ends the session
+    with a Failure.  Leaving stops it on every path and reports: the network summary from
+    its log, and the --learn file (unless the sandbox never got going)."""
 
     def __init__(self, plan, dirs):
         self.plan, self.dirs, self.tool = plan, dirs, plan.profile.tool
-        self.process = self.ready_fd = None
+        self.process = self.ready_fd = self.interpreter = self.listener = None
         self.ready = False
         self.said, self.deadline = b"", None
 
@@ -5214,24 +5223,30 @@ class FilterProxy:
         if not self.plan.filter:
             return self
         interpreter = self.plan.early_proxy or ProxyInterpreter(proxy_env(self.plan))
-        args = build_proxy_args(self.plan, self.dirs.dir, interpreter.ready_number,
-                                socket_dir=self.dirs.socket_dir)
+        self.args = build_proxy_args(self.plan, self.dirs.dir, interpreter.ready_number,
+                                     socket_dir=self.dirs.socket_dir)
         if self.plan.verbose:
-            say(shlex.join(args))
+            say(shlex.join(self.args))
         try:
-            listener = proxy_listener(args[args.index("--listen") + 1])
+            self.listener = proxy_listener(self.args[self.args.index("--listen") + 1])
         except BaseException:
             interpreter.stop()
             raise
-        self.process = interpreter.process
+        self.interpreter, self.process = interpreter, interpreter.process
         self.ready_fd, interpreter.ready_fd = interpreter.ready_fd, None
-        try:
-            interpreter.hand(args[4:], self.path(PROXY_ERRORS), listener.fileno())
-        finally:
-            listener.close()        # the proxy's copy is the only one
-        self.deadline = time.monotonic() + PROXY_READY_SECONDS
-        CLOCK.mark("proxy started")
+        if self.plan.learn or self.plan.proxy_log:
+            self.hand()
+        CLOCK.mark("proxy socket")
         return self
+
+    def hand(self):
+        """Give the interpreter its arguments and the socket, keeping no copy: it starts."""
+        try:
+            self.interpreter.hand(self.args[4:], self.path(PROXY_ERRORS), self.listener.fileno())
+        finally:
+            self.listener.close()
+            self.listener = None
+        self.deadline = time.monotonic() + PROXY_READY_SECONDS
 
     def announce(self):
         """The lines said before the sandbox starts: the options that open the network."""
@@ -5244,20 +5259,29 @@ class FilterProxy:
                 "ignore HTTP(S)_PROXY reach the network directly")
 
     def wait(self, bwrap):
-        """bwrap's exit status; meanwhile the proxy's ready line is awaited (bounded): a
+        """bwrap's exit status; meanwhile the socket is handed over (when a connection
+        waits, or after PROXY_HAND_SECONDS) and the proxy's ready line awaited (bounded): a
         proxy that fails to start raises Failure (run_sandbox then stops bwrap)."""
         pidfd = None
         if self.ready_fd is not None:
             with suppress(AttributeError, OSError):
                 pidfd = os.pidfd_open(bwrap.pid)
+        hand_at = time.monotonic() + PROXY_HAND_SECONDS
         try:
             while self.ready_fd is not None and bwrap.poll() is None:
-                left = self.deadline - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                if self.listener is not None and now >= hand_at:
+                    self.hand()
+                left = (hand_at if self.listener is not None else self.deadline) - now
+                if self.listener is None and left <= 0:
                     raise Failure(self.not_started())
-                watched = [self.ready_fd] + ([pidfd] if pidfd is not None else [])
-                if self.ready_fd in select.select(watched, [], [], left if pidfd is not None
-                                                  else min(left, 0.002))[0]:
+                watched = [self.ready_fd] + ([pidfd] if pidfd is not None else []) + (
+                    [self.listener] if self.listener is not None else [])
+                readable = select.select(watched, [], [], max(0, left) if pidfd is not None
+                                         else min(max(0, left), 0.002))[0]
+                if self.listener is not None and self.listener in readable:
+                    self.hand()         # a connection waits
+                if self.ready_fd in readable:
                     self.read_ready()
         finally:
             if pidfd is not None:
@@ -5288,11 +5312,11 @@ class FilterProxy:
 
     def finish_start(self):
         """The session ends (the CLI exited, a signal, an error) before the wrapper read the
-        proxy's ready line: read what it said by now, without waiting for more (a proxy
-        still starting has served nothing, so there is nothing to sum up, and waiting would
-        make every short session as long as the proxy's start), unless a --learn file or
-        --proxy-log is asked for: those are written as in any session.  A message if it
-        failed, or had not started."""
+        proxy's ready line: read what it said by now, without waiting for more (a proxy not
+        handed its socket, or still starting, has served nothing, so there is nothing to
+        sum up, and waiting would make every short session as long as the proxy's start),
+        unless a --learn file or --proxy-log is asked for: those are written as in any
+        session.  A message if it failed, or had not started."""
         try:
             if self.plan.learn or self.plan.proxy_log:
                 self.await_ready()
@@ -5319,12 +5343,17 @@ class FilterProxy:
         ignore_signals()
         late = None
         if self.ready_fd is not None:
-            if self.deadline is not None:       # handed its arguments: it is starting
+            if self.deadline is not None or self.listener is not None:      # it was started
                 late = self.finish_start()
             if self.ready_fd is not None:
                 os.close(self.ready_fd)
                 self.ready_fd = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
         stop(self.process)
+        if self.interpreter is not None:
+            self.interpreter.stdin.close()
         if late:
             say(late)
         if self.ready:
@@ -5894,7 +5923,7 @@ class Wrapper:
     def plan(self, argv):
         """plan_session for this profile; the entry script itself is never the CLI.  With
         --filter-network on the command line the proxy's interpreter starts first, so that
-        its start-up overlaps the planning (see ProxyInterpreter)."""
+        Python's own start overlaps the planning (see ProxyInterpreter)."""
         early = None
         if early_flags(argv).filter_network:
             early = ProxyInterpreter(dict(os.environ))

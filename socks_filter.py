@@ -125,8 +125,8 @@ import time
 
 class Lazy:
     """A standard module imported at its first use (an attribute read): the rule functions
-    (bw_lib imports this module for them) and the proxy's start need none of these, and
-    importing them all costs ~10 ms."""
+    (bw_lib imports this module for them) need none of these, and importing them all costs
+    ~10 ms."""
 
     def __init__(self, name):
         self._name, self._module = name, None
@@ -2883,9 +2883,9 @@ def announce_ready(addresses, ready_fd):
         os.close(ready_fd)
 
 
-def main(argv=None, parser=None, parent=None):
+def main(argv=None, parent=None):
     """The daemon; `parent`: the process it dies with (by default, its parent now)."""
-    parser = parser or build_parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     name = parser.prog
     try:
@@ -2933,11 +2933,11 @@ def main(argv=None, parser=None, parent=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Started before its arguments are known: a parent starts the interpreter, which imports this
-# module while the parent is still deciding the arguments, so that the two overlap and the
-# proxy is ready sooner.
+# Started before its arguments are known: a parent starts the interpreter early (Python's own
+# start overlaps the parent's work) and hands it the arguments, on stdin, when it needs the
+# proxy; this module is imported then, and main_from_stdin reads them.
 
-def main_from_stdin():
+def main_from_stdin(parent=None):
     """main() with its arguments read from stdin up to EOF: their count, then each, all
     ended by a NUL, the first being the file stderr goes to (created, never through a
     link); once main() has run, the process exits there (os._exit).  An empty stdin (the
@@ -2946,9 +2946,9 @@ def main_from_stdin():
     another): refused, 2.
     stdin may be a unix socket: a descriptor sent with the arguments (SCM_RIGHTS; bw_lib
     sends the proxy's listening socket) becomes descriptor 0 once they are read, so the
-    arguments name it as --listen-fd 0."""
-    parent = os.getppid()           # the wrapper, before warm_up gives it time to die
-    parser = warm_up()
+    arguments name it as --listen-fd 0.  `parent`: the parent's pid as the process first
+    saw it (the proxy exits when the parent is gone), noted now when not given."""
+    parent = parent or os.getppid()     # the wrapper, before it has time to die
     data, fds = read_arguments(0)
     count, *items = data.split(b"\0")[:-1] or [b""]
     if not (data.endswith(b"\0") and count.isdigit() and int(count) == len(items) > 0):
@@ -2970,27 +2970,13 @@ def main_from_stdin():
         for fd in fds:
             os.dup2(fd, 0, inheritable=False)
             os.close(fd)
-        code = main([os.fsdecode(item) for item in items[1:]], parser, parent)
+        code = main([os.fsdecode(item) for item in items[1:]], parent=parent)
     # Once served, the process ends without the interpreter's teardown (~8 ms of freeing
     # modules and threads): the parent waits for this exit before its summary.  Everything
     # is closed by now (the log in FilterServer._release); the standard streams are flushed.
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
-
-
-def warm_up():
-    """Import what serving needs and what main() uses once (argparse, ctypes), and build
-    the parser (argparse's translations and patterns: ~4 ms), before the arguments come:
-    the parent is still deciding them, so this time is spent in parallel with its planning
-    rather than between its handing them over and the ready line.  Returns the parser."""
-    for module in (argparse, base64, binascii, heapq, json, queue, resource, selectors, signal,
-                   socket, termios, threading):
-        module._load()
-    __import__("ctypes")    # exit_with_parent
-    parser = build_parser()
-    parser.parse_args(["--listen", "/warm-up"])     # compiles argparse's patterns
-    return parser
 
 
 MAX_DESCRIPTORS_HANDED = 4

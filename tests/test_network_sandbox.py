@@ -415,6 +415,83 @@ class ProxyLifeTest(SessionCase):
         self.assertTrue(os.path.isfile(learned), result.stderr)
         self.assert_clean()
 
+    def test_a_session_that_runs_on_gets_its_proxy_without_a_connection(self):
+        # The proxy does its start when a connection waits, or once the session has run
+        # PROXY_HAND_SECONDS: a session that long finds it serving, and its summary is the
+        # proxy's own, not "ended before the proxy served".
+        result = self.shell(f"sleep {bw_lib.PROXY_HAND_SECONDS * 10}", "--no-defaults",
+                            "--filter-network", code=0)
+        self.assertIn("0 allowed, 0 blocked", result.stderr)
+        self.assertNotIn("the session ended before the proxy served", result.stderr)
+        self.assert_clean()
+
+    def test_the_proxy_reads_its_code_only_once_handed_its_arguments(self):
+        """Until FilterProxy.hand, the proxy's interpreter only waits: its start (importing
+        socks_filter, ~40 ms of CPU) would compete with the sandbox's own.  /proc/PID/io
+        counts what it read: socks_filter's code comes after the arguments."""
+        private = tempfile.mkdtemp(dir=self.root)
+        path, err = os.path.join(private, "proxy.sock"), os.path.join(private, "proxy.err")
+        early = bw_lib.ProxyInterpreter(dict(os.environ))
+        self.addCleanup(early.stop)
+
+        def bytes_read():
+            with open(f"/proc/{early.process.pid}/io") as f:
+                return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+        listener = bw_lib.proxy_listener(path)
+        first = bytes_read()
+        waits = ("select", "poll")     # the kernel's name for where it sleeps: select()
+        self.assertTrue(wait_for(lambda: any(word in read_text(
+            f"/proc/{early.process.pid}/wchan") for word in waits), 20))
+        time.sleep(0.3)
+        self.assertLess(bytes_read() - first, 100000)
+        before = bytes_read()
+        early.hand(["--listen", path, "--listen-fd", str(bw_lib.HANDED_LISTENER),
+                    "--log", os.path.join(private, "proxy.jsonl"),
+                    "--ready-fd", str(early.ready_number)], err, listener.fileno())
+        listener.close()
+        self.assertEqual(bw_lib.read_until(early.ready_fd, 20, b"\n").decode().strip(),
+                         "ready " + path)
+        with open(bw_lib.FILTER_SCRIPT, "rb") as f:
+            code = len(f.read())
+        self.assertGreater(bytes_read() - before, code // 4,
+                           "socks_filter was read before its arguments came")
+
+    def test_a_wrapper_killed_before_or_right_after_the_hand_leaves_no_proxy(self):
+        """A wrapper killed while the proxy's interpreter waits for its arguments (the end
+        of its stdin), or right after handing it the socket (before it could serve), leaves
+        no proxy behind."""
+        for hand in (False, True):
+            with self.subTest(hand=hand):
+                private = tempfile.mkdtemp(dir=self.root)
+                path = os.path.join(private, "proxy.sock")
+                wrapper = subprocess.Popen([sys.executable, "-c", (
+                    "import os, sys; sys.path.insert(0, sys.argv[1]); import bw_lib\n"
+                    "early = bw_lib.ProxyInterpreter(dict(os.environ))\n"
+                    "print(early.process.pid, flush=True)\n"
+                    "if sys.argv[2] == '1':\n"
+                    "    listener = bw_lib.proxy_listener(sys.argv[3])\n"
+                    "    early.hand(['--listen', sys.argv[3], '--listen-fd', '0', '--log',\n"
+                    "                sys.argv[3] + '.log', '--ready-fd', str(early.ready_number)],\n"
+                    "               sys.argv[3] + '.err', listener.fileno())\n"
+                    "    os._exit(0)\n"
+                    "os.kill(os.getpid(), 9)\n"), os.path.dirname(bw_lib.__file__),
+                    "1" if hand else "0", path], stdout=subprocess.PIPE, text=True)
+                proxy = int(wrapper.stdout.readline())
+                wrapper.communicate(timeout=30)
+
+                def gone():
+                    try:
+                        with open(f"/proc/{proxy}/stat") as f:
+                            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+                    except FileNotFoundError:
+                        return True
+                self.assertTrue(wait_for(gone, 20), f"the proxy {proxy} outlived its wrapper")
+                if hand:
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
+                        with self.assertRaises((ConnectionRefusedError, FileNotFoundError)):
+                            late.connect(path)
+
     def test_a_handed_socket_dies_with_a_proxy_that_fails(self):
         """A connection waiting in the backlog of the socket the wrapper bound and handed
         over is dropped when the proxy fails, and the next one is refused."""
