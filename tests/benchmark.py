@@ -37,7 +37,8 @@ drift hits all alike): `python3 -c pass` (the `python3` first on PATH, as the en
 find it: run the benchmark with the PATH users have, and not through a pyenv shim, which costs
 ~100 ms by itself), the bwrap command bw-claude runs (read from --dry-run, its descriptors
 replaced by paths), `bw-claude --shell -- -c true`, the same with --unshare-net and with
---filter-network (which implies --unshare-net), with a fake `claude` on PATH, HOME in a
+--filter-network (which implies --unshare-net), a filtered session making one request at once
+(curl, to a name the proxy refuses before any lookup), with a fake `claude` on PATH, HOME in a
 temporary directory, the current directory as the project and bytecode caches kept.  Its own
 table gives each as milliseconds and as a multiple of `python3 -c pass` from the same run
 (check_targets holds the targets).
@@ -849,6 +850,11 @@ STARTUP_COMMANDS = [  # key, label, bw-claude's arguments (None: python3 -c pass
     ("shell_unshare_ms", "  ... --unshare-net", ["--shell", "--unshare-net", "--", "-c", "true"]),
     ("shell_filter_ms", "  ... --filter-network", ["--shell", "--filter-network", "--", "-c", "true"]),
     ("shell_used_ms", "  ... in a used home (used_home)", ["--shell", "--", "-c", "true"]),
+    # One request at once: the proxy starts only when a connection waits (or after
+    # PROXY_HAND_SECONDS), so this is the price of that.  A name the proxy refuses before any
+    # lookup: nothing leaves the machine.  Measured only where curl is installed.
+    ("shell_request_ms", "  ... --filter-network, a request at once",
+     ["--shell", "--filter-network", "--", "-c", "curl -s -o /dev/null http://blocked.example/"]),
 ]
 
 
@@ -866,7 +872,8 @@ def measure_startup(env, runs):
     try:
         commands = {}
         for key, _, args in STARTUP_COMMANDS:
-            commands[key] = [BW_CLAUDE, *args] if args else [python, "-c", "pass"]
+            if key != "shell_request_ms" or shutil.which("curl", path=env["PATH"]):
+                commands[key] = [BW_CLAUDE, *args] if args else [python, "-c", "pass"]
         commands["bwrap_bare_ms"] = bare_bwrap_command(commands["shell_ms"], env)
         result["bwrap_command"] = shlex.join(commands["bwrap_bare_ms"])
         envs = {key: env for key in commands}
