@@ -5240,13 +5240,15 @@ class FilterProxy:
         return self
 
     def hand(self):
-        """Give the interpreter its arguments and the socket, keeping no copy: it starts."""
+        """Give the interpreter its arguments and the socket, keeping no copy: it starts.
+        Its deadline is set first: a signal from here on leaves a proxy that may have its
+        socket, which leaving must treat as started (finish_start)."""
+        self.deadline = time.monotonic() + PROXY_READY_SECONDS
         try:
             self.interpreter.hand(self.args[4:], self.path(PROXY_ERRORS), self.listener.fileno())
         finally:
             self.listener.close()
             self.listener = None
-        self.deadline = time.monotonic() + PROXY_READY_SECONDS
 
     def announce(self):
         """The lines said before the sandbox starts: the options that open the network."""

@@ -611,8 +611,8 @@ class SignalAtTheHandTest(HandCase):
         self.assertEqual(process.returncode, 128 + signal.SIGTERM, err)
         return out, err
 
-    # FAILS on 4f111a7: FilterProxy.hand sets self.listener = None (finally) before
-    # self.deadline; a Terminated raised in between leaves both None, and __exit__ then skips
+    # Failed on 4f111a7, mended: FilterProxy.hand set self.listener = None (finally) before
+    # self.deadline; a Terminated raised in between left both None, and __exit__ then skipped
     # finish_start: no network line at all, unlike a SIGTERM at any other moment.
     def test_a_sigterm_at_the_hand_still_ends_with_a_network_line(self):
         server = self.upstream()
@@ -623,10 +623,9 @@ class SignalAtTheHandTest(HandCase):
             self.assertNotIn("nothing went out", lines[0], err)
         self.no_proxy_left()
 
-    # FAILS on 4f111a7: same window; with the sandbox slow to stop (stop_sandbox runs before
-    # FilterProxy.__exit__), the handed proxy starts, serves the sandbox's waiting request
-    # (the upstream is reached), and the session ends without any summary: what went out is
-    # never told.
+    # Failed on 4f111a7, mended: same window; with the sandbox slow to stop (stop_sandbox
+    # runs before FilterProxy.__exit__), the handed proxy started, served the sandbox's
+    # waiting request (the upstream was reached), and the session ended without any summary.
     def test_a_proxy_handed_as_a_sigterm_lands_is_never_left_out_of_the_summary(self):
         server = self.upstream()
         out, err = self.signalled_session("slow", server)
