@@ -81,10 +81,12 @@ Files that run code later, outside the sandbox
 --filter-network
   A private directory (mode 0700, under $XDG_RUNTIME_DIR when set) holds only the unix
   socket of socks_filter.py, started for this session with the profile's allow list.
-  The wrapper binds the socket and hands it to the proxy, keeping no copy: the sandbox
-  starts without waiting for the proxy (connections wait in the socket's backlog), a
-  proxy that dies takes the socket along (connections refused, never let through), and
-  one that fails to start (or says nothing for PROXY_READY_SECONDS) ends the session.
+  The wrapper binds the socket, so the sandbox starts without waiting for the proxy
+  (connections wait in the socket's backlog), and hands it to the proxy, keeping no copy,
+  when a connection waits or after PROXY_HAND_SECONDS (the proxy's start then competes
+  with nothing); a proxy that dies takes the socket along (connections refused, never let
+  through), and one that fails to start (or says nothing for PROXY_READY_SECONDS after
+  the hand) ends the session.
   The socket is bound into the sandbox, and socat_bridge.sh, the sandbox's first
   process, forwards 127.0.0.1:PORT (a port the kernel picks) to it, sets
   HTTP(S)_PROXY, ALL_PROXY and NO_PROXY, then execs the CLI.  --filter-network implies
@@ -5149,10 +5151,11 @@ def proxy_listener(path):
 
 
 class ProxyInterpreter:
-    """socks_filter.py's interpreter, waiting for its arguments (hand) on a unix socket
-    (stdin) with the write end of its ready pipe already open (ready_number in the child).
-    Without them (stdin closed: stop, or the wrapper's end) it exits at once, never having
-    listened.  In a session of its own: the terminal's Ctrl-C is for the CLI."""
+    """socks_filter.py's interpreter, waiting, before it imports anything, for its arguments
+    (hand) on a unix socket (stdin) with the write end of its ready pipe already open
+    (ready_number in the child).  stop() ends it by a signal; at the end of its stdin without
+    them (the wrapper's end) it exits, never having listened.  In a session of its own: the
+    terminal's Ctrl-C is for the CLI."""
 
     def __init__(self, env):
         import _socket
@@ -5215,7 +5218,7 @@ class FilterProxy:
 
     def __init__(self, plan, dirs):
         self.plan, self.dirs, self.tool = plan, dirs, plan.profile.tool
-        self.process = self.ready_fd = self.interpreter = self.listener = None
+        self.process = self.ready_fd = self.interpreter = self.listener = self.args = None
         self.ready = False
         self.said, self.deadline = b"", None
 
@@ -5313,49 +5316,51 @@ class FilterProxy:
         return f"the filtering proxy did not start: {why}; the sandbox had no network"
 
     def finish_start(self):
-        """The session ends (the CLI exited, a signal, an error) before the wrapper read the
-        proxy's ready line: read what it said by now, without waiting for more (a proxy not
-        handed its socket, or still starting, has served nothing, so there is nothing to
-        sum up, and waiting would make every short session as long as the proxy's start),
-        unless a --learn file or --proxy-log is asked for: those are written as in any
-        session.  A message if it failed, or had not started."""
+        """The session ended (the CLI exited, a signal, an error) before the wrapper read
+        the proxy's ready line, and the proxy is stopped by now: what its pipe holds is all
+        it ever said, and as it says ready before it serves anything, "nothing went out" is
+        true by construction.  None when it said ready (its log tells the rest), else the
+        line to say: why it did not start, or that nothing went out (it was never handed
+        the socket, or stopped while starting: a short session does not wait for it)."""
         try:
-            if self.plan.learn or self.plan.proxy_log:
-                self.await_ready()
-            while self.ready_fd is not None and select.select([self.ready_fd], [], [], 0)[0]:
-                self.read_ready()
-        except Failure as failure:
-            return f"{self.tool}: {failure}"
-        if self.ready_fd is None:
+            self.said += read_until(self.ready_fd, STOP_SECONDS)
+        finally:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+        if self.said.startswith(b"ready"):
+            self.ready = True
             return None
-        if self.process.poll() not in (None, 0):
+        if self.said or self.process.returncode not in (0, -signal.SIGTERM):
             return f"{self.tool}: {self.not_started()}"
         return (f"{self.tool}: network: 0 allowed, 0 blocked (the session ended before the "
                 "proxy served: nothing went out)")
 
     def await_ready(self):
-        """Wait (bounded) for the proxy's ready line; Failure if it does not come."""
-        while self.ready_fd is not None:
-            left = self.deadline - time.monotonic()
-            if left <= 0 or not select.select([self.ready_fd], [], [], left)[0]:
-                raise Failure(self.not_started())
-            self.read_ready()
+        """Wait (bounded) for the proxy's ready line, as a --learn file or --proxy-log asks
+        (they are written as in any session); the line to say if it does not come."""
+        try:
+            while self.ready_fd is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0 or not select.select([self.ready_fd], [], [], left)[0]:
+                    raise Failure(self.not_started())
+                self.read_ready()
+        except Failure as failure:
+            return f"{self.tool}: {failure}"
+        return None
 
     def __exit__(self, kind, error, traceback):
         ignore_signals()
         late = None
-        if self.ready_fd is not None:
-            if self.deadline is not None or self.listener is not None:      # it was started
-                late = self.finish_start()
-            if self.ready_fd is not None:
-                os.close(self.ready_fd)
-                self.ready_fd = None
+        if self.ready_fd is not None and self.deadline is not None and (
+                self.plan.learn or self.plan.proxy_log):
+            late = self.await_ready()
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-        stop(self.process)
         if self.interpreter is not None:
-            self.interpreter.stdin.close()
+            self.interpreter.stop()     # first: a stopped proxy serves no more (finish_start)
+        if self.ready_fd is not None:
+            late = self.finish_start()
         if late:
             say(late)
         if self.ready:
@@ -5417,8 +5422,8 @@ class FilterProxy:
 
 
 def run_sandbox(plan, dirs, proxy):
-    """Prepare the session's directories (while the proxy starts), run bwrap until the CLI
-    exits (the proxy's start watched meanwhile: FilterProxy.wait): the CLI's exit status."""
+    """Prepare the session's directories, run bwrap until the CLI exits (the proxy handed
+    its socket and its start watched meanwhile: FilterProxy.wait): the CLI's exit status."""
     dirs.prepare()
     proxy.announce()
     read_fd, write_fd = os.pipe()

@@ -2742,11 +2742,13 @@ def help_formatter(prog):
     try:
         columns = int(os.environ["COLUMNS"])
     except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
         try:
             columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
         except (AttributeError, ValueError, OSError):
-            columns = 80
-    return argparse.HelpFormatter(prog, width=columns - 2)
+            columns = 0
+    return argparse.HelpFormatter(prog, width=(columns if columns > 0 else 80) - 2)
 
 
 def build_parser():

@@ -148,6 +148,15 @@ def one_line(text):
     return text.strip() and "\n" not in text.strip() and "Traceback" not in text
 
 
+def alive(pid):
+    """Whether pid runs (a zombie does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def wait_for(predicate, seconds=20):
     """Poll a condition, bounded; the caller asserts on the result."""
     for _ in range(int(seconds / 0.05)):

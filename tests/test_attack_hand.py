@@ -25,9 +25,9 @@ import time
 import unittest
 
 import bw_lib
-from tests.sandbox_harness import (BW_CLAUDE, REPO, RecordingUpstream, SessionCase, children,
-                                   command_line, loopback, processes_mentioning, read_log,
-                                   wait_for)
+from tests.sandbox_harness import (BW_CLAUDE, REPO, RecordingUpstream, SessionCase, alive,
+                                   children, command_line, loopback, processes_mentioning,
+                                   read_log, wait_for)
 
 # bw-claude run with bw_lib.PROXY_HAND_SECONDS set first (argv: REPO SECONDS BW_CLAUDE ARGS).
 LAUNCH = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); import bw_lib; "
@@ -125,15 +125,6 @@ def interpreters_of(pid):
     """The proxy interpreters (ProxyInterpreter) the wrapper `pid` started and that run."""
     return [child for child in children(pid) if "main_from_stdin" in command_line(child)
             and alive(child)]
-
-
-def alive(pid):
-    """Whether pid runs (a zombie does not count)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def listening_inode(path):
@@ -326,8 +317,7 @@ class AroundTheHandTest(HandCase):
         for sig in (signal.SIGTERM, signal.SIGHUP):
             for delay in (0, step * 0.5, step, step * 1.3, step * 2, step * 3):
                 with self.subTest(sig=sig.name, delay=delay):
-                    with suppress_missing(os.path.join(self.project, "up")):
-                        pass
+                    remove_marker(os.path.join(self.project, "up"))
                     session = self.popen("--no-defaults", "--filter-network", "--shell", "--",
                                          "-c", ": > up; sleep 30")
                     self.assertTrue(wait_for(self.up, 30))
@@ -395,20 +385,12 @@ class AroundTheHandTest(HandCase):
         self.no_proxy_left()
 
 
-class suppress_missing:
+def remove_marker(path):
     """Remove a file if it is there (a marker from the previous subtest)."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __enter__(self):
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-    def __exit__(self, *exc):
-        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class PreHandTest(HandCase):
@@ -436,8 +418,7 @@ class PreHandTest(HandCase):
         for sig in (signal.SIGKILL, signal.SIGTERM):
             with self.subTest(sig=sig.name):
                 for name in ("up", "go"):
-                    with suppress_missing(os.path.join(self.project, name)):
-                        pass
+                    remove_marker(os.path.join(self.project, name))
                 self.interpreter_killed_before_the_hand(sig)
 
     def interpreter_killed_before_the_hand(self, sig):
@@ -471,10 +452,8 @@ class PreHandTest(HandCase):
         server = self.upstream()
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             with self.subTest(sig=sig.name):
-                with suppress_missing(os.path.join(self.project, "up")):
-                    pass
-                with suppress_missing(os.path.join(self.project, "done")):
-                    pass
+                remove_marker(os.path.join(self.project, "up"))
+                remove_marker(os.path.join(self.project, "done"))
                 session = self.launched(self.HOLD, "--no-defaults", "--filter-network",
                                         *loopback(server), "--shell", "--", "-c",
                                         ": > up; sleep 1; : > done")
@@ -588,7 +567,6 @@ class PreHandTest(HandCase):
         self.assertEqual(counts(network_lines(err)[0]), (1, 1), err)
         self.assertEqual(server.accepted, 2)
         self.no_proxy_left()
-
 
 
 class SignalAtTheHandTest(HandCase):
