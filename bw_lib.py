@@ -1939,9 +1939,10 @@ def refuse_wrapper_inside(roots, bwrap=None):
     sandbox can write, nor may a writable root lie inside the wrapper's directory: a session
     could change the code that runs on the host the next time (a project's activated venv
     holds the python3 the entry scripts start with)."""
+    files = wrapper_files(bwrap)
     for mounted, real in roots:
         for base in dict.fromkeys((mounted, real)):
-            inside = next((p for p in wrapper_files(bwrap) if is_within(p, base)), None)
+            inside = next((p for p in files if is_within(p, base)), None)
             if inside is None and is_within(base, HERE):
                 inside = HERE
             if inside is not None:
