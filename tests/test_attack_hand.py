@@ -385,6 +385,13 @@ class AroundTheHandTest(HandCase):
         self.no_proxy_left()
 
 
+def after_go(commands, checks):
+    """Shell text for the sandbox: say "up", wait (at most `checks` x 0.05 s) for the test's
+    "go", then run `commands`."""
+    return (": > up; i=0; while [ ! -e go ] && [ $i -lt %d ]; do sleep 0.05; i=$((i+1)); "
+            "done; %s" % (checks, commands))
+
+
 def remove_marker(path):
     """Remove a file if it is there (a marker from the previous subtest)."""
     try:
@@ -425,10 +432,9 @@ class PreHandTest(HandCase):
         server = self.upstream()
         target = f"127.0.0.1:{server.port}"
         session = self.launched(self.HOLD, "--no-defaults", "--filter-network", *loopback(server),
-                                "--shell", "--", "-c",
-                                ": > up; i=0; while [ ! -e go ] && [ $i -lt 300 ]; do "
-                                f"sleep 0.05; i=$((i+1)); done; {get(target, 'code')}; "
-                                f"python3 {self.fire} {target}; sleep 5")
+                                "--shell", "--", "-c", after_go(
+                                    f"{get(target, 'code')}; python3 {self.fire} {target}; "
+                                    "sleep 5", 300))
         self.assertTrue(wait_for(self.up, 30))
         found = interpreters_of(session.pid)
         self.assertEqual(len(found), 1, [command_line(c) for c in children(session.pid)])
@@ -541,10 +547,8 @@ class PreHandTest(HandCase):
         server = self.upstream()
         target = f"127.0.0.1:{server.port}"
         a = self.launched(self.HOLD, "--no-defaults", "--filter-network", *loopback(server),
-                          "--shell", "--", "-c",
-                          ": > up; i=0; while [ ! -e go ] && [ $i -lt 400 ]; do "
-                          f"sleep 0.05; i=$((i+1)); done; {get(target, 'a')}; "
-                          f"{get('blocked.example', 'a_blocked')}")
+                          "--shell", "--", "-c", after_go(
+                              f"{get(target, 'a')}; {get('blocked.example', 'a_blocked')}", 400))
         self.assertTrue(wait_for(self.up, 30))
         os.unlink(os.path.join(self.project, "up"))
         b = self.launched(self.HOLD, "--no-defaults", "--filter-network", "--shell", "--", "-c",
