@@ -5219,7 +5219,7 @@ class FilterProxy:
 
     def __init__(self, plan, dirs):
         self.plan, self.dirs, self.tool = plan, dirs, plan.profile.tool
-        self.process = self.ready_fd = self.interpreter = self.listener = self.args = None
+        self.ready_fd = self.interpreter = self.listener = self.args = None
         self.ready = False
         self.said, self.deadline = b"", None
 
@@ -5236,7 +5236,7 @@ class FilterProxy:
         except BaseException:
             interpreter.stop()
             raise
-        self.interpreter, self.process = interpreter, interpreter.process
+        self.interpreter = interpreter
         self.ready_fd, interpreter.ready_fd = interpreter.ready_fd, None
         if self.plan.learn or self.plan.proxy_log:
             self.hand()
@@ -5256,7 +5256,7 @@ class FilterProxy:
 
     def announce(self):
         """The lines said before the sandbox starts: the options that open the network."""
-        if self.process is None:
+        if self.interpreter is None:
             return
         for line in network_warnings(self.plan):
             say(f"{self.tool}: {line}")
@@ -5275,18 +5275,16 @@ class FilterProxy:
         hand_at = time.monotonic() + PROXY_HAND_SECONDS
         try:
             while self.ready_fd is not None and bwrap.poll() is None:
-                now = time.monotonic()
-                if self.listener is not None and now >= hand_at:
-                    self.hand()
-                left = (hand_at if self.listener is not None else self.deadline) - now
-                if self.listener is None and left <= 0:
+                held = self.listener is not None        # not handed yet: until hand_at
+                left = (hand_at if held else self.deadline) - time.monotonic()
+                if left <= 0 and not held:
                     raise Failure(self.not_started())
-                watched = [self.ready_fd] + ([pidfd] if pidfd is not None else []) + (
-                    [self.listener] if self.listener is not None else [])
+                watched = [self.ready_fd, *([pidfd] if pidfd is not None else []),
+                           *([self.listener] if held else [])]
                 readable = select.select(watched, [], [], max(0, left) if pidfd is not None
                                          else min(max(0, left), 0.002))[0]
-                if self.listener is not None and self.listener in readable:
-                    self.hand()         # a connection waits
+                if held and (self.listener in readable or time.monotonic() >= hand_at):
+                    self.hand()         # a connection waits, or the session has run on
                 if self.ready_fd in readable:
                     self.read_ready()
         finally:
@@ -5310,7 +5308,7 @@ class FilterProxy:
         if self.ready_fd is not None:
             os.close(self.ready_fd)
             self.ready_fd = None
-        status = self.process.poll()
+        status = self.interpreter.process.poll()
         why = last_line(self.path(PROXY_ERRORS)) or (
             f"it exited with status {status}" if status is not None else
             f"no ready line within {PROXY_READY_SECONDS} s")
@@ -5331,7 +5329,7 @@ class FilterProxy:
         if self.said.startswith(b"ready"):
             self.ready = True
             return None
-        if self.said or self.process.returncode not in (0, -signal.SIGTERM):
+        if self.said or self.interpreter.process.returncode not in (0, -signal.SIGTERM):
             return f"{self.tool}: {self.not_started()}"
         return (f"{self.tool}: network: 0 allowed, 0 blocked (the session ended before the "
                 "proxy served: nothing went out)")
@@ -5368,7 +5366,7 @@ class FilterProxy:
             say(self.summary())
             if self.plan.learn and (error is None or isinstance(error, Terminated)):
                 say(self.write_learned())
-        if self.process is not None:
+        if self.interpreter is not None:
             CLOCK.mark("proxy stopped, summary")
         return False
 
@@ -5389,8 +5387,9 @@ class FilterProxy:
                     if any(map(str.strip, lines)) else format_story(self.tool, 0, [], width))
         except OSError:
             text = f"{self.tool}: network: no proxy log"
-        if self.process.returncode not in (0, -signal.SIGTERM):
-            text += f" (the proxy exited with status {self.process.returncode}: " \
+        status = self.interpreter.process.returncode
+        if status not in (0, -signal.SIGTERM):
+            text += f" (the proxy exited with status {status}: " \
                     f"{last_line(self.path(PROXY_ERRORS))})"
         return text
 

@@ -574,12 +574,10 @@ class PreHandTest(HandCase):
 
 
 class SignalAtTheHandTest(HandCase):
-    """A SIGTERM that lands the moment the socket is handed over: between
-    ProxyInterpreter.hand's return and FilterProxy.hand setting `deadline` (the listener
-    already None).  FilterProxy.__exit__ tells a started proxy by `deadline is not None or
-    listener is not None`: in that window it is neither, so the handed proxy is taken for
-    one never started: its ready line is dropped unread, no summary and no "nothing went
-    out" line are said."""
+    """A SIGTERM that lands the moment the socket is handed over (ProxyInterpreter.hand has
+    returned, FilterProxy.hand has not): the session still ends with exactly one network
+    line, and one that counts what the proxy served.  (On 4f111a7 neither marker of a
+    started proxy was set in that window, and no line was said.)"""
 
     def signalled_session(self, speed, server):
         process = subprocess.Popen(
